@@ -1,0 +1,184 @@
+"""Hugging Face model directory -> checkpoint tensors (fp32, HF names) -> canonical decoder.
+
+Only safetensors are read; pickle checkpoints are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from compiler.errors import UsageError
+from compiler.models.decoder import CanonicalDecoder, DecoderConfig
+from compiler.models.families import (
+    MODEL_TYPE_FAMILY,
+    SUPPORTED_ARCHITECTURES,
+    decoder_config,
+    supported_list,
+    to_canonical_state_dict,
+)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Checkpoint:
+    """What was read from a model directory, with HF-named fp32 tensors ready for the LoRA merge."""
+
+    directory: Path
+    hf_config: object
+    config: DecoderConfig
+    state: dict[str, torch.Tensor]
+    weight_files: list[Path]
+    tokenizer_files: list[Path] = field(default_factory=list)
+    generation_config: Path | None = None
+
+    def source_hashes(self) -> dict[str, str]:
+        files = [self.directory / "config.json", *self.weight_files, *self.tokenizer_files]
+        if self.generation_config:
+            files.append(self.generation_config)
+        return {p.name: sha256_file(p) for p in sorted(files)}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{path}: not valid JSON ({e}); restore the file from the original model") from None
+
+
+def _family(raw: dict, config_path: Path) -> str:
+    archs = raw.get("architectures") or []
+    for arch in archs:
+        if arch in SUPPORTED_ARCHITECTURES:
+            return SUPPORTED_ARCHITECTURES[arch]
+    if not archs and raw.get("model_type") in MODEL_TYPE_FAMILY:
+        return MODEL_TYPE_FAMILY[raw["model_type"]]
+    found = ", ".join(archs) or f"model_type '{raw.get('model_type')}'"
+    raise UsageError(f"{config_path}: architecture {found} is not supported (supported: {supported_list()})")
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UsageError(f"{index}: has no weight_map; restore the file from the original model")
+        files = [directory / name for name in sorted(set(weight_map.values()))]
+        missing = [p.name for p in files if not p.exists()]
+        if missing:
+            raise UsageError(f"{index}: lists shard {missing[0]}, which is missing from {directory}")
+        return files
+    files = sorted(directory.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UsageError(
+            f"{directory}: only pickle checkpoints ({', '.join(pickles)}); edgec never unpickles. "
+            "Convert to safetensors first (model.save_pretrained(dir, safe_serialization=True))"
+        )
+    raise UsageError(f"{directory}: no *.safetensors weights found")
+
+
+def read_safetensors(path: Path, what: str = "weights") -> dict[str, torch.Tensor]:
+    """All tensors of one file as fp32; a truncated or corrupt file is a UsageError naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        out = {}
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                out[key] = t.float() if t.is_floating_point() else t
+        return out
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"{path}: corrupt or truncated safetensors {what} ({reason}); re-download or re-save it") from None
+
+
+def read_checkpoint(directory: str | Path) -> Checkpoint:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UsageError(f"{directory}: model directory does not exist")
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        empty = not any(directory.iterdir())
+        reason = "is empty" if empty else "has no config.json"
+        raise UsageError(f"{directory}: {reason}; pass a Hugging Face model directory (config.json + *.safetensors)")
+    raw = _read_json(config_path)
+    family = _family(raw, config_path)
+    weight_files = _weight_files(directory)
+
+    from transformers import AutoConfig
+
+    try:
+        hf_config = AutoConfig.from_pretrained(str(directory))
+    except Exception as e:  # transformers raises many types for a malformed config
+        raise UsageError(f"{config_path}: transformers cannot read it ({str(e).splitlines()[0]})") from None
+    gen_path = directory / "generation_config.json"
+    gen = _read_json(gen_path) if gen_path.exists() else None
+    config = decoder_config(hf_config, family, str(config_path), gen)
+
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files:
+        state.update(read_safetensors(path))
+    tokenizer_files = [directory / n for n in TOKENIZER_FILES if (directory / n).exists()]
+    return Checkpoint(
+        directory=directory,
+        hf_config=hf_config,
+        config=config,
+        state=state,
+        weight_files=weight_files,
+        tokenizer_files=tokenizer_files,
+        generation_config=gen_path if gen_path.exists() else None,
+    )
+
+
+def build_decoder(checkpoint: Checkpoint) -> CanonicalDecoder:
+    """Canonical decoder holding the checkpoint's (possibly LoRA-merged) tensors, without copying them."""
+    cfg = checkpoint.config
+    state = to_canonical_state_dict(cfg, checkpoint.state)
+    with torch.device("meta"):
+        model = CanonicalDecoder(cfg)
+    expected = set(model.state_dict().keys())
+    missing = sorted(expected - set(state))
+    unexpected = sorted(set(state) - expected)
+    where = checkpoint.directory
+    if missing:
+        raise UsageError(f"{where}: checkpoint lacks tensor '{missing[0]}' ({len(missing)} missing); is it a complete {cfg.family} model?")
+    if unexpected:
+        raise UsageError(f"{where}: checkpoint has tensor '{unexpected[0]}' that a {cfg.family} model does not use")
+    for name, param in model.state_dict().items():
+        if tuple(state[name].shape) != tuple(param.shape):
+            raise UsageError(
+                f"{where}: tensor '{name}' has shape {tuple(state[name].shape)}, config.json implies {tuple(param.shape)}"
+            )
+    model.load_state_dict(state, assign=True, strict=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.rope_inv_freq = torch.tensor(cfg.rope_inv_freq, dtype=torch.float32)
+    checkpoint.state = {}  # the model owns the tensors now
+    return model.eval()

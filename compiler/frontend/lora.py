@@ -1,0 +1,233 @@
+"""Merge PEFT LoRA adapters into checkpoint tensors, in fp32, before anything is quantized or traced.
+
+Merging works on Hugging Face names (before the canonical renaming), so an adapter made for Phi-3's fused
+`qkv_proj` merges into that fused tensor exactly as PEFT's `merge_and_unload` would. The merged weight is
+`W + weight * scale * (B @ A)`, `scale = alpha / r` (or `alpha / sqrt(r)` with rsLoRA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from compiler.errors import UsageError
+from compiler.frontend.load import PICKLE_SUFFIXES, Checkpoint, _read_json, read_safetensors, sha256_file
+
+PEFT_PREFIX = "base_model.model."
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Adapter options that change what the adapted model computes in ways a plain merge cannot express.
+UNSUPPORTED_OPTIONS = {
+    "use_dora": "DoRA",
+    "lora_bias": "LoRA bias terms",
+    "layer_replication": "layer replication",
+    "target_parameters": "LoRA on raw parameters",
+    "trainable_token_indices": "trainable token indices",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_qalora": "QA-LoRA",
+}
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    path: Path
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> "AdapterSpec":
+        """`DIR` or `DIR:WEIGHT`; a weight is only taken when the part after the last colon is a number."""
+        path, _, weight = text.rpartition(":")
+        if path:
+            try:
+                return cls(Path(path), float(weight))
+            except ValueError:
+                pass
+        return cls(Path(text), 1.0)
+
+    def to_dict(self) -> dict:
+        return {"path": str(self.path), "weight": self.weight}
+
+
+@dataclass
+class MergeRecord:
+    """What one adapter changed, for the build report."""
+
+    path: str
+    weight: float
+    sha256: dict[str, str]
+    modules: list[dict] = field(default_factory=list)  # {"module", "rank", "scale"}
+    replaced: list[str] = field(default_factory=list)  # modules_to_save / saved base layers
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "path": self.path,
+            "weight": self.weight,
+            "sha256": self.sha256,
+            "modules_merged": len(self.modules),
+            "modules": self.modules,
+            "replaced": self.replaced,
+            "notes": self.notes,
+        }
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module name suffix (as a regex)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _module_names(state: dict[str, torch.Tensor]) -> set[str]:
+    return {k.rsplit(".", 1)[0] for k in state if k.endswith(".weight")}
+
+
+def _check_targets(config: dict, modules: set[str], where: Path) -> None:
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        if not any(re.fullmatch(targets, m) for m in modules):
+            raise UsageError(f"{where}: target_modules regex '{targets}' matches no module of the base model")
+    elif isinstance(targets, list):
+        for target in targets:
+            if target in ("all-linear",):
+                continue
+            if not any(m == target or m.endswith("." + target) for m in modules):
+                raise UsageError(
+                    f"{where}: target module '{target}' is absent from the base model; "
+                    "was the adapter made for another base?"
+                )
+
+
+def _read_adapter(spec: AdapterSpec) -> tuple[dict, dict[str, torch.Tensor], dict[str, str]]:
+    directory = spec.path
+    if not directory.is_dir():
+        raise UsageError(f"{directory}: adapter directory does not exist")
+    config_path = directory / "adapter_config.json"
+    if not config_path.exists():
+        raise UsageError(f"{directory}: no adapter_config.json; pass a PEFT adapter directory")
+    config = _read_json(config_path)
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise UsageError(
+            f"{config_path}: adapter type '{config.get('peft_type')}' is not supported; edgec merges LoRA adapters only"
+        )
+    for option, what in UNSUPPORTED_OPTIONS.items():
+        if config.get(option):
+            raise UsageError(f"{config_path}: {what} ('{option}') is not supported; retrain as a plain LoRA adapter")
+    weights_path = directory / ADAPTER_WEIGHTS
+    if not weights_path.exists():
+        pickles = [p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise UsageError(
+                f"{directory}: adapter weights only as pickle ({pickles[0]}); edgec never unpickles. "
+                "Re-save with save_pretrained(dir, safe_serialization=True)"
+            )
+        raise UsageError(f"{directory}: missing {ADAPTER_WEIGHTS}")
+    tensors = read_safetensors(weights_path, what="adapter weights")
+    hashes = {p.name: sha256_file(p) for p in (config_path, weights_path)}
+    return config, tensors, hashes
+
+
+def _group(tensors: dict[str, torch.Tensor], where: Path):
+    """Split adapter tensors into LoRA pairs {module: {"A", "B", "embedding"}} and full replacements."""
+    pairs: dict[str, dict] = {}
+    replacements: dict[str, torch.Tensor] = {}
+    lora_keys = (
+        (".lora_A.weight", "A", False),
+        (".lora_B.weight", "B", False),
+        (".lora_embedding_A", "A", True),
+        (".lora_embedding_B", "B", True),
+    )
+    for key, tensor in tensors.items():
+        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+        for suffix, part, embedding in lora_keys:
+            if name.endswith(suffix):
+                module = name[: -len(suffix)]
+                pairs.setdefault(module, {})[part] = tensor
+                pairs[module]["embedding"] = embedding
+                break
+        else:
+            if ".lora_" in name or "lora_magnitude" in name:
+                raise UsageError(f"{where}: adapter tensor '{key}' is of a kind edgec does not merge")
+            # modules_to_save and saved embedding layers replace the base tensor outright.
+            name = name.replace(".modules_to_save.default", "").replace(".base_layer", "")
+            replacements[name] = tensor
+    for module, parts in pairs.items():
+        if "A" not in parts or "B" not in parts:
+            raise UsageError(f"{where}: module '{module}' has only lora_{'A' if 'A' in parts else 'B'}; the adapter file is incomplete")
+    return pairs, replacements
+
+
+def merge_lora(checkpoint: Checkpoint, adapters: list[AdapterSpec]) -> list[MergeRecord]:
+    """Merge each adapter into the checkpoint's tensors in place; returns one record per adapter."""
+    records = []
+    state = checkpoint.state
+    tied_embeddings = checkpoint.config.tie_word_embeddings
+    for spec in adapters:
+        config, tensors, hashes = _read_adapter(spec)
+        weights_path = spec.path / ADAPTER_WEIGHTS
+        modules = _module_names(state)
+        if tied_embeddings:
+            modules.add("lm_head")
+        _check_targets(config, modules, spec.path / "adapter_config.json")
+        pairs, replacements = _group(tensors, weights_path)
+        record = MergeRecord(str(spec.path), spec.weight, hashes)
+        if config.get("fan_in_fan_out"):
+            # PEFT resets fan_in_fan_out to False for nn.Linear targets, which is every target here.
+            record.notes.append("fan_in_fan_out ignored: the targets are Linear layers, as PEFT does")
+
+        for name, tensor in sorted(replacements.items()):
+            if name not in state and not (tied_embeddings and name == "lm_head.weight"):
+                raise UsageError(f"{weights_path}: adapter replaces '{name}', which is absent from the base model")
+            if name in state and tuple(state[name].shape) != tuple(tensor.shape):
+                raise UsageError(
+                    f"{weights_path}: '{name}' has shape {tuple(tensor.shape)}, the base has {tuple(state[name].shape)}; "
+                    "was the adapter made for another base?"
+                )
+            state[name] = tensor.float().clone()
+            record.replaced.append(name.rsplit(".", 1)[0])
+
+        use_rslora = bool(config.get("use_rslora"))
+        for module, parts in sorted(pairs.items()):
+            key = module + ".weight"
+            if key not in state:
+                if tied_embeddings and module == "lm_head":
+                    raise UsageError(
+                        f"{weights_path}: adapter targets lm_head, which this model ties to embed_tokens; "
+                        "edgec does not merge into tied weights"
+                    )
+                raise UsageError(
+                    f"{weights_path}: target module '{module}' is absent from the base model; "
+                    "was the adapter made for another base?"
+                )
+            a, b = parts["A"].float(), parts["B"].float()
+            rank = a.shape[0]
+            configured_rank = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", rank))
+            base = state[key]
+            expected = (base.shape[1], base.shape[0]) if parts["embedding"] else tuple(base.shape)
+            if b.shape[1] != rank or (b.shape[0], a.shape[1]) != expected or rank != configured_rank:
+                raise UsageError(
+                    f"{weights_path}: module '{module}' has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+                    f"(r={configured_rank}), which do not fit the base weight {tuple(base.shape)}; "
+                    "was the adapter made for another base?"
+                )
+            alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank)))
+            scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+            delta = b @ a
+            if parts["embedding"]:
+                delta = delta.T
+            # Out of place: the base tensor may be shared (tied embeddings) or memory-mapped.
+            state[key] = base + delta * (scale * spec.weight)
+            record.modules.append({"module": module, "rank": rank, "scale": scale * spec.weight})
+        records.append(record)
+        if tied_embeddings and "lm_head.weight" in state:
+            # A saved lm_head in a tied model: PEFT's merged model then has its own head, so untie.
+            checkpoint.config = dataclasses.replace(checkpoint.config, tie_word_embeddings=False)
+            tied_embeddings = False
+            record.notes.append("lm_head replaced by the adapter: embeddings untied")
+    return records

@@ -1,0 +1,113 @@
+"""Per-family differences: Hugging Face config -> DecoderConfig, and checkpoint names -> canonical names."""
+
+from __future__ import annotations
+
+import torch
+
+from compiler.errors import UsageError
+from compiler.models.decoder import DecoderConfig
+
+# architecture class name -> family
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Phi3ForCausalLM": "phi3",
+}
+MODEL_TYPE_FAMILY = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "phi3": "phi3"}
+# Rope variants whose frequencies do not depend on the sequence length, so one traced graph is exact.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def supported_list() -> str:
+    return ", ".join(SUPPORTED_ARCHITECTURES)
+
+
+def _rope(hf_config, head_dim: int, where: str) -> tuple[str, tuple[float, ...], float, int]:
+    params = dict(getattr(hf_config, "rope_parameters", None) or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in STATIC_ROPE_TYPES:
+        raise UsageError(
+            f"{where}: rope type '{rope_type}' is not supported (supported: {', '.join(STATIC_ROPE_TYPES)})"
+        )
+    partial = float(params.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0)))
+    rotary_dim = int(head_dim * partial)
+    if rope_type == "default":
+        base = float(params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
+        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+        scaling = 1.0
+    else:
+        # transformers' own frequency functions are the reference; reuse them rather than re-deriving.
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    return rope_type, tuple(float(v) for v in inv_freq.tolist()), float(scaling), rotary_dim
+
+
+def decoder_config(hf_config, family: str, where: str, generation_config: dict | None = None) -> DecoderConfig:
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act != "silu":
+        raise UsageError(f"{where}: hidden_act '{act}' is not supported (edgec supports silu)")
+    num_heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads
+    rope_type, inv_freq, scaling, rotary_dim = _rope(hf_config, head_dim, where)
+
+    max_len = int(getattr(hf_config, "max_position_embeddings", 2048))
+    window = getattr(hf_config, "sliding_window", None)
+    uses_window = window is not None and (family != "qwen2" or getattr(hf_config, "use_sliding_window", False))
+    if uses_window:
+        # Within the window, sliding-window attention equals full attention: cap the context there.
+        max_len = min(max_len, int(window))
+
+    gen = generation_config or {}
+    eos = gen.get("eos_token_id", getattr(hf_config, "eos_token_id", None))
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (int(eos),))
+    attention_bias = bool(getattr(hf_config, "attention_bias", False))
+    return DecoderConfig(
+        family=family,
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        intermediate_size=hf_config.intermediate_size,
+        num_layers=hf_config.num_hidden_layers,
+        num_heads=num_heads,
+        num_kv_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(hf_config.rms_norm_eps),
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        qkv_bias=family == "qwen2" or attention_bias,
+        o_bias=attention_bias and family != "qwen2",
+        mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
+        rotary_dim=rotary_dim,
+        rope_type=rope_type,
+        rope_inv_freq=inv_freq,
+        rope_attention_scaling=scaling,
+        max_sequence_length=max_len,
+        bos_token_id=gen.get("bos_token_id", getattr(hf_config, "bos_token_id", None)),
+        eos_token_ids=eos_ids,
+        pad_token_id=gen.get("pad_token_id", getattr(hf_config, "pad_token_id", None)),
+    )
+
+
+def to_canonical_state_dict(cfg: DecoderConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename/split checkpoint tensors in place into the canonical layout (no copies of whole tensors)."""
+    if cfg.family == "phi3":
+        q_size = cfg.num_heads * cfg.head_dim
+        kv_size = cfg.num_kv_heads * cfg.head_dim
+        for i in range(cfg.num_layers):
+            prefix = f"model.layers.{i}"
+            qkv = state.pop(f"{prefix}.self_attn.qkv_proj.weight", None)
+            if qkv is not None:
+                q, k, v = torch.split(qkv, [q_size, kv_size, kv_size], dim=0)
+                state[f"{prefix}.self_attn.q_proj.weight"] = q
+                state[f"{prefix}.self_attn.k_proj.weight"] = k
+                state[f"{prefix}.self_attn.v_proj.weight"] = v
+            gate_up = state.pop(f"{prefix}.mlp.gate_up_proj.weight", None)
+            if gate_up is not None:
+                gate, up = torch.split(gate_up, cfg.intermediate_size, dim=0)
+                state[f"{prefix}.mlp.gate_proj.weight"] = gate
+                state[f"{prefix}.mlp.up_proj.weight"] = up
+    for key in [k for k in state if k.endswith("rotary_emb.inv_freq")]:
+        del state[key]
+    if cfg.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return state

@@ -1,0 +1,142 @@
+"""Canonical decoder -> ONNX (torch.export through the dynamo ONNX exporter), KV cache as explicit I/O.
+
+Inputs: input_ids, attention_mask, position_ids, past_key_values.N.key/value;
+outputs: logits, present.N.key/value. Batch, sequence and past lengths are dynamic.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx_ir as ir
+import torch
+
+from compiler.models.decoder import CanonicalDecoder
+
+BATCH, SEQUENCE, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+
+
+@dataclass(frozen=True)
+class OnnxIO:
+    """Names and layout of the decoder's inputs and outputs, recorded in the manifest for any runner."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+
+    @property
+    def past_names(self) -> list[str]:
+        return [f"past_key_values.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
+
+    @property
+    def present_names(self) -> list[str]:
+        return [f"present.{i}.{kind}" for i in range(self.num_layers) for kind in ("key", "value")]
+
+    @property
+    def input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "position_ids", *self.past_names]
+
+    @property
+    def output_names(self) -> list[str]:
+        return ["logits", *self.present_names]
+
+    def describe(self) -> dict:
+        kv_shape = [BATCH, self.num_kv_heads, PAST, self.head_dim]
+        inputs = [
+            {"name": "input_ids", "dtype": "int64", "shape": [BATCH, SEQUENCE]},
+            {"name": "attention_mask", "dtype": "int64", "shape": [BATCH, TOTAL]},
+            {"name": "position_ids", "dtype": "int64", "shape": [BATCH, SEQUENCE]},
+        ] + [{"name": n, "dtype": "float32", "shape": kv_shape} for n in self.past_names]
+        present_shape = [BATCH, self.num_kv_heads, TOTAL, self.head_dim]
+        outputs = [{"name": "logits", "dtype": "float32", "shape": [BATCH, SEQUENCE, self.vocab_size]}] + [
+            {"name": n, "dtype": "float32", "shape": present_shape} for n in self.present_names
+        ]
+        return {
+            "inputs": inputs,
+            "outputs": outputs,
+            "kv_cache": {
+                "layout": "BNSH",
+                "num_layers": self.num_layers,
+                "num_kv_heads": self.num_kv_heads,
+                "head_dim": self.head_dim,
+                "dtype": "float32",
+                "past_key": "past_key_values.%d.key",
+                "past_value": "past_key_values.%d.value",
+                "present_key": "present.%d.key",
+                "present_value": "present.%d.value",
+                "shares_buffer": False,
+            },
+        }
+
+
+def io_for(model: CanonicalDecoder) -> OnnxIO:
+    cfg = model.cfg
+    return OnnxIO(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
+
+
+def _example_inputs(model: CanonicalDecoder):
+    # Sizes >= 2 so torch.export does not specialise a dynamic dimension to 0 or 1.
+    cfg = model.cfg
+    batch, seq, past = 2, 3, 4
+    ids = torch.zeros(batch, seq, dtype=torch.long)
+    mask = torch.ones(batch, past + seq, dtype=torch.long)
+    positions = torch.arange(past, past + seq)[None].expand(batch, seq).contiguous()
+    cache = [torch.zeros(batch, cfg.num_kv_heads, past, cfg.head_dim) for _ in range(2 * cfg.num_layers)]
+    return (ids, mask, positions, *cache)
+
+
+def _name_dims(model: ir.Model) -> None:
+    """Give the exporter's generated symbols (s53, 'past + seq') the names onnxruntime-genai's models use."""
+    known = {BATCH, SEQUENCE, PAST}
+    for value in [*model.graph.inputs, *model.graph.outputs]:
+        if value.shape is None:
+            continue
+        dims = []
+        for dim in value.shape:
+            if isinstance(dim, ir.SymbolicDim) and dim.value not in known:
+                dims.append(ir.SymbolicDim(TOTAL))
+            else:
+                dims.append(dim)
+        value.shape = ir.Shape(dims)
+
+
+def export_onnx(model: CanonicalDecoder) -> ir.Model:
+    io = io_for(model)
+    batch = torch.export.Dim(BATCH)
+    seq = torch.export.Dim(SEQUENCE)
+    past = torch.export.Dim(PAST)
+    n_cache = 2 * model.cfg.num_layers
+    # The mask length equals past + seq; DYNAMIC lets torch.export derive that relation itself.
+    dynamic_shapes = (
+        {0: batch, 1: seq},
+        {0: batch, 1: torch.export.Dim.DYNAMIC},
+        {0: batch, 1: seq},
+        tuple({0: batch, 2: past} for _ in range(n_cache)),
+    )
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            _example_inputs(model),
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            input_names=io.input_names,
+            output_names=io.output_names,
+            optimize=True,
+            verbose=False,
+            report=False,
+        )
+    onnx_model = program.model
+    _name_dims(onnx_model)
+    onnx_model.producer_name = "edgec"
+    return onnx_model
+
+
+def save_onnx(model: ir.Model, path: Path) -> list[Path]:
+    """Write model.onnx with its weights in one external data file beside it; returns both paths."""
+    data_name = path.name + ".data"
+    ir.save(model, str(path), external_data=data_name)
+    return [path, path.with_name(data_name)]
