@@ -6,6 +6,7 @@ outputs: logits, present.N.key/value. Batch, sequence and past lengths are dynam
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,8 @@ def _name_dims(model: ir.Model) -> None:
 
 
 def export_onnx(model: CanonicalDecoder) -> ir.Model:
+    # The exporter logs a warning per missing optional library (torchvision); not the user's concern.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     io = io_for(model)
     batch = torch.export.Dim(BATCH)
     seq = torch.export.Dim(SEQUENCE)

@@ -1,0 +1,129 @@
+"""The build pipeline: load -> merge_lora -> export -> bundle -> validate, driven by a BuildConfig."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+from compiler.bundle import MANIFEST, BundleWriter, read_manifest
+from compiler.config import BuildConfig
+from compiler.errors import CheckFailed, UsageError
+from compiler.frontend.load import Checkpoint, build_decoder, read_checkpoint
+from compiler.frontend.lora import AdapterSpec, MergeRecord, merge_lora
+from compiler.models.decoder import CanonicalDecoder
+from compiler.report import BuildReport, markdown
+
+MODEL_FILE = "model.onnx"
+
+
+def load_reference(model_dir: Path, adapters: list[AdapterSpec], report: BuildReport):
+    """The fp32 PyTorch reference: canonical decoder with the adapters merged."""
+    with report.stage("load", str(model_dir)):
+        checkpoint = read_checkpoint(model_dir)
+        source_hashes = checkpoint.source_hashes()
+    records: list[MergeRecord] = []
+    if adapters:
+        with report.stage("merge_lora", f"{len(adapters)} adapter(s)"):
+            records = merge_lora(checkpoint, adapters)
+    directory_files = (checkpoint.tokenizer_files, checkpoint.generation_config)
+    model = build_decoder(checkpoint)
+    return model, checkpoint, records, source_hashes, directory_files
+
+
+def _validation(runner, model: CanonicalDecoder, bundle_dir: Path, config: BuildConfig) -> dict:
+    from compiler.validate import prompt_ids, validate
+
+    prompts = prompt_ids(bundle_dir, model.cfg.vocab_size, model.cfg.bos_token_id)
+    gates = config.validation.gates(config.export.precision)
+    return validate(runner, model, prompts, config.validation.new_tokens, gates)
+
+
+def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
+    """Build the bundle; raises CheckFailed after writing it when a validation gate fails."""
+    from compiler.onnx.export import export_onnx, io_for, save_onnx
+    from compiler.onnx.genai_config import genai_config
+
+    writer = BundleWriter(config.out, config.force)
+    try:
+        model, checkpoint, records, source_hashes, (tokenizer_files, generation_config) = load_reference(
+            config.model.path, config.adapters, report
+        )
+        report.adapters = [r.to_dict() for r in records]
+        with report.stage("export_onnx", f"{model.cfg.num_layers} layers, torch.export + dynamo exporter"):
+            onnx_model = export_onnx(model)
+        with report.stage("write_bundle"):
+            save_onnx(onnx_model, writer.staging / MODEL_FILE)
+            report.export = {
+                "exporter": "torch.onnx.export(dynamo=True)",
+                "nodes": len(onnx_model.graph),
+                "op_counts": dict(Counter(node.op_type for node in onnx_model.graph).most_common()),
+            }
+            del onnx_model
+            writer.copy_in(tokenizer_files + ([generation_config] if generation_config else []))
+            writer.write_json("genai_config.json", genai_config(model.cfg, MODEL_FILE))
+        validation = None
+        if config.validation.enabled:
+            from runtimes.ort import OrtRuntime
+
+            with report.stage("validate", "onnxruntime vs PyTorch reference"):
+                runner = OrtRuntime(writer.staging, model_path=writer.staging / MODEL_FILE)
+                validation = _validation(runner, model, writer.staging, config)
+                del runner
+        report.validation = validation
+        report_dict = report.to_dict()
+        writer.write_json("report.json", report_dict)
+        (writer.staging / "report.md").write_text(markdown(report_dict))
+        manifest = {
+            "build_config": config.to_dict(),
+            "source": {
+                "model": {"path": str(config.model.path), "sha256": source_hashes},
+                "adapters": [{"path": r.path, "weight": r.weight, "sha256": r.sha256} for r in records],
+            },
+            "model": model.cfg.to_dict(),
+            "artifacts": [
+                {"format": "onnx", "path": MODEL_FILE, "precision": config.export.precision, "io": io_for(model).describe()}
+            ],
+            "runners": {"onnxruntime-genai": "genai_config.json"},
+            "validation": validation,
+        }
+        out, manifest = writer.finish(manifest)
+    except BaseException:
+        writer.abort()
+        raise
+    if writer.moved_aside:
+        report.moved_aside = str(writer.moved_aside)
+    if validation is not None and not validation["passed"]:
+        raise CheckFailed(f"{out}: validation failed: " + "; ".join(validation["failures"]))
+    return out, manifest
+
+
+def revalidate(bundle: Path, config_overrides: dict, report: BuildReport) -> dict:
+    """Run the gates again on an existing bundle against its sources (or the ones given)."""
+    from runtimes.ort import OrtRuntime
+
+    manifest = read_manifest(bundle)
+    config = BuildConfig.from_dict(manifest["build_config"], out=bundle)
+    if config_overrides.get("model"):
+        config.model.path = Path(config_overrides["model"])
+    if config_overrides.get("adapters"):
+        config.adapters = config_overrides["adapters"]
+    if config_overrides.get("gates"):
+        config.validation.gate_overrides.update(config_overrides["gates"])
+    if config_overrides.get("new_tokens"):
+        config.validation.new_tokens = config_overrides["new_tokens"]
+    if not config.model.path.is_dir():
+        raise UsageError(f"{config.model.path}: source model of {bundle} not found; pass --model DIR")
+    model, _, records, source_hashes, _ = load_reference(config.model.path, config.adapters, report)
+    recorded = manifest["source"]["model"]["sha256"]
+    changed = sorted(name for name, digest in source_hashes.items() if recorded.get(name) not in (None, digest))
+    with report.stage("validate", "onnxruntime vs PyTorch reference"):
+        runner = OrtRuntime(bundle)
+        validation = _validation(runner, model, bundle, config)
+    validation["source_changed_since_build"] = changed
+    manifest["validation"] = validation
+    tmp = bundle / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, bundle / MANIFEST)
+    return validation

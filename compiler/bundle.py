@@ -1,0 +1,108 @@
+"""The bundle directory: model files, tokenizer, generation config, manifest.json; written atomically.
+
+A build writes into a hidden staging directory beside the output and renames it into place only after
+manifest.json (written last) is complete, so an interrupted build never leaves a directory that looks like
+a bundle. A directory that is not an edgec bundle is never deleted: with --force it is moved aside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from compiler import __version__
+from compiler.errors import UsageError
+from compiler.frontend.load import sha256_file
+
+MANIFEST = "manifest.json"
+BUNDLE_FORMAT = "edgec-bundle"
+MANIFEST_SCHEMA_VERSION = 1
+
+
+def is_bundle(directory: Path) -> bool:
+    try:
+        return json.loads((directory / MANIFEST).read_text()).get("format") == BUNDLE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_manifest(directory: Path) -> dict:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UsageError(f"{directory}: bundle directory does not exist")
+    if not is_bundle(directory):
+        raise UsageError(f"{directory}: not an edgec bundle (no valid {MANIFEST}); build one with `edgec build`")
+    return json.loads((directory / MANIFEST).read_text())
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Refuse, before any work, an output that holds something other than an edgec bundle."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: exists and is a file; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not is_bundle(out) and not force:
+        raise UsageError(
+            f"{out}: exists and is not an edgec bundle; choose another --out or pass --force (it is moved aside, not deleted)"
+        )
+
+
+def file_entries(directory: Path) -> dict[str, dict]:
+    return {
+        p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(directory.iterdir())
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+class BundleWriter:
+    """Stage a bundle next to `out`, then move it into place in one rename."""
+
+    def __init__(self, out: Path, force: bool):
+        self.out = Path(out)
+        self.force = force
+        check_output(self.out, force)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = self.out.parent / f".{self.out.name}.edgec-staging-{os.getpid()}"
+        if self.staging.exists():
+            shutil.rmtree(self.staging)
+        self.staging.mkdir()
+        self.moved_aside: Path | None = None
+
+    def copy_in(self, paths: list[Path]) -> None:
+        for path in paths:
+            shutil.copyfile(path, self.staging / path.name)
+
+    def write_json(self, name: str, data: dict) -> Path:
+        path = self.staging / name
+        path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        return path
+
+    def finish(self, manifest: dict) -> tuple[Path, dict]:
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "schema_version": MANIFEST_SCHEMA_VERSION,
+            "edgec_version": __version__,
+            **manifest,
+            "files": file_entries(self.staging),
+        }
+        tmp = self.staging / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, self.staging / MANIFEST)
+        check_output(self.out, self.force)  # the output may have changed during the build
+        old = None
+        if self.out.exists():
+            if is_bundle(self.out) or not any(self.out.iterdir()):
+                old = self.out.parent / f".{self.out.name}.edgec-old-{os.getpid()}"
+                os.replace(self.out, old)
+            else:
+                self.moved_aside = self.out.with_name(f"{self.out.name}.backup-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(self.out, self.moved_aside)
+        os.replace(self.staging, self.out)
+        if old is not None:
+            shutil.rmtree(old)
+        return self.out, manifest
+
+    def abort(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)

@@ -1,0 +1,240 @@
+"""The `edgec` command line: builds config objects and calls the pipeline; nothing more."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from compiler import __version__
+from compiler.errors import EdgecError, UsageError
+
+POSITIVE = click.IntRange(min=1)
+
+
+class EdgecGroup(click.Group):
+    """Turns EdgecError into one line on stderr and its exit code; --debug shows the traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EdgecError as e:
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            click.echo(f"edgec: error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("edgec: interrupted; no bundle was written", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=EdgecGroup)
+@click.version_option(__version__, prog_name="edgec")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.pass_context
+def main(ctx, debug):
+    """Compile Hugging Face causal LMs with LoRA adapters into validated on-device artifacts."""
+    ctx.obj = {"debug": debug}
+
+
+def _parse_formats(text: str) -> tuple[str, ...]:
+    from compiler.config import FORMATS
+
+    formats = tuple(f.strip() for f in text.split(",") if f.strip())
+    for fmt in formats or ("",):
+        if fmt not in FORMATS:
+            raise UsageError(f"--format {text}: unknown format '{fmt}' (supported: {', '.join(FORMATS)})")
+    return formats
+
+
+def _parse_gates(values: tuple[str, ...]) -> dict[str, float]:
+    gates = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        try:
+            gates[name.strip()] = float(value)
+        except ValueError:
+            raise UsageError(f"--gate {item}: expected METRIC=NUMBER, e.g. --gate max_abs_logits=2e-3") from None
+        if not sep:
+            raise UsageError(f"--gate {item}: expected METRIC=NUMBER")
+    return gates
+
+
+def _parse_adapters(values: tuple[str, ...]):
+    from compiler.frontend.lora import AdapterSpec
+
+    return [AdapterSpec.parse(v) for v in values]
+
+
+@main.command()
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="Hugging Face model directory.")
+@click.option("--adapter", "adapters", multiple=True, metavar="DIR[:WEIGHT]", help="PEFT LoRA adapter, repeatable.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
+@click.option("--format", "formats", default="onnx", show_default=True, help="Artifact formats, comma-separated.")
+@click.option("--precision", type=click.Choice(["fp32"]), default="fp32", show_default=True)
+@click.option("--gate", "gates", multiple=True, metavar="METRIC=VALUE", help="Override a validation gate.")
+@click.option("--new-tokens", type=POSITIVE, default=16, show_default=True, help="Greedy tokens compared in validation.")
+@click.option("--no-validate", is_flag=True, help="Skip validation (the manifest records that).")
+@click.option("--force", is_flag=True, help="Move a non-bundle --out directory aside instead of refusing.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def build(model_dir, adapters, out, formats, precision, gates, new_tokens, no_validate, force, quiet):
+    """Build a bundle: load, merge LoRA, export, validate."""
+    from compiler.build import build as run_build
+    from compiler.config import BuildConfig, ExportConfig, ModelConfig, ValidationConfig
+    from compiler.report import BuildReport
+
+    config = BuildConfig(
+        model=ModelConfig(model_dir),
+        out=out,
+        adapters=_parse_adapters(adapters),
+        export=ExportConfig(_parse_formats(formats), precision),
+        validation=ValidationConfig(enabled=not no_validate, new_tokens=new_tokens, gate_overrides=_parse_gates(gates)),
+        force=force,
+    )
+    config.validation.gates(precision)  # unknown gate names fail before the build
+    report = BuildReport(quiet=quiet)
+    try:
+        out_dir, manifest = run_build(config, report)
+    finally:
+        if report.moved_aside:
+            click.echo(f"edgec: moved the existing {out} aside to {report.moved_aside}", err=True)
+    click.echo(_build_summary(out_dir, manifest, report.to_dict()))
+
+
+def _build_summary(out: Path, manifest: dict, report: dict) -> str:
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    lines = [f"bundle: {out}  ({size / 1e6:.1f} MB, built in {report['wall_s']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB)"]
+    for adapter in report["adapters"]:
+        lines.append(f"adapter: {adapter['path']}  {adapter['modules_merged']} modules merged")
+    validation = manifest.get("validation")
+    if validation:
+        lines.append(f"validation: {'PASSED' if validation['passed'] else 'FAILED'}")
+        lines += [f"  {s}" for s in validation["summary"]]
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Source model, if it moved since the build.")
+@click.option("--adapter", "adapters", multiple=True, metavar="DIR[:WEIGHT]", help="Adapters, if they moved since the build.")
+@click.option("--gate", "gates", multiple=True, metavar="METRIC=VALUE", help="Override a validation gate.")
+@click.option("--new-tokens", type=POSITIVE, help="Greedy tokens compared.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def validate(bundle, model_dir, adapters, gates, new_tokens, as_json):
+    """Check a bundle against its PyTorch reference again; exit 1 if a gate fails."""
+    from compiler.build import revalidate
+    from compiler.errors import CheckFailed
+    from compiler.report import BuildReport
+
+    overrides = {"model": model_dir, "adapters": _parse_adapters(adapters), "gates": _parse_gates(gates),
+                 "new_tokens": new_tokens}
+    result = revalidate(bundle, overrides, BuildReport(quiet=as_json))
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"validation: {'PASSED' if result['passed'] else 'FAILED'}")
+        click.echo("\n".join(f"  {s}" for s in result["summary"]))
+        if result["source_changed_since_build"]:
+            click.echo("  note: source files changed since the build: " + ", ".join(result["source_changed_since_build"]))
+    if not result["passed"]:
+        raise CheckFailed(f"{bundle}: validation failed: " + "; ".join(result["failures"]))
+
+
+def run_bench(bundle: Path, prompt_tokens: int, new_tokens: int, repeats: int, warmup: int, threads: int) -> dict:
+    """Benchmark in a fresh process so that peak RSS is the runtime's and the artifact's, not the compiler's."""
+    from compiler.bundle import read_manifest
+
+    read_manifest(bundle)
+    command = [sys.executable, "-m", "runtimes.ort", str(bundle), "--prompt-tokens", str(prompt_tokens),
+               "--new-tokens", str(new_tokens), "--repeats", str(repeats), "--warmup", str(warmup),
+               "--threads", str(threads)]
+    root = str(Path(__file__).resolve().parent.parent)
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=root)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise EdgecError(f"{bundle}: benchmark failed: {last}")
+    return json.loads(proc.stdout)
+
+
+def bench_table(result: dict) -> str:
+    spec = result["spec"]
+    rows = [
+        ("runtime", f"{result['runtime']['name']} {result['runtime']['version']}, {result['runtime']['threads']} threads"),
+        ("device", f"{result['device']['name']} ({result['device']['arch']}, {result['device']['cpu_count']} CPUs)"),
+        ("load", f"{result['load_s'] * 1000:.0f} ms"),
+        (f"time to first token ({spec['prompt_tokens']}-token prompt)", f"{result['ttft_s'] * 1000:.1f} ms"),
+        ("prefill", f"{result['prefill_tokens_per_s']:.0f} tokens/s"),
+        (f"decode ({spec['new_tokens']} tokens)", f"{result['decode_tokens_per_s']:.1f} tokens/s"),
+        ("peak RSS", f"{result['peak_rss_mb']:.0f} MB"),
+        ("artifact size", f"{result['artifact_bytes'] / 1e6:.1f} MB"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows) + f"\n(medians of {spec['repeats']} runs after {spec['warmup']} warm-up)"
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--prompt-tokens", type=POSITIVE, default=128, show_default=True)
+@click.option("--new-tokens", type=POSITIVE, default=128, show_default=True)
+@click.option("--repeats", type=POSITIVE, default=3, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="0: onnxruntime's default.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result in the shared bench JSON schema.")
+def bench(bundle, prompt_tokens, new_tokens, repeats, warmup, threads, as_json):
+    """Measure load time, time to first token, prefill and decode speed, peak RSS."""
+    result = run_bench(bundle, prompt_tokens, new_tokens, repeats, warmup, threads)
+    click.echo(json.dumps(result, indent=2) if as_json else bench_table(result))
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest.")
+def inspect(bundle, as_json):
+    """Describe a bundle: model, sources, inputs and outputs, files, validation."""
+    from compiler.bundle import read_manifest
+
+    manifest = read_manifest(bundle)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    model = manifest["model"]
+    lines = [
+        f"edgec bundle {bundle} (schema {manifest['schema_version']}, edgec {manifest['edgec_version']})",
+        f"model: {model['family']}, {model['num_layers']} layers, hidden {model['hidden_size']}, "
+        f"{model['num_heads']} heads / {model['num_kv_heads']} KV heads, vocab {model['vocab_size']}, "
+        f"context {model['max_sequence_length']}",
+        f"source: {manifest['source']['model']['path']}",
+    ]
+    lines += [f"adapter: {a['path']} (weight {a['weight']})" for a in manifest["source"]["adapters"]]
+    for artifact in manifest["artifacts"]:
+        io = artifact["io"]
+        kv = io["kv_cache"]
+        lines.append(f"artifact: {artifact['path']} ({artifact['format']}, {artifact['precision']})")
+        lines.append("  inputs: input_ids, attention_mask, position_ids, " f"{kv['past_key']} / {kv['past_value']} x {kv['num_layers']}")
+        lines.append(f"  outputs: logits, {kv['present_key']} / {kv['present_value']}; KV {kv['layout']} {kv['dtype']}")
+    lines.append("files:")
+    lines += [f"  {name:28s} {f['bytes']:>12,d}  {f['sha256'][:16]}" for name, f in manifest["files"].items()]
+    validation = manifest.get("validation")
+    if validation:
+        lines.append(f"validation: {'PASSED' if validation['passed'] else 'FAILED'}")
+        lines += [f"  {s}" for s in validation["summary"]]
+    else:
+        lines.append("validation: not run")
+    click.echo("\n".join(lines))
+
+
+@main.command()
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="Where the demo model and bundle live.")
+def demo(cache_dir):
+    """Make a small Llama and LoRA adapter, build, validate and benchmark them, print a summary."""
+    from compiler.demo import run_demo
+
+    click.echo(run_demo(cache_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""genai_config.json, so that onnxruntime-genai loads and runs the bundle as it is.
+
+The traced decoder keeps separate past/present tensors (no GroupQueryAttention), which onnxruntime-genai
+runs when `past_present_share_buffer` is false.
+"""
+
+from __future__ import annotations
+
+from compiler.models.decoder import DecoderConfig
+
+GENAI_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "phi3": "phi3"}
+
+
+def genai_config(cfg: DecoderConfig, model_file: str) -> dict:
+    eos = list(cfg.eos_token_ids) or [0]
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else eos[0]
+    return {
+        "model": {
+            "bos_token_id": cfg.bos_token_id if cfg.bos_token_id is not None else eos[0],
+            "context_length": cfg.max_sequence_length,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": model_file,
+                "head_size": cfg.head_dim,
+                "hidden_size": cfg.hidden_size,
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "position_ids": "position_ids",
+                    "past_key_names": "past_key_values.%d.key",
+                    "past_value_names": "past_key_values.%d.value",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present.%d.key",
+                    "present_value_names": "present.%d.value",
+                },
+                "num_attention_heads": cfg.num_heads,
+                "num_hidden_layers": cfg.num_layers,
+                "num_key_value_heads": cfg.num_kv_heads,
+            },
+            "eos_token_id": eos if len(eos) > 1 else eos[0],
+            "pad_token_id": pad,
+            "type": GENAI_TYPE[cfg.family],
+            "vocab_size": cfg.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": cfg.max_sequence_length,
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }

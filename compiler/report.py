@@ -1,0 +1,69 @@
+"""The build report: timed stages with progress lines, adapters merged, export facts, validation (JSON + Markdown)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from runtimes.base import peak_rss_mb
+
+
+@dataclass
+class BuildReport:
+    quiet: bool = False
+    stages: list[dict] = field(default_factory=list)
+    adapters: list[dict] = field(default_factory=list)
+    export: dict = field(default_factory=dict)
+    validation: dict | None = None
+    moved_aside: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    @contextmanager
+    def stage(self, name: str, detail: str = ""):
+        """Time a stage and print a progress line to stderr (stdout stays for results)."""
+        if not self.quiet:
+            print(f"  {name}{' ' + detail if detail else ''} ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - started
+        self.stages.append({"stage": name, "seconds": round(seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1)})
+        if not self.quiet:
+            print(f"  {name} done in {seconds:.1f} s", file=sys.stderr, flush=True)
+
+    def to_dict(self) -> dict:
+        return {
+            "wall_s": round(time.perf_counter() - self.started, 3),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "stages": self.stages,
+            "adapters": self.adapters,
+            "export": self.export,
+            "validation": self.validation,
+        }
+
+
+def markdown(report: dict) -> str:
+    lines = ["# edgec build report", "", f"Wall time {report['wall_s']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB.", ""]
+    lines += ["## Stages", "", "| stage | seconds | peak RSS MB |", "|---|---:|---:|"]
+    lines += [f"| {s['stage']} | {s['seconds']:.2f} | {s['peak_rss_mb']:.0f} |" for s in report["stages"]]
+    if report["adapters"]:
+        lines += ["", "## Adapters", ""]
+        for a in report["adapters"]:
+            lines += [f"### {a['path']} (weight {a['weight']})", "", f"{a['modules_merged']} modules merged.", ""]
+            lines += ["| module | rank | scale |", "|---|---:|---:|"]
+            lines += [f"| {m['module']} | {m['rank']} | {m['scale']:.4g} |" for m in a["modules"]]
+            if a["replaced"]:
+                lines += ["", "Replaced outright: " + ", ".join(a["replaced"])]
+            lines += [f"- {note}" for note in a["notes"]]
+    if report["export"]:
+        lines += ["", "## Export", ""]
+        lines += [f"- {k}: {v}" for k, v in report["export"].items() if k != "op_counts"]
+        ops = report["export"].get("op_counts", {})
+        if ops:
+            lines += ["- ops: " + ", ".join(f"{k} {v}" for k, v in ops.items())]
+    validation = report.get("validation")
+    if validation:
+        lines += ["", "## Validation", "", f"**{'PASSED' if validation['passed'] else 'FAILED'}**", ""]
+        lines += [f"- {s}" for s in validation["summary"]]
+    return "\n".join(lines) + "\n"

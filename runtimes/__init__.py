@@ -1,0 +1,1 @@
+"""Running and benchmarking edgec artifacts on devices."""

@@ -1,0 +1,165 @@
+"""Run and benchmark an edgec ONNX bundle with onnxruntime: greedy generation on the KV cache.
+
+Needs only numpy, onnxruntime and the standard library, so it also runs as a bench agent in a fresh
+process (`python -m runtimes.ort BUNDLE --json`), where peak RSS measures the artifact and not the compiler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+try:  # run as `python -m runtimes.ort` or as a copied agent file beside base.py
+    from runtimes.base import BenchResult, BenchSpec, local_device_facts, median, peak_rss_mb
+except ImportError:  # pragma: no cover - the agent layout
+    from base import BenchResult, BenchSpec, local_device_facts, median, peak_rss_mb
+
+
+def _artifact(manifest: dict, fmt: str = "onnx") -> dict:
+    for artifact in manifest.get("artifacts", []):
+        if artifact.get("format") == fmt:
+            return artifact
+    raise ValueError(f"bundle has no {fmt} artifact")
+
+
+class OrtRuntime:
+    """An onnxruntime session over a bundle's decoder, driven by the I/O description in the manifest."""
+
+    name = "onnxruntime"
+
+    def __init__(self, bundle_dir: str | Path, threads: int = 0, model_path: str | Path | None = None):
+        import onnxruntime as ort
+
+        self.bundle_dir = Path(bundle_dir)
+        manifest_path = self.bundle_dir / "manifest.json"
+        self.manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+        if model_path is None:
+            model_path = self.bundle_dir / _artifact(self.manifest)["path"]
+        self.model_path = Path(model_path)
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        started = time.perf_counter()
+        self.session = ort.InferenceSession(str(self.model_path), options, providers=["CPUExecutionProvider"])
+        self.load_s = time.perf_counter() - started
+        self.version = ort.__version__
+        self.threads = threads
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
+        caches = []
+        for value in self.past_inputs:
+            _, heads, _, head_dim = value.shape
+            caches.append(np.zeros((batch, heads, 0, head_dim), dtype=np.float32))
+        return caches
+
+    def forward(self, input_ids: np.ndarray, past: list[np.ndarray], past_len: int):
+        """One decoder step over `input_ids` [batch, seq]; returns (logits, present)."""
+        batch, seq = input_ids.shape
+        feeds = {
+            "input_ids": input_ids.astype(np.int64, copy=False),
+            "attention_mask": np.ones((batch, past_len + seq), dtype=np.int64),
+            "position_ids": np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)),
+        }
+        for value, tensor in zip(self.past_inputs, past):
+            feeds[value.name] = tensor
+        outputs = self.session.run(self.output_names, feeds)
+        return outputs[0], outputs[1:]
+
+    def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """All-position logits of a prompt, in one prefill pass."""
+        logits, _ = self.forward(input_ids, self.empty_cache(input_ids.shape[0]), 0)
+        return logits
+
+    def generate(self, prompt: list[int], new_tokens: int, eos_ids: tuple[int, ...] = ()) -> list[int]:
+        """Greedy decoding; returns the new tokens (stops early at an EOS id when given)."""
+        ids = np.asarray([prompt], dtype=np.int64)
+        logits, cache = self.forward(ids, self.empty_cache(), 0)
+        past_len = ids.shape[1]
+        out: list[int] = []
+        for _ in range(new_tokens):
+            token = int(np.argmax(logits[0, -1]))
+            out.append(token)
+            if token in eos_ids or len(out) == new_tokens:
+                break
+            logits, cache = self.forward(np.asarray([[token]], dtype=np.int64), cache, past_len)
+            past_len += 1
+        return out
+
+    def _timed_run(self, prompt: np.ndarray, new_tokens: int) -> tuple[float, float, float]:
+        """(prefill seconds, time to first token, decode seconds for new_tokens - 1 steps)."""
+        started = time.perf_counter()
+        logits, cache = self.forward(prompt, self.empty_cache(), 0)
+        prefill_s = time.perf_counter() - started
+        token = int(np.argmax(logits[0, -1]))
+        ttft_s = time.perf_counter() - started
+        past_len = prompt.shape[1]
+        decode_started = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            logits, cache = self.forward(np.asarray([[token]], dtype=np.int64), cache, past_len)
+            token = int(np.argmax(logits[0, -1]))
+            past_len += 1
+        return prefill_s, ttft_s, time.perf_counter() - decode_started
+
+    def bench(self, spec: BenchSpec) -> BenchResult:
+        vocab = self.session.get_outputs()[0].shape[-1]
+        vocab = vocab if isinstance(vocab, int) else 1000
+        rng = np.random.default_rng(spec.seed)
+        prompt = rng.integers(3, vocab, size=(1, spec.prompt_tokens), dtype=np.int64)
+        for _ in range(spec.warmup):
+            self._timed_run(prompt, min(spec.new_tokens, 8))
+        prefill, ttft, decode = [], [], []
+        for _ in range(spec.repeats):
+            p, t, d = self._timed_run(prompt, spec.new_tokens)
+            prefill.append(p)
+            ttft.append(t)
+            decode.append(d)
+        decode_steps = max(spec.new_tokens - 1, 1)
+        size = sum(p.stat().st_size for p in self.bundle_dir.iterdir() if p.is_file())
+        manifest_sha = None
+        if self.manifest is not None:
+            import hashlib
+
+            manifest_sha = hashlib.sha256((self.bundle_dir / "manifest.json").read_bytes()).hexdigest()
+        return BenchResult(
+            runtime={"name": self.name, "version": self.version, "threads": self.threads or os.cpu_count()},
+            device=local_device_facts(),
+            bundle={"path": str(self.bundle_dir), "manifest_sha256": manifest_sha, "format": "onnx"},
+            spec=spec.to_dict(),
+            load_s=self.load_s,
+            ttft_s=median(ttft),
+            prefill_s=median(prefill),
+            prefill_tokens_per_s=spec.prompt_tokens / median(prefill),
+            decode_tokens_per_s=decode_steps / median(decode),
+            peak_rss_mb=peak_rss_mb(),
+            artifact_bytes=size,
+            samples={"prefill_s": prefill, "ttft_s": ttft, "decode_s": decode},
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Benchmark an edgec ONNX bundle with onnxruntime")
+    parser.add_argument("bundle")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    spec = BenchSpec(args.prompt_tokens, args.new_tokens, args.warmup, args.repeats, args.threads)
+    result = OrtRuntime(args.bundle, threads=args.threads).bench(spec)
+    json.dump(result.to_dict(), sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Tiny models and adapters written by transformers' and PEFT's own save_pretrained, loaded through edgec."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from compiler.fixtures import make_adapter, make_model
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+# name -> (family, config overrides): each family, tied and untied, the rope and bias variants.
+MODEL_VARIANTS = {
+    "llama": ("llama", dict(tie_word_embeddings=False)),
+    "llama3_tied": ("llama", dict(tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE)),
+    "qwen2": ("qwen2", dict(tie_word_embeddings=True)),
+    "phi3": ("phi3", dict(tie_word_embeddings=False)),
+    "phi3_partial_rotary": ("phi3", dict(partial_rotary_factor=0.5)),
+    "mistral": ("mistral", dict(tie_word_embeddings=False)),
+}
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """model_dir(name) -> path of a saved tiny model of that variant (made once per session)."""
+    made = {}
+
+    def get(name: str):
+        if name not in made:
+            family, overrides = MODEL_VARIANTS[name]
+            path = tmp_path_factory.mktemp(f"model-{name}")
+            make_model(path, family, **overrides)
+            made[name] = path
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def llama_dir(model_dir):
+    return model_dir("llama")
+
+
+@pytest.fixture(scope="session")
+def llama_adapter(llama_dir, tmp_path_factory):
+    return make_adapter(llama_dir, tmp_path_factory.mktemp("adapter") / "lora",
+                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])

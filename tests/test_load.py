@@ -1,0 +1,73 @@
+"""The canonical decoder against transformers' own models, per family, through the real loading code."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from compiler.frontend.load import build_decoder, read_checkpoint
+from tests.conftest import MODEL_VARIANTS
+
+
+def canonical_logits(model, ids, past_len=0, cache=None):
+    batch, seq = ids.shape
+    mask = torch.ones(batch, past_len + seq, dtype=torch.long)
+    positions = torch.arange(past_len, past_len + seq)[None].expand(batch, seq)
+    with torch.no_grad():
+        return model(ids, mask, positions, *(cache or model.empty_cache(batch)))
+
+
+@pytest.mark.parametrize("variant", list(MODEL_VARIANTS))
+def test_canonical_decoder_matches_transformers(model_dir, variant):
+    directory = model_dir(variant)
+    reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    model = build_decoder(read_checkpoint(directory))
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = reference(ids).logits
+    logits = canonical_logits(model, ids)[0]
+    assert (logits - expected).abs().max().item() <= 1e-4
+    # The same logits when the prompt arrives in two steps over the KV cache.
+    first, *cache = canonical_logits(model, ids[:, :6])
+    second = canonical_logits(model, ids[:, 6:], past_len=6, cache=cache)[0]
+    assert (second - expected[:, 6:]).abs().max().item() <= 1e-4
+
+
+def test_family_details_are_read(model_dir):
+    llama3 = read_checkpoint(model_dir("llama3_tied")).config
+    assert llama3.rope_type == "llama3" and llama3.tie_word_embeddings
+    assert read_checkpoint(model_dir("qwen2")).config.qkv_bias
+    phi3 = read_checkpoint(model_dir("phi3_partial_rotary")).config
+    assert phi3.rotary_dim == phi3.head_dim // 2
+
+
+def test_sharded_checkpoint_loads(llama_dir, tmp_path):
+    sharded = tmp_path / "sharded"
+    shutil.copytree(llama_dir, sharded)
+    state = load_file(sharded / "model.safetensors")
+    (sharded / "model.safetensors").unlink()
+    names = sorted(state)
+    half = len(names) // 2
+    weight_map = {}
+    for i, part in enumerate((names[:half], names[half:])):
+        shard = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({n: state[n].contiguous() for n in part}, sharded / shard, metadata={"format": "pt"})
+        weight_map.update({n: shard for n in part})
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    a = build_decoder(read_checkpoint(llama_dir))
+    b = build_decoder(read_checkpoint(sharded))
+    ids = torch.tensor([[1, 5, 9, 200]])
+    assert torch.equal(canonical_logits(a, ids)[0], canonical_logits(b, ids)[0])
+
+
+def test_bf16_checkpoint_is_upcast(llama_dir, tmp_path):
+    bf16 = tmp_path / "bf16"
+    shutil.copytree(llama_dir, bf16)
+    state = load_file(bf16 / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, bf16 / "model.safetensors", metadata={"format": "pt"})
+    model = build_decoder(read_checkpoint(bf16))
+    assert model.model.embed_tokens.weight.dtype == torch.float32
+    assert torch.equal(model.model.embed_tokens.weight, state["model.embed_tokens.weight"].to(torch.bfloat16).float())
