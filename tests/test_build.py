@@ -1,0 +1,179 @@
+"""End to end on the ONNX path: build through the CLI, then check the bundle, the runtimes and the gates."""
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from compiler.cli import main
+from runtimes.ort import OrtRuntime
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def bundle(llama_dir, llama_adapter, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles") / "llama"
+    result = run("build", "--model", llama_dir, "--adapter", f"{llama_adapter}:0.8", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_bundle_contents_and_manifest(bundle, llama_dir, llama_adapter):
+    names = {p.name for p in bundle.iterdir()}
+    assert {"model.onnx", "model.onnx.data", "genai_config.json", "manifest.json", "report.json", "report.md",
+            "tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= names
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["format"] == "edgec-bundle" and manifest["schema_version"] == 1
+    assert manifest["edgec_version"]
+    assert manifest["build_config"]["adapters"] == [{"path": str(llama_adapter), "weight": 0.8}]
+    sources = manifest["source"]["model"]["sha256"]
+    assert sources["model.safetensors"] == sha256(llama_dir / "model.safetensors")
+    assert sources["config.json"] == sha256(llama_dir / "config.json")
+    assert manifest["source"]["adapters"][0]["sha256"]["adapter_model.safetensors"] == sha256(
+        llama_adapter / "adapter_model.safetensors")
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == sha256(bundle / name) and entry["bytes"] == (bundle / name).stat().st_size
+    io = manifest["artifacts"][0]["io"]
+    assert [i["name"] for i in io["inputs"][:3]] == ["input_ids", "attention_mask", "position_ids"]
+    assert io["kv_cache"]["num_layers"] == 2 and io["kv_cache"]["layout"] == "BNSH"
+    assert manifest["validation"]["passed"]
+    assert manifest["validation"]["metrics"]["greedy_match"] == 1.0
+
+
+def test_onnx_graph_has_dynamic_kv_cache_io(bundle):
+    onnx.checker.check_model(str(bundle / "model.onnx"), full_check=True)
+    model = onnx.load(str(bundle / "model.onnx"), load_external_data=False)
+    dims = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in [*model.graph.input, *model.graph.output]}
+    assert dims["input_ids"] == ["batch_size", "sequence_length"]
+    assert dims["attention_mask"] == ["batch_size", "total_sequence_length"]
+    assert dims["past_key_values.1.value"] == ["batch_size", 2, "past_sequence_length", 16]
+    assert dims["present.0.key"] == ["batch_size", 2, "total_sequence_length", 16]
+    assert dims["logits"] == ["batch_size", "sequence_length", 512]
+    assert all(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer if init.dims and np.prod(init.dims) > 1024)
+
+
+def test_build_report_lists_adapter_modules(bundle):
+    report = json.loads((bundle / "report.json").read_text())
+    adapter = report["adapters"][0]
+    assert adapter["modules_merged"] == 14
+    q = next(m for m in adapter["modules"] if m["module"] == "model.layers.0.self_attn.q_proj")
+    assert q["rank"] == 4 and q["scale"] == pytest.approx(8 / 4 * 0.8)
+    assert [s["stage"] for s in report["stages"]] == ["load", "merge_lora", "export_onnx", "write_bundle", "validate"]
+    assert "q_proj" in (bundle / "report.md").read_text()
+
+
+def test_same_inputs_give_byte_identical_model_files(bundle, llama_dir, llama_adapter, tmp_path):
+    result = run("build", "--model", llama_dir, "--adapter", f"{llama_adapter}:0.8", "--out", tmp_path / "again",
+                 "--quiet", "--no-validate")
+    assert result.exit_code == 0, result.output
+    for name in ("model.onnx", "model.onnx.data", "genai_config.json"):
+        assert sha256(bundle / name) == sha256(tmp_path / "again" / name), name
+
+
+def test_interrupted_build_leaves_no_bundle(llama_dir, tmp_path, monkeypatch):
+    import compiler.onnx.export as export
+
+    def interrupted(model):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "export_onnx", interrupted)
+    out = tmp_path / "out"
+    result = run("build", "--model", llama_dir, "--out", out, "--quiet")
+    assert result.exit_code == 130
+    assert list(tmp_path.iterdir()) == []  # neither the bundle nor a staging directory
+
+
+def test_interrupted_rebuild_keeps_the_previous_bundle(bundle, llama_dir, tmp_path, monkeypatch):
+    import compiler.onnx.export as export
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    before = {p.name: sha256(p) for p in copy.iterdir()}
+    monkeypatch.setattr(export, "export_onnx", lambda model: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert run("build", "--model", llama_dir, "--out", copy, "--quiet").exit_code == 130
+    assert {p.name: sha256(p) for p in copy.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_force_moves_user_directory_aside(llama_dir, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    result = run("build", "--model", llama_dir, "--out", out, "--quiet", "--no-validate", "--force")
+    assert result.exit_code == 0, result.output
+    backups = [p for p in tmp_path.iterdir() if p.name.startswith("mine.backup-")]
+    assert len(backups) == 1 and (backups[0] / "notes.txt").read_text() == "keep me"
+    assert (out / "manifest.json").exists() and "moved the existing" in result.stderr
+
+
+def test_inspect(bundle):
+    result = run("inspect", bundle)
+    assert result.exit_code == 0
+    assert "llama, 2 layers" in result.output and "past_key_values.%d.key" in result.output
+    assert "validation: PASSED" in result.output and "model.onnx.data" in result.output
+    assert json.loads(run("inspect", bundle, "--json").output)["format"] == "edgec-bundle"
+
+
+def test_validate_passes_and_a_strict_gate_fails_with_the_metric_named(bundle, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle, copy)
+    ok = run("validate", copy, "--new-tokens", "4")
+    assert ok.exit_code == 0, ok.output
+    assert "validation: PASSED" in ok.output
+    strict = run("validate", copy, "--gate", "max_abs_logits=1e-12", "--new-tokens", "4")
+    assert strict.exit_code == 1
+    assert "max_abs_logits" in strict.stderr and "x the limit" in strict.stderr
+    assert json.loads((copy / "manifest.json").read_text())["validation"]["passed"] is False
+
+
+def test_bench_json(bundle):
+    result = run("bench", bundle, "--prompt-tokens", "16", "--new-tokens", "8", "--repeats", "2", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["schema"] == "edgec.bench/1" and data["runtime"]["name"] == "onnxruntime"
+    for key in ("load_s", "ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_mb"):
+        assert data[key] > 0, key
+    assert len(data["samples"]["decode_s"]) == 2
+    assert data["artifact_bytes"] == sum(p.stat().st_size for p in bundle.iterdir())
+    manifest_sha = sha256(bundle / "manifest.json")
+    assert data["bundle"]["manifest_sha256"] == manifest_sha
+    assert 20 < data["peak_rss_mb"] < 400  # the agent's own process, not the compiler's
+    table = run("bench", bundle, "--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "1")
+    assert "decode (4 tokens)" in table.output and "tokens/s" in table.output
+
+
+def test_onnxruntime_genai_runs_the_bundle_as_is(bundle):
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(str(bundle))
+    tokenizer = og.Tokenizer(model)
+    prompt = [int(t) for t in tokenizer.encode("The quick brown fox")]
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 12, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    ours = OrtRuntime(bundle).generate(prompt, 12, eos_ids=(2,))
+    assert tokens == ours and len(tokens) >= 1
+
+
+@pytest.mark.parametrize("variant", ["llama3_tied", "qwen2", "phi3_partial_rotary"])
+def test_each_family_builds_and_passes_its_gates(model_dir, variant, tmp_path):
+    result = run("build", "--model", model_dir(variant), "--out", tmp_path / "b", "--quiet", "--new-tokens", "8")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["validation"]["passed"] and manifest["validation"]["metrics"]["max_abs_logits"] < 1e-4
