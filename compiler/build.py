@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 from pathlib import Path
 
 from compiler.bundle import MANIFEST, BundleWriter, read_manifest
@@ -44,6 +43,7 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
     """Build the bundle; raises CheckFailed after writing it when a validation gate fails."""
     from compiler.onnx.export import export_onnx, io_for, save_onnx
     from compiler.onnx.genai_config import genai_config
+    from compiler.onnx.passes import build_pipeline, op_counts, run_passes
 
     writer = BundleWriter(config.out, config.force)
     try:
@@ -53,16 +53,25 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
         report.adapters = [r.to_dict() for r in records]
         with report.stage("export_onnx", f"{model.cfg.num_layers} layers, torch.export + dynamo exporter"):
             onnx_model = export_onnx(model)
+        traced_nodes = len(onnx_model.graph)
+        passes = build_pipeline(config.export.optimize, model.cfg)
+        if passes:
+            with report.stage("onnx_passes", f"pipeline '{config.export.optimize}', {len(passes)} passes"):
+                onnx_model, report.passes = run_passes(onnx_model, passes, config.export.dump_dir)
+        ops = op_counts(onnx_model)
+        shares_buffer = "GroupQueryAttention" in ops
         with report.stage("write_bundle"):
             save_onnx(onnx_model, writer.staging / MODEL_FILE)
             report.export = {
                 "exporter": "torch.onnx.export(dynamo=True)",
+                "pipeline": config.export.optimize,
+                "nodes_traced": traced_nodes,
                 "nodes": len(onnx_model.graph),
-                "op_counts": dict(Counter(node.op_type for node in onnx_model.graph).most_common()),
+                "op_counts": ops,
             }
             del onnx_model
             writer.copy_in(tokenizer_files + ([generation_config] if generation_config else []))
-            writer.write_json("genai_config.json", genai_config(model.cfg, MODEL_FILE))
+            writer.write_json("genai_config.json", genai_config(model.cfg, MODEL_FILE, shares_buffer))
         validation = None
         if config.validation.enabled:
             from runtimes.ort import OrtRuntime
@@ -83,7 +92,8 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
             },
             "model": model.cfg.to_dict(),
             "artifacts": [
-                {"format": "onnx", "path": MODEL_FILE, "precision": config.export.precision, "io": io_for(model).describe()}
+                {"format": "onnx", "path": MODEL_FILE, "precision": config.export.precision,
+                 "pipeline": config.export.optimize, "io": io_for(model).describe(shares_buffer)}
             ],
             "runners": {"onnxruntime-genai": "genai_config.json"},
             "validation": validation,

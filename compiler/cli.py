@@ -30,6 +30,14 @@ class EdgecGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("edgec: interrupted; no bundle was written", err=True)
             ctx.exit(130)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except Exception as e:  # a bug, not bad input: still one line unless --debug
+            if ctx.obj and ctx.obj.get("debug"):
+                traceback.print_exc()
+            first = str(e).splitlines()[0] if str(e) else ""
+            click.echo(f"edgec: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)", err=True)
+            ctx.exit(1)
 
 
 @click.group(cls=EdgecGroup)
@@ -76,12 +84,15 @@ def _parse_adapters(values: tuple[str, ...]):
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--format", "formats", default="onnx", show_default=True, help="Artifact formats, comma-separated.")
 @click.option("--precision", type=click.Choice(["fp32"]), default="fp32", show_default=True)
+@click.option("--optimize", type=click.Choice(["none", "fuse"]), default="fuse", show_default=True,
+              help="ONNX pass pipeline: none (the traced graph) or fuse (ONNX Runtime fused operators).")
+@click.option("--dump-dir", type=click.Path(path_type=Path), help="Save the ONNX model after each pass here.")
 @click.option("--gate", "gates", multiple=True, metavar="METRIC=VALUE", help="Override a validation gate.")
 @click.option("--new-tokens", type=POSITIVE, default=16, show_default=True, help="Greedy tokens compared in validation.")
 @click.option("--no-validate", is_flag=True, help="Skip validation (the manifest records that).")
 @click.option("--force", is_flag=True, help="Move a non-bundle --out directory aside instead of refusing.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
-def build(model_dir, adapters, out, formats, precision, gates, new_tokens, no_validate, force, quiet):
+def build(model_dir, adapters, out, formats, precision, optimize, dump_dir, gates, new_tokens, no_validate, force, quiet):
     """Build a bundle: load, merge LoRA, export, validate."""
     from compiler.build import build as run_build
     from compiler.config import BuildConfig, ExportConfig, ModelConfig, ValidationConfig
@@ -91,7 +102,7 @@ def build(model_dir, adapters, out, formats, precision, gates, new_tokens, no_va
         model=ModelConfig(model_dir),
         out=out,
         adapters=_parse_adapters(adapters),
-        export=ExportConfig(_parse_formats(formats), precision),
+        export=ExportConfig(_parse_formats(formats), precision, optimize, dump_dir),
         validation=ValidationConfig(enabled=not no_validate, new_tokens=new_tokens, gate_overrides=_parse_gates(gates)),
         force=force,
     )

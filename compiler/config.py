@@ -36,6 +36,8 @@ class ModelConfig:
 class ExportConfig:
     formats: tuple[str, ...] = ("onnx",)
     precision: str = "fp32"
+    optimize: str = "fuse"  # ONNX pass pipeline: none | fuse
+    dump_dir: Path | None = None
 
 
 @dataclass
@@ -67,7 +69,8 @@ class BuildConfig:
             "version": CONFIG_VERSION,
             "model": {"path": str(self.model.path)},
             "adapters": [a.to_dict() for a in self.adapters],
-            "export": {"formats": list(self.export.formats), "precision": self.export.precision},
+            "export": {"formats": list(self.export.formats), "precision": self.export.precision,
+                       "optimize": self.export.optimize},
             "validation": asdict(self.validation),
         }
 
@@ -79,6 +82,7 @@ class BuildConfig:
             model=ModelConfig(Path(data["model"]["path"])),
             out=out,
             adapters=[AdapterSpec(Path(a["path"]), float(a["weight"])) for a in data.get("adapters", [])],
-            export=ExportConfig(tuple(data["export"]["formats"]), data["export"]["precision"]),
+            export=ExportConfig(tuple(data["export"]["formats"]), data["export"]["precision"],
+                                data["export"].get("optimize", "none")),
             validation=ValidationConfig(**data.get("validation", {})),
         )

@@ -16,6 +16,7 @@ class BuildReport:
     stages: list[dict] = field(default_factory=list)
     adapters: list[dict] = field(default_factory=list)
     export: dict = field(default_factory=dict)
+    passes: list[dict] = field(default_factory=list)
     validation: dict | None = None
     moved_aside: str | None = None
     started: float = field(default_factory=time.perf_counter)
@@ -39,6 +40,7 @@ class BuildReport:
             "stages": self.stages,
             "adapters": self.adapters,
             "export": self.export,
+            "passes": self.passes,
             "validation": self.validation,
         }
 
@@ -62,6 +64,11 @@ def markdown(report: dict) -> str:
         ops = report["export"].get("op_counts", {})
         if ops:
             lines += ["- ops: " + ", ".join(f"{k} {v}" for k, v in ops.items())]
+    if report.get("passes"):
+        lines += ["", "## ONNX passes", "", "| pass | seconds | nodes before | nodes after | rewrites |", "|---|---:|---:|---:|---|"]
+        for p in report["passes"]:
+            rewrites = ", ".join(f"{k} {v}" for k, v in p["rewrites"].items()) or "-"
+            lines.append(f"| {p['pass']} | {p['seconds']:.2f} | {p['nodes_before']} | {p['nodes_after']} | {rewrites} |")
     validation = report.get("validation")
     if validation:
         lines += ["", "## Validation", "", f"**{'PASSED' if validation['passed'] else 'FAILED'}**", ""]

@@ -88,8 +88,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = self._rope(q, cos, sin)
         k = self._rope(k, cos, sin)
-        present_key = torch.cat((past_key, k), dim=2)
-        present_value = torch.cat((past_value, v), dim=2)
+        present_key = torch.cat((past_key, k), dim=-2)
+        present_value = torch.cat((past_value, v), dim=-2)
         groups = self.num_heads // self.num_kv_heads
         total = present_key.shape[2]
         # Grouped-query attention: each KV head serves `groups` query heads.
@@ -166,17 +166,25 @@ class CanonicalDecoder(nn.Module):
         past_len = past[0].shape[2]
         x = self.model.embed_tokens(input_ids)
 
-        freqs = position_ids[..., None].float() * self.rope_inv_freq
+        # Rope and mask are written the way transformers writes them, so that the exported graph has
+        # the shapes onnxscript's ORT fusions (RotaryEmbedding, cos/sin cache, GroupQueryAttention) match.
+        inv_freq = self.rope_inv_freq[None, :, None].expand(position_ids.shape[0], -1, 1)
+        freqs = torch.matmul(inv_freq, position_ids[:, None, :].float()).transpose(1, 2)
         emb = torch.cat((freqs, freqs), dim=-1)
-        scaling = self.cfg.rope_attention_scaling
-        cos = (emb.cos() * scaling)[:, None]
-        sin = (emb.sin() * scaling)[:, None]
+        cos, sin = emb.cos(), emb.sin()
+        if self.cfg.rope_attention_scaling != 1.0:
+            cos, sin = cos * self.cfg.rope_attention_scaling, sin * self.cfg.rope_attention_scaling
+        cos, sin = cos[:, None], sin[:, None]
 
-        # Additive mask [batch, 1, seq, total]: causal over absolute positions and the padding mask.
-        key_pos = torch.arange(attention_mask.shape[1], device=input_ids.device)
-        query_pos = torch.arange(seq, device=input_ids.device) + past_len
-        allowed = (key_pos[None, :] <= query_pos[:, None])[None, None] & (attention_mask[:, None, None, :] > 0)
-        mask = torch.where(allowed, 0.0, torch.finfo(torch.float32).min)
+        # Additive mask [batch, 1, seq, total]: causal over absolute positions, then the padding mask.
+        total = past_len + seq
+        min_value = torch.finfo(torch.float32).min
+        query_pos = torch.arange(past_len, total, device=input_ids.device)
+        causal = torch.full((seq, total), min_value, device=input_ids.device)
+        causal = causal * (torch.arange(total, device=input_ids.device) > query_pos.reshape(-1, 1))
+        causal = causal[None, None].expand(input_ids.shape[0], 1, -1, -1)
+        padded = (causal + attention_mask[:, None, None, :].to(causal.dtype)) == 0
+        mask = causal.masked_fill(padded, min_value)
 
         presents = []
         for i, layer in enumerate(self.model.layers):

@@ -44,7 +44,7 @@ class OnnxIO:
     def output_names(self) -> list[str]:
         return ["logits", *self.present_names]
 
-    def describe(self) -> dict:
+    def describe(self, shares_buffer: bool = False) -> dict:
         kv_shape = [BATCH, self.num_kv_heads, PAST, self.head_dim]
         inputs = [
             {"name": "input_ids", "dtype": "int64", "shape": [BATCH, SEQUENCE]},
@@ -68,7 +68,9 @@ class OnnxIO:
                 "past_value": "past_key_values.%d.value",
                 "present_key": "present.%d.key",
                 "present_value": "present.%d.value",
-                "shares_buffer": False,
+                # True: past and present may be one [batch, heads, context, head_dim] buffer
+                # (GroupQueryAttention reads lengths from position_ids), as onnxruntime-genai runs it.
+                "shares_buffer": shares_buffer,
             },
         }
 

@@ -1,7 +1,8 @@
 """genai_config.json, so that onnxruntime-genai loads and runs the bundle as it is.
 
-The traced decoder keeps separate past/present tensors (no GroupQueryAttention), which onnxruntime-genai
-runs when `past_present_share_buffer` is false.
+An unfused traced decoder keeps separate past/present tensors, which onnxruntime-genai runs with
+`past_present_share_buffer` false; once attention is fused to GroupQueryAttention, past and present
+share one buffer of the context length (true), as in the builder's models.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from compiler.models.decoder import DecoderConfig
 GENAI_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "phi3": "phi3"}
 
 
-def genai_config(cfg: DecoderConfig, model_file: str) -> dict:
+def genai_config(cfg: DecoderConfig, model_file: str, shares_buffer: bool = False) -> dict:
     eos = list(cfg.eos_token_ids) or [0]
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else eos[0]
     return {
@@ -54,7 +55,7 @@ def genai_config(cfg: DecoderConfig, model_file: str) -> dict:
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": shares_buffer,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,

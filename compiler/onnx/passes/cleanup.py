@@ -1,0 +1,29 @@
+"""CleanupPass: constant folding, dead-code, identity and cast elimination, shape-expression folding.
+
+onnxscript's optimizer does the folding and elimination; its shape-optimization rules turn
+Shape -> Gather -> Concat chains into direct dimension reads, which the attention fusions rely on.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+from onnxscript.optimizer import optimize
+from onnxscript.rewriter.ort_fusions import shape_optimization
+
+
+class CleanupPass(ir.passes.InPlacePass):
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before = len(model.graph)
+        common_passes.ShapeInferencePass()(model)
+        optimize(model)
+        self.counts = {"shape_expressions": shape_optimization.rules.apply_to_model(model)}
+        optimize(model)
+        common_passes.CommonSubexpressionEliminationPass()(model)
+        common_passes.RemoveUnusedNodesPass()(model)
+        self.counts["nodes_removed"] = before - len(model.graph)
+        return ir.passes.PassResult(model, modified=len(model.graph) != before or any(self.counts.values()))
