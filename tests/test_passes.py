@@ -1,0 +1,160 @@
+"""Each ONNX pass on the smallest traced graph that has its pattern: rewrite counts, op types, and
+outputs before/after compared in onnxruntime; and a graph where it must not fire."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+
+from compiler.frontend.load import build_decoder, read_checkpoint
+from compiler.onnx.export import export_onnx
+from compiler.onnx.passes import CleanupPass, build_pipeline, op_counts, run_passes
+from compiler.onnx.passes.fuse_gqa import FuseGroupQueryAttentionPass
+from compiler.onnx.passes.fuse_rms_norm import FuseRmsNormPass
+from compiler.onnx.passes.fuse_rotary import FuseRotaryEmbeddingPass
+from compiler.onnx.passes.fuse_skip_rms_norm import FuseSkipRmsNormPass
+from compiler.models.decoder import RMSNorm
+
+
+def export_module(module, *args):
+    with torch.no_grad():
+        program = torch.onnx.export(module, args, dynamo=True, optimize=True, verbose=False)
+    return program.model
+
+
+def run(model: ir.Model, feeds: dict) -> list[np.ndarray]:
+    proto = ir.serde.serialize_model(model)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def apply(passes, model):
+    model, records = run_passes(model, passes)
+    return model, {k: v for r in records for k, v in r["rewrites"].items()}
+
+
+class NormThenProject(torch.nn.Module):
+    def __init__(self, subtract_mean=False):
+        super().__init__()
+        self.norm = RMSNorm(16, 1e-5)
+        self.subtract_mean = subtract_mean
+        with torch.no_grad():
+            self.norm.weight.copy_(torch.linspace(0.5, 1.5, 16))
+
+    def forward(self, x, residual):
+        h = x + residual
+        if self.subtract_mean:  # LayerNorm-like: not an RMSNorm, must not fuse
+            h = h - h.mean(-1, keepdim=True)
+        return self.norm(h) @ torch.ones(16, 4), h
+
+
+FEEDS = {"x": np.random.default_rng(0).standard_normal((2, 3, 16)).astype(np.float32),
+         "residual": np.random.default_rng(1).standard_normal((2, 3, 16)).astype(np.float32)}
+
+
+def test_rms_norm_and_skip_fusions():
+    module = NormThenProject()
+    x, residual = (torch.from_numpy(v) for v in FEEDS.values())
+    model = export_module(module, x, residual)
+    model.graph.inputs[0].name, model.graph.inputs[1].name = "x", "residual"
+    before = run(model, FEEDS)
+    model, counts = apply([CleanupPass(), FuseRmsNormPass(), FuseSkipRmsNormPass(), CleanupPass()], model)
+    assert counts["rms_normalization"] == 1 and counts["skip_rms_normalization"] == 1
+    ops = op_counts(model)
+    assert ops.get("SkipSimplifiedLayerNormalization") == 1
+    assert not {"Pow", "ReduceMean", "Sqrt", "Reciprocal"} & set(ops)
+    for a, b in zip(before, run(model, FEEDS)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_rms_norm_fusion_does_not_fire_on_layer_norm_like_graph():
+    x, residual = (torch.from_numpy(v) for v in FEEDS.values())
+    model = export_module(NormThenProject(subtract_mean=True), x, residual)
+    model, counts = apply([CleanupPass(), FuseRmsNormPass()], model)
+    # The mean-subtracted input still has an RMS step after it, which may fuse; the mean must stay.
+    assert "ReduceMean" in op_counts(model)
+    assert counts["rms_normalization"] <= 1
+
+
+@pytest.fixture(scope="module")
+def traced(model_dir):
+    """name -> (canonical decoder, traced unfused ONNX model)."""
+    cache = {}
+
+    def get(variant):
+        if variant not in cache:
+            decoder = build_decoder(read_checkpoint(model_dir(variant)))
+            cache[variant] = (decoder, export_onnx(decoder))
+        return cache[variant]
+
+    return get
+
+
+def decoder_feeds(decoder, past_len=3, seq=4, batch=1):
+    rng = np.random.default_rng(5)
+    cfg = decoder.cfg
+    feeds = {
+        "input_ids": rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int64),
+        "attention_mask": np.ones((batch, past_len + seq), np.int64),
+        "position_ids": np.arange(past_len, past_len + seq, dtype=np.int64)[None].repeat(batch, 0),
+    }
+    for i in range(cfg.num_layers):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = rng.standard_normal(
+                (batch, cfg.num_kv_heads, past_len, cfg.head_dim)).astype(np.float32)
+    return feeds
+
+
+def test_unfused_export_passes_the_onnx_checker(traced, tmp_path):
+    _, model = traced("llama")
+    path = tmp_path / "m.onnx"
+    ir.save(model, str(path), external_data="m.onnx.data")
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def test_rotary_and_gqa_fusions_on_a_traced_decoder(traced):
+    decoder, traced_model = traced("llama")
+    model = ir.from_proto(ir.to_proto(traced_model))  # a copy: the fixture is shared
+    feeds = decoder_feeds(decoder)
+    before = run(model, feeds)
+    passes = [CleanupPass(), FuseRmsNormPass(), FuseSkipRmsNormPass(),
+              FuseRotaryEmbeddingPass(decoder.cfg.max_sequence_length),
+              FuseGroupQueryAttentionPass(decoder.cfg.rotary_dim), CleanupPass()]
+    model, counts = apply(passes, model)
+    layers = decoder.cfg.num_layers
+    assert counts["rotary_embedding"] == 2 * layers and counts["cos_sin_cache"] == 2 * layers
+    assert counts["group_query_attention"] == layers
+    ops = op_counts(model)
+    assert ops["GroupQueryAttention"] == layers
+    assert not {"Softmax", "Expand", "RotaryEmbedding", "Neg"} & set(ops)
+    after = run(model, feeds)
+    for a, b in zip(before, after):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_gqa_fusion_skips_when_rotary_tables_are_too_narrow(traced):
+    decoder, traced_model = traced("phi3_partial_rotary")
+    model = ir.from_proto(ir.to_proto(traced_model))
+    feeds = decoder_feeds(decoder)
+    before = run(model, feeds)
+    model, counts = apply(build_pipeline("fuse", decoder.cfg), model)
+    assert "GroupQueryAttention" not in op_counts(model)
+    assert counts["skipped_rotary_dim_not_multiple_of_16"] == 1
+    assert op_counts(model)["RotaryEmbedding"] == 2 * decoder.cfg.num_layers  # on the rotary half only
+    for a, b in zip(before, run(model, feeds)):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_a_failing_pass_is_named(traced):
+    class BrokenPass(ir.passes.InPlacePass):
+        def call(self, model):
+            raise RuntimeError("boom")
+
+    from compiler.errors import EdgecError
+
+    with pytest.raises(EdgecError, match="BrokenPass failed: RuntimeError: boom"):
+        run_passes(ir.from_proto(ir.to_proto(traced("llama")[1])), [BrokenPass()])
