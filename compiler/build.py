@@ -54,9 +54,10 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
         with report.stage("export_onnx", f"{model.cfg.num_layers} layers, torch.export + dynamo exporter"):
             onnx_model = export_onnx(model)
         traced_nodes = len(onnx_model.graph)
-        passes = build_pipeline(config.export.optimize, model.cfg)
+        pipeline = config.export.pipeline
+        passes = build_pipeline(pipeline, model.cfg, config.export.quant)
         if passes:
-            with report.stage("onnx_passes", f"pipeline '{config.export.optimize}', {len(passes)} passes"):
+            with report.stage("onnx_passes", f"pipeline '{pipeline}', {len(passes)} passes"):
                 onnx_model, report.passes = run_passes(onnx_model, passes, config.export.dump_dir)
         ops = op_counts(onnx_model)
         shares_buffer = "GroupQueryAttention" in ops
@@ -64,7 +65,7 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
             save_onnx(onnx_model, writer.staging / MODEL_FILE)
             report.export = {
                 "exporter": "torch.onnx.export(dynamo=True)",
-                "pipeline": config.export.optimize,
+                "pipeline": pipeline,
                 "nodes_traced": traced_nodes,
                 "nodes": len(onnx_model.graph),
                 "op_counts": ops,
@@ -93,7 +94,8 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
             "model": model.cfg.to_dict(),
             "artifacts": [
                 {"format": "onnx", "path": MODEL_FILE, "precision": config.export.precision,
-                 "pipeline": config.export.optimize, "io": io_for(model).describe(shares_buffer)}
+                 "pipeline": pipeline, "quant": config.export.quant.to_dict() if config.export.quant else None,
+                 "io": io_for(model).describe(shares_buffer)}
             ],
             "runners": {"onnxruntime-genai": "genai_config.json"},
             "validation": validation,

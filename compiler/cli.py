@@ -83,26 +83,44 @@ def _parse_adapters(values: tuple[str, ...]):
 @click.option("--adapter", "adapters", multiple=True, metavar="DIR[:WEIGHT]", help="PEFT LoRA adapter, repeatable.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--format", "formats", default="onnx", show_default=True, help="Artifact formats, comma-separated.")
-@click.option("--precision", type=click.Choice(["fp32"]), default="fp32", show_default=True)
 @click.option("--optimize", type=click.Choice(["none", "fuse"]), default="fuse", show_default=True,
               help="ONNX pass pipeline: none (the traced graph) or fuse (ONNX Runtime fused operators).")
 @click.option("--dump-dir", type=click.Path(path_type=Path), help="Save the ONNX model after each pass here.")
+@click.option("--quant", type=click.Choice(["none", "int4"]), default="none", show_default=True,
+              help="Weight quantization: int4 MatMulNBits blocks, embedding and lm_head included.")
+@click.option("--block-size", type=int, default=32, show_default=True, help="int4 block size, 16 to 256.")
+@click.option("--algo", type=click.Choice(["rtn", "clip"]), default="rtn", show_default=True,
+              help="rtn: round to nearest; clip: data-free per-block clipping search.")
+@click.option("--asymmetric", is_flag=True, help="Blocks with zero points (default: symmetric).")
+@click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
+              help="onnxruntime MatMulNBits compute: 4 = int8 activations, 1 = fp32.")
+@click.option("--embedding-bits", type=click.Choice(["0", "4", "8"]), default="4", show_default=True, help="0 keeps fp32.")
+@click.option("--lm-head-bits", type=click.Choice(["0", "4", "8"]), default="4", show_default=True, help="0 keeps fp32.")
+@click.option("--keep-fp32", multiple=True, metavar="REGEX", help="Modules kept fp32, e.g. 'layers\\.0\\.'.")
+@click.option("--keep-int8", multiple=True, metavar="REGEX", help="Modules quantized to 8 bits instead.")
 @click.option("--gate", "gates", multiple=True, metavar="METRIC=VALUE", help="Override a validation gate.")
 @click.option("--new-tokens", type=POSITIVE, default=16, show_default=True, help="Greedy tokens compared in validation.")
 @click.option("--no-validate", is_flag=True, help="Skip validation (the manifest records that).")
 @click.option("--force", is_flag=True, help="Move a non-bundle --out directory aside instead of refusing.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
-def build(model_dir, adapters, out, formats, precision, optimize, dump_dir, gates, new_tokens, no_validate, force, quiet):
+def build(model_dir, adapters, out, formats, optimize, dump_dir, quant, block_size, algo, asymmetric, accuracy_level,
+          embedding_bits, lm_head_bits, keep_fp32, keep_int8, gates, new_tokens, no_validate, force, quiet):
     """Build a bundle: load, merge LoRA, export, validate."""
     from compiler.build import build as run_build
-    from compiler.config import BuildConfig, ExportConfig, ModelConfig, ValidationConfig
+    from compiler.config import BuildConfig, ExportConfig, ModelConfig, QuantConfig, ValidationConfig
     from compiler.report import BuildReport
+
+    quant_config = None
+    if quant == "int4":
+        quant_config = QuantConfig(4, block_size, not asymmetric, accuracy_level, algo, int(embedding_bits),
+                                   int(lm_head_bits), tuple(keep_fp32), tuple(keep_int8))
+    precision = "int4" if quant_config else "fp32"
 
     config = BuildConfig(
         model=ModelConfig(model_dir),
         out=out,
         adapters=_parse_adapters(adapters),
-        export=ExportConfig(_parse_formats(formats), precision, optimize, dump_dir),
+        export=ExportConfig(_parse_formats(formats), precision, optimize, dump_dir, quant_config),
         validation=ValidationConfig(enabled=not no_validate, new_tokens=new_tokens, gate_overrides=_parse_gates(gates)),
         force=force,
     )

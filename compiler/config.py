@@ -5,6 +5,7 @@ The CLI only fills this in; every stage reads the part it needs.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -13,7 +14,8 @@ from compiler.frontend.lora import AdapterSpec
 
 CONFIG_VERSION = 1
 FORMATS = ("onnx",)
-PRECISIONS = ("fp32",)
+PRECISIONS = ("fp32", "int4")
+QUANT_ALGOS = ("rtn", "clip")
 
 # Gate name -> (direction, limit). "max": the metric must be at most the limit; "min": at least.
 DEFAULT_GATES: dict[str, dict[str, tuple[str, float]]] = {
@@ -23,7 +25,12 @@ DEFAULT_GATES: dict[str, dict[str, tuple[str, float]]] = {
         "top1_agreement": ("min", 0.99),
         "kl_mean": ("max", 1e-5),
         "greedy_match": ("min", 1.0),
-    }
+    },
+    # Against the fp32 reference: an int4 model is close in distribution, not bit-equal.
+    "int4": {
+        "kl_mean": ("max", 0.1),
+        "top1_agreement": ("min", 0.8),
+    },
 }
 
 
@@ -32,12 +39,54 @@ class ModelConfig:
     path: Path
 
 
+@dataclass(frozen=True)
+class QuantConfig:
+    """Weight-only quantization of the ONNX model (MatMulNBits / GatherBlockQuantized)."""
+
+    bits: int = 4
+    block_size: int = 32
+    symmetric: bool = True
+    accuracy_level: int = 4  # onnxruntime: 4 = int8 activations in the kernel, 0/1 = fp32
+    algo: str = "rtn"
+    embedding_bits: int = 4  # 0 keeps the embedding fp32
+    lm_head_bits: int = 4
+    keep_fp32: tuple[str, ...] = ()  # module-path regexes
+    keep_int8: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.block_size < 16 or self.block_size > 256 or self.block_size & (self.block_size - 1):
+            raise UsageError(f"--block-size {self.block_size}: must be a power of two from 16 to 256")
+        if self.algo not in QUANT_ALGOS:
+            raise UsageError(f"--algo {self.algo}: unknown (supported: {', '.join(QUANT_ALGOS)})")
+        for name, bits in (("--embedding-bits", self.embedding_bits), ("--lm-head-bits", self.lm_head_bits)):
+            if bits not in (0, 4, 8):
+                raise UsageError(f"{name} {bits}: must be 0 (fp32), 4 or 8")
+        for pattern in self.keep_fp32 + self.keep_int8:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise UsageError(f"--keep-fp32/--keep-int8 '{pattern}': not a valid regex ({e})") from None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["keep_fp32"], d["keep_int8"] = list(self.keep_fp32), list(self.keep_int8)
+        return d
+
+
 @dataclass
 class ExportConfig:
     formats: tuple[str, ...] = ("onnx",)
     precision: str = "fp32"
     optimize: str = "fuse"  # ONNX pass pipeline: none | fuse
     dump_dir: Path | None = None
+    quant: QuantConfig | None = None
+
+    @property
+    def pipeline(self) -> str:
+        """The named ONNX pass pipeline: none, fuse, fuse+int4 or int4."""
+        parts = [self.optimize] if self.optimize != "none" else []
+        parts += ["int4"] if self.quant else []
+        return "+".join(parts) or "none"
 
 
 @dataclass
@@ -70,7 +119,8 @@ class BuildConfig:
             "model": {"path": str(self.model.path)},
             "adapters": [a.to_dict() for a in self.adapters],
             "export": {"formats": list(self.export.formats), "precision": self.export.precision,
-                       "optimize": self.export.optimize},
+                       "optimize": self.export.optimize,
+                       "quant": self.export.quant.to_dict() if self.export.quant else None},
             "validation": asdict(self.validation),
         }
 
@@ -83,6 +133,14 @@ class BuildConfig:
             out=out,
             adapters=[AdapterSpec(Path(a["path"]), float(a["weight"])) for a in data.get("adapters", [])],
             export=ExportConfig(tuple(data["export"]["formats"]), data["export"]["precision"],
-                                data["export"].get("optimize", "none")),
+                                data["export"].get("optimize", "none"), None, _quant_from_dict(data["export"].get("quant"))),
             validation=ValidationConfig(**data.get("validation", {})),
         )
+
+
+def _quant_from_dict(data: dict | None) -> QuantConfig | None:
+    if not data:
+        return None
+    data = dict(data)
+    data["keep_fp32"], data["keep_int8"] = tuple(data.get("keep_fp32", ())), tuple(data.get("keep_int8", ()))
+    return QuantConfig(**data)

@@ -83,8 +83,30 @@ def make_tokenizer(directory: Path, vocab_size: int) -> None:
     fast.save_pretrained(str(directory))
 
 
-def make_model(directory: str | Path, family: str = "llama", seed: int = 0, tokenizer: bool = True, **overrides):
-    """Save a randomly initialised HF causal LM (safetensors) into `directory`; returns the HF model."""
+def train_briefly(model, directory: Path, steps: int, seed: int = 0) -> None:
+    """Fit the model to DEMO_TEXT for a few steps so that its predictions are confident, as a trained
+    model's are: quantization error is then measured against real margins, not random ties."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(directory))
+    ids = torch.tensor(tokenizer(DEMO_TEXT * 3)["input_ids"])
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    window = 32
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - window - 1, (8,), generator=generator)
+        batch = torch.stack([ids[s : s + window] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+def make_model(directory: str | Path, family: str = "llama", seed: int = 0, tokenizer: bool = True,
+               train_steps: int = 0, **overrides):
+    """Save a randomly initialised (optionally briefly trained) HF causal LM (safetensors) into `directory`."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     directory = Path(directory)
@@ -99,11 +121,13 @@ def make_model(directory: str | Path, family: str = "llama", seed: int = 0, toke
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0.0, 0.08)
+    if tokenizer:
+        make_tokenizer(directory, config.vocab_size)
+    if train_steps:
+        train_briefly(model, directory, train_steps, seed)
     model.save_pretrained(str(directory))
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                      pad_token_id=config.pad_token_id).save_pretrained(str(directory))
-    if tokenizer:
-        make_tokenizer(directory, config.vocab_size)
     return model
 
 

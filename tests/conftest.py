@@ -41,6 +41,15 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def trained_dir(tmp_path_factory):
+    """A small Llama fitted briefly to the demo text, so quantization error meets real logit margins."""
+    path = tmp_path_factory.mktemp("model-trained")
+    make_model(path, "llama", train_steps=150, tie_word_embeddings=True, hidden_size=128, intermediate_size=256,
+               num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2)
+    return path
+
+
+@pytest.fixture(scope="session")
 def llama_dir(model_dir):
     return model_dir("llama")
 

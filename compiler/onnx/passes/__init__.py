@@ -13,6 +13,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from compiler.config import QuantConfig
 from compiler.errors import EdgecError
 from compiler.models.decoder import DecoderConfig
 from compiler.onnx.passes.cleanup import CleanupPass
@@ -20,8 +21,9 @@ from compiler.onnx.passes.fuse_gqa import FuseGroupQueryAttentionPass
 from compiler.onnx.passes.fuse_rms_norm import FuseRmsNormPass
 from compiler.onnx.passes.fuse_rotary import FuseRotaryEmbeddingPass
 from compiler.onnx.passes.fuse_skip_rms_norm import FuseSkipRmsNormPass
+from compiler.onnx.passes.quantize_weights import QuantizeWeightsPass
 
-PIPELINES = ("none", "fuse")
+PIPELINES = ("none", "fuse", "fuse+int4", "int4")
 
 
 def fusion_passes(cfg: DecoderConfig) -> list[ir.passes.PassBase]:
@@ -36,12 +38,13 @@ def fusion_passes(cfg: DecoderConfig) -> list[ir.passes.PassBase]:
     ]
 
 
-def build_pipeline(name: str, cfg: DecoderConfig) -> list[ir.passes.PassBase]:
-    if name == "none":
-        return []
-    if name == "fuse":
-        return fusion_passes(cfg)
-    raise ValueError(f"unknown pipeline {name!r}")
+def build_pipeline(name: str, cfg: DecoderConfig, quant: QuantConfig | None = None) -> list[ir.passes.PassBase]:
+    if name not in PIPELINES:
+        raise ValueError(f"unknown pipeline {name!r}")
+    passes = fusion_passes(cfg) if "fuse" in name else []
+    if "int4" in name:
+        passes.append(QuantizeWeightsPass(quant or QuantConfig()))
+    return passes
 
 
 def op_counts(model: ir.Model) -> dict[str, int]:

@@ -1,0 +1,220 @@
+"""QuantizeWeightsPass: constant MatMul weights -> com.microsoft MatMulNBits, the embedding -> GatherBlockQuantized.
+
+    MatMul(x, W[K, N])                 ->  MatMulNBits(x, Wq[N, K/bs, bs*bits/8], scales[N, K/bs], zp?)
+    MatMul(x, Transpose(E[V, H]))      ->  MatMulNBits(x, Eq[V, H/bs, ...], ...)     (a tied lm_head)
+    Gather(E[V, H], input_ids)         ->  GatherBlockQuantized(Eq[V, H*bits/8], input_ids, scales, zp?)
+
+Blocks run along the input dimension K, one scale (and for asymmetric, one zero point) per block.
+Algorithms: `rtn` rounds to nearest; `clip` is data-free, searching per block the clipping ratio of the
+range that minimises the block's squared reconstruction error (it helps most where a few outliers
+stretch a block's range). Modules named in `keep_fp32`/`keep_int8` (regexes over the torch module path
+that the exporter records on each node) stay fp32 or use 8 bits. Weights are quantized one at a time and
+the fp32 initializer is dropped as soon as nothing else reads it.
+
+Own numpy code rather than onnxruntime's MatMulNBitsQuantizer: it works on onnx_ir in place (no
+ModelProto copy of the whole model) and lets us add the clip search; the packing is checked against
+onnxruntime's kernels in the tests.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+
+import numpy as np
+import onnx_ir as ir
+
+from compiler.config import QuantConfig
+
+CLIP_RATIOS = np.linspace(1.0, 0.6, 17, dtype=np.float32)
+
+
+def _scales_and_zeros(blocks: np.ndarray, bits: int, symmetric: bool, ratio: np.ndarray | float = 1.0):
+    """Per-block scale and zero point for blocks [N, nb, bs]."""
+    half = 2 ** (bits - 1)
+    if symmetric:
+        # Signed absolute maximum mapped to -half, as onnxruntime's MLAS does: the full range is used.
+        idx = np.abs(blocks).argmax(axis=-1)[..., None]
+        signed_max = np.take_along_axis(blocks, idx, axis=-1)[..., 0] * ratio
+        scale = signed_max / -half
+        zero = np.full(scale.shape, half, dtype=np.float32)
+    else:
+        lo = np.minimum(blocks.min(axis=-1), 0.0) * ratio
+        hi = np.maximum(blocks.max(axis=-1), 0.0) * ratio
+        scale = (hi - lo) / (2**bits - 1)
+        safe = np.where(scale == 0, 1.0, scale)
+        zero = np.clip(np.round(-lo / safe), 0, 2**bits - 1)
+    return scale.astype(np.float32), zero.astype(np.float32)
+
+
+def _quantize(blocks, scale, zero, bits):
+    safe = np.where(scale == 0, 1.0, scale)[..., None]
+    return np.clip(np.round(blocks / safe) + zero[..., None], 0, 2**bits - 1)
+
+
+def quantize_blocks(w_nk: np.ndarray, bits: int, block_size: int, symmetric: bool, algo: str):
+    """w_nk [N, K] fp32 -> (q uint8 [N, nb, bs], scales [N, nb], zero points uint8 [N, nb])."""
+    n, k = w_nk.shape
+    nb = -(-k // block_size)
+    padded = np.zeros((n, nb * block_size), dtype=np.float32)
+    padded[:, :k] = w_nk
+    blocks = padded.reshape(n, nb, block_size)
+    scale, zero = _scales_and_zeros(blocks, bits, symmetric)
+    q = _quantize(blocks, scale, zero, bits)
+    if algo == "clip":
+        best = ((q - zero[..., None]) * scale[..., None] - blocks) ** 2
+        best = best.sum(axis=-1)
+        for ratio in CLIP_RATIOS[1:]:
+            s, z = _scales_and_zeros(blocks, bits, symmetric, ratio)
+            candidate = _quantize(blocks, s, z, bits)
+            err = (((candidate - z[..., None]) * s[..., None] - blocks) ** 2).sum(axis=-1)
+            better = err < best
+            best = np.where(better, err, best)
+            scale = np.where(better, s, scale)
+            zero = np.where(better, z, zero)
+            q = np.where(better[..., None], candidate, q)
+    return q.astype(np.uint8), scale, zero.astype(np.uint8)
+
+
+def dequantize_blocks(q, scale, zero, k: int) -> np.ndarray:
+    w = (q.astype(np.float32) - zero[..., None].astype(np.float32)) * scale[..., None]
+    return w.reshape(q.shape[0], -1)[:, :k]
+
+
+def pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """Two 4-bit values per byte, low nibble first, along the last axis (8 bits: as is)."""
+    if bits == 8:
+        return q
+    if q.shape[-1] % 2:
+        q = np.concatenate([q, np.zeros(q.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _module_path(node: ir.Node) -> str:
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    try:
+        names = ast.literal_eval(scopes) if scopes else []
+    except (ValueError, SyntaxError):
+        names = []
+    return names[-2] if len(names) >= 2 else node.name or ""
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+class QuantizeWeightsPass(ir.passes.InPlacePass):
+    def __init__(self, config: QuantConfig):
+        super().__init__()
+        self.config = config
+        self.counts: dict[str, int] = {}
+
+    def _bits_for(self, module: str, default: int) -> int:
+        if any(re.search(p, module) for p in self.config.keep_fp32):
+            return 0
+        if any(re.search(p, module) for p in self.config.keep_int8):
+            return 8
+        return default
+
+    def _tensors(self, name: str, w_nk: np.ndarray, bits: int, embedding: bool):
+        cfg = self.config
+        q, scale, zero = quantize_blocks(w_nk, bits, cfg.block_size, cfg.symmetric, cfg.algo)
+        n, nb, _ = q.shape
+        packed = pack(q, bits)
+        data = packed.reshape(n, -1) if embedding else packed
+        tensors = [ir.Value(name=f"{name}_q{bits}", const_value=ir.tensor(data, name=f"{name}_q{bits}")),
+                   ir.Value(name=f"{name}_scales", const_value=ir.tensor(scale, name=f"{name}_scales"))]
+        if not cfg.symmetric:
+            zp = pack(zero, bits)
+            tensors.append(ir.Value(name=f"{name}_zp", const_value=ir.tensor(zp, name=f"{name}_zp")))
+        return tensors
+
+    def _register(self, graph: ir.Graph, values: list[ir.Value]) -> None:
+        for value in values:
+            graph.register_initializer(value)
+
+    def _drop_if_unused(self, graph: ir.Graph, value: ir.Value) -> None:
+        if value is not None and not value.uses() and value.name in graph.initializers and not value.is_graph_output():
+            del graph.initializers[value.name]
+
+    def _replace_matmul(self, graph, node, w_nk, bits, module):
+        cfg = self.config
+        n, k = w_nk.shape
+        values = self._tensors(f"{module or node.name}.weight", w_nk, bits, embedding=False)
+        self._register(graph, values)
+        inputs = [node.inputs[0], *values]
+        attributes = {"K": k, "N": n, "bits": bits, "block_size": cfg.block_size, "accuracy_level": cfg.accuracy_level}
+        new = ir.node("MatMulNBits", inputs, attributes=attributes, domain="com.microsoft", name=node.name,
+                      outputs=[ir.Value(name=None)], metadata_props=dict(node.metadata_props))
+        new.outputs[0].shape, new.outputs[0].dtype = node.outputs[0].shape, node.outputs[0].dtype
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+
+    def _replace_gather(self, graph, node, table, bits):
+        cfg = self.config
+        values = self._tensors("model.embed_tokens.weight", table, bits, embedding=True)
+        self._register(graph, values)
+        inputs = [values[0], node.inputs[1], values[1]] + (values[2:] if not cfg.symmetric else [])
+        attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": cfg.block_size, "bits": bits}
+        new = ir.node("GatherBlockQuantized", inputs, attributes=attributes, domain="com.microsoft",
+                      name=node.name, outputs=[ir.Value(name=None)], metadata_props=dict(node.metadata_props))
+        new.outputs[0].shape, new.outputs[0].dtype = node.outputs[0].shape, node.outputs[0].dtype
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        cfg = self.config
+        graph = model.graph
+        self.counts = {}
+        bytes_before = sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
+
+        def count(key):
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+        for node in list(graph):
+            if node.op_type == "MatMul" and node.domain == "":
+                weight = node.inputs[1]
+                w = _const(weight)
+                transposed_source = None
+                if w is not None and w.ndim == 2:
+                    w_nk = np.ascontiguousarray(w.T)
+                else:
+                    producer = weight.producer() if weight is not None else None
+                    if producer is None or producer.op_type != "Transpose" or _const(producer.inputs[0]) is None:
+                        continue
+                    if list(producer.attributes.get_ints("perm", [1, 0])) != [1, 0]:
+                        continue
+                    transposed_source = producer
+                    w_nk = _const(producer.inputs[0])
+                    if w_nk.ndim != 2:
+                        continue
+                module = _module_path(node)
+                is_head = module == "lm_head"
+                default = cfg.lm_head_bits if is_head else cfg.bits
+                bits = self._bits_for(module, default)
+                if bits == 0 or w_nk.shape[1] < cfg.block_size:
+                    count("matmul_kept_fp32")
+                    continue
+                self._replace_matmul(graph, node, w_nk.astype(np.float32), bits, module)
+                count(f"{'lm_head' if is_head else 'matmul'}_int{bits}")
+                self._drop_if_unused(graph, weight)
+                if transposed_source is not None and not transposed_source.outputs[0].uses():
+                    source = transposed_source.inputs[0]
+                    graph.remove(transposed_source, safe=True)
+                    self._drop_if_unused(graph, source)
+            elif node.op_type == "Gather" and node.domain == "" and node.attributes.get_int("axis", 0) == 0:
+                table = _const(node.inputs[0])
+                if table is None or table.ndim != 2 or node.inputs[1] not in graph.inputs:
+                    continue
+                bits = self._bits_for("model.embed_tokens", cfg.embedding_bits)
+                if bits == 0:
+                    count("embedding_kept_fp32")
+                    continue
+                source = node.inputs[0]
+                self._replace_gather(graph, node, table.astype(np.float32), bits)
+                count(f"embedding_int{bits}")
+                self._drop_if_unused(graph, source)
+        bytes_after = sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
+        self.counts["weight_mb_before"] = round(bytes_before / 1e6, 1)
+        self.counts["weight_mb_after"] = round(bytes_after / 1e6, 1)
+        return ir.passes.PassResult(model, modified=bytes_after != bytes_before)

@@ -1,0 +1,148 @@
+"""Weight quantization: packing checked against onnxruntime's own kernels, the pass on a traced decoder,
+overrides, and an int4 build against the fp32 reference gates."""
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from compiler.cli import main
+from compiler.config import QuantConfig
+from compiler.errors import UsageError
+from compiler.frontend.load import build_decoder, read_checkpoint
+from compiler.onnx.export import export_onnx
+from compiler.onnx.passes import build_pipeline, op_counts, run_passes
+from compiler.onnx.passes.quantize_weights import dequantize_blocks, pack, quantize_blocks
+
+
+def single_node_model(op, inputs, initializers, attributes):
+    node = ir.node(op, [*inputs, *initializers] if op == "MatMulNBits" else [initializers[0], *inputs, *initializers[1:]],
+                   attributes=attributes, domain="com.microsoft")
+    node.outputs[0].name, node.outputs[0].dtype = "y", ir.DataType.FLOAT
+    graph = ir.Graph(inputs, node.outputs, nodes=[node], initializers=initializers,
+                     opset_imports={"": 20, "com.microsoft": 1})
+    proto = ir.to_proto(ir.Model(graph, ir_version=10))
+    return ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_packing_matches_onnxruntime_kernels(bits, symmetric):
+    rng = np.random.default_rng(0)
+    k, n, block = 96, 40, 32
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    q, scales, zeros = quantize_blocks(w, bits, block, symmetric, "rtn")
+    deq = dequantize_blocks(q, scales, zeros, k)
+    assert np.abs(deq - w).max() < (0.35 if bits == 4 else 0.02)
+    zp = [] if symmetric else [ir.Value(name="zp", const_value=ir.tensor(pack(zeros, bits)))]
+    scale_value = ir.Value(name="scales", const_value=ir.tensor(scales))
+
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([3, k]))
+    weights = ir.Value(name="w", const_value=ir.tensor(pack(q, bits)))
+    session = single_node_model("MatMulNBits", [x], [weights, scale_value, *zp],
+                                {"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": 0})
+    xs = rng.standard_normal((3, k)).astype(np.float32)
+    np.testing.assert_allclose(session.run(None, {"x": xs})[0], xs @ deq.T, atol=1e-4)
+
+    ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([3]))
+    table = ir.Value(name="t", const_value=ir.tensor(pack(q, bits).reshape(n, -1)))
+    scale_value2 = ir.Value(name="scales", const_value=ir.tensor(scales))
+    zp2 = [] if symmetric else [ir.Value(name="zp", const_value=ir.tensor(pack(zeros, bits)))]
+    session = single_node_model("GatherBlockQuantized", [ids], [table, scale_value2, *zp2],
+                                {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits})
+    np.testing.assert_array_equal(session.run(None, {"ids": np.array([0, 5, 39])})[0], deq[[0, 5, 39]])
+
+
+def test_clip_search_lowers_weight_error_where_outliers_stretch_blocks():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((64, 128)).astype(np.float32)
+    w[rng.random(w.shape) < 0.01] *= 8  # a few outliers per block, as trained weights have
+    errors = {}
+    for algo in ("rtn", "clip"):
+        q, s, z = quantize_blocks(w, 4, 32, True, algo)
+        errors[algo] = float(((dequantize_blocks(q, s, z, 128) - w) ** 2).mean())
+    assert errors["clip"] < 0.97 * errors["rtn"]
+
+
+@pytest.fixture(scope="module")
+def traced_trained(trained_dir):
+    decoder = build_decoder(read_checkpoint(trained_dir))
+    return decoder, ir.to_proto(export_onnx(decoder))
+
+
+def quantized(traced, config):
+    decoder, proto = traced
+    model, records = run_passes(ir.from_proto(proto), build_pipeline("fuse+int4", decoder.cfg, config))
+    return decoder, model, records[-1]["rewrites"]
+
+
+def logits(model, decoder, ids):
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    cfg = decoder.cfg
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None]}
+    for i in range(cfg.num_layers):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, cfg.num_kv_heads, 0, cfg.head_dim), np.float32)
+    return session.run(["logits"], feeds)[0]
+
+
+def test_int4_pass_quantizes_every_projection_embedding_and_head(traced_trained):
+    decoder, model, counts = quantized(traced_trained, QuantConfig())
+    layers = decoder.cfg.num_layers
+    assert counts["matmul_int4"] == 7 * layers and counts["lm_head_int4"] == 1 and counts["embedding_int4"] == 1
+    ops = op_counts(model)
+    assert ops["MatMulNBits"] == 7 * layers + 1 and ops["GatherBlockQuantized"] == 1 and "MatMul" not in ops
+    assert counts["weight_mb_after"] < counts["weight_mb_before"] / 4
+    ids = np.array([[1, 40, 41, 42, 50, 60, 70, 80]])
+    fp32 = logits(ir.from_proto(traced_trained[1]), decoder, ids)
+
+    def sqnr(q):
+        return 10 * np.log10((fp32**2).sum() / ((fp32 - q) ** 2).sum())
+
+    int4 = sqnr(logits(model, decoder, ids))
+    _, model8, _ = quantized(traced_trained, QuantConfig(keep_int8=(".",), embedding_bits=8, lm_head_bits=8))
+    int8 = sqnr(logits(model8, decoder, ids))
+    assert int4 > 8 and int8 > int4 + 15, (int4, int8)
+
+
+def test_per_layer_overrides(traced_trained):
+    config = QuantConfig(keep_fp32=(r"layers\.0\.self_attn",), keep_int8=(r"layers\.1\.mlp",), lm_head_bits=8,
+                         embedding_bits=0)
+    decoder, model, counts = quantized(traced_trained, config)
+    assert counts["matmul_kept_fp32"] == 4 and counts["matmul_int8"] == 3 and counts["matmul_int4"] == 7
+    assert counts["lm_head_int8"] == 1 and counts["embedding_kept_fp32"] == 1
+    bits = sorted(n.attributes.get_int("bits") for n in model.graph if n.op_type == "MatMulNBits")
+    assert bits == [4] * 7 + [8] * 4
+    assert op_counts(model)["MatMul"] == 4 and "GatherBlockQuantized" not in op_counts(model)
+
+
+def test_bad_quant_settings_are_usage_errors():
+    for kwargs, fragment in [({"block_size": 48}, "--block-size 48"), ({"algo": "gptq9"}, "--algo gptq9"),
+                             ({"keep_fp32": ("(",)}, "not a valid regex")]:
+        with pytest.raises(UsageError, match=fragment.replace("(", r"\(")):
+            QuantConfig(**kwargs)
+    result = CliRunner().invoke(main, ["build", "--model", "M", "--out", "O", "--quant", "int4", "--block-size", "48"])
+    assert result.exit_code == 2 and "--block-size 48" in result.stderr
+
+
+def test_int4_build_passes_its_gates_and_runs_in_onnxruntime_genai(trained_dir, tmp_path):
+    out = tmp_path / "int4"
+    result = CliRunner().invoke(main, ["build", "--model", str(trained_dir), "--out", str(out), "--quant", "int4",
+                                       "--quiet"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["artifacts"][0]["precision"] == "int4" and manifest["artifacts"][0]["pipeline"] == "fuse+int4"
+    assert manifest["artifacts"][0]["quant"]["block_size"] == 32
+    assert {g["metric"] for g in manifest["validation"]["gates"]} == {"kl_mean", "top1_agreement"}
+    og = pytest.importorskip("onnxruntime_genai")
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=12, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens([1, 40, 41, 42])
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert len(generator.get_sequence(0)) > 4
