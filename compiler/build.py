@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from compiler.bundle import MANIFEST, BundleWriter, read_manifest
@@ -17,26 +18,54 @@ from compiler.report import BuildReport, markdown
 MODEL_FILE = "model.onnx"
 
 
-def load_reference(model_dir: Path, adapters: list[AdapterSpec], report: BuildReport):
-    """The fp32 PyTorch reference: canonical decoder with the adapters merged."""
+@dataclass
+class Reference:
+    """The fp32 PyTorch reference (canonical decoder, adapters merged) and what validation needs of it."""
+
+    model: CanonicalDecoder
+    checkpoint: Checkpoint
+    records: list[MergeRecord]
+    source_hashes: dict[str, str]
+    prompts: list[list[int]]
+    lora: dict | None  # base and per-adapter log-probabilities, for LoRA delta retention
+
+
+def load_reference(model_dir: Path, adapters: list[AdapterSpec], report: BuildReport, with_lora_reference: bool = True):
+    from compiler.validate import prompt_ids, torch_logprobs
+
     with report.stage("load", str(model_dir)):
         checkpoint = read_checkpoint(model_dir)
         source_hashes = checkpoint.source_hashes()
+    cfg = checkpoint.config
+    prompts = prompt_ids(model_dir, cfg.vocab_size, cfg.bos_token_id)
     records: list[MergeRecord] = []
+    lora = None
     if adapters:
         with report.stage("merge_lora", f"{len(adapters)} adapter(s)"):
-            records = merge_lora(checkpoint, adapters)
-    directory_files = (checkpoint.tokenizer_files, checkpoint.generation_config)
+            steps = []
+            if with_lora_reference:
+                # Log-probs before and after each merge, on models sharing the checkpoint's tensors.
+                steps.append(torch_logprobs(build_decoder(checkpoint, keep_state=True), prompts))
+                after = lambda i: steps.append(torch_logprobs(build_decoder(checkpoint, keep_state=True), prompts))  # noqa: E731
+            else:
+                after = None
+            records = merge_lora(checkpoint, adapters, after_each=after)
+            if steps:
+                lora = {
+                    "base": steps[0],
+                    "merged": steps[-1],
+                    "adapters": [{"path": r.path, "delta": [b - a for a, b in zip(steps[i], steps[i + 1])]}
+                                 for i, r in enumerate(records)],
+                }
     model = build_decoder(checkpoint)
-    return model, checkpoint, records, source_hashes, directory_files
+    return Reference(model, checkpoint, records, source_hashes, prompts, lora)
 
 
-def _validation(runner, model: CanonicalDecoder, bundle_dir: Path, config: BuildConfig) -> dict:
-    from compiler.validate import prompt_ids, validate
+def _validation(runner, reference: Reference, config: BuildConfig) -> dict:
+    from compiler.validate import validate
 
-    prompts = prompt_ids(bundle_dir, model.cfg.vocab_size, model.cfg.bos_token_id)
     gates = config.validation.gates(config.export.precision)
-    return validate(runner, model, prompts, config.validation.new_tokens, gates)
+    return validate(runner, reference.model, reference.prompts, config.validation.new_tokens, gates, reference.lora)
 
 
 def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
@@ -47,9 +76,9 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
 
     writer = BundleWriter(config.out, config.force)
     try:
-        model, checkpoint, records, source_hashes, (tokenizer_files, generation_config) = load_reference(
-            config.model.path, config.adapters, report
-        )
+        reference = load_reference(config.model.path, config.adapters, report, config.validation.enabled)
+        model, records, source_hashes = reference.model, reference.records, reference.source_hashes
+        tokenizer_files, generation_config = reference.checkpoint.tokenizer_files, reference.checkpoint.generation_config
         report.adapters = [r.to_dict() for r in records]
         with report.stage("export_onnx", f"{model.cfg.num_layers} layers, torch.export + dynamo exporter"):
             onnx_model = export_onnx(model)
@@ -79,7 +108,7 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
 
             with report.stage("validate", "onnxruntime vs PyTorch reference"):
                 runner = OrtRuntime(writer.staging, model_path=writer.staging / MODEL_FILE)
-                validation = _validation(runner, model, writer.staging, config)
+                validation = _validation(runner, reference, config)
                 del runner
         report.validation = validation
         report_dict = report.to_dict()
@@ -127,12 +156,13 @@ def revalidate(bundle: Path, config_overrides: dict, report: BuildReport) -> dic
         config.validation.new_tokens = config_overrides["new_tokens"]
     if not config.model.path.is_dir():
         raise UsageError(f"{config.model.path}: source model of {bundle} not found; pass --model DIR")
-    model, _, records, source_hashes, _ = load_reference(config.model.path, config.adapters, report)
+    reference = load_reference(config.model.path, config.adapters, report)
+    source_hashes = reference.source_hashes
     recorded = manifest["source"]["model"]["sha256"]
     changed = sorted(name for name, digest in source_hashes.items() if recorded.get(name) not in (None, digest))
     with report.stage("validate", "onnxruntime vs PyTorch reference"):
         runner = OrtRuntime(bundle)
-        validation = _validation(runner, model, bundle, config)
+        validation = _validation(runner, reference, config)
     validation["source_changed_since_build"] = changed
     manifest["validation"] = validation
     tmp = bundle / (MANIFEST + ".tmp")

@@ -68,6 +68,32 @@ def torch_greedy(model: CanonicalDecoder, ids: list[int], new_tokens: int) -> li
     return tokens
 
 
+def torch_logprobs(model: CanonicalDecoder, prompts: list[list[int]]) -> list[np.ndarray]:
+    return [_log_softmax(torch_logits(model, ids)) for ids in prompts]
+
+
+def lora_retention(artifact: list[np.ndarray], reference: dict) -> dict:
+    """How much of what the adapters changed survives in the artifact, on log-probabilities.
+
+    total: <A - B, M - B> / |M - B|^2 over all prompt positions (A artifact, B base, M merged reference);
+    1.0 keeps the whole change, 0.0 loses it. Per adapter: the artifact's change projected on that
+    adapter's own change (its merged-after minus merged-before reference). rel_error: |A - M| / |M - B|.
+    """
+    base, merged = reference["base"], reference["merged"]
+    a_minus_b = np.concatenate([(a - b).ravel() for a, b in zip(artifact, base)])
+    m_minus_b = np.concatenate([(m - b).ravel() for m, b in zip(merged, base)])
+    a_minus_m = np.concatenate([(a - m).ravel() for a, m in zip(artifact, merged)])
+    denom = float(m_minus_b @ m_minus_b) or 1e-30
+    per_adapter = []
+    for adapter in reference["adapters"]:
+        delta = np.concatenate([d.ravel() for d in adapter["delta"]])
+        per_adapter.append({"path": adapter["path"],
+                            "retention": float(a_minus_b @ delta / (float(delta @ delta) or 1e-30))})
+    return {"total": float(a_minus_b @ m_minus_b / denom),
+            "rel_error": float(np.linalg.norm(a_minus_m) / np.sqrt(denom)),
+            "per_adapter": per_adapter}
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     shifted = x - x.max(axis=-1, keepdims=True)
@@ -124,15 +150,17 @@ class GateResult:
 
 
 def validate(runner, reference: CanonicalDecoder, prompts: list[list[int]], new_tokens: int,
-             gates: dict[str, tuple[str, float]]) -> dict:
+             gates: dict[str, tuple[str, float]], lora_reference: dict | None = None) -> dict:
     """Compare `runner` (an artifact runtime with `forward`, `empty_cache`, `generate`) with the reference."""
     per_prompt = []
+    artifact_logprobs = []
     for ids in prompts:
         ref = torch_logits(reference, ids)
         split = max(1, len(ids) // 2)
         head, cache = runner.forward(np.asarray([ids[:split]], dtype=np.int64), runner.empty_cache(), 0)
         tail, _ = runner.forward(np.asarray([ids[split:]], dtype=np.int64), cache, split)
         art = np.concatenate([head[0], tail[0]], axis=0)
+        artifact_logprobs.append(_log_softmax(art))
         metrics = logit_metrics(ref, art)
         ref_tokens = torch_greedy(reference, ids, new_tokens)
         art_tokens = runner.generate(ids, new_tokens)
@@ -150,6 +178,12 @@ def validate(runner, reference: CanonicalDecoder, prompts: list[list[int]], new_
         worst[key] = max(p[key] for p in per_prompt)
     for key in ("top1_agreement", "greedy_match"):
         worst[key] = min(p[key] for p in per_prompt)
+    retention = None
+    if lora_reference is not None:
+        retention = lora_retention(artifact_logprobs, lora_reference)
+        worst["lora_delta_retention"] = min([retention["total"], *(a["retention"] for a in retention["per_adapter"])])
+    else:
+        gates = {k: v for k, v in gates.items() if not k.startswith("lora_")}
     results = [GateResult(name, direction, limit, worst[name]) for name, (direction, limit) in gates.items()]
     return {
         "passed": all(g.passed for g in results),
@@ -159,4 +193,5 @@ def validate(runner, reference: CanonicalDecoder, prompts: list[list[int]], new_
         "summary": [g.explain() for g in results],
         "prompts": per_prompt,
         "new_tokens": new_tokens,
+        "lora_retention": retention,
     }

@@ -146,3 +146,34 @@ def test_int4_build_passes_its_gates_and_runs_in_onnxruntime_genai(trained_dir, 
     while not generator.is_done():
         generator.generate_next_token()
     assert len(generator.get_sequence(0)) > 4
+
+
+def test_lora_retention_measures_how_much_of_the_adapter_change_survives():
+    from compiler.validate import lora_retention
+
+    rng = np.random.default_rng(0)
+    base = [rng.standard_normal((5, 7))]
+    delta_a, delta_b = [rng.standard_normal((5, 7))], [rng.standard_normal((5, 7))]
+    merged = [base[0] + delta_a[0] + delta_b[0]]
+    reference = {"base": base, "merged": merged,
+                 "adapters": [{"path": "a", "delta": delta_a}, {"path": "b", "delta": delta_b}]}
+    assert lora_retention(merged, reference)["total"] == pytest.approx(1.0)
+    assert lora_retention(base, reference)["total"] == pytest.approx(0.0, abs=1e-12)
+    half = lora_retention([base[0] + 0.5 * (merged[0] - base[0])], reference)
+    assert half["total"] == pytest.approx(0.5) and half["rel_error"] == pytest.approx(0.5)
+    only_a = lora_retention([base[0] + delta_a[0]], reference)["per_adapter"]
+    assert only_a[0]["retention"] == pytest.approx(1.0, abs=0.3) and abs(only_a[1]["retention"]) < 0.3
+
+
+def test_int4_build_reports_lora_delta_retention_per_adapter(trained_dir, tmp_path):
+    from compiler.fixtures import make_adapter
+
+    first = make_adapter(trained_dir, tmp_path / "a", target_modules=["q_proj", "v_proj"], r=4, alpha=32, seed=3)
+    second = make_adapter(trained_dir, tmp_path / "b", target_modules=["down_proj"], r=4, alpha=32, seed=4)
+    out = tmp_path / "int4"
+    result = CliRunner().invoke(main, ["build", "--model", str(trained_dir), "--adapter", str(first), "--adapter",
+                                       str(second), "--out", str(out), "--quant", "int4", "--quiet"])
+    assert result.exit_code == 0, result.output
+    retention = json.loads((out / "manifest.json").read_text())["validation"]["lora_retention"]
+    assert [a["path"] for a in retention["per_adapter"]] == [str(first), str(second)]
+    assert 0.7 < retention["total"] < 1.3 and 0 < retention["rel_error"] < 1

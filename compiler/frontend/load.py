@@ -157,10 +157,12 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
     )
 
 
-def build_decoder(checkpoint: Checkpoint) -> CanonicalDecoder:
-    """Canonical decoder holding the checkpoint's (possibly LoRA-merged) tensors, without copying them."""
+def build_decoder(checkpoint: Checkpoint, keep_state: bool = False) -> CanonicalDecoder:
+    """Canonical decoder holding the checkpoint's (possibly LoRA-merged) tensors, without copying them.
+
+    keep_state: leave the checkpoint's tensors in place too (for a reference taken between merges)."""
     cfg = checkpoint.config
-    state = to_canonical_state_dict(cfg, checkpoint.state)
+    state = to_canonical_state_dict(cfg, dict(checkpoint.state) if keep_state else checkpoint.state)
     with torch.device("meta"):
         model = CanonicalDecoder(cfg)
     expected = set(model.state_dict().keys())
@@ -180,5 +182,6 @@ def build_decoder(checkpoint: Checkpoint) -> CanonicalDecoder:
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rope_inv_freq = torch.tensor(cfg.rope_inv_freq, dtype=torch.float32)
-    checkpoint.state = {}  # the model owns the tensors now
+    if not keep_state:
+        checkpoint.state = {}  # the model owns the tensors now
     return model.eval()

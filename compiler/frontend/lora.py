@@ -163,8 +163,10 @@ def _group(tensors: dict[str, torch.Tensor], where: Path):
     return pairs, replacements
 
 
-def merge_lora(checkpoint: Checkpoint, adapters: list[AdapterSpec]) -> list[MergeRecord]:
-    """Merge each adapter into the checkpoint's tensors in place; returns one record per adapter."""
+def merge_lora(checkpoint: Checkpoint, adapters: list[AdapterSpec], after_each=None) -> list[MergeRecord]:
+    """Merge each adapter into the checkpoint's tensors in place; returns one record per adapter.
+
+    after_each(index) runs after each adapter is merged (the build takes a reference there)."""
     records = []
     state = checkpoint.state
     tied_embeddings = checkpoint.config.tie_word_embeddings
@@ -230,4 +232,6 @@ def merge_lora(checkpoint: Checkpoint, adapters: list[AdapterSpec]) -> list[Merg
             checkpoint.config = dataclasses.replace(checkpoint.config, tie_word_embeddings=False)
             tied_embeddings = False
             record.notes.append("lm_head replaced by the adapter: embeddings untied")
+        if after_each is not None:
+            after_each(len(records) - 1)
     return records

@@ -1,0 +1,173 @@
+"""edgec's default int4 ONNX build against the ONNX Runtime GenAI model builder's default int4 CPU build.
+
+Same weights: a 30-layer SmolLM2-135M-shaped Llama (random weights) with a rank-16 LoRA adapter on all
+seven projections. The builder is run both ways a user can: with the adapter through its
+`adapter_path` option (LoRA kept as extra MatMuls), and on the model merged first with PEFT's
+`merge_and_unload`. Every artifact runs in onnxruntime-genai, in one process, alternating, so the
+runner is the same: prefill time for a 128-token prompt and decode tokens/s for 128 new tokens
+(medians), file size, export wall time and peak RSS (each export is its own child process).
+edgec builds with --no-validate here, as the builder does no validation; on these random weights
+30 chained int4 layers drift far from fp32 anyway (quality is measured on a trained model elsewhere).
+
+    .venv/bin/python benchmarks/vs_genai_builder.py [--work DIR] [--rounds N] [--only-measure]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from compiler.fixtures import ALL_PROJECTIONS, SMOLLM2_135M, make_adapter, make_model  # noqa: E402
+
+PROMPT_TOKENS = 128
+NEW_TOKENS = 128
+BIN = Path(sys.executable).parent
+
+
+def timed(command: list[str]) -> tuple[float, float]:
+    """Wall seconds and this child's own peak RSS (MB), from wait4; exits on failure."""
+    started = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        log = os.open("/tmp/edgec-bench-child.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(devnull, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.execv(command[0], command)
+    _, status, usage = os.wait4(pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"failed: {' '.join(command)}\n" + Path("/tmp/edgec-bench-child.log").read_text()[-3000:])
+    return wall, usage.ru_maxrss / 1024
+
+
+def merge_with_peft(model: Path, adapter: Path, out: Path) -> None:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    merged.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(model)).save_pretrained(str(out))
+
+
+def builds(work: Path, model: Path, adapter: Path) -> dict[str, dict]:
+    python = str(BIN / "python")
+    results = {}
+    out = work / "edgec-int4"
+    wall, rss = timed([str(BIN / "edgec"), "build", "--model", str(model), "--adapter", str(adapter), "--out", str(out),
+                       "--quant", "int4", "--force", "--quiet", "--no-validate"])
+    results["edgec int4"] = {"dir": out, "export_s": wall, "export_rss_mb": rss}
+
+    out = work / "builder-int4-adapter"
+    shutil.rmtree(out, ignore_errors=True)
+    wall, rss = timed([python, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(out), "-p", "int4",
+                       "-e", "cpu", "-c", str(work / "hf-cache"), "--extra_options", f"adapter_path={adapter}"])
+    results["builder int4 (adapter_path)"] = {"dir": out, "export_s": wall, "export_rss_mb": rss}
+
+    merged = work / "peft-merged"
+    shutil.rmtree(merged, ignore_errors=True)
+    merge_wall, merge_rss = timed([python, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                                   "from benchmarks.vs_genai_builder import merge_with_peft; from pathlib import Path; "
+                                   "merge_with_peft(*map(Path, sys.argv[2:]))", str(ROOT), str(model), str(adapter), str(merged)])
+    out = work / "builder-int4-merged"
+    shutil.rmtree(out, ignore_errors=True)
+    wall, rss = timed([python, "-m", "onnxruntime_genai.models.builder", "-i", str(merged), "-o", str(out), "-p", "int4",
+                       "-e", "cpu", "-c", str(work / "hf-cache")])
+    results["builder int4 (PEFT-merged)"] = {"dir": out, "export_s": wall + merge_wall,
+                                             "export_rss_mb": max(rss, merge_rss)}
+    return results
+
+
+def size_mb(directory: Path) -> float:
+    return sum(p.stat().st_size for p in directory.iterdir() if p.suffix in (".onnx", ".data") or p.name.endswith(".onnx.data")) / 1e6
+
+
+def measure(artifacts: dict[str, dict], rounds: int) -> None:
+    import onnxruntime_genai as og
+
+    models = {name: og.Model(str(a["dir"])) for name, a in artifacts.items()}
+    prompt = np.random.default_rng(0).integers(3, SMOLLM2_135M["vocab_size"], PROMPT_TOKENS).astype(np.int32)
+    samples = {name: {"prefill_s": [], "decode_tps": []} for name in artifacts}
+    names = list(artifacts)
+    for round_index in range(rounds + 1):  # round 0 warms up
+        order = names[round_index % len(names):] + names[: round_index % len(names)]
+        for name in order:
+            params = og.GeneratorParams(models[name])
+            params.set_search_options(max_length=PROMPT_TOKENS + NEW_TOKENS, min_length=PROMPT_TOKENS + NEW_TOKENS,
+                                      do_sample=False)
+            generator = og.Generator(models[name], params)
+            started = time.perf_counter()
+            generator.append_tokens(prompt)
+            prefill = time.perf_counter() - started
+            started = time.perf_counter()
+            steps = 0
+            while not generator.is_done():
+                generator.generate_next_token()
+                steps += 1
+            decode = time.perf_counter() - started
+            del generator
+            if round_index:
+                samples[name]["prefill_s"].append(prefill)
+                samples[name]["decode_tps"].append(steps / decode)
+    for name, a in artifacts.items():
+        a["prefill_ms"] = 1000 * statistics.median(samples[name]["prefill_s"])
+        a["decode_tps"] = statistics.median(samples[name]["decode_tps"])
+        a["decode_spread"] = (min(samples[name]["decode_tps"]), max(samples[name]["decode_tps"]))
+        a["size_mb"] = size_mb(a["dir"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "edgec" / "bench-smollm2")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--only-measure", action="store_true", help="Reuse the artifacts of the last run.")
+    args = parser.parse_args()
+    model, adapter = args.work / "model", args.work / "lora-r16"
+    if not (model / "config.json").exists():
+        make_model(model, "llama", **SMOLLM2_135M)
+    if not (adapter / "adapter_config.json").exists():
+        make_adapter(model, adapter, target_modules=ALL_PROJECTIONS, r=16, alpha=32)
+    record = args.work / "vs_genai_builder.json"
+    if args.only_measure and record.exists():
+        artifacts = {k: {**v, "dir": Path(v["dir"])} for k, v in json.loads(record.read_text()).items()}
+    else:
+        artifacts = builds(args.work, model, adapter)
+    measure(artifacts, args.rounds)
+    record.write_text(json.dumps({k: {**v, "dir": str(v["dir"])} for k, v in artifacts.items()}, indent=2))
+
+    builders = [k for k in artifacts if k.startswith("builder")]
+    strongest = max(builders, key=lambda k: artifacts[k]["decode_tps"])
+    ours, ref = artifacts["edgec int4"], artifacts[strongest]
+    print(f"\nSmolLM2-135M-shaped Llama + rank-16 LoRA, int4 block 32, onnxruntime-genai, {os.cpu_count()} CPUs, "
+          f"medians of {args.rounds} alternating rounds\n")
+    print("| artifact | prefill 128 tok (ms) | decode (tok/s) [min-max] | size (MB) | export (s) | export peak RSS (MB) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, a in artifacts.items():
+        lo, hi = a["decode_spread"]
+        print(f"| {name} | {a['prefill_ms']:.1f} | {a['decode_tps']:.1f} [{lo:.1f}-{hi:.1f}] | {a['size_mb']:.1f} | "
+              f"{a['export_s']:.1f} | {a['export_rss_mb']:.0f} |")
+    print(f"\nedgec vs the stronger builder artifact ({strongest}):")
+    print(f"  decode tokens/s   {ours['decode_tps'] / ref['decode_tps']:.2f}x  (target >= 1.15x)")
+    print(f"  prefill time      {ours['prefill_ms'] / ref['prefill_ms']:.2f}x  (target <= 0.90x)")
+    print(f"  size              {ours['size_mb'] / ref['size_mb']:.2f}x  (target <= 1.00x)")
+    print(f"  export wall time  {ours['export_s'] / ref['export_s']:.2f}x  (target <= 1.00x)")
+    print(f"  export peak RSS   {ours['export_rss_mb'] / ref['export_rss_mb']:.2f}x  (target <= 1.00x)")
+
+
+if __name__ == "__main__":
+    main()
