@@ -158,3 +158,24 @@ def test_a_failing_pass_is_named(traced):
 
     with pytest.raises(EdgecError, match="BrokenPass failed: RuntimeError: boom"):
         run_passes(ir.from_proto(ir.to_proto(traced("llama")[1])), [BrokenPass()])
+
+
+def test_pack_qkv_packs_projections_and_biases(traced):
+    from compiler.onnx.passes.pack_qkv import PackQkvPass
+
+    decoder, traced_model = traced("qwen2")  # q/k/v with biases
+    model = ir.from_proto(ir.to_proto(traced_model))
+    feeds = decoder_feeds(decoder, batch=2)
+    before = run(model, feeds)
+    passes = build_pipeline("fuse", decoder.cfg)
+    model, counts = apply(passes, model)
+    assert counts["packed_qkv"] == decoder.cfg.num_layers
+    for node in model.graph:
+        if node.op_type == "GroupQueryAttention":
+            assert node.inputs[1] is None and node.inputs[2] is None
+            assert node.inputs[0].producer().op_type == "Add"  # the packed bias
+    cfg = decoder.cfg
+    assert op_counts(model)["MatMul"] == 5 * cfg.num_layers + 1  # qkv, o, gate, up, down; lm_head
+    for a, b in zip(before, run(model, feeds)):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    assert PackQkvPass()(model).modified is False  # nothing left to pack

@@ -92,9 +92,11 @@ def logits(model, decoder, ids):
 def test_int4_pass_quantizes_every_projection_embedding_and_head(traced_trained):
     decoder, model, counts = quantized(traced_trained, QuantConfig())
     layers = decoder.cfg.num_layers
-    assert counts["matmul_int4"] == 7 * layers and counts["lm_head_int4"] == 1 and counts["embedding_int4"] == 1
+    # q/k/v are packed into one projection per layer before quantization.
+    assert counts["matmul_int4"] == 5 * layers and counts["lm_head_int4"] == 1 and counts["embedding_int4"] == 1
+    assert counts["lm_head_shares_embedding_table"] == 1  # tied: one int4 table on disk
     ops = op_counts(model)
-    assert ops["MatMulNBits"] == 7 * layers + 1 and ops["GatherBlockQuantized"] == 1 and "MatMul" not in ops
+    assert ops["MatMulNBits"] == 5 * layers + 1 and ops["GatherBlockQuantized"] == 1 and "MatMul" not in ops
     assert counts["weight_mb_after"] < counts["weight_mb_before"] / 4
     ids = np.array([[1, 40, 41, 42, 50, 60, 70, 80]])
     fp32 = logits(ir.from_proto(traced_trained[1]), decoder, ids)
@@ -112,11 +114,11 @@ def test_per_layer_overrides(traced_trained):
     config = QuantConfig(keep_fp32=(r"layers\.0\.self_attn",), keep_int8=(r"layers\.1\.mlp",), lm_head_bits=8,
                          embedding_bits=0)
     decoder, model, counts = quantized(traced_trained, config)
-    assert counts["matmul_kept_fp32"] == 4 and counts["matmul_int8"] == 3 and counts["matmul_int4"] == 7
+    assert counts["matmul_kept_fp32"] == 2 and counts["matmul_int8"] == 3 and counts["matmul_int4"] == 5
     assert counts["lm_head_int8"] == 1 and counts["embedding_kept_fp32"] == 1
     bits = sorted(n.attributes.get_int("bits") for n in model.graph if n.op_type == "MatMulNBits")
-    assert bits == [4] * 7 + [8] * 4
-    assert op_counts(model)["MatMul"] == 4 and "GatherBlockQuantized" not in op_counts(model)
+    assert bits == [4] * 5 + [8] * 4
+    assert op_counts(model)["MatMul"] == 2 and "GatherBlockQuantized" not in op_counts(model)
 
 
 def test_bad_quant_settings_are_usage_errors():

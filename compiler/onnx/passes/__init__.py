@@ -21,6 +21,7 @@ from compiler.onnx.passes.fuse_gqa import FuseGroupQueryAttentionPass
 from compiler.onnx.passes.fuse_rms_norm import FuseRmsNormPass
 from compiler.onnx.passes.fuse_rotary import FuseRotaryEmbeddingPass
 from compiler.onnx.passes.fuse_skip_rms_norm import FuseSkipRmsNormPass
+from compiler.onnx.passes.pack_qkv import PackQkvPass
 from compiler.onnx.passes.quantize_weights import QuantizeWeightsPass
 
 PIPELINES = ("none", "fuse", "fuse+int4", "int4")
@@ -33,6 +34,7 @@ def fusion_passes(cfg: DecoderConfig) -> list[ir.passes.PassBase]:
         FuseSkipRmsNormPass(),
         FuseRotaryEmbeddingPass(cfg.max_sequence_length),
         FuseGroupQueryAttentionPass(cfg.rotary_dim),
+        PackQkvPass(),
         # Inlines what a fusion started but a later one did not consume, and drops dead nodes.
         CleanupPass(),
     ]

@@ -111,6 +111,19 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         self.config = config
         self.counts: dict[str, int] = {}
 
+    def _tied_table(self, graph: ir.Graph) -> ir.Value | None:
+        """The [V, H] table read both by the embedding Gather and, transposed, by the lm_head MatMul
+        (symmetric only: asymmetric zero points are laid out differently for the two ops)."""
+        if not self.config.symmetric:
+            return None
+        gathered = {id(n.inputs[0]): n.inputs[0] for n in graph if n.op_type == "Gather" and n.inputs[0] is not None
+                    and n.inputs[0].const_value is not None}
+        for node in graph:
+            if node.op_type == "Transpose" and node.inputs[0] is not None and id(node.inputs[0]) in gathered:
+                if any(use.node.op_type == "MatMul" for use in node.outputs[0].uses()):
+                    return node.inputs[0]
+        return None
+
     def _bits_for(self, module: str, default: int) -> int:
         if any(re.search(p, module) for p in self.config.keep_fp32):
             return 0
@@ -139,11 +152,13 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         if value is not None and not value.uses() and value.name in graph.initializers and not value.is_graph_output():
             del graph.initializers[value.name]
 
-    def _replace_matmul(self, graph, node, w_nk, bits, module):
+    def _replace_matmul(self, graph, node, w_nk, bits, module, reuse: list[ir.Value] | None = None):
         cfg = self.config
         n, k = w_nk.shape
-        values = self._tensors(f"{module or node.name}.weight", w_nk, bits, embedding=False)
-        self._register(graph, values)
+        values = reuse
+        if values is None:
+            values = self._tensors(f"{module or node.name}.weight", w_nk, bits, embedding=False)
+            self._register(graph, values)
         inputs = [node.inputs[0], *values]
         attributes = {"K": k, "N": n, "bits": bits, "block_size": cfg.block_size, "accuracy_level": cfg.accuracy_level}
         new = ir.node("MatMulNBits", inputs, attributes=attributes, domain="com.microsoft", name=node.name,
@@ -151,16 +166,35 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         new.outputs[0].shape, new.outputs[0].dtype = node.outputs[0].shape, node.outputs[0].dtype
         ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
 
-    def _replace_gather(self, graph, node, table, bits):
+    def _replace_gather(self, graph, node, table, bits, shared: list[ir.Value] | None):
         cfg = self.config
-        values = self._tensors("model.embed_tokens.weight", table, bits, embedding=True)
-        self._register(graph, values)
-        inputs = [values[0], node.inputs[1], values[1]] + (values[2:] if not cfg.symmetric else [])
-        attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": cfg.block_size, "bits": bits}
-        new = ir.node("GatherBlockQuantized", inputs, attributes=attributes, domain="com.microsoft",
-                      name=node.name, outputs=[ir.Value(name=None)], metadata_props=dict(node.metadata_props))
-        new.outputs[0].shape, new.outputs[0].dtype = node.outputs[0].shape, node.outputs[0].dtype
-        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+        if shared is None:
+            values = self._tensors("model.embed_tokens.weight", table, bits, embedding=True)
+            self._register(graph, values)
+            inputs = [values[0], node.inputs[1], values[1]] + (values[2:] if not cfg.symmetric else [])
+            attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": cfg.block_size, "bits": bits}
+            new = ir.node("GatherBlockQuantized", inputs, attributes=attributes, domain="com.microsoft",
+                          name=node.name, outputs=[ir.Value(name=None)], metadata_props=dict(node.metadata_props))
+            new.outputs[0].shape, new.outputs[0].dtype = node.outputs[0].shape, node.outputs[0].dtype
+            ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+            return
+        # Tied embeddings: gather from the lm_head's own [V, blocks, bytes] table, one block per row
+        # of the last axis; the scales get the matching trailing 1 (folded once when the session loads).
+        packed, scales = shared[0], shared[1]
+        n, nb = scales.const_value.shape
+        shape3d = ir.Value(name=f"{scales.name}_3d_shape", const_value=ir.tensor(np.array([n, nb, 1], np.int64)))
+        flat = ir.Value(name="embedding_flat_shape", const_value=ir.tensor(np.array([0, 0, -1], np.int64)))
+        self._register(graph, [shape3d, flat])
+        scales3d = ir.node("Reshape", [scales, shape3d], name=f"{node.name}_scales_3d")
+        gather = ir.node("GatherBlockQuantized", [packed, node.inputs[1], scales3d.outputs[0]], domain="com.microsoft",
+                         attributes={"gather_axis": 0, "quantize_axis": 2, "block_size": cfg.block_size, "bits": bits},
+                         name=node.name, metadata_props=dict(node.metadata_props))
+        merged = ir.node("Reshape", [gather.outputs[0], flat], name=f"{node.name}_flat")
+        for i, new_node in enumerate((scales3d, gather, merged)):
+            new_node.outputs[0].name = f"{node.name}_q_out{i}"
+            new_node.outputs[0].dtype = ir.DataType.FLOAT
+        merged.outputs[0].shape = node.outputs[0].shape
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [scales3d, gather, merged], node.outputs, merged.outputs)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         cfg = self.config
@@ -170,6 +204,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
         def count(key):
             self.counts[key] = self.counts.get(key, 0) + 1
+
+        shared_table = self._tied_table(graph)
+        shared_values: list[ir.Value] | None = None
 
         for node in list(graph):
             if node.op_type == "MatMul" and node.domain == "":
@@ -195,7 +232,11 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 if bits == 0 or w_nk.shape[1] < cfg.block_size:
                     count("matmul_kept_fp32")
                     continue
-                self._replace_matmul(graph, node, w_nk.astype(np.float32), bits, module)
+                reuse = shared_values if transposed_source is not None and shared_table is not None \
+                    and transposed_source.inputs[0] is shared_table else None
+                self._replace_matmul(graph, node, w_nk.astype(np.float32), bits, module, reuse)
+                if reuse is not None:
+                    count("lm_head_shares_embedding_table")
                 count(f"{'lm_head' if is_head else 'matmul'}_int{bits}")
                 self._drop_if_unused(graph, weight)
                 if transposed_source is not None and not transposed_source.outputs[0].uses():
@@ -211,7 +252,12 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                     count("embedding_kept_fp32")
                     continue
                 source = node.inputs[0]
-                self._replace_gather(graph, node, table.astype(np.float32), bits)
+                if source is shared_table and bits == self._bits_for("lm_head", cfg.lm_head_bits):
+                    shared_values = self._tensors("lm_head.weight", table.astype(np.float32), bits, embedding=False)
+                    self._register(graph, shared_values)
+                    self._replace_gather(graph, node, table, bits, shared_values)
+                else:
+                    self._replace_gather(graph, node, table.astype(np.float32), bits, None)
                 count(f"embedding_int{bits}")
                 self._drop_if_unused(graph, source)
         bytes_after = sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
