@@ -6,6 +6,7 @@ outputs: logits, present.N.key/value. Batch, sequence and past lengths are dynam
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import onnx_ir as ir
 import torch
 
 from compiler.models.decoder import CanonicalDecoder
+from compiler.onnx.layer_template import TemplateMismatch, stamp_layers
 
 BATCH, SEQUENCE, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
 
@@ -106,7 +108,33 @@ def _name_dims(model: ir.Model) -> None:
         value.shape = ir.Shape(dims)
 
 
-def export_onnx(model: CanonicalDecoder) -> ir.Model:
+def one_layer_view(model: CanonicalDecoder) -> CanonicalDecoder:
+    """A 1-layer decoder sharing the model's embedding, layer 0, norm and head tensors (no copies)."""
+    cfg = dataclasses.replace(model.cfg, num_layers=1)
+    with torch.device("meta"):
+        view = CanonicalDecoder(cfg)
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.startswith("model.layers.") or k.startswith("model.layers.0.")}
+    view.load_state_dict(state, assign=True, strict=True)
+    if cfg.tie_word_embeddings:
+        view.lm_head.weight = view.model.embed_tokens.weight
+    view.rope_inv_freq = model.rope_inv_freq
+    return view.eval()
+
+
+def export_onnx(model: CanonicalDecoder, layer_template: bool = True) -> ir.Model:
+    """Trace to ONNX; with layer_template, trace one layer and stamp it (see layer_template.py)."""
+    if layer_template and model.cfg.num_layers > 1:
+        onnx_model = _trace(one_layer_view(model))
+        try:
+            stamp_layers(onnx_model, model)
+            return onnx_model
+        except TemplateMismatch as e:
+            logging.getLogger("edgec").warning("tracing every layer: %s", e)
+    return _trace(model)
+
+
+def _trace(model: CanonicalDecoder) -> ir.Model:
     # The exporter logs a warning per missing optional library (torchvision); not the user's concern.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     io = io_for(model)

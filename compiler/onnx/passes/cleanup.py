@@ -22,7 +22,8 @@ class CleanupPass(ir.passes.InPlacePass):
         common_passes.ShapeInferencePass()(model)
         optimize(model)
         self.counts = {"shape_expressions": shape_optimization.rules.apply_to_model(model)}
-        optimize(model)
+        if self.counts["shape_expressions"]:  # folding again only pays when shapes were rewritten
+            optimize(model)
         common_passes.CommonSubexpressionEliminationPass()(model)
         common_passes.RemoveUnusedNodesPass()(model)
         self.counts["nodes_removed"] = before - len(model.graph)
