@@ -179,3 +179,18 @@ def test_each_family_builds_and_passes_its_gates(model_dir, variant, tmp_path):
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["validation"]["passed"] and manifest["validation"]["metrics"]["max_abs_logits"] < 1e-4
+
+
+def test_build_never_writes_the_users_files(llama_dir, llama_adapter, bundle):
+    """The LoRA merge runs in place on memory-mapped checkpoint tensors: the files must stay as they were."""
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["source"]["model"]["sha256"]["model.safetensors"] == sha256(llama_dir / "model.safetensors")
+    before = {p.name: sha256(p) for p in [*llama_dir.iterdir(), *llama_adapter.iterdir()] if p.is_file()}
+    from compiler.frontend.load import read_checkpoint
+    from compiler.frontend.lora import AdapterSpec, merge_lora
+
+    checkpoint = read_checkpoint(llama_dir)
+    merge_lora(checkpoint, [AdapterSpec(llama_adapter, 3.0)])
+    del checkpoint
+    after = {p.name: sha256(p) for p in [*llama_dir.iterdir(), *llama_adapter.iterdir()] if p.is_file()}
+    assert before == after

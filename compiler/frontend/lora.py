@@ -223,8 +223,9 @@ def merge_lora(checkpoint: Checkpoint, adapters: list[AdapterSpec], after_each=N
             delta = b @ a
             if parts["embedding"]:
                 delta = delta.T
-            # Out of place: the base tensor may be shared (tied embeddings) or memory-mapped.
-            state[key] = base + delta * (scale * spec.weight)
+            # In place: checkpoint tensors are private copy-on-write maps of the safetensors file, so
+            # only the pages merged into are copied (the file itself is never written; a test checks).
+            base.add_(delta, alpha=scale * spec.weight)
             record.modules.append({"module": module, "rank": rank, "scale": scale * spec.weight})
         records.append(record)
         if tied_embeddings and "lm_head.weight" in state:

@@ -74,12 +74,15 @@ def _check_sources(sources: dict[ir.Value, tuple[str, bool]], params: dict[str, 
             raise TemplateMismatch(f"template weight {value.name} does not hold {name}")
 
 
-def _layer_tensor(params: dict[str, torch.Tensor], name: str, layer: int, transposed: bool) -> ir.Tensor:
+def _layer_tensor(params: dict[str, torch.Tensor], name: str, layer: int, transposed: bool) -> ir.TensorProtocol:
     layer_name = name.replace(LAYER0 + ".", f"model.layers.{layer}.", 1)
     tensor = params[layer_name].detach()
-    if transposed:
-        tensor = tensor.T.contiguous()
-    return ir.tensor(tensor.numpy(), name=f"{layer_name}{'.T' if transposed else ''}")
+    if not transposed:
+        return ir.tensor(tensor.numpy(), name=layer_name)  # a view of the parameter, no copy
+    # Transposed on demand (when a pass or the writer reads it), so the model never holds a transposed
+    # copy of every weight at once: quantization reads each once and keeps only the int4 blocks.
+    return ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(tensor.numpy().T)), ir.DataType.FLOAT,
+                         ir.Shape(tensor.shape[::-1]), name=f"{layer_name}.T")
 
 
 def _copy_value(value: ir.Value, name: str) -> ir.Value:
