@@ -52,8 +52,19 @@ def _quantize(blocks, scale, zero, bits):
     return np.clip(np.round(blocks / safe) + zero[..., None], 0, 2**bits - 1)
 
 
+ROWS_PER_CHUNK = 2048  # bounds the float temporaries to a few MB whatever the matrix size
+
+
 def quantize_blocks(w_nk: np.ndarray, bits: int, block_size: int, symmetric: bool, algo: str):
     """w_nk [N, K] fp32 -> (q uint8 [N, nb, bs], scales [N, nb], zero points uint8 [N, nb])."""
+    if w_nk.shape[0] > ROWS_PER_CHUNK:
+        parts = [_quantize_rows(w_nk[i : i + ROWS_PER_CHUNK], bits, block_size, symmetric, algo)
+                 for i in range(0, w_nk.shape[0], ROWS_PER_CHUNK)]
+        return tuple(np.concatenate(p, axis=0) for p in zip(*parts))
+    return _quantize_rows(w_nk, bits, block_size, symmetric, algo)
+
+
+def _quantize_rows(w_nk: np.ndarray, bits: int, block_size: int, symmetric: bool, algo: str):
     n, k = w_nk.shape
     nb = -(-k // block_size)
     padded = np.zeros((n, nb * block_size), dtype=np.float32)
@@ -214,7 +225,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 w = _const(weight)
                 transposed_source = None
                 if w is not None and w.ndim == 2:
-                    w_nk = np.ascontiguousarray(w.T)
+                    w_nk = w.T  # a view; quantization copies row chunks
                 else:
                     producer = weight.producer() if weight is not None else None
                     if producer is None or producer.op_type != "Transpose" or _const(producer.inputs[0]) is None:
@@ -234,7 +245,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                     continue
                 reuse = shared_values if transposed_source is not None and shared_table is not None \
                     and transposed_source.inputs[0] is shared_table else None
-                self._replace_matmul(graph, node, w_nk.astype(np.float32), bits, module, reuse)
+                self._replace_matmul(graph, node, w_nk.astype(np.float32, copy=False), bits, module, reuse)
                 if reuse is not None:
                     count("lm_head_shares_embedding_table")
                 count(f"{'lm_head' if is_head else 'matmul'}_int{bits}")
@@ -253,11 +264,11 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                     continue
                 source = node.inputs[0]
                 if source is shared_table and bits == self._bits_for("lm_head", cfg.lm_head_bits):
-                    shared_values = self._tensors("lm_head.weight", table.astype(np.float32), bits, embedding=False)
+                    shared_values = self._tensors("lm_head.weight", table.astype(np.float32, copy=False), bits, embedding=False)
                     self._register(graph, shared_values)
                     self._replace_gather(graph, node, table, bits, shared_values)
                 else:
-                    self._replace_gather(graph, node, table.astype(np.float32), bits, None)
+                    self._replace_gather(graph, node, table.astype(np.float32, copy=False), bits, None)
                 count(f"embedding_int{bits}")
                 self._drop_if_unused(graph, source)
         bytes_after = sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)
