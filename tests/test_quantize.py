@@ -179,3 +179,13 @@ def test_int4_build_reports_lora_delta_retention_per_adapter(trained_dir, tmp_pa
     retention = json.loads((out / "manifest.json").read_text())["validation"]["lora_retention"]
     assert [a["path"] for a in retention["per_adapter"]] == [str(first), str(second)]
     assert 0.7 < retention["total"] < 1.3 and 0 < retention["rel_error"] < 1
+
+
+def test_chunked_quantization_equals_whole_matrix(monkeypatch):
+    import compiler.onnx.passes.quantize_weights as qw
+
+    w = np.random.default_rng(2).standard_normal((50, 64)).astype(np.float32)
+    whole = qw.quantize_blocks(w, 4, 32, False, "clip")
+    monkeypatch.setattr(qw, "ROWS_PER_CHUNK", 16)
+    for a, b in zip(whole, qw.quantize_blocks(w, 4, 32, False, "clip")):
+        np.testing.assert_array_equal(a, b)
