@@ -29,7 +29,7 @@ PIPELINES = ("none", "fuse", "fuse+int4", "int4")
 
 def fusion_passes(cfg: DecoderConfig) -> list[ir.passes.PassBase]:
     return [
-        CleanupPass(),
+        CleanupPass(fold_constants=False),
         FuseRmsNormPass(),
         FuseSkipRmsNormPass(),
         FuseRotaryEmbeddingPass(cfg.max_sequence_length),

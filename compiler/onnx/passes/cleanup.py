@@ -13,16 +13,21 @@ from onnxscript.rewriter.ort_fusions import shape_optimization
 
 
 class CleanupPass(ir.passes.InPlacePass):
-    def __init__(self):
+    """fold_constants=False skips onnxscript's optimizer (seconds on a 30-layer graph): right after
+    export, which already folded the traced graph, only the stamped layers' repeats need merging."""
+
+    def __init__(self, fold_constants: bool = True):
         super().__init__()
+        self.fold_constants = fold_constants
         self.counts: dict[str, int] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = len(model.graph)
         common_passes.ShapeInferencePass()(model)
-        optimize(model)
+        if self.fold_constants:
+            optimize(model)
         self.counts = {"shape_expressions": shape_optimization.rules.apply_to_model(model)}
-        if self.counts["shape_expressions"]:  # folding again only pays when shapes were rewritten
+        if self.counts["shape_expressions"]:  # folding (again) only pays when shapes were rewritten
             optimize(model)
         common_passes.CommonSubexpressionEliminationPass()(model)
         common_passes.RemoveUnusedNodesPass()(model)
