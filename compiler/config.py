@@ -25,12 +25,14 @@ DEFAULT_GATES: dict[str, dict[str, tuple[str, float]]] = {
         "top1_agreement": ("min", 0.99),
         "kl_mean": ("max", 1e-5),
         "greedy_match": ("min", 1.0),
+        "perplexity_ratio": ("max", 1.001),
         "lora_delta_retention": ("min", 0.99),
     },
     # Against the fp32 reference: an int4 model is close in distribution, not bit-equal.
     "int4": {
         "kl_mean": ("max", 0.1),
         "top1_agreement": ("min", 0.8),
+        "perplexity_ratio": ("max", 1.25),
         "lora_delta_retention": ("min", 0.7),
     },
 }

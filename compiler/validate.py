@@ -116,6 +116,12 @@ def logit_metrics(reference: np.ndarray, artifact: np.ndarray) -> dict:
     }
 
 
+def next_token_nll(logits: np.ndarray, ids: list[int]) -> float:
+    """Mean negative log-likelihood of ids[1:] given the logits at the positions before them."""
+    log_p = _log_softmax(logits[:-1])
+    return float(-log_p[np.arange(len(ids) - 1), ids[1:]].mean())
+
+
 def first_divergence(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:
@@ -162,6 +168,7 @@ def validate(runner, reference: CanonicalDecoder, prompts: list[list[int]], new_
         art = np.concatenate([head[0], tail[0]], axis=0)
         artifact_logprobs.append(_log_softmax(art))
         metrics = logit_metrics(ref, art)
+        metrics["nll_reference"], metrics["nll_artifact"] = next_token_nll(ref, ids), next_token_nll(art, ids)
         ref_tokens = torch_greedy(reference, ids, new_tokens)
         art_tokens = runner.generate(ids, new_tokens)
         divergence = first_divergence(ref_tokens, art_tokens)
@@ -178,6 +185,13 @@ def validate(runner, reference: CanonicalDecoder, prompts: list[list[int]], new_
         worst[key] = max(p[key] for p in per_prompt)
     for key in ("top1_agreement", "greedy_match"):
         worst[key] = min(p[key] for p in per_prompt)
+    # Perplexity of the prompts themselves (mean next-token NLL over all prompts), reference vs artifact.
+    tokens = sum(len(ids) - 1 for ids in prompts)
+    nll_ref = sum(p["nll_reference"] * (len(ids) - 1) for p, ids in zip(per_prompt, prompts)) / tokens
+    nll_art = sum(p["nll_artifact"] * (len(ids) - 1) for p, ids in zip(per_prompt, prompts)) / tokens
+    worst["perplexity_reference"] = float(np.exp(nll_ref))
+    worst["perplexity_artifact"] = float(np.exp(nll_art))
+    worst["perplexity_ratio"] = float(np.exp(nll_art - nll_ref))
     retention = None
     if lora_reference is not None:
         retention = lora_retention(artifact_logprobs, lora_reference)
