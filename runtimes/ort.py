@@ -55,10 +55,17 @@ class OrtRuntime:
         self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
+    def _genai_dims(self) -> tuple[int, int]:
+        """KV heads and head size from genai_config.json, for models whose cache dims are symbolic."""
+        config = json.loads((self.model_path.parent / "genai_config.json").read_text())["model"]["decoder"]
+        return config["num_key_value_heads"], config["head_size"]
+
     def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
         caches = []
         for value in self.past_inputs:
             _, heads, _, head_dim = value.shape
+            if not isinstance(heads, int) or not isinstance(head_dim, int):
+                heads, head_dim = self._genai_dims()
             caches.append(np.zeros((batch, heads, 0, head_dim), dtype=np.float32))
         return caches
 
@@ -68,8 +75,9 @@ class OrtRuntime:
         feeds = {
             "input_ids": input_ids.astype(np.int64, copy=False),
             "attention_mask": np.ones((batch, past_len + seq), dtype=np.int64),
-            "position_ids": np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq)),
         }
+        if "position_ids" in self.input_names:  # models that derive positions from the mask have none
+            feeds["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq))
         for value, tensor in zip(self.past_inputs, past):
             feeds[value.name] = tensor
         outputs = self.session.run(self.output_names, feeds)
