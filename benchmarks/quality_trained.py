@@ -33,6 +33,7 @@ MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_at
              num_key_value_heads=4, vocab_size=4096, max_position_embeddings=512, tie_word_embeddings=True,
              bos_token_id=1, eos_token_id=2, pad_token_id=0, rms_norm_eps=1e-5)
 WINDOW = 128
+ALGOS = ("rtn", "clip", "gptq")
 
 
 def corpus() -> tuple[str, str]:
@@ -115,13 +116,16 @@ def main() -> None:
         print(f"training a small Llama on the standard library's sources ({args.train_steps} steps) ...", flush=True)
         train_model(model_dir, args.train_steps)
     windows = eval_windows(model_dir)
+    calibration = args.work / "calibration.txt"  # training-split text, never the held-out windows
+    calibration.write_text(corpus()[0][:300_000])
     bin_dir = Path(sys.executable).parent
     artifacts = {}
     for block in (32, 128):
-        for algo in ("rtn", "clip"):
+        for algo in ALGOS:
             out = args.work / f"edgec-{algo}-{block}"
+            extra = ["--calibration", str(calibration)] if algo == "gptq" else []
             run([str(bin_dir / "edgec"), "build", "--model", str(model_dir), "--out", str(out), "--quant", "int4",
-                 "--block-size", str(block), "--algo", algo, "--force", "--quiet", "--no-validate"])
+                 "--block-size", str(block), "--algo", algo, "--force", "--quiet", "--no-validate", *extra])
             artifacts[f"edgec int4 {algo} block {block}"] = out / "model.onnx"
         out = args.work / f"builder-{block}"
         run([str(bin_dir / "python"), "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out),
@@ -146,7 +150,7 @@ def main() -> None:
         print(f"| {name} | {m['ppl']:.3f} | {m['kl']:.4f} | {m['top1']:.3f} |")
     for block in (32, 128):
         builder = results[f"builder int4 block {block}"]["kl"]
-        for algo in ("rtn", "clip"):
+        for algo in ALGOS:
             ours = results[f"edgec int4 {algo} block {block}"]["kl"]
             print(f"KL ratio edgec {algo} / builder at block {block}: {ours / builder:.2f}x")
 

@@ -61,6 +61,24 @@ def load_reference(model_dir: Path, adapters: list[AdapterSpec], report: BuildRe
     return Reference(model, checkpoint, records, source_hashes, prompts, lora)
 
 
+def calibration_sequences(model_dir: Path, text_file: str | None, vocab_size: int, length: int = 128,
+                          count: int = 32) -> list[list[int]]:
+    """Calibration text through the model's tokenizer, cut into up to `count` windows of `length` tokens."""
+    from tokenizers import Tokenizer
+
+    from compiler.quant.gptq import BUILTIN_CALIBRATION
+
+    tokenizer_path = model_dir / "tokenizer.json"
+    if not tokenizer_path.exists():
+        raise UsageError(f"{model_dir}: --algo gptq needs tokenizer.json to tokenize the calibration text")
+    text = Path(text_file).read_text(errors="replace") if text_file else BUILTIN_CALIBRATION * 8
+    ids = [i for i in Tokenizer.from_file(str(tokenizer_path)).encode(text).ids if i < vocab_size]
+    if len(ids) < length:
+        raise UsageError(f"{text_file or 'built-in calibration text'}: only {len(ids)} tokens; give at least {length}")
+    step = max(length, (len(ids) - length) // count)
+    return [ids[s : s + length] for s in range(0, len(ids) - length + 1, step)][:count]
+
+
 def _validation(runner, reference: Reference, config: BuildConfig) -> dict:
     from compiler.validate import validate
 
@@ -80,11 +98,19 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
         model, records, source_hashes = reference.model, reference.records, reference.source_hashes
         tokenizer_files, generation_config = reference.checkpoint.tokenizer_files, reference.checkpoint.generation_config
         report.adapters = [r.to_dict() for r in records]
+        precomputed = None
+        quant = config.export.quant
+        if quant and quant.algo == "gptq":
+            from compiler.quant.gptq import gptq_blocks
+
+            sequences = calibration_sequences(config.model.path, quant.calibration, model.cfg.vocab_size)
+            with report.stage("calibrate_gptq", f"{len(sequences)} sequences"):
+                precomputed = gptq_blocks(model, sequences, quant.bits, quant.block_size, quant.symmetric)
         with report.stage("export_onnx", f"{model.cfg.num_layers} layers, torch.export + dynamo exporter"):
             onnx_model = export_onnx(model)
         traced_nodes = len(onnx_model.graph)
         pipeline = config.export.pipeline
-        passes = build_pipeline(pipeline, model.cfg, config.export.quant)
+        passes = build_pipeline(pipeline, model.cfg, config.export.quant, precomputed)
         if passes:
             with report.stage("onnx_passes", f"pipeline '{pipeline}', {len(passes)} passes"):
                 onnx_model, report.passes = run_passes(onnx_model, passes, config.export.dump_dir)

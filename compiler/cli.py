@@ -89,8 +89,9 @@ def _parse_adapters(values: tuple[str, ...]):
 @click.option("--quant", type=click.Choice(["none", "int4"]), default="none", show_default=True,
               help="Weight quantization: int4 MatMulNBits blocks, embedding and lm_head included.")
 @click.option("--block-size", type=int, default=32, show_default=True, help="int4 block size, 16 to 256.")
-@click.option("--algo", type=click.Choice(["rtn", "clip"]), default="rtn", show_default=True,
-              help="rtn: round to nearest; clip: data-free per-block clipping search.")
+@click.option("--algo", type=click.Choice(["rtn", "clip", "gptq"]), default="rtn", show_default=True,
+              help="rtn: round to nearest; clip: data-free per-block clipping search; gptq: calibrated on text.")
+@click.option("--calibration", type=click.Path(path_type=Path), help="Text file for --algo gptq (default: built-in).")
 @click.option("--asymmetric", is_flag=True, help="Blocks with zero points (default: symmetric).")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
               help="onnxruntime MatMulNBits compute: 4 = int8 activations, 1 = fp32.")
@@ -104,7 +105,7 @@ def _parse_adapters(values: tuple[str, ...]):
 @click.option("--force", is_flag=True, help="Move a non-bundle --out directory aside instead of refusing.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def build(model_dir, adapters, out, formats, optimize, dump_dir, quant, block_size, algo, asymmetric, accuracy_level,
-          embedding_bits, lm_head_bits, keep_fp32, keep_int8, gates, new_tokens, no_validate, force, quiet):
+          embedding_bits, lm_head_bits, keep_fp32, keep_int8, calibration, gates, new_tokens, no_validate, force, quiet):
     """Build a bundle: load, merge LoRA, export, validate."""
     from compiler.build import build as run_build
     from compiler.config import BuildConfig, ExportConfig, ModelConfig, QuantConfig, ValidationConfig
@@ -113,7 +114,8 @@ def build(model_dir, adapters, out, formats, optimize, dump_dir, quant, block_si
     quant_config = None
     if quant == "int4":
         quant_config = QuantConfig(4, block_size, not asymmetric, accuracy_level, algo, int(embedding_bits),
-                                   int(lm_head_bits), tuple(keep_fp32), tuple(keep_int8))
+                                   int(lm_head_bits), tuple(keep_fp32), tuple(keep_int8),
+                                   str(calibration) if calibration else None)
     precision = "int4" if quant_config else "fp32"
 
     config = BuildConfig(

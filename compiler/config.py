@@ -15,7 +15,7 @@ from compiler.frontend.lora import AdapterSpec
 CONFIG_VERSION = 1
 FORMATS = ("onnx",)
 PRECISIONS = ("fp32", "int4")
-QUANT_ALGOS = ("rtn", "clip")
+QUANT_ALGOS = ("rtn", "clip", "gptq")
 
 # Gate name -> (direction, limit). "max": the metric must be at most the limit; "min": at least.
 DEFAULT_GATES: dict[str, dict[str, tuple[str, float]]] = {
@@ -56,6 +56,7 @@ class QuantConfig:
     lm_head_bits: int = 4
     keep_fp32: tuple[str, ...] = ()  # module-path regexes
     keep_int8: tuple[str, ...] = ()
+    calibration: str | None = None  # text file for gptq; None: a small built-in text
 
     def __post_init__(self):
         if self.block_size < 16 or self.block_size > 256 or self.block_size & (self.block_size - 1):
@@ -65,6 +66,8 @@ class QuantConfig:
         for name, bits in (("--embedding-bits", self.embedding_bits), ("--lm-head-bits", self.lm_head_bits)):
             if bits not in (0, 4, 8):
                 raise UsageError(f"{name} {bits}: must be 0 (fp32), 4 or 8")
+        if self.calibration is not None and not Path(self.calibration).is_file():
+            raise UsageError(f"--calibration {self.calibration}: file not found; pass a UTF-8 text file")
         for pattern in self.keep_fp32 + self.keep_int8:
             try:
                 re.compile(pattern)

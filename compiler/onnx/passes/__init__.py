@@ -40,12 +40,13 @@ def fusion_passes(cfg: DecoderConfig) -> list[ir.passes.PassBase]:
     ]
 
 
-def build_pipeline(name: str, cfg: DecoderConfig, quant: QuantConfig | None = None) -> list[ir.passes.PassBase]:
+def build_pipeline(name: str, cfg: DecoderConfig, quant: QuantConfig | None = None,
+                   precomputed: dict | None = None) -> list[ir.passes.PassBase]:
     if name not in PIPELINES:
         raise ValueError(f"unknown pipeline {name!r}")
     passes = fusion_passes(cfg) if "fuse" in name else []
     if "int4" in name:
-        passes.append(QuantizeWeightsPass(quant or QuantConfig()))
+        passes.append(QuantizeWeightsPass(quant or QuantConfig(), precomputed))
     return passes
 
 

@@ -117,10 +117,23 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
 
 
 class QuantizeWeightsPass(ir.passes.InPlacePass):
-    def __init__(self, config: QuantConfig):
+    def __init__(self, config: QuantConfig, precomputed: dict[str, tuple] | None = None):
         super().__init__()
         self.config = config
+        # module path -> (q, scales, zeros) from a calibration algorithm (GPTQ); RTN/clip otherwise
+        self.precomputed = precomputed or {}
         self.counts: dict[str, int] = {}
+
+    def _precomputed(self, module: str, bits: int):
+        if bits != self.config.bits or not self.precomputed:
+            return None
+        if module in self.precomputed:
+            return self.precomputed[module]
+        if module.endswith(".qkv_proj"):
+            parts = [self.precomputed.get(module.replace("qkv_proj", p)) for p in ("q_proj", "k_proj", "v_proj")]
+            if all(p is not None for p in parts):
+                return tuple(np.concatenate(arrays, axis=0) for arrays in zip(*parts))
+        return None
 
     def _tied_table(self, graph: ir.Graph) -> ir.Value | None:
         """The [V, H] table read both by the embedding Gather and, transposed, by the lm_head MatMul
@@ -142,9 +155,15 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             return 8
         return default
 
-    def _tensors(self, name: str, w_nk: np.ndarray, bits: int, embedding: bool):
+    def _tensors(self, name: str, w_nk: np.ndarray, bits: int, embedding: bool, module: str = ""):
         cfg = self.config
-        q, scale, zero = quantize_blocks(w_nk, bits, cfg.block_size, cfg.symmetric, cfg.algo)
+        precomputed = self._precomputed(module, bits)
+        if precomputed is not None:
+            q, scale, zero = precomputed
+            self.counts["calibrated"] = self.counts.get("calibrated", 0) + 1
+        else:
+            algo = cfg.algo if cfg.algo in ("rtn", "clip") else "rtn"
+            q, scale, zero = quantize_blocks(w_nk, bits, cfg.block_size, cfg.symmetric, algo)
         n, nb, _ = q.shape
         packed = pack(q, bits)
         data = packed.reshape(n, -1) if embedding else packed
@@ -168,7 +187,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         n, k = w_nk.shape
         values = reuse
         if values is None:
-            values = self._tensors(f"{module or node.name}.weight", w_nk, bits, embedding=False)
+            values = self._tensors(f"{module or node.name}.weight", w_nk, bits, embedding=False, module=module)
             self._register(graph, values)
         inputs = [node.inputs[0], *values]
         attributes = {"K": k, "N": n, "bits": bits, "block_size": cfg.block_size, "accuracy_level": cfg.accuracy_level}
@@ -264,7 +283,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                     continue
                 source = node.inputs[0]
                 if source is shared_table and bits == self._bits_for("lm_head", cfg.lm_head_bits):
-                    shared_values = self._tensors("lm_head.weight", table.astype(np.float32, copy=False), bits, embedding=False)
+                    shared_values = self._tensors("lm_head.weight", table.astype(np.float32, copy=False), bits,
+                                                  embedding=False, module="lm_head")
                     self._register(graph, shared_values)
                     self._replace_gather(graph, node, table, bits, shared_values)
                 else:

@@ -1,0 +1,128 @@
+"""GPTQ: calibration-based int4 rounding that compensates each column's error on the columns after it.
+
+For every Linear of the merged fp32 decoder, the Hessian proxy H = 2/n * sum(x x^T) of its inputs on
+calibration text is collected with forward hooks (one fp32 pass; q/k/v and gate/up share their input and
+so their H). Each weight [N, K] is then quantized column by column in the exact block format of
+QuantizeWeightsPass (one scale per `block_size` columns, set when the block starts, from the weights as
+updated so far), and each column's rounding error is spread over the remaining columns through the
+Cholesky factor of H^-1 (Frantar et al., 2022). The result is handed to the pass as precomputed blocks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from compiler.models.decoder import CanonicalDecoder
+
+BUILTIN_CALIBRATION = (
+    "The quick brown fox jumps over the lazy dog. Small language models run on phones, single-board "
+    "computers and laptops. A compiler turns a trained network into a file that an application loads; "
+    "it must keep what the network computes while making it smaller and faster. "
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n"
+    "Once upon a time, a curious child asked why the sky is blue. Sunlight is scattered by the air, and "
+    "blue light, with its shorter wavelength, is scattered the most. "
+    "Ingredients: two cups of flour, one egg, a pinch of salt. Mix, rest for an hour, then bake. "
+    "The meeting is moved to Thursday at three; please bring the quarterly figures and the draft plan. "
+)
+
+
+def collect_hessians(model: CanonicalDecoder, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
+    """Module path -> H [K, K] for every nn.Linear, from one fp32 pass over the sequences."""
+    hessians: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+
+    def hook(name):
+        def accumulate(module, inputs, output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+            n = x.shape[0]
+            total = counts.get(name, 0) + n
+            h = hessians.get(name)
+            update = x.T @ x
+            hessians[name] = update * (2 / total) if h is None else h * (counts[name] / total) + update * (2 / total)
+            counts[name] = total
+        return accumulate
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            hooks.append(module.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            for ids in sequences:
+                x = torch.tensor([ids])
+                model(x, torch.ones_like(x), torch.arange(len(ids))[None], *model.empty_cache())
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: v.float() for k, v in hessians.items()}
+
+
+def _group_params(w: torch.Tensor, bits: int, symmetric: bool):
+    half = 2 ** (bits - 1)
+    if symmetric:
+        idx = w.abs().argmax(dim=1, keepdim=True)
+        scale = torch.gather(w, 1, idx)[:, 0] / -half
+        zero = torch.full_like(scale, half)
+    else:
+        lo = torch.clamp(w.min(dim=1).values, max=0)
+        hi = torch.clamp(w.max(dim=1).values, min=0)
+        scale = (hi - lo) / (2**bits - 1)
+        zero = torch.clamp(torch.round(-lo / torch.where(scale == 0, 1.0, scale)), 0, 2**bits - 1)
+    return scale, zero
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, block_size: int, symmetric: bool,
+                  damp: float = 0.01, lazy: int = 128):
+    """weight [N, K] -> (q uint8 [N, nb, bs], scales [N, nb], zero points uint8 [N, nb]) as numpy."""
+    w = weight.detach().float().clone()
+    n, k = w.shape
+    nb = -(-k // block_size)
+    if k % block_size:
+        raise ValueError("GPTQ needs K to be a multiple of the block size")
+    h = hessian.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    q_all = torch.zeros(n, k, dtype=torch.uint8)
+    scales = torch.zeros(n, nb)
+    zeros = torch.zeros(n, nb)
+    lazy = max(block_size, lazy - lazy % block_size)
+    qmax = 2**bits - 1
+    for i1 in range(0, k, lazy):
+        i2 = min(i1 + lazy, k)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % block_size == 0:
+                scale, zero = _group_params(w1[:, i : i + block_size], bits, symmetric)
+                scales[:, col // block_size], zeros[:, col // block_size] = scale, zero
+                safe = torch.where(scale == 0, 1.0, scale)
+            q = torch.clamp(torch.round(w1[:, i] / safe) + zero, 0, qmax)
+            q_all[:, col] = q.to(torch.uint8)
+            dq = (q - zero) * scale
+            err = (w1[:, i] - dq) / hinv1[i, i]
+            w1[:, i:] -= err[:, None] @ hinv1[i, i:][None, :]
+            err1[:, i] = err
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return (q_all.reshape(n, nb, block_size).numpy(), scales.numpy().astype(np.float32),
+            zeros.numpy().astype(np.uint8))
+
+
+def gptq_blocks(model: CanonicalDecoder, sequences: list[list[int]], bits: int, block_size: int,
+                symmetric: bool, skip: tuple[str, ...] = ()) -> dict[str, tuple]:
+    """Module path -> precomputed blocks for every Linear whose K is a multiple of the block size."""
+    hessians = collect_hessians(model, sequences)
+    modules = dict(model.named_modules())
+    out = {}
+    for name, h in hessians.items():
+        weight = modules[name].weight
+        if weight.shape[1] % block_size or name in skip:
+            continue
+        out[name] = gptq_quantize(weight, h, bits, block_size, symmetric)
+    return out
