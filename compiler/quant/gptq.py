@@ -36,7 +36,7 @@ def collect_hessians(model: CanonicalDecoder, sequences: list[list[int]]) -> dic
 
     def hook(name):
         def accumulate(module, inputs, output):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
             n = x.shape[0]
             total = counts.get(name, 0) + n
             h = hessians.get(name)
@@ -56,7 +56,7 @@ def collect_hessians(model: CanonicalDecoder, sequences: list[list[int]]) -> dic
     finally:
         for h in hooks:
             h.remove()
-    return {k: v.float() for k, v in hessians.items()}
+    return hessians
 
 
 def _group_params(w: torch.Tensor, bits: int, symmetric: bool):
