@@ -65,13 +65,14 @@ def merge_with_peft(model: Path, adapter: Path, out: Path) -> None:
     AutoTokenizer.from_pretrained(str(model)).save_pretrained(str(out))
 
 
-def builds(work: Path, model: Path, adapter: Path) -> dict[str, dict]:
+def builds(work: Path, model: Path, adapter: Path, edgec_args: list[str]) -> dict[str, dict]:
     python = str(BIN / "python")
     results = {}
     out = work / "edgec-int4"
     wall, rss = timed([str(BIN / "edgec"), "build", "--model", str(model), "--adapter", str(adapter), "--out", str(out),
-                       "--quant", "int4", "--force", "--quiet", "--no-validate"])
-    results["edgec int4"] = {"dir": out, "export_s": wall, "export_rss_mb": rss}
+                       "--quant", "int4", "--force", "--quiet", "--no-validate", *edgec_args])
+    results["edgec int4" + (f" ({' '.join(edgec_args)})" if edgec_args else "")] = {
+        "dir": out, "export_s": wall, "export_rss_mb": rss}
 
     out = work / "builder-int4-adapter"
     shutil.rmtree(out, ignore_errors=True)
@@ -136,6 +137,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "edgec" / "bench-smollm2")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only-measure", action="store_true", help="Reuse the artifacts of the last run.")
+    parser.add_argument("--edgec-args", default="", help="Extra `edgec build` options, e.g. '--algo gptq --block-size 128'.")
     args = parser.parse_args()
     model, adapter = args.work / "model", args.work / "lora-r16"
     if not (model / "config.json").exists():
@@ -146,13 +148,14 @@ def main() -> None:
     if args.only_measure and record.exists():
         artifacts = {k: {**v, "dir": Path(v["dir"])} for k, v in json.loads(record.read_text()).items()}
     else:
-        artifacts = builds(args.work, model, adapter)
+        artifacts = builds(args.work, model, adapter, args.edgec_args.split())
     measure(artifacts, args.rounds)
     record.write_text(json.dumps({k: {**v, "dir": str(v["dir"])} for k, v in artifacts.items()}, indent=2))
 
     builders = [k for k in artifacts if k.startswith("builder")]
     strongest = max(builders, key=lambda k: artifacts[k]["decode_tps"])
-    ours, ref = artifacts["edgec int4"], artifacts[strongest]
+    ours = next(a for k, a in artifacts.items() if k.startswith("edgec"))
+    ref = artifacts[strongest]
     print(f"\nSmolLM2-135M-shaped Llama + rank-16 LoRA, int4 block 32, onnxruntime-genai, {os.cpu_count()} CPUs, "
           f"medians of {args.rounds} alternating rounds\n")
     print("| artifact | prefill 128 tok (ms) | decode (tok/s) [min-max] | size (MB) | export (s) | export peak RSS (MB) |")

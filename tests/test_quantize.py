@@ -228,3 +228,10 @@ def test_gptq_build_calibrates_every_projection(trained_dir, tmp_path):
     missing = CliRunner().invoke(main, ["build", "--model", str(trained_dir), "--out", str(tmp_path / "x"),
                                         "--quant", "int4", "--algo", "gptq", "--calibration", str(tmp_path / "nope.txt")])
     assert missing.exit_code == 2 and "nope.txt" in missing.stderr
+
+
+def test_hidden_size_not_a_multiple_of_the_block_keeps_separate_tables(traced_trained):
+    decoder, model, counts = quantized(traced_trained, QuantConfig(block_size=256))  # hidden 128 < 256
+    assert "lm_head_shares_embedding_table" not in counts and counts["embedding_int4"] == 1
+    ids = np.array([[1, 40, 41, 42]])
+    assert logits(model, decoder, ids).shape == (1, 4, decoder.cfg.vocab_size)

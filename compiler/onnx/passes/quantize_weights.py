@@ -137,13 +137,15 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     def _tied_table(self, graph: ir.Graph) -> ir.Value | None:
         """The [V, H] table read both by the embedding Gather and, transposed, by the lm_head MatMul
-        (symmetric only: asymmetric zero points are laid out differently for the two ops)."""
+        (symmetric only: asymmetric zero points are laid out differently for the two ops; and H a multiple
+        of the block size, else the 3-D gather would return the padding too)."""
         if not self.config.symmetric:
             return None
         gathered = {id(n.inputs[0]): n.inputs[0] for n in graph if n.op_type == "Gather" and n.inputs[0] is not None
                     and n.inputs[0].const_value is not None}
         for node in graph:
-            if node.op_type == "Transpose" and node.inputs[0] is not None and id(node.inputs[0]) in gathered:
+            if node.op_type == "Transpose" and node.inputs[0] is not None and id(node.inputs[0]) in gathered \
+                    and node.inputs[0].const_value.shape[1] % self.config.block_size == 0:  # no padded last block
                 if any(use.node.op_type == "MatMul" for use in node.outputs[0].uses()):
                     return node.inputs[0]
         return None
@@ -165,8 +167,10 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             algo = cfg.algo if cfg.algo in ("rtn", "clip") else "rtn"
             q, scale, zero = quantize_blocks(w_nk, bits, cfg.block_size, cfg.symmetric, algo)
         n, nb, _ = q.shape
-        packed = pack(q, bits)
-        data = packed.reshape(n, -1) if embedding else packed
+        if embedding:  # GatherBlockQuantized takes [V, H] packed rows without the last block's padding
+            data = pack(q.reshape(n, -1)[:, : w_nk.shape[1]], bits)
+        else:
+            data = pack(q, bits)
         tensors = [ir.Value(name=f"{name}_q{bits}", const_value=ir.tensor(data, name=f"{name}_q{bits}")),
                    ir.Value(name=f"{name}_scales", const_value=ir.tensor(scale, name=f"{name}_scales"))]
         if not cfg.symmetric:
