@@ -230,8 +230,15 @@ def test_gptq_build_calibrates_every_projection(trained_dir, tmp_path):
     assert missing.exit_code == 2 and "nope.txt" in missing.stderr
 
 
-def test_hidden_size_not_a_multiple_of_the_block_keeps_separate_tables(traced_trained):
-    decoder, model, counts = quantized(traced_trained, QuantConfig(block_size=256))  # hidden 128 < 256
-    assert "lm_head_shares_embedding_table" not in counts and counts["embedding_int4"] == 1
+def test_hidden_size_not_a_multiple_of_the_block(traced_trained):
+    """hidden 128, block 256: projections pad their last block; the tied table uses block 128 and is shared."""
+    decoder, model, counts = quantized(traced_trained, QuantConfig(block_size=256))
+    assert counts["lm_head_shares_embedding_table"] == 1 and counts["shared_table_block_128"] == 1
     ids = np.array([[1, 40, 41, 42]])
-    assert logits(model, decoder, ids).shape == (1, 4, decoder.cfg.vocab_size)
+    fp32 = logits(ir.from_proto(traced_trained[1]), decoder, ids)
+    q = logits(model, decoder, ids)
+    assert q.shape == fp32.shape and 10 * np.log10((fp32**2).sum() / ((fp32 - q) ** 2).sum()) > 8
+    unshared = QuantConfig(block_size=256, embedding_bits=8)  # different bits: two tables, padding dropped
+    _, model2, counts2 = quantized(traced_trained, unshared)
+    assert "lm_head_shares_embedding_table" not in counts2
+    assert logits(model2, decoder, ids).shape == fp32.shape

@@ -122,6 +122,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         self.config = config
         # module path -> (q, scales, zeros) from a calibration algorithm (GPTQ); RTN/clip otherwise
         self.precomputed = precomputed or {}
+        self.table_block = config.block_size
         self.counts: dict[str, int] = {}
 
     def _precomputed(self, module: str, bits: int):
@@ -137,16 +138,24 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
 
     def _tied_table(self, graph: ir.Graph) -> ir.Value | None:
         """The [V, H] table read both by the embedding Gather and, transposed, by the lm_head MatMul
-        (symmetric only: asymmetric zero points are laid out differently for the two ops; and H a multiple
-        of the block size, else the 3-D gather would return the padding too)."""
+        (symmetric only: asymmetric zero points are laid out differently for the two ops). The table's
+        block must divide H, else the 3-D gather would return the padding: when the configured block does
+        not, the table uses the largest power of two below it that does (`table_block`)."""
         if not self.config.symmetric:
             return None
         gathered = {id(n.inputs[0]): n.inputs[0] for n in graph if n.op_type == "Gather" and n.inputs[0] is not None
                     and n.inputs[0].const_value is not None}
         for node in graph:
-            if node.op_type == "Transpose" and node.inputs[0] is not None and id(node.inputs[0]) in gathered \
-                    and node.inputs[0].const_value.shape[1] % self.config.block_size == 0:  # no padded last block
+            if node.op_type == "Transpose" and node.inputs[0] is not None and id(node.inputs[0]) in gathered:
                 if any(use.node.op_type == "MatMul" for use in node.outputs[0].uses()):
+                    hidden = node.inputs[0].const_value.shape[1]
+                    # The largest block up to the configured one that divides H (no padded last block).
+                    block = self.config.block_size
+                    while block >= 16 and hidden % block:
+                        block //= 2
+                    if block < 16:
+                        return None
+                    self.table_block = block
                     return node.inputs[0]
         return None
 
@@ -157,15 +166,17 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             return 8
         return default
 
-    def _tensors(self, name: str, w_nk: np.ndarray, bits: int, embedding: bool, module: str = ""):
+    def _tensors(self, name: str, w_nk: np.ndarray, bits: int, embedding: bool, module: str = "",
+                 block: int | None = None):
         cfg = self.config
-        precomputed = self._precomputed(module, bits)
+        block = block or cfg.block_size
+        precomputed = self._precomputed(module, bits) if block == cfg.block_size else None
         if precomputed is not None:
             q, scale, zero = precomputed
             self.counts["calibrated"] = self.counts.get("calibrated", 0) + 1
         else:
             algo = cfg.algo if cfg.algo in ("rtn", "clip") else "rtn"
-            q, scale, zero = quantize_blocks(w_nk, bits, cfg.block_size, cfg.symmetric, algo)
+            q, scale, zero = quantize_blocks(w_nk, bits, block, cfg.symmetric, algo)
         n, nb, _ = q.shape
         if embedding:  # GatherBlockQuantized takes [V, H] packed rows without the last block's padding
             data = pack(q.reshape(n, -1)[:, : w_nk.shape[1]], bits)
@@ -186,7 +197,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         if value is not None and not value.uses() and value.name in graph.initializers and not value.is_graph_output():
             del graph.initializers[value.name]
 
-    def _replace_matmul(self, graph, node, w_nk, bits, module, reuse: list[ir.Value] | None = None):
+    def _replace_matmul(self, graph, node, w_nk, bits, module, reuse: list[ir.Value] | None = None,
+                        block: int | None = None):
         cfg = self.config
         n, k = w_nk.shape
         values = reuse
@@ -194,7 +206,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             values = self._tensors(f"{module or node.name}.weight", w_nk, bits, embedding=False, module=module)
             self._register(graph, values)
         inputs = [node.inputs[0], *values]
-        attributes = {"K": k, "N": n, "bits": bits, "block_size": cfg.block_size, "accuracy_level": cfg.accuracy_level}
+        attributes = {"K": k, "N": n, "bits": bits, "block_size": block or cfg.block_size,
+                      "accuracy_level": cfg.accuracy_level}
         new = ir.node("MatMulNBits", inputs, attributes=attributes, domain="com.microsoft", name=node.name,
                       outputs=[ir.Value(name=None)], metadata_props=dict(node.metadata_props))
         new.outputs[0].shape, new.outputs[0].dtype = node.outputs[0].shape, node.outputs[0].dtype
@@ -221,7 +234,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         self._register(graph, [shape3d, flat])
         scales3d = ir.node("Reshape", [scales, shape3d], name=f"{node.name}_scales_3d")
         gather = ir.node("GatherBlockQuantized", [packed, node.inputs[1], scales3d.outputs[0]], domain="com.microsoft",
-                         attributes={"gather_axis": 0, "quantize_axis": 2, "block_size": cfg.block_size, "bits": bits},
+                         attributes={"gather_axis": 0, "quantize_axis": 2, "block_size": self.table_block, "bits": bits},
                          name=node.name, metadata_props=dict(node.metadata_props))
         merged = ir.node("Reshape", [gather.outputs[0], flat], name=f"{node.name}_flat")
         for i, new_node in enumerate((scales3d, gather, merged)):
@@ -263,12 +276,13 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 is_head = module == "lm_head"
                 default = cfg.lm_head_bits if is_head else cfg.bits
                 bits = self._bits_for(module, default)
-                if bits == 0 or w_nk.shape[1] < cfg.block_size:
-                    count("matmul_kept_fp32")
-                    continue
                 reuse = shared_values if transposed_source is not None and shared_table is not None \
                     and transposed_source.inputs[0] is shared_table else None
-                self._replace_matmul(graph, node, w_nk.astype(np.float32, copy=False), bits, module, reuse)
+                if bits == 0 or (reuse is None and w_nk.shape[1] < cfg.block_size):
+                    count("matmul_kept_fp32")
+                    continue
+                self._replace_matmul(graph, node, w_nk.astype(np.float32, copy=False), bits, module, reuse,
+                                     self.table_block if reuse is not None else None)
                 if reuse is not None:
                     count("lm_head_shares_embedding_table")
                 count(f"{'lm_head' if is_head else 'matmul'}_int{bits}")
@@ -288,7 +302,9 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 source = node.inputs[0]
                 if source is shared_table and bits == self._bits_for("lm_head", cfg.lm_head_bits):
                     shared_values = self._tensors("lm_head.weight", table.astype(np.float32, copy=False), bits,
-                                                  embedding=False, module="lm_head")
+                                                  embedding=False, module="lm_head", block=self.table_block)
+                    if self.table_block != cfg.block_size:
+                        self.counts[f"shared_table_block_{self.table_block}"] = 1
                     self._register(graph, shared_values)
                     self._replace_gather(graph, node, table, bits, shared_values)
                 else:
