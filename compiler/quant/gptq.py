@@ -28,8 +28,9 @@ BUILTIN_CALIBRATION = (
 )
 
 
-def collect_hessians(model: CanonicalDecoder, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
-    """Module path -> H [K, K] for every nn.Linear, from one fp32 pass over the sequences."""
+def collect_hessians(model: CanonicalDecoder, sequences: list[list[int]], only: set[str] | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """Module path -> H [K, K] for every nn.Linear (or those in `only`), from one fp32 pass over the sequences."""
     hessians: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []
@@ -46,13 +47,15 @@ def collect_hessians(model: CanonicalDecoder, sequences: list[list[int]]) -> dic
         return accumulate
 
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and (only is None or name in only):
             hooks.append(module.register_forward_hook(hook(name)))
     try:
         with torch.no_grad():
-            for ids in sequences:
-                x = torch.tensor([ids])
-                model(x, torch.ones_like(x), torch.arange(len(ids))[None], *model.empty_cache())
+            # Equal-length windows in small batches: larger matmuls, bounded logits memory.
+            for i in range(0, len(sequences), 4):
+                x = torch.tensor(sequences[i : i + 4])
+                positions = torch.arange(x.shape[1])[None].expand_as(x)
+                model(x, torch.ones_like(x), positions, *model.empty_cache(x.shape[0]))
     finally:
         for h in hooks:
             h.remove()
@@ -76,12 +79,15 @@ def _group_params(w: torch.Tensor, bits: int, symmetric: bool):
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, block_size: int, symmetric: bool,
                   damp: float = 0.01, lazy: int = 128):
     """weight [N, K] -> (q uint8 [N, nb, bs], scales [N, nb], zero points uint8 [N, nb]) as numpy."""
-    w = weight.detach().float().clone()
-    n, k = w.shape
-    nb = -(-k // block_size)
-    if k % block_size:
-        raise ValueError("GPTQ needs K to be a multiple of the block size")
-    h = hessian.clone()
+    w = weight.detach().float()
+    n, k_real = w.shape
+    nb = -(-k_real // block_size)
+    k = nb * block_size
+    # Pad K to whole blocks with zero columns (as the RTN path does); their H diagonal is 0, so they
+    # count as dead inputs below and stay exactly zero.
+    w = torch.cat([w, torch.zeros(n, k - k_real)], dim=1) if k > k_real else w.clone()
+    h = torch.zeros(k, k)
+    h[:k_real, :k_real] = hessian
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
@@ -114,15 +120,29 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, block_
             zeros.numpy().astype(np.uint8))
 
 
+# Linears that read the same input share one Hessian, and GPTQ treats rows independently given H, so
+# they are quantized as one stacked matrix: one column loop instead of three (q/k/v) or two (gate/up).
+SHARED_INPUT = {"q_proj": ("q_proj", "k_proj", "v_proj"), "gate_proj": ("gate_proj", "up_proj")}
+FOLLOWERS = {"k_proj", "v_proj", "up_proj"}
+
+
 def gptq_blocks(model: CanonicalDecoder, sequences: list[list[int]], bits: int, block_size: int,
                 symmetric: bool, skip: tuple[str, ...] = ()) -> dict[str, tuple]:
-    """Module path -> precomputed blocks for every Linear whose K is a multiple of the block size."""
-    hessians = collect_hessians(model, sequences)
+    """Module path -> precomputed blocks for every Linear (those named in `skip` excepted)."""
     modules = dict(model.named_modules())
+    leaders = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] not in FOLLOWERS]
+    hessians = collect_hessians(model, sequences, only=set(leaders))
     out = {}
     for name, h in hessians.items():
-        weight = modules[name].weight
-        if weight.shape[1] % block_size or name in skip:
+        prefix, _, leaf = name.rpartition(".")
+        group = [f"{prefix}.{m}" if prefix else m for m in SHARED_INPUT.get(leaf, (leaf,))]
+        weights = [modules[g].weight for g in group]
+        if name in skip:
             continue
-        out[name] = gptq_quantize(weight, h, bits, block_size, symmetric)
+        q, scales, zeros = gptq_quantize(torch.cat(weights, dim=0), h, bits, block_size, symmetric)
+        start = 0
+        for member, weight in zip(group, weights):
+            rows = slice(start, start + weight.shape[0])
+            out[member] = (q[rows], scales[rows], zeros[rows])
+            start += weight.shape[0]
     return out
