@@ -242,3 +242,19 @@ def test_hidden_size_not_a_multiple_of_the_block(traced_trained):
     _, model2, counts2 = quantized(traced_trained, unshared)
     assert "lm_head_shares_embedding_table" not in counts2
     assert logits(model2, decoder, ids).shape == fp32.shape
+
+
+def test_gptq_in_row_chunks_equals_whole_matrix(monkeypatch):
+    import torch
+
+    import compiler.quant.gptq as gptq
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((256, 40)).astype(np.float32)
+    hessian = torch.from_numpy(2 * x.T @ x / len(x))
+    w = torch.from_numpy(rng.standard_normal((24, 40)).astype(np.float32))  # K=40: one padded block of 32
+    whole = gptq.gptq_quantize(w, hessian, 4, 32, True)
+    monkeypatch.setattr(gptq, "GPTQ_ROWS_PER_CHUNK", 7)
+    for a, b in zip(whole, gptq.gptq_quantize(w, hessian, 4, 32, True)):
+        np.testing.assert_array_equal(a, b)
+    assert whole[0].shape == (24, 2, 32) and (whole[0][:, 1, 8:] == 8).all()  # padding quantizes to zero

@@ -76,23 +76,40 @@ def _group_params(w: torch.Tensor, bits: int, symmetric: bool):
     return scale, zero
 
 
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, block_size: int, symmetric: bool,
-                  damp: float = 0.01, lazy: int = 128):
-    """weight [N, K] -> (q uint8 [N, nb, bs], scales [N, nb], zero points uint8 [N, nb]) as numpy."""
-    w = weight.detach().float()
-    n, k_real = w.shape
-    nb = -(-k_real // block_size)
-    k = nb * block_size
-    # Pad K to whole blocks with zero columns (as the RTN path does); their H diagonal is 0, so they
-    # count as dead inputs below and stay exactly zero.
-    w = torch.cat([w, torch.zeros(n, k - k_real)], dim=1) if k > k_real else w.clone()
+GPTQ_ROWS_PER_CHUNK = 4096  # rows are independent given H: chunks bound the memory of a large lm_head
+
+
+def _inverse_hessian_factor(hessian: torch.Tensor, k: int, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of H^-1 for H padded to k columns, and the mask of dead (all-zero) inputs."""
+    k_real = hessian.shape[0]
     h = torch.zeros(k, k)
     h[:k_real, :k_real] = hessian
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
-    w[:, dead] = 0
     h += damp * torch.mean(torch.diag(h)) * torch.eye(k)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True), dead
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, block_size: int, symmetric: bool,
+                  damp: float = 0.01, lazy: int = 128):
+    """weight [N, K] -> (q uint8 [N, nb, bs], scales [N, nb], zero points uint8 [N, nb]) as numpy."""
+    n, k_real = weight.shape
+    nb = -(-k_real // block_size)
+    # K is padded to whole blocks with zero columns (as the RTN path does); their H diagonal is 0, so
+    # they count as dead inputs and stay exactly zero.
+    hinv, dead = _inverse_hessian_factor(hessian, nb * block_size, damp)
+    parts = [_gptq_rows(weight[r : r + GPTQ_ROWS_PER_CHUNK], hinv, dead, bits, block_size, symmetric, lazy)
+             for r in range(0, n, GPTQ_ROWS_PER_CHUNK)]
+    return tuple(np.concatenate(p, axis=0) for p in zip(*parts))
+
+
+def _gptq_rows(weight, hinv, dead, bits, block_size, symmetric, lazy):
+    n, k_real = weight.shape
+    k = hinv.shape[0]
+    nb = k // block_size
+    w = torch.zeros(n, k)
+    w[:, :k_real] = weight.detach().float()
+    w[:, dead] = 0
     q_all = torch.zeros(n, k, dtype=torch.uint8)
     scales = torch.zeros(n, nb)
     zeros = torch.zeros(n, nb)
