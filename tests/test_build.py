@@ -194,3 +194,12 @@ def test_build_never_writes_the_users_files(llama_dir, llama_adapter, bundle):
     del checkpoint
     after = {p.name: sha256(p) for p in [*llama_dir.iterdir(), *llama_adapter.iterdir()] if p.is_file()}
     assert before == after
+
+
+def test_shared_kv_buffer_decoding_equals_the_copying_loop(bundle):
+    """The bench loop binds past and present to one buffer per layer (as onnxruntime-genai does); it must
+    produce the tokens the plain past/present loop produces."""
+    runner = OrtRuntime(bundle)
+    assert runner.shares_buffer
+    prompt = np.asarray([[1, 17, 230, 45, 99, 310, 7]])
+    assert runner.greedy_shared_buffer(prompt, 12) == runner.generate(prompt[0].tolist(), 12)
