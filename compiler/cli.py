@@ -244,7 +244,13 @@ def inspect(bundle, as_json):
     for artifact in manifest["artifacts"]:
         io = artifact["io"]
         kv = io["kv_cache"]
-        lines.append(f"artifact: {artifact['path']} ({artifact['format']}, {artifact['precision']})")
+        quant = artifact.get("quant")
+        detail = f", pipeline {artifact.get('pipeline', 'none')}"
+        if quant:
+            detail += (f", {quant['algo']} block {quant['block_size']} "
+                       f"{'symmetric' if quant['symmetric'] else 'asymmetric'}, accuracy level {quant['accuracy_level']}")
+        kv_mode = "shared past/present buffer" if artifact["io"]["kv_cache"].get("shares_buffer") else "past/present copies"
+        lines.append(f"artifact: {artifact['path']} ({artifact['format']}, {artifact['precision']}{detail}; {kv_mode})")
         lines.append("  inputs: input_ids, attention_mask, position_ids, " f"{kv['past_key']} / {kv['past_value']} x {kv['num_layers']}")
         lines.append(f"  outputs: logits, {kv['present_key']} / {kv['present_value']}; KV {kv['layout']} {kv['dtype']}")
     lines.append("files:")
