@@ -132,12 +132,79 @@ def measure(artifacts: dict[str, dict], rounds: int) -> None:
         a["size_mb"] = size_mb(a["dir"])
 
 
+LLAMA_CPP_PYTHON = "0.3.36"  # its source distribution on PyPI vendors llama.cpp
+LLAMA_CPP_FLAGS = [  # GGML_NATIVE dies with "Illegal instruction" on this machine (PLATFORM-NOTES)
+    "-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON", "-DGGML_F16C=ON", "-DGGML_AVX512=ON",
+    "-DGGML_AVX512_VNNI=ON", "-DGGML_AVX512_BF16=ON", "-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DLLAMA_CURL=OFF",
+    "-DCMAKE_BUILD_TYPE=Release",
+]
+# llama.cpp's converter refuses a locally trained BPE tokenizer it has no hash for; llama-bench feeds random
+# ids, so the pre-tokenizer is declared 'default'. Its code stays in the cache directory, never in the tree.
+CONVERT = """import sys
+root = sys.argv[1]
+sys.path[:0] = [root, root + "/gguf-py"]
+import conversion.base as base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "default"
+import convert_hf_to_gguf
+sys.argv = ["convert_hf_to_gguf.py", *sys.argv[2:]]
+convert_hf_to_gguf.main()
+"""
+
+
+def llama_cpp_tree(cache: Path) -> Path:
+    """Download llama-cpp-python's sdist and build llama-bench and llama-quantize once, outside the tree."""
+    import subprocess
+    import tarfile
+
+    root = cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
+    if (root / "build" / "bin" / "llama-bench").exists():
+        return root
+    cache.mkdir(parents=True, exist_ok=True)
+    subprocess.run([str(BIN / "pip"), "download", "--no-deps", "--no-binary", ":all:",
+                    f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(cache)], check=True)
+    with tarfile.open(cache / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz") as archive:
+        archive.extractall(cache, filter="data")
+    subprocess.run(["cmake", "-B", "build", *LLAMA_CPP_FLAGS], cwd=root, check=True)
+    subprocess.run(["cmake", "--build", "build", "-j", str(os.cpu_count()), "--target", "llama-bench",
+                    "llama-quantize"], cwd=root, check=True)
+    return root
+
+
+def llama_cpp_rows(work: Path, merged: Path, threads: int, repeats: int) -> dict[str, dict]:
+    """Q4_0 and Q4_K_M of the PEFT-merged model through llama-bench (its own runner, -t = our threads)."""
+    import subprocess
+
+    root = llama_cpp_tree(Path.home() / ".cache" / "edgec" / "llama.cpp")
+    f16 = work / "llama-f16.gguf"
+    convert_s, convert_rss = timed([str(BIN / "python"), "-c", CONVERT, str(root), str(merged), "--outtype", "f16",
+                                    "--outfile", str(f16)])
+    rows = {}
+    env = {**os.environ, "LD_LIBRARY_PATH": str(root / "build" / "bin")}
+    for qtype in ("Q4_0", "Q4_K_M"):
+        out = work / f"llama-{qtype}.gguf"
+        quant_s, quant_rss = timed([str(root / "build" / "bin" / "llama-quantize"), str(f16), str(out), qtype])
+        proc = subprocess.run([str(root / "build" / "bin" / "llama-bench"), "-m", str(out), "-p", str(PROMPT_TOKENS),
+                               "-n", str(NEW_TOKENS), "-t", str(threads), "-r", str(repeats), "-o", "json"],
+                              capture_output=True, text=True, env=env, check=True)
+        results = json.loads(proc.stdout)
+        prefill = next(r for r in results if r["n_prompt"] == PROMPT_TOKENS and r["n_gen"] == 0)
+        decode = next(r for r in results if r["n_gen"] == NEW_TOKENS and r["n_prompt"] == 0)
+        rows[f"llama.cpp {qtype} (llama-bench)"] = {
+            "dir": out, "prefill_ms": 1000 * PROMPT_TOKENS / prefill["avg_ts"], "decode_tps": decode["avg_ts"],
+            "decode_spread": (decode["avg_ts"] - decode["stddev_ts"], decode["avg_ts"] + decode["stddev_ts"]),
+            "size_mb": out.stat().st_size / 1e6, "export_s": convert_s + quant_s,
+            "export_rss_mb": max(convert_rss, quant_rss)}
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "edgec" / "bench-smollm2")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only-measure", action="store_true", help="Reuse the artifacts of the last run.")
     parser.add_argument("--edgec-args", default="", help="Extra `edgec build` options, e.g. '--algo gptq --block-size 128'.")
+    parser.add_argument("--llama-cpp", action="store_true",
+                        help="Also build llama.cpp (once, in ~/.cache/edgec) and add Q4_0 / Q4_K_M rows from llama-bench.")
     args = parser.parse_args()
     model, adapter = args.work / "model", args.work / "lora-r16"
     if not (model / "config.json").exists():
@@ -150,6 +217,8 @@ def main() -> None:
     else:
         artifacts = builds(args.work, model, adapter, args.edgec_args.split())
     measure(artifacts, args.rounds)
+    if args.llama_cpp:
+        artifacts.update(llama_cpp_rows(args.work, args.work / "peft-merged", os.cpu_count() or 1, args.rounds))
     record.write_text(json.dumps({k: {**v, "dir": str(v["dir"])} for k, v in artifacts.items()}, indent=2))
 
     builders = [k for k in artifacts if k.startswith("builder")]
@@ -170,6 +239,11 @@ def main() -> None:
     print(f"  size              {ours['size_mb'] / ref['size_mb']:.2f}x  (target <= 1.00x)")
     print(f"  export wall time  {ours['export_s'] / ref['export_s']:.2f}x  (target <= 1.00x)")
     print(f"  export peak RSS   {ours['export_rss_mb'] / ref['export_rss_mb']:.2f}x  (target <= 1.00x)")
+    q4 = artifacts.get("llama.cpp Q4_0 (llama-bench)")
+    if q4:
+        print("\nedgec (in onnxruntime-genai) vs llama.cpp Q4_0 (in llama-bench; each runner its own loop):")
+        print(f"  decode tokens/s   {ours['decode_tps'] / q4['decode_tps']:.2f}x")
+        print(f"  prefill time      {ours['prefill_ms'] / q4['prefill_ms']:.2f}x")
 
 
 if __name__ == "__main__":
