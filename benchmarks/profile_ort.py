@@ -1,0 +1,71 @@
+"""Where an ONNX bundle spends its time in onnxruntime: kernel time per operator, prefill and decode apart.
+
+Runs edgec's own loop (shared KV buffer) with onnxruntime's profiler on, then sums the `*_kernel_time`
+events by operator for the first run (the prefill) and for the decode runs, and compares the kernels'
+sum with the whole runs (the rest is per-op dispatch and framework overhead).
+
+    .venv/bin/python benchmarks/profile_ort.py BUNDLE [--prompt-tokens 128] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from runtimes.ort import OrtRuntime  # noqa: E402
+
+
+def profile(bundle: Path, prompt_tokens: int, new_tokens: int) -> list[dict]:
+    import onnxruntime as ort
+
+    runner = OrtRuntime(bundle)
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "edgec")
+    runner.session = ort.InferenceSession(str(runner.model_path), options, providers=["CPUExecutionProvider"])
+    prompt = np.random.default_rng(0).integers(3, 1000, (1, prompt_tokens), dtype=np.int64)
+    runner.greedy_shared_buffer(prompt, new_tokens)
+    return json.loads(Path(runner.session.end_profiling()).read_text())
+
+
+def summarise(events: list[dict]) -> None:
+    runs = [e for e in events if e.get("name") == "model_run"]
+    kernels = [e for e in events if e.get("name", "").endswith("_kernel_time")]
+    first_end = runs[0]["ts"] + runs[0]["dur"]
+    for label, selected, run_events in (
+        ("prefill", [k for k in kernels if k["ts"] <= first_end], runs[:1]),
+        ("decode", [k for k in kernels if k["ts"] > first_end], runs[1:]),
+    ):
+        per_op: dict[str, float] = defaultdict(float)
+        for k in selected:
+            per_op[k["args"]["op_name"]] += k["dur"]
+        total_kernels = sum(per_op.values())
+        total_runs = sum(r["dur"] for r in run_events)
+        print(f"\n{label}: {len(run_events)} runs, {total_runs / 1000 / max(len(run_events), 1):.2f} ms per run, "
+              f"kernels {100 * total_kernels / total_runs:.0f}% of it")
+        print("| op | % of kernel time | ms per run |")
+        print("|---|---:|---:|")
+        for op, dur in sorted(per_op.items(), key=lambda kv: -kv[1]):
+            print(f"| {op} | {100 * dur / total_kernels:.1f} | {dur / 1000 / max(len(run_events), 1):.3f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    args = parser.parse_args()
+    summarise(profile(args.bundle, args.prompt_tokens, args.new_tokens))
+
+
+if __name__ == "__main__":
+    main()
