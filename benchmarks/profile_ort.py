@@ -32,8 +32,8 @@ def profile(bundle: Path, prompt_tokens: int, new_tokens: int) -> list[dict]:
     options.enable_profiling = True
     options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "edgec")
     runner.session = ort.InferenceSession(str(runner.model_path), options, providers=["CPUExecutionProvider"])
-    prompt = np.random.default_rng(0).integers(3, 1000, (1, prompt_tokens), dtype=np.int64)
-    runner.greedy_shared_buffer(prompt, new_tokens)
+    prompt = np.random.default_rng(0).integers(3, 1000, prompt_tokens).tolist()
+    runner.generate(prompt, new_tokens, shared_buffer=True)
     return json.loads(Path(runner.session.end_profiling()).read_text())
 
 

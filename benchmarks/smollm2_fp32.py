@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from compiler.fixtures import ALL_PROJECTIONS, SMOLLM2_135M, make_adapter, make_model  # noqa: E402
+from runtimes.genai import GenaiRuntime  # noqa: E402
 from runtimes.ort import OrtRuntime  # noqa: E402
 
 GREEDY_TOKENS = 32
@@ -63,21 +64,6 @@ def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-def genai_greedy(bundle: Path, prompt: list[int], n: int) -> list[int]:
-    import onnxruntime_genai as og
-
-    model = og.Model(str(bundle))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + n, min_length=len(prompt) + n, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    return tokens
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "edgec" / "bench-smollm2")
@@ -106,7 +92,8 @@ def main() -> None:
             expected = reference(torch.tensor([prompt])).logits[0].numpy()
         max_abs = max(max_abs, float(np.abs(runner.logits(np.asarray([prompt]))[0] - expected).max()))
         hf = hf_greedy(reference, prompt, GREEDY_TOKENS)
-        greedy.append((hf == runner.generate(prompt, GREEDY_TOKENS), hf == genai_greedy(bundle, prompt, GREEDY_TOKENS)))
+        genai = GenaiRuntime(bundle).generate(prompt, GREEDY_TOKENS, stop_at_eos=False)
+        greedy.append((hf == runner.generate(prompt, GREEDY_TOKENS), hf == genai))
     del runner, reference
 
     print("edgec bench ...", flush=True)

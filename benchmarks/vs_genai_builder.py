@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from compiler.fixtures import ALL_PROJECTIONS, SMOLLM2_135M, make_adapter, make_model  # noqa: E402
+from runtimes.genai import GenaiRuntime  # noqa: E402
 
 PROMPT_TOKENS = 128
 NEW_TOKENS = 128
@@ -95,36 +96,22 @@ def builds(work: Path, model: Path, adapter: Path, edgec_args: list[str]) -> dic
 
 
 def size_mb(directory: Path) -> float:
-    return sum(p.stat().st_size for p in directory.iterdir() if p.suffix in (".onnx", ".data") or p.name.endswith(".onnx.data")) / 1e6
+    return sum(p.stat().st_size for p in directory.iterdir() if p.suffix in (".onnx", ".data")) / 1e6
 
 
 def measure(artifacts: dict[str, dict], rounds: int) -> None:
-    import onnxruntime_genai as og
-
-    models = {name: og.Model(str(a["dir"])) for name, a in artifacts.items()}
-    prompt = np.random.default_rng(0).integers(3, SMOLLM2_135M["vocab_size"], PROMPT_TOKENS).astype(np.int32)
+    runtimes = {name: GenaiRuntime(a["dir"]) for name, a in artifacts.items()}
+    prompt = np.random.default_rng(0).integers(3, SMOLLM2_135M["vocab_size"], PROMPT_TOKENS).tolist()
     samples = {name: {"prefill_s": [], "decode_tps": []} for name in artifacts}
     names = list(artifacts)
     for round_index in range(rounds + 1):  # round 0 warms up
         order = names[round_index % len(names):] + names[: round_index % len(names)]
         for name in order:
-            params = og.GeneratorParams(models[name])
-            params.set_search_options(max_length=PROMPT_TOKENS + NEW_TOKENS, min_length=PROMPT_TOKENS + NEW_TOKENS,
-                                      do_sample=False)
-            generator = og.Generator(models[name], params)
-            started = time.perf_counter()
-            generator.append_tokens(prompt)
-            prefill = time.perf_counter() - started
-            started = time.perf_counter()
-            steps = 0
-            while not generator.is_done():
-                generator.generate_next_token()
-                steps += 1
-            decode = time.perf_counter() - started
-            del generator
+            timings: list[float] = []
+            steps = len(runtimes[name].generate(prompt, NEW_TOKENS, stop_at_eos=False, timings=timings))
             if round_index:
-                samples[name]["prefill_s"].append(prefill)
-                samples[name]["decode_tps"].append(steps / decode)
+                samples[name]["prefill_s"].append(timings[0])
+                samples[name]["decode_tps"].append(steps / timings[1])
     for name, a in artifacts.items():
         a["prefill_ms"] = 1000 * statistics.median(samples[name]["prefill_s"])
         a["decode_tps"] = statistics.median(samples[name]["decode_tps"])

@@ -55,29 +55,30 @@ class OrtRuntime:
         self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def _genai_dims(self) -> tuple[int, int]:
-        """KV heads and head size from genai_config.json, for models whose cache dims are symbolic."""
+    def _kv_dims(self) -> tuple[int, int]:
+        """KV heads and head size; from genai_config.json for models whose cache dims are symbolic."""
+        _, heads, _, head_dim = self.past_inputs[0].shape
+        if isinstance(heads, int) and isinstance(head_dim, int):
+            return heads, head_dim
         config = json.loads((self.model_path.parent / "genai_config.json").read_text())["model"]["decoder"]
         return config["num_key_value_heads"], config["head_size"]
 
     def empty_cache(self, batch: int = 1) -> list[np.ndarray]:
-        caches = []
-        for value in self.past_inputs:
-            _, heads, _, head_dim = value.shape
-            if not isinstance(heads, int) or not isinstance(head_dim, int):
-                heads, head_dim = self._genai_dims()
-            caches.append(np.zeros((batch, heads, 0, head_dim), dtype=np.float32))
-        return caches
+        heads, head_dim = self._kv_dims()
+        return [np.zeros((batch, heads, 0, head_dim), dtype=np.float32) for _ in self.past_inputs]
+
+    def _position_feeds(self, input_ids: np.ndarray, past_len: int) -> dict[str, np.ndarray]:
+        batch, seq = input_ids.shape
+        feeds = {"input_ids": input_ids.astype(np.int64, copy=False)}
+        if "attention_mask" in self.input_names:
+            feeds["attention_mask"] = np.ones((batch, past_len + seq), dtype=np.int64)
+        if "position_ids" in self.input_names:  # models that derive positions from the mask have none
+            feeds["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq))
+        return feeds
 
     def forward(self, input_ids: np.ndarray, past: list[np.ndarray], past_len: int):
         """One decoder step over `input_ids` [batch, seq]; returns (logits, present)."""
-        batch, seq = input_ids.shape
-        feeds = {
-            "input_ids": input_ids.astype(np.int64, copy=False),
-            "attention_mask": np.ones((batch, past_len + seq), dtype=np.int64),
-        }
-        if "position_ids" in self.input_names:  # models that derive positions from the mask have none
-            feeds["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq))
+        feeds = self._position_feeds(input_ids, past_len)
         for value, tensor in zip(self.past_inputs, past):
             feeds[value.name] = tensor
         outputs = self.session.run(self.output_names, feeds)
@@ -88,91 +89,81 @@ class OrtRuntime:
         logits, _ = self.forward(input_ids, self.empty_cache(input_ids.shape[0]), 0)
         return logits
 
-    def generate(self, prompt: list[int], new_tokens: int, eos_ids: tuple[int, ...] = ()) -> list[int]:
-        """Greedy decoding; returns the new tokens (stops early at an EOS id when given)."""
-        ids = np.asarray([prompt], dtype=np.int64)
-        logits, cache = self.forward(ids, self.empty_cache(), 0)
-        past_len = ids.shape[1]
-        out: list[int] = []
-        for _ in range(new_tokens):
-            token = int(np.argmax(logits[0, -1]))
-            out.append(token)
-            if token in eos_ids or len(out) == new_tokens:
-                break
-            logits, cache = self.forward(np.asarray([[token]], dtype=np.int64), cache, past_len)
-            past_len += 1
-        return out
-
     @property
     def shares_buffer(self) -> bool:
         """Whether past and present may be one buffer (GroupQueryAttention models), per the manifest."""
+        if self.manifest is None:  # a model file outside a bundle, as during a build
+            return False
         try:
             return bool(_artifact(self.manifest)["io"]["kv_cache"]["shares_buffer"])
-        except (TypeError, KeyError, ValueError):
+        except (KeyError, ValueError):
             return False
 
-    def greedy_shared_buffer(self, prompt: np.ndarray, new_tokens: int, timings: list | None = None) -> list[int]:
-        """Greedy decoding with past and present bound to one preallocated buffer per layer (I/O binding),
-        as onnxruntime-genai runs these models: each step writes one position, nothing is copied.
-        timings, if given, receives (prefill seconds, time to first token, decode seconds)."""
+    def _copying_step(self):
+        """step(ids, past_len) -> logits, feeding each step's present back as the next past."""
+        cache = self.empty_cache()
+
+        def step(ids: np.ndarray, past_len: int) -> np.ndarray:
+            nonlocal cache
+            logits, cache = self.forward(ids, cache, past_len)
+            return logits
+
+        return step
+
+    def _shared_buffer_step(self, total: int):
+        """step(ids, past_len) -> logits, with past and present bound to one preallocated buffer per
+        layer (I/O binding), as onnxruntime-genai runs these models: each step writes one position."""
         import onnxruntime as ort
 
-        total = prompt.shape[1] + new_tokens
-        heads, head_dim = self.past_inputs[0].shape[1], self.past_inputs[0].shape[3]
-        if not isinstance(heads, int) or not isinstance(head_dim, int):
-            heads, head_dim = self._genai_dims()
+        heads, head_dim = self._kv_dims()
         buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, heads, total, head_dim), np.float32))
                    for _ in self.past_inputs]
         presents = [name for name in self.output_names if name.startswith("present.")]
         binding = self.session.io_binding()
 
-        def step(ids: np.ndarray, past_len: int) -> int:
+        def step(ids: np.ndarray, past_len: int) -> np.ndarray:
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
-            seq = ids.shape[1]
-            binding.bind_cpu_input("input_ids", ids)
-            if "attention_mask" in self.input_names:
-                binding.bind_cpu_input("attention_mask", np.ones((1, past_len + seq), np.int64))
-            if "position_ids" in self.input_names:
-                binding.bind_cpu_input("position_ids", np.arange(past_len, past_len + seq, dtype=np.int64)[None])
+            for name, array in self._position_feeds(ids, past_len).items():
+                binding.bind_cpu_input(name, np.ascontiguousarray(array))
             for value, buffer in zip(self.past_inputs, buffers):
                 binding.bind_ortvalue_input(value.name, buffer)
             binding.bind_output("logits")  # first: get_outputs() follows the binding order
             for name, buffer in zip(presents, buffers):
                 binding.bind_ortvalue_output(name, buffer)
             self.session.run_with_iobinding(binding)
-            return int(np.argmax(binding.get_outputs()[0].numpy()[0, -1]))
+            return binding.get_outputs()[0].numpy()
 
+        return step
+
+    def generate(self, prompt: list[int], new_tokens: int, eos_ids: tuple[int, ...] = (),
+                 shared_buffer: bool | None = None, timings: list | None = None) -> list[int]:
+        """Greedy decoding; returns the new tokens (stops early at an EOS id when given).
+
+        shared_buffer: one KV buffer for past and present (None: as the manifest says the model allows).
+        timings, if given, receives (prefill seconds, time to first token, decode seconds)."""
+        shared = self.shares_buffer if shared_buffer is None else shared_buffer
+        step = self._shared_buffer_step(len(prompt) + new_tokens) if shared else self._copying_step()
         started = time.perf_counter()
-        tokens = [step(prompt, 0)]
+        logits = step(np.asarray([prompt], dtype=np.int64), 0)
+        prefill = time.perf_counter() - started
+        out = [int(np.argmax(logits[0, -1]))]
         ttft = time.perf_counter() - started
         decode_started = time.perf_counter()
-        past_len = prompt.shape[1]
-        for _ in range(new_tokens - 1):
-            tokens.append(step(np.asarray([[tokens[-1]]], dtype=np.int64), past_len))
+        past_len = len(prompt)
+        while len(out) < new_tokens and out[-1] not in eos_ids:
+            logits = step(np.asarray([[out[-1]]], dtype=np.int64), past_len)
+            out.append(int(np.argmax(logits[0, -1])))
             past_len += 1
         if timings is not None:
-            timings.extend([ttft, ttft, time.perf_counter() - decode_started])
-        return tokens
+            timings[:] = [prefill, ttft, time.perf_counter() - decode_started]
+        return out
 
     def _timed_run(self, prompt: np.ndarray, new_tokens: int) -> tuple[float, float, float]:
         """(prefill seconds, time to first token, decode seconds for new_tokens - 1 steps)."""
-        if self.shares_buffer:
-            timings: list[float] = []
-            self.greedy_shared_buffer(prompt, new_tokens, timings)
-            return timings[0], timings[1], timings[2]
-        started = time.perf_counter()
-        logits, cache = self.forward(prompt, self.empty_cache(), 0)
-        prefill_s = time.perf_counter() - started
-        token = int(np.argmax(logits[0, -1]))
-        ttft_s = time.perf_counter() - started
-        past_len = prompt.shape[1]
-        decode_started = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            logits, cache = self.forward(np.asarray([[token]], dtype=np.int64), cache, past_len)
-            token = int(np.argmax(logits[0, -1]))
-            past_len += 1
-        return prefill_s, ttft_s, time.perf_counter() - decode_started
+        timings: list[float] = []
+        self.generate(prompt[0].tolist(), new_tokens, timings=timings)
+        return timings[0], timings[1], timings[2]
 
     def bench(self, spec: BenchSpec) -> BenchResult:
         vocab = self.session.get_outputs()[0].shape[-1]

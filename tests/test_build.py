@@ -157,18 +157,12 @@ def test_bench_json(bundle):
 
 
 def test_onnxruntime_genai_runs_the_bundle_as_is(bundle):
-    og = pytest.importorskip("onnxruntime_genai")
-    model = og.Model(str(bundle))
-    tokenizer = og.Tokenizer(model)
-    prompt = [int(t) for t in tokenizer.encode("The quick brown fox")]
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 12, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(prompt)
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
+    pytest.importorskip("onnxruntime_genai")
+    from runtimes.genai import GenaiRuntime
+
+    genai = GenaiRuntime(bundle)
+    prompt = genai.encode("The quick brown fox")
+    tokens = genai.generate(prompt, 12)
     ours = OrtRuntime(bundle).generate(prompt, 12, eos_ids=(2,))
     assert tokens == ours and len(tokens) >= 1
 
@@ -201,5 +195,5 @@ def test_shared_kv_buffer_decoding_equals_the_copying_loop(bundle):
     produce the tokens the plain past/present loop produces."""
     runner = OrtRuntime(bundle)
     assert runner.shares_buffer
-    prompt = np.asarray([[1, 17, 230, 45, 99, 310, 7]])
-    assert runner.greedy_shared_buffer(prompt, 12) == runner.generate(prompt[0].tolist(), 12)
+    prompt = [1, 17, 230, 45, 99, 310, 7]
+    assert runner.generate(prompt, 12, shared_buffer=True) == runner.generate(prompt, 12, shared_buffer=False)
