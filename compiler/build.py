@@ -61,24 +61,6 @@ def load_reference(model_dir: Path, adapters: list[AdapterSpec], report: BuildRe
     return Reference(model, checkpoint, records, source_hashes, prompts, lora)
 
 
-def calibration_sequences(model_dir: Path, text_file: str | None, vocab_size: int, length: int = 128,
-                          count: int = 32) -> list[list[int]]:
-    """Calibration text through the model's tokenizer, cut into up to `count` windows of `length` tokens."""
-    from tokenizers import Tokenizer
-
-    from compiler.quant.gptq import BUILTIN_CALIBRATION
-
-    tokenizer_path = model_dir / "tokenizer.json"
-    if not tokenizer_path.exists():
-        raise UsageError(f"{model_dir}: --algo gptq needs tokenizer.json to tokenize the calibration text")
-    text = Path(text_file).read_text(errors="replace") if text_file else BUILTIN_CALIBRATION * 8
-    ids = [i for i in Tokenizer.from_file(str(tokenizer_path)).encode(text).ids if i < vocab_size]
-    if len(ids) < length:
-        raise UsageError(f"{text_file or 'built-in calibration text'}: only {len(ids)} tokens; give at least {length}")
-    step = max(length, (len(ids) - length) // count)
-    return [ids[s : s + length] for s in range(0, len(ids) - length + 1, step)][:count]
-
-
 def _validation(runner, reference: Reference, config: BuildConfig) -> dict:
     from compiler.validate import validate
 
@@ -101,7 +83,7 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
         precomputed = None
         quant = config.export.quant
         if quant and quant.algo == "gptq":
-            from compiler.quant.gptq import gptq_blocks
+            from compiler.quant.gptq import calibration_sequences, gptq_blocks
 
             sequences = calibration_sequences(config.model.path, quant.calibration, model.cfg.vocab_size)
             with report.stage("calibrate_gptq", f"{len(sequences)} sequences"):

@@ -15,7 +15,7 @@ from compiler.errors import UsageError
 from compiler.frontend.load import build_decoder, read_checkpoint
 from compiler.onnx.export import export_onnx
 from compiler.onnx.passes import build_pipeline, op_counts, run_passes
-from compiler.onnx.passes.quantize_weights import dequantize_blocks, pack, quantize_blocks
+from compiler.quant.blocks import dequantize_blocks, pack, quantize_blocks
 
 
 def single_node_model(op, inputs, initializers, attributes):
@@ -178,7 +178,7 @@ def test_int4_build_reports_lora_delta_retention_per_adapter(trained_dir, tmp_pa
 
 
 def test_chunked_quantization_equals_whole_matrix(monkeypatch):
-    import compiler.onnx.passes.quantize_weights as qw
+    import compiler.quant.blocks as qw
 
     w = np.random.default_rng(2).standard_normal((50, 64)).astype(np.float32)
     whole = qw.quantize_blocks(w, 4, 32, False, "clip")

@@ -12,32 +12,18 @@ parameter's data before anything is stamped; if a check fails, the caller traces
 
 from __future__ import annotations
 
-import ast
-
 import numpy as np
 import onnx_ir as ir
 import torch
 
 from compiler.models.decoder import CanonicalDecoder
+from compiler.onnx.scopes import module_path, renamed_scopes, scopes
 
 LAYER0 = "model.layers.0"
 
 
 class TemplateMismatch(Exception):
     """The traced layer is not in the shape this module expects; trace the full model instead."""
-
-
-def _scopes(node: ir.Node) -> list[str]:
-    raw = node.metadata_props.get("pkg.torch.onnx.name_scopes")
-    try:
-        return list(ast.literal_eval(raw)) if raw else []
-    except (ValueError, SyntaxError):
-        return []
-
-
-def _module(node: ir.Node) -> str:
-    scopes = _scopes(node)
-    return scopes[-2] if len(scopes) >= 2 else ""
 
 
 def _weight_sources(nodes: list[ir.Node], params: dict[str, torch.Tensor]) -> dict[ir.Value, tuple[str, bool]]:
@@ -50,7 +36,7 @@ def _weight_sources(nodes: list[ir.Node], params: dict[str, torch.Tensor]) -> di
             if value.name in params and value.name.startswith(LAYER0 + "."):
                 sources[value] = (value.name, False)
                 continue
-            module = _module(node)
+            module = module_path(node)
             if not module.startswith(LAYER0 + "."):
                 continue
             for suffix in ("weight", "bias"):
@@ -94,7 +80,7 @@ def stamp_layers(model: ir.Model, decoder: CanonicalDecoder) -> None:
     graph = model.graph
     cfg = decoder.cfg
     params = dict(decoder.state_dict())
-    layer_nodes = [n for n in graph if LAYER0 in _scopes(n)]
+    layer_nodes = [n for n in graph if LAYER0 in scopes(n)]
     if not layer_nodes:
         raise TemplateMismatch("no nodes tagged with model.layers.0")
     in_layer = set(map(id, layer_nodes))
@@ -134,10 +120,7 @@ def stamp_layers(model: ir.Model, decoder: CanonicalDecoder) -> None:
         clones = []
         for node in layer_nodes:
             inputs = [None if v is None else mapping.get(v, v) for v in node.inputs]
-            metadata = dict(node.metadata_props)
-            if "pkg.torch.onnx.name_scopes" in metadata:
-                metadata["pkg.torch.onnx.name_scopes"] = repr(
-                    [s.replace(LAYER0, f"model.layers.{layer}", 1) for s in _scopes(node)])
+            metadata = renamed_scopes(node, LAYER0, f"model.layers.{layer}")
             clone = ir.Node(node.domain, node.op_type, inputs, [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()],
                             num_outputs=len(node.outputs), name=f"{node.name}__layer{layer}", version=node.version,
                             metadata_props=metadata)

@@ -10,11 +10,15 @@ Cholesky factor of H^-1 (Frantar et al., 2022). The result is handed to the pass
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from torch import nn
 
+from compiler.errors import UsageError
 from compiler.models.decoder import CanonicalDecoder
+from compiler.quant.blocks import block_scales_and_zeros
 
 BUILTIN_CALIBRATION = (
     "The quick brown fox jumps over the lazy dog. Small language models run on phones, single-board "
@@ -26,6 +30,22 @@ BUILTIN_CALIBRATION = (
     "Ingredients: two cups of flour, one egg, a pinch of salt. Mix, rest for an hour, then bake. "
     "The meeting is moved to Thursday at three; please bring the quarterly figures and the draft plan. "
 )
+
+
+def calibration_sequences(model_dir: Path, text_file: str | None, vocab_size: int, length: int = 128,
+                          count: int = 32) -> list[list[int]]:
+    """Calibration text through the model's tokenizer, cut into up to `count` windows of `length` tokens."""
+    from tokenizers import Tokenizer
+
+    tokenizer_path = model_dir / "tokenizer.json"
+    if not tokenizer_path.exists():
+        raise UsageError(f"{model_dir}: --algo gptq needs tokenizer.json to tokenize the calibration text")
+    text = Path(text_file).read_text(errors="replace") if text_file else BUILTIN_CALIBRATION * 8
+    ids = [i for i in Tokenizer.from_file(str(tokenizer_path)).encode(text).ids if i < vocab_size]
+    if len(ids) < length:
+        raise UsageError(f"{text_file or 'built-in calibration text'}: only {len(ids)} tokens; give at least {length}")
+    step = max(length, (len(ids) - length) // count)
+    return [ids[s : s + length] for s in range(0, len(ids) - length + 1, step)][:count]
 
 
 def collect_hessians(model: CanonicalDecoder, sequences: list[list[int]], only: set[str] | None = None
@@ -62,18 +82,10 @@ def collect_hessians(model: CanonicalDecoder, sequences: list[list[int]], only: 
     return hessians
 
 
-def _group_params(w: torch.Tensor, bits: int, symmetric: bool):
-    half = 2 ** (bits - 1)
-    if symmetric:
-        idx = w.abs().argmax(dim=1, keepdim=True)
-        scale = torch.gather(w, 1, idx)[:, 0] / -half
-        zero = torch.full_like(scale, half)
-    else:
-        lo = torch.clamp(w.min(dim=1).values, max=0)
-        hi = torch.clamp(w.max(dim=1).values, min=0)
-        scale = (hi - lo) / (2**bits - 1)
-        zero = torch.clamp(torch.round(-lo / torch.where(scale == 0, 1.0, scale)), 0, 2**bits - 1)
-    return scale, zero
+def _group_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per row of one block of columns, by the same rule as the RTN path."""
+    scale, zero = block_scales_and_zeros(w.numpy()[:, None, :], bits, symmetric)
+    return torch.from_numpy(scale[:, 0]), torch.from_numpy(zero[:, 0])
 
 
 GPTQ_ROWS_PER_CHUNK = 4096  # rows are independent given H: chunks bound the memory of a large lm_head

@@ -10,10 +10,10 @@ quantized as one MatMulNBits (module path `...self_attn.qkv_proj`, what --keep-f
 
 from __future__ import annotations
 
-import ast
-
 import numpy as np
 import onnx_ir as ir
+
+from compiler.onnx.scopes import renamed_scopes
 
 
 def _projection(value: ir.Value | None):
@@ -39,16 +39,6 @@ def _projection(value: ir.Value | None):
     return node.inputs[0], weight, bias, nodes
 
 
-def _qkv_scopes(node: ir.Node) -> dict[str, str]:
-    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
-    try:
-        names = ast.literal_eval(scopes) if scopes else []
-    except (ValueError, SyntaxError):
-        return {}
-    renamed = [n.replace("q_proj", "qkv_proj") for n in names]
-    return {"pkg.torch.onnx.name_scopes": repr(renamed)}
-
-
 class PackQkvPass(ir.passes.InPlacePass):
     def __init__(self):
         super().__init__()
@@ -69,7 +59,7 @@ class PackQkvPass(ir.passes.InPlacePass):
             prefix = q_matmul.name or f"qkv_{packed}"
             weight_value = ir.Value(name=f"{prefix}.qkv_weight", const_value=ir.tensor(weight, name=f"{prefix}.qkv_weight"))
             graph.register_initializer(weight_value)
-            matmul = ir.node("MatMul", [x, weight_value], name=f"{prefix}_qkv", metadata_props=_qkv_scopes(q_matmul))
+            matmul = ir.node("MatMul", [x, weight_value], name=f"{prefix}_qkv", metadata_props=renamed_scopes(q_matmul, "q_proj", "qkv_proj"))
             matmul.outputs[0].dtype, matmul.outputs[0].name = ir.DataType.FLOAT, f"{prefix}_qkv_out"
             new_nodes, packed_out = [matmul], matmul.outputs[0]
             if any(p[2] is not None for p in parts):

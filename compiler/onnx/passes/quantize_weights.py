@@ -4,116 +4,39 @@
     MatMul(x, Transpose(E[V, H]))      ->  MatMulNBits(x, Eq[V, H/bs, ...], ...)     (a tied lm_head)
     Gather(E[V, H], input_ids)         ->  GatherBlockQuantized(Eq[V, H*bits/8], input_ids, scales, zp?)
 
-Blocks run along the input dimension K, one scale (and for asymmetric, one zero point) per block.
-Algorithms: `rtn` rounds to nearest; `clip` is data-free, searching per block the clipping ratio of the
-range that minimises the block's squared reconstruction error (it helps most where a few outliers
-stretch a block's range). Modules named in `keep_fp32`/`keep_int8` (regexes over the torch module path
+Blocks run along the input dimension K (compiler/quant/blocks.py: rtn and clip; GPTQ's blocks arrive
+precomputed). Modules named in `keep_fp32`/`keep_int8` (regexes over the torch module path
 that the exporter records on each node) stay fp32 or use 8 bits. Weights are quantized one at a time and
 the fp32 initializer is dropped as soon as nothing else reads it.
 
-Own numpy code rather than onnxruntime's MatMulNBitsQuantizer: it works on onnx_ir in place (no
-ModelProto copy of the whole model) and lets us add the clip search; the packing is checked against
-onnxruntime's kernels in the tests.
+The block arithmetic lives in compiler/quant/blocks.py (own numpy code rather than onnxruntime's
+MatMulNBitsQuantizer: it works on onnx_ir in place, with no ModelProto copy of the whole model, and
+carries the clip search and GPTQ's blocks; the packing is checked against onnxruntime's kernels in tests).
 """
 
 from __future__ import annotations
 
-import ast
 import re
 
 import numpy as np
 import onnx_ir as ir
 
 from compiler.config import QuantConfig
-
-CLIP_RATIOS = np.linspace(1.0, 0.6, 17, dtype=np.float32)
-
-
-def _scales_and_zeros(blocks: np.ndarray, bits: int, symmetric: bool, ratio: np.ndarray | float = 1.0):
-    """Per-block scale and zero point for blocks [N, nb, bs]."""
-    half = 2 ** (bits - 1)
-    if symmetric:
-        # Signed absolute maximum mapped to -half, as onnxruntime's MLAS does: the full range is used.
-        idx = np.abs(blocks).argmax(axis=-1)[..., None]
-        signed_max = np.take_along_axis(blocks, idx, axis=-1)[..., 0] * ratio
-        scale = signed_max / -half
-        zero = np.full(scale.shape, half, dtype=np.float32)
-    else:
-        lo = np.minimum(blocks.min(axis=-1), 0.0) * ratio
-        hi = np.maximum(blocks.max(axis=-1), 0.0) * ratio
-        scale = (hi - lo) / (2**bits - 1)
-        safe = np.where(scale == 0, 1.0, scale)
-        zero = np.clip(np.round(-lo / safe), 0, 2**bits - 1)
-    return scale.astype(np.float32), zero.astype(np.float32)
-
-
-def _quantize(blocks, scale, zero, bits):
-    safe = np.where(scale == 0, 1.0, scale)[..., None]
-    return np.clip(np.round(blocks / safe) + zero[..., None], 0, 2**bits - 1)
-
-
-ROWS_PER_CHUNK = 2048  # bounds the float temporaries to a few MB whatever the matrix size
-
-
-def quantize_blocks(w_nk: np.ndarray, bits: int, block_size: int, symmetric: bool, algo: str):
-    """w_nk [N, K] fp32 -> (q uint8 [N, nb, bs], scales [N, nb], zero points uint8 [N, nb])."""
-    if w_nk.shape[0] > ROWS_PER_CHUNK:
-        parts = [_quantize_rows(w_nk[i : i + ROWS_PER_CHUNK], bits, block_size, symmetric, algo)
-                 for i in range(0, w_nk.shape[0], ROWS_PER_CHUNK)]
-        return tuple(np.concatenate(p, axis=0) for p in zip(*parts))
-    return _quantize_rows(w_nk, bits, block_size, symmetric, algo)
-
-
-def _quantize_rows(w_nk: np.ndarray, bits: int, block_size: int, symmetric: bool, algo: str):
-    n, k = w_nk.shape
-    nb = -(-k // block_size)
-    padded = np.zeros((n, nb * block_size), dtype=np.float32)
-    padded[:, :k] = w_nk
-    blocks = padded.reshape(n, nb, block_size)
-    scale, zero = _scales_and_zeros(blocks, bits, symmetric)
-    q = _quantize(blocks, scale, zero, bits)
-    if algo == "clip":
-        best = ((q - zero[..., None]) * scale[..., None] - blocks) ** 2
-        best = best.sum(axis=-1)
-        for ratio in CLIP_RATIOS[1:]:
-            s, z = _scales_and_zeros(blocks, bits, symmetric, ratio)
-            candidate = _quantize(blocks, s, z, bits)
-            err = (((candidate - z[..., None]) * s[..., None] - blocks) ** 2).sum(axis=-1)
-            better = err < best
-            best = np.where(better, err, best)
-            scale = np.where(better, s, scale)
-            zero = np.where(better, z, zero)
-            q = np.where(better[..., None], candidate, q)
-    return q.astype(np.uint8), scale, zero.astype(np.uint8)
-
-
-def dequantize_blocks(q, scale, zero, k: int) -> np.ndarray:
-    w = (q.astype(np.float32) - zero[..., None].astype(np.float32)) * scale[..., None]
-    return w.reshape(q.shape[0], -1)[:, :k]
-
-
-def pack(q: np.ndarray, bits: int) -> np.ndarray:
-    """Two 4-bit values per byte, low nibble first, along the last axis (8 bits: as is)."""
-    if bits == 8:
-        return q
-    if q.shape[-1] % 2:
-        q = np.concatenate([q, np.zeros(q.shape[:-1] + (1,), np.uint8)], axis=-1)
-    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-
-
-def _module_path(node: ir.Node) -> str:
-    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
-    try:
-        names = ast.literal_eval(scopes) if scopes else []
-    except (ValueError, SyntaxError):
-        names = []
-    return names[-2] if len(names) >= 2 else node.name or ""
-
+from compiler.onnx.scopes import module_path
+from compiler.quant.blocks import pack, quantize_blocks
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
     if value is None or value.const_value is None:
         return None
     return value.const_value.numpy()
+
+
+def _swap_node(graph: ir.Graph, node: ir.Node, op_type: str, inputs: list, attributes: dict) -> None:
+    """Replace `node` by one com.microsoft node with its name, metadata and output type."""
+    new = ir.node(op_type, inputs, attributes=attributes, domain="com.microsoft", name=node.name,
+                  outputs=[ir.Value(name=None)], metadata_props=dict(node.metadata_props))
+    new.outputs[0].shape, new.outputs[0].dtype = node.outputs[0].shape, node.outputs[0].dtype
+    ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
 
 
 class QuantizeWeightsPass(ir.passes.InPlacePass):
@@ -122,7 +45,6 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         self.config = config
         # module path -> (q, scales, zeros) from a calibration algorithm (GPTQ); RTN/clip otherwise
         self.precomputed = precomputed or {}
-        self.table_block = config.block_size
         self.counts: dict[str, int] = {}
 
     def _precomputed(self, module: str, bits: int):
@@ -136,13 +58,13 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 return tuple(np.concatenate(arrays, axis=0) for arrays in zip(*parts))
         return None
 
-    def _tied_table(self, graph: ir.Graph) -> ir.Value | None:
+    def _tied_table(self, graph: ir.Graph) -> tuple[ir.Value | None, int]:
         """The [V, H] table read both by the embedding Gather and, transposed, by the lm_head MatMul
         (symmetric only: asymmetric zero points are laid out differently for the two ops). The table's
         block must divide H, else the 3-D gather would return the padding: when the configured block does
-        not, the table uses the largest power of two below it that does (`table_block`)."""
+        not, the table uses the largest power of two below it that does. Returns (table, its block)."""
         if not self.config.symmetric:
-            return None
+            return None, 0
         gathered = {id(n.inputs[0]): n.inputs[0] for n in graph if n.op_type == "Gather" and n.inputs[0] is not None
                     and n.inputs[0].const_value is not None}
         for node in graph:
@@ -153,11 +75,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                     block = self.config.block_size
                     while block >= 16 and hidden % block:
                         block //= 2
-                    if block < 16:
-                        return None
-                    self.table_block = block
-                    return node.inputs[0]
-        return None
+                    return (node.inputs[0], block) if block >= 16 else (None, 0)
+        return None, 0
 
     def _bits_for(self, module: str, default: int) -> int:
         if any(re.search(p, module) for p in self.config.keep_fp32):
@@ -208,22 +127,16 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         inputs = [node.inputs[0], *values]
         attributes = {"K": k, "N": n, "bits": bits, "block_size": block or cfg.block_size,
                       "accuracy_level": cfg.accuracy_level}
-        new = ir.node("MatMulNBits", inputs, attributes=attributes, domain="com.microsoft", name=node.name,
-                      outputs=[ir.Value(name=None)], metadata_props=dict(node.metadata_props))
-        new.outputs[0].shape, new.outputs[0].dtype = node.outputs[0].shape, node.outputs[0].dtype
-        ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+        _swap_node(graph, node, "MatMulNBits", inputs, attributes)
 
-    def _replace_gather(self, graph, node, table, bits, shared: list[ir.Value] | None):
+    def _replace_gather(self, graph, node, table, bits, shared: list[ir.Value] | None, table_block: int = 0):
         cfg = self.config
         if shared is None:
             values = self._tensors("model.embed_tokens.weight", table, bits, embedding=True)
             self._register(graph, values)
             inputs = [values[0], node.inputs[1], values[1]] + (values[2:] if not cfg.symmetric else [])
             attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": cfg.block_size, "bits": bits}
-            new = ir.node("GatherBlockQuantized", inputs, attributes=attributes, domain="com.microsoft",
-                          name=node.name, outputs=[ir.Value(name=None)], metadata_props=dict(node.metadata_props))
-            new.outputs[0].shape, new.outputs[0].dtype = node.outputs[0].shape, node.outputs[0].dtype
-            ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
+            _swap_node(graph, node, "GatherBlockQuantized", inputs, attributes)
             return
         # Tied embeddings: gather from the lm_head's own [V, blocks, bytes] table, one block per row
         # of the last axis; the scales get the matching trailing 1 (folded once when the session loads).
@@ -234,7 +147,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         self._register(graph, [shape3d, flat])
         scales3d = ir.node("Reshape", [scales, shape3d], name=f"{node.name}_scales_3d")
         gather = ir.node("GatherBlockQuantized", [packed, node.inputs[1], scales3d.outputs[0]], domain="com.microsoft",
-                         attributes={"gather_axis": 0, "quantize_axis": 2, "block_size": self.table_block, "bits": bits},
+                         attributes={"gather_axis": 0, "quantize_axis": 2, "block_size": table_block, "bits": bits},
                          name=node.name, metadata_props=dict(node.metadata_props))
         merged = ir.node("Reshape", [gather.outputs[0], flat], name=f"{node.name}_flat")
         for i, new_node in enumerate((scales3d, gather, merged)):
@@ -252,7 +165,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         def count(key):
             self.counts[key] = self.counts.get(key, 0) + 1
 
-        shared_table = self._tied_table(graph)
+        shared_table, table_block = self._tied_table(graph)
         shared_values: list[ir.Value] | None = None
 
         for node in list(graph):
@@ -272,7 +185,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                     w_nk = _const(producer.inputs[0])
                     if w_nk.ndim != 2:
                         continue
-                module = _module_path(node)
+                module = module_path(node)
                 is_head = module == "lm_head"
                 default = cfg.lm_head_bits if is_head else cfg.bits
                 bits = self._bits_for(module, default)
@@ -282,7 +195,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                     count("matmul_kept_fp32")
                     continue
                 self._replace_matmul(graph, node, w_nk.astype(np.float32, copy=False), bits, module, reuse,
-                                     self.table_block if reuse is not None else None)
+                                     table_block if reuse is not None else None)
                 if reuse is not None:
                     count("lm_head_shares_embedding_table")
                 count(f"{'lm_head' if is_head else 'matmul'}_int{bits}")
@@ -302,11 +215,11 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 source = node.inputs[0]
                 if source is shared_table and bits == self._bits_for("lm_head", cfg.lm_head_bits):
                     shared_values = self._tensors("lm_head.weight", table.astype(np.float32, copy=False), bits,
-                                                  embedding=False, module="lm_head", block=self.table_block)
-                    if self.table_block != cfg.block_size:
-                        self.counts[f"shared_table_block_{self.table_block}"] = 1
+                                                  embedding=False, module="lm_head", block=table_block)
+                    if table_block != cfg.block_size:
+                        self.counts[f"shared_table_block_{table_block}"] = 1
                     self._register(graph, shared_values)
-                    self._replace_gather(graph, node, table, bits, shared_values)
+                    self._replace_gather(graph, node, table, bits, shared_values, table_block)
                 else:
                     self._replace_gather(graph, node, table.astype(np.float32, copy=False), bits, None)
                 count(f"embedding_int{bits}")

@@ -1,0 +1,85 @@
+"""Block-wise int4/int8 weight arithmetic in the layout of onnxruntime's MatMulNBits and GatherBlockQuantized.
+
+Blocks run along the input dimension K of a weight [N, K], one scale (and, asymmetric, one zero point) per
+block. Symmetric blocks map the signed absolute maximum to -2^(bits-1), as onnxruntime's MLAS does, so
+`rtn` here equals onnxruntime's (and the GenAI builder's) rounding. `clip` searches, per block, the
+clipping ratio of the range that minimises the block's squared reconstruction error.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+CLIP_RATIOS = np.linspace(1.0, 0.6, 17, dtype=np.float32)
+
+
+def block_scales_and_zeros(blocks: np.ndarray, bits: int, symmetric: bool, ratio: np.ndarray | float = 1.0):
+    """Per-block scale and zero point for blocks [N, nb, bs]."""
+    half = 2 ** (bits - 1)
+    if symmetric:
+        # Signed absolute maximum mapped to -half, as onnxruntime's MLAS does: the full range is used.
+        idx = np.abs(blocks).argmax(axis=-1)[..., None]
+        signed_max = np.take_along_axis(blocks, idx, axis=-1)[..., 0] * ratio
+        scale = signed_max / -half
+        zero = np.full(scale.shape, half, dtype=np.float32)
+    else:
+        lo = np.minimum(blocks.min(axis=-1), 0.0) * ratio
+        hi = np.maximum(blocks.max(axis=-1), 0.0) * ratio
+        scale = (hi - lo) / (2**bits - 1)
+        safe = np.where(scale == 0, 1.0, scale)
+        zero = np.clip(np.round(-lo / safe), 0, 2**bits - 1)
+    return scale.astype(np.float32), zero.astype(np.float32)
+
+
+def _quantize(blocks, scale, zero, bits):
+    safe = np.where(scale == 0, 1.0, scale)[..., None]
+    return np.clip(np.round(blocks / safe) + zero[..., None], 0, 2**bits - 1)
+
+
+ROWS_PER_CHUNK = 2048  # bounds the float temporaries to a few MB whatever the matrix size
+
+
+def quantize_blocks(w_nk: np.ndarray, bits: int, block_size: int, symmetric: bool, algo: str):
+    """w_nk [N, K] fp32 -> (q uint8 [N, nb, bs], scales [N, nb], zero points uint8 [N, nb])."""
+    if w_nk.shape[0] > ROWS_PER_CHUNK:
+        parts = [_quantize_rows(w_nk[i : i + ROWS_PER_CHUNK], bits, block_size, symmetric, algo)
+                 for i in range(0, w_nk.shape[0], ROWS_PER_CHUNK)]
+        return tuple(np.concatenate(p, axis=0) for p in zip(*parts))
+    return _quantize_rows(w_nk, bits, block_size, symmetric, algo)
+
+
+def _quantize_rows(w_nk: np.ndarray, bits: int, block_size: int, symmetric: bool, algo: str):
+    n, k = w_nk.shape
+    nb = -(-k // block_size)
+    padded = np.zeros((n, nb * block_size), dtype=np.float32)
+    padded[:, :k] = w_nk
+    blocks = padded.reshape(n, nb, block_size)
+    scale, zero = block_scales_and_zeros(blocks, bits, symmetric)
+    q = _quantize(blocks, scale, zero, bits)
+    if algo == "clip":
+        best = ((q - zero[..., None]) * scale[..., None] - blocks) ** 2
+        best = best.sum(axis=-1)
+        for ratio in CLIP_RATIOS[1:]:
+            s, z = block_scales_and_zeros(blocks, bits, symmetric, ratio)
+            candidate = _quantize(blocks, s, z, bits)
+            err = (((candidate - z[..., None]) * s[..., None] - blocks) ** 2).sum(axis=-1)
+            better = err < best
+            best = np.where(better, err, best)
+            scale = np.where(better, s, scale)
+            zero = np.where(better, z, zero)
+            q = np.where(better[..., None], candidate, q)
+    return q.astype(np.uint8), scale, zero.astype(np.uint8)
+
+
+def dequantize_blocks(q, scale, zero, k: int) -> np.ndarray:
+    w = (q.astype(np.float32) - zero[..., None].astype(np.float32)) * scale[..., None]
+    return w.reshape(q.shape[0], -1)[:, :k]
+
+
+def pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """Two 4-bit values per byte, low nibble first, along the last axis (8 bits: as is)."""
+    if bits == 8:
+        return q
+    if q.shape[-1] % 2:
+        q = np.concatenate([q, np.zeros(q.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
