@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from compiler.bundle import MANIFEST, BundleWriter, read_manifest
+from compiler.bundle import BundleWriter, read_manifest, write_manifest
 from compiler.config import BuildConfig
 from compiler.errors import CheckFailed, UsageError
 from compiler.frontend.load import Checkpoint, build_decoder, read_checkpoint
@@ -173,7 +171,5 @@ def revalidate(bundle: Path, config_overrides: dict, report: BuildReport) -> dic
         validation = _validation(runner, reference, config)
     validation["source_changed_since_build"] = changed
     manifest["validation"] = validation
-    tmp = bundle / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, bundle / MANIFEST)
+    write_manifest(bundle, manifest)
     return validation

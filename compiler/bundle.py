@@ -38,6 +38,13 @@ def read_manifest(directory: Path) -> dict:
     return json.loads((directory / MANIFEST).read_text())
 
 
+def write_manifest(directory: Path, manifest: dict) -> None:
+    """Replace directory/manifest.json atomically: readers see the old manifest or the new, never half."""
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, directory / MANIFEST)
+
+
 def check_output(out: Path, force: bool) -> None:
     """Refuse, before any work, an output that holds something other than an edgec bundle."""
     if out.exists() and not out.is_dir():
@@ -87,9 +94,7 @@ class BundleWriter:
             **manifest,
             "files": file_entries(self.staging),
         }
-        tmp = self.staging / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, self.staging / MANIFEST)
+        write_manifest(self.staging, manifest)
         check_output(self.out, self.force)  # the output may have changed during the build
         old = None
         if self.out.exists():

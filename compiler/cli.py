@@ -116,17 +116,16 @@ def build(model_dir, adapters, out, formats, optimize, dump_dir, quant, block_si
         quant_config = QuantConfig(4, block_size, not asymmetric, accuracy_level, algo, int(embedding_bits),
                                    int(lm_head_bits), tuple(keep_fp32), tuple(keep_int8),
                                    str(calibration) if calibration else None)
-    precision = "int4" if quant_config else "fp32"
 
     config = BuildConfig(
         model=ModelConfig(model_dir),
         out=out,
         adapters=_parse_adapters(adapters),
-        export=ExportConfig(_parse_formats(formats), precision, optimize, dump_dir, quant_config),
+        export=ExportConfig(_parse_formats(formats), optimize, dump_dir, quant_config),
         validation=ValidationConfig(enabled=not no_validate, new_tokens=new_tokens, gate_overrides=_parse_gates(gates)),
         force=force,
     )
-    config.validation.gates(precision)  # unknown gate names fail before the build
+    config.validation.gates(config.export.precision)  # unknown gate names fail before the build
     report = BuildReport(quiet=quiet)
     try:
         out_dir, manifest = run_build(config, report)

@@ -83,10 +83,14 @@ class QuantConfig:
 @dataclass
 class ExportConfig:
     formats: tuple[str, ...] = ("onnx",)
-    precision: str = "fp32"
     optimize: str = "fuse"  # ONNX pass pipeline: none | fuse
     dump_dir: Path | None = None
     quant: QuantConfig | None = None
+
+    @property
+    def precision(self) -> str:
+        """What the validation gates hold the artifact to: the weights' precision."""
+        return "int4" if self.quant else "fp32"
 
     @property
     def pipeline(self) -> str:
@@ -139,8 +143,8 @@ class BuildConfig:
             model=ModelConfig(Path(data["model"]["path"])),
             out=out,
             adapters=[AdapterSpec(Path(a["path"]), float(a["weight"])) for a in data.get("adapters", [])],
-            export=ExportConfig(tuple(data["export"]["formats"]), data["export"]["precision"],
-                                data["export"].get("optimize", "none"), None, _quant_from_dict(data["export"].get("quant"))),
+            export=ExportConfig(tuple(data["export"]["formats"]), data["export"].get("optimize", "none"), None,
+                                _quant_from_dict(data["export"].get("quant"))),
             validation=ValidationConfig(**data.get("validation", {})),
         )
 

@@ -44,7 +44,6 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 def hf_config(family: str = "llama", **overrides):
     from transformers import AutoConfig
 
-    model_type = {"llama": "llama", "qwen2": "qwen2", "phi3": "phi3", "mistral": "mistral"}[family]
     base = dict(
         vocab_size=512,
         hidden_size=64,
@@ -61,7 +60,7 @@ def hf_config(family: str = "llama", **overrides):
         base["sliding_window"] = None
     base.update(FAMILY_CONFIGS[family])
     base.update(overrides)
-    return AutoConfig.for_model(model_type, **base)
+    return AutoConfig.for_model(family, **base)  # the family names are transformers' model types
 
 
 def make_tokenizer(directory: Path, vocab_size: int) -> None:
