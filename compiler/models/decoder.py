@@ -161,9 +161,9 @@ class CanonicalDecoder(nn.Module):
         shape = (batch, self.cfg.num_kv_heads, 0, self.cfg.head_dim)
         return [torch.zeros(shape) for _ in range(2 * self.cfg.num_layers)]
 
-    def forward(self, input_ids, attention_mask, position_ids, *past):
+    def layer_inputs(self, input_ids, attention_mask, position_ids, past_len):
+        """(embeddings, cos, sin, additive mask) that every layer reads."""
         seq = input_ids.shape[1]
-        past_len = past[0].shape[2]
         x = self.model.embed_tokens(input_ids)
 
         # Rope and mask are written the way transformers writes them, so that the exported graph has
@@ -185,7 +185,10 @@ class CanonicalDecoder(nn.Module):
         causal = causal[None, None].expand(input_ids.shape[0], 1, -1, -1)
         padded = (causal + attention_mask[:, None, None, :].to(causal.dtype)) == 0
         mask = causal.masked_fill(padded, min_value)
+        return x, cos, sin, mask
 
+    def forward(self, input_ids, attention_mask, position_ids, *past):
+        x, cos, sin, mask = self.layer_inputs(input_ids, attention_mask, position_ids, past[0].shape[2])
         presents = []
         for i, layer in enumerate(self.model.layers):
             x, present_key, present_value = layer(x, cos, sin, mask, past[2 * i], past[2 * i + 1])

@@ -71,6 +71,16 @@ def _quantize_rows(w_nk: np.ndarray, bits: int, block_size: int, symmetric: bool
     return q.astype(np.uint8), scale, zero.astype(np.uint8)
 
 
+def tied_table_block(hidden: int, block_size: int) -> int:
+    """Block of a table shared by the embedding gather and the lm_head: the largest power-of-two
+    fraction of `block_size` (at least 16) that divides H, since a padded last block would be gathered
+    as part of the row; 0 when there is none."""
+    block = block_size
+    while block >= 16 and hidden % block:
+        block //= 2
+    return block if block >= 16 else 0
+
+
 def dequantize_blocks(q, scale, zero, k: int) -> np.ndarray:
     w = (q.astype(np.float32) - zero[..., None].astype(np.float32)) * scale[..., None]
     return w.reshape(q.shape[0], -1)[:, :k]

@@ -1,15 +1,22 @@
 """GPTQ: calibration-based int4 rounding that compensates each column's error on the columns after it.
 
 For every Linear of the merged fp32 decoder, the Hessian proxy H = 2/n * sum(x x^T) of its inputs on
-calibration text is collected with forward hooks (one fp32 pass; q/k/v and gate/up share their input and
-so their H). Each weight [N, K] is then quantized column by column in the exact block format of
-QuantizeWeightsPass (one scale per `block_size` columns, set when the block starts, from the weights as
+calibration text is collected (q/k/v and gate/up share their input and so their H, and are quantized as
+one stacked matrix). Each weight [N, K] is then quantized column by column in the exact block format of
+QuantizeWeightsPass (one scale per block of columns, set when the block starts, from the weights as
 updated so far), and each column's rounding error is spread over the remaining columns through the
 Cholesky factor of H^-1 (Frantar et al., 2022). The result is handed to the pass as precomputed blocks.
+
+Speed and memory: the calibration hidden states go through the decoder one window of layers at a time
+(logits are never computed), so only one window's Hessians are held. Within a window, all matrices of one
+shape go through one batched column loop: the loop's per-column torch calls cost dispatch time rather
+than arithmetic, so 30 layers batched cost little more than one.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +25,7 @@ from torch import nn
 
 from compiler.errors import UsageError
 from compiler.models.decoder import CanonicalDecoder
-from compiler.quant.blocks import block_scales_and_zeros
+from compiler.quant.blocks import block_scales_and_zeros, tied_table_block
 
 BUILTIN_CALIBRATION = (
     "The quick brown fox jumps over the lazy dog. Small language models run on phones, single-board "
@@ -31,9 +38,14 @@ BUILTIN_CALIBRATION = (
     "The meeting is moved to Thursday at three; please bring the quarterly figures and the draft plan. "
 )
 
+CALIBRATION_WINDOWS = 16  # of 128 tokens; the forward and the x x^T products grow linearly with it
+HESSIAN_BUDGET_BYTES = 160 * 2**20  # Hessians held at once (one window of layers)
+BATCH_ELEMENTS = 32 * 2**20  # weights in one batched column loop (fp32: 128 MiB)
+ROWS_PER_JOB = 4096  # rows are independent given H: a large lm_head is cut into jobs of this many rows
+
 
 def calibration_sequences(model_dir: Path, text_file: str | None, vocab_size: int, length: int = 128,
-                          count: int = 32) -> list[list[int]]:
+                          count: int = CALIBRATION_WINDOWS) -> list[list[int]]:
     """Calibration text through the model's tokenizer, cut into up to `count` windows of `length` tokens."""
     from tokenizers import Tokenizer
 
@@ -48,105 +60,29 @@ def calibration_sequences(model_dir: Path, text_file: str | None, vocab_size: in
     return [ids[s : s + length] for s in range(0, len(ids) - length + 1, step)][:count]
 
 
-def collect_hessians(model: CanonicalDecoder, sequences: list[list[int]], only: set[str] | None = None
-                     ) -> dict[str, torch.Tensor]:
-    """Module path -> H [K, K] for every nn.Linear (or those in `only`), from one fp32 pass over the sequences."""
-    hessians: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
+class _HessianAccumulator:
+    """H = 2/n * sum(x x^T) per module path, fed by forward pre-hooks or directly."""
 
-    def hook(name):
-        def accumulate(module, inputs, output):
-            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
-            n = x.shape[0]
-            total = counts.get(name, 0) + n
-            h = hessians.get(name)
-            update = x.T @ x
-            hessians[name] = update * (2 / total) if h is None else h * (counts[name] / total) + update * (2 / total)
-            counts[name] = total
-        return accumulate
+    def __init__(self):
+        self.hessians: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.handles: list = []
 
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and (only is None or name in only):
-            hooks.append(module.register_forward_hook(hook(name)))
-    try:
-        with torch.no_grad():
-            # Equal-length windows in small batches: larger matmuls, bounded logits memory.
-            for i in range(0, len(sequences), 4):
-                x = torch.tensor(sequences[i : i + 4])
-                positions = torch.arange(x.shape[1])[None].expand_as(x)
-                model(x, torch.ones_like(x), positions, *model.empty_cache(x.shape[0]))
-    finally:
-        for h in hooks:
-            h.remove()
-    return hessians
+    def hook(self, module: nn.Module, name: str) -> None:
+        self.handles.append(module.register_forward_pre_hook(lambda _m, inputs: self.add(name, inputs[0])))
 
+    def remove_hooks(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
-def _group_params(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point per row of one block of columns, by the same rule as the RTN path."""
-    scale, zero = block_scales_and_zeros(w.numpy()[:, None, :], bits, symmetric)
-    return torch.from_numpy(scale[:, 0]), torch.from_numpy(zero[:, 0])
-
-
-GPTQ_ROWS_PER_CHUNK = 4096  # rows are independent given H: chunks bound the memory of a large lm_head
-
-
-def _inverse_hessian_factor(hessian: torch.Tensor, k: int, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor of H^-1 for H padded to k columns, and the mask of dead (all-zero) inputs."""
-    k_real = hessian.shape[0]
-    h = torch.zeros(k, k)
-    h[:k_real, :k_real] = hessian
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(k)
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True), dead
-
-
-def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, block_size: int, symmetric: bool,
-                  damp: float = 0.01, lazy: int = 128):
-    """weight [N, K] -> (q uint8 [N, nb, bs], scales [N, nb], zero points uint8 [N, nb]) as numpy."""
-    n, k_real = weight.shape
-    nb = -(-k_real // block_size)
-    # K is padded to whole blocks with zero columns (as the RTN path does); their H diagonal is 0, so
-    # they count as dead inputs and stay exactly zero.
-    hinv, dead = _inverse_hessian_factor(hessian, nb * block_size, damp)
-    parts = [_gptq_rows(weight[r : r + GPTQ_ROWS_PER_CHUNK], hinv, dead, bits, block_size, symmetric, lazy)
-             for r in range(0, n, GPTQ_ROWS_PER_CHUNK)]
-    return tuple(np.concatenate(p, axis=0) for p in zip(*parts))
-
-
-def _gptq_rows(weight, hinv, dead, bits, block_size, symmetric, lazy):
-    n, k_real = weight.shape
-    k = hinv.shape[0]
-    nb = k // block_size
-    w = torch.zeros(n, k)
-    w[:, :k_real] = weight.detach().float()
-    w[:, dead] = 0
-    q_all = torch.zeros(n, k, dtype=torch.uint8)
-    scales = torch.zeros(n, nb)
-    zeros = torch.zeros(n, nb)
-    lazy = max(block_size, lazy - lazy % block_size)
-    qmax = 2**bits - 1
-    for i1 in range(0, k, lazy):
-        i2 = min(i1 + lazy, k)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % block_size == 0:
-                scale, zero = _group_params(w1[:, i : i + block_size], bits, symmetric)
-                scales[:, col // block_size], zeros[:, col // block_size] = scale, zero
-                safe = torch.where(scale == 0, 1.0, scale)
-            q = torch.clamp(torch.round(w1[:, i] / safe) + zero, 0, qmax)
-            q_all[:, col] = q.to(torch.uint8)
-            dq = (q - zero) * scale
-            err = (w1[:, i] - dq) / hinv1[i, i]
-            w1[:, i:] -= err[:, None] @ hinv1[i, i:][None, :]
-            err1[:, i] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return (q_all.reshape(n, nb, block_size).numpy(), scales.numpy().astype(np.float32),
-            zeros.numpy().astype(np.uint8))
+    def add(self, name: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        total = self.counts.get(name, 0) + x.shape[0]
+        update = x.T @ x
+        h = self.hessians.get(name)
+        self.hessians[name] = update * (2 / total) if h is None else h * (self.counts[name] / total) + update * (2 / total)
+        self.counts[name] = total
 
 
 # Linears that read the same input share one Hessian, and GPTQ treats rows independently given H, so
@@ -155,23 +91,210 @@ SHARED_INPUT = {"q_proj": ("q_proj", "k_proj", "v_proj"), "gate_proj": ("gate_pr
 FOLLOWERS = {"k_proj", "v_proj", "up_proj"}
 
 
+@dataclass
+class _Leader:
+    name: str  # the Linear whose input hooks collect H
+    members: list[str]  # the Linears stacked by rows into one matrix (q/k/v, gate/up, or itself)
+    weights: list[torch.Tensor]
+    block: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return sum(w.shape[0] for w in self.weights), self.weights[0].shape[1]
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        parts, offset = [], 0
+        for w in self.weights:
+            lo, hi = max(start - offset, 0), min(stop - offset, w.shape[0])
+            if lo < hi:
+                parts.append(w[lo:hi])
+            offset += w.shape[0]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def _leaders(model: CanonicalDecoder, block_size: int, symmetric: bool, skip: tuple[str, ...]) -> list[_Leader]:
+    modules = dict(model.named_modules())
+    leaders = []
+    for name, module in modules.items():
+        leaf = name.rsplit(".", 1)[-1]
+        if not isinstance(module, nn.Linear) or leaf in FOLLOWERS or name in skip:
+            continue
+        prefix = name[: -len(leaf)]
+        members = [prefix + m for m in SHARED_INPUT.get(leaf, (leaf,))]
+        block = block_size
+        if name == "lm_head" and model.cfg.tie_word_embeddings:
+            # A tied table is shared with the embedding at the block QuantizeWeightsPass gives it.
+            block = tied_table_block(model.cfg.hidden_size, block_size) if symmetric else 0
+            if not block:
+                continue
+        leaders.append(_Leader(name, members, [modules[m].weight.detach() for m in members], block))
+    return leaders
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[2]) if len(parts) > 2 and parts[1] == "layers" else None
+
+
+def _windows(model: CanonicalDecoder, leaders: list[_Leader]) -> list[list[int]]:
+    """Consecutive layers whose Hessians together fit HESSIAN_BUDGET_BYTES (at least one layer each)."""
+    per_layer = defaultdict(int)
+    for leader in leaders:
+        per_layer[_layer_of(leader.name)] += leader.shape[1] ** 2 * 4
+    windows, current, held = [], [], 0
+    for i in range(model.cfg.num_layers):
+        if current and held + per_layer[i] > HESSIAN_BUDGET_BYTES:
+            windows.append(current)
+            current, held = [], 0
+        current.append(i)
+        held += per_layer[i]
+    windows.append(current)
+    return windows
+
+
 def gptq_blocks(model: CanonicalDecoder, sequences: list[list[int]], bits: int, block_size: int,
                 symmetric: bool, skip: tuple[str, ...] = ()) -> dict[str, tuple]:
-    """Module path -> precomputed blocks for every Linear (those named in `skip` excepted)."""
+    """Module path -> precomputed (q [N, nb, bs], scales [N, nb], zero points [N, nb]) for every Linear
+    (those named in `skip` excepted; a tied lm_head at its shared table's block)."""
+    leaders = _leaders(model, block_size, symmetric, skip)
     modules = dict(model.named_modules())
-    leaders = [n for n, m in modules.items() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] not in FOLLOWERS]
-    hessians = collect_hessians(model, sequences, only=set(leaders))
-    out = {}
-    for name, h in hessians.items():
-        prefix, _, leaf = name.rpartition(".")
-        group = [f"{prefix}.{m}" if prefix else m for m in SHARED_INPUT.get(leaf, (leaf,))]
-        weights = [modules[g].weight for g in group]
-        if name in skip:
-            continue
-        q, scales, zeros = gptq_quantize(torch.cat(weights, dim=0), h, bits, block_size, symmetric)
-        start = 0
-        for member, weight in zip(group, weights):
-            rows = slice(start, start + weight.shape[0])
-            out[member] = (q[rows], scales[rows], zeros[rows])
-            start += weight.shape[0]
+    by_layer = defaultdict(list)
+    for leader in leaders:
+        by_layer[_layer_of(leader.name)].append(leader)
+    out: dict[str, tuple] = {}
+    with torch.no_grad():
+        ids = torch.tensor(sequences)
+        positions = torch.arange(ids.shape[1])[None].expand_as(ids)
+        x, cos, sin, mask = model.layer_inputs(ids, torch.ones_like(ids), positions, 0)
+        empty = model.empty_cache(x.shape[0])[0]
+        for window in _windows(model, leaders):
+            hessians = _HessianAccumulator()
+            in_window = [leader for i in window for leader in by_layer[i]]
+            for leader in in_window:
+                hessians.hook(modules[leader.name], leader.name)
+            try:
+                for i in window:
+                    x = model.model.layers[i](x, cos, sin, mask, empty, empty)[0]
+            finally:
+                hessians.remove_hooks()
+            if window[-1] == model.cfg.num_layers - 1 and by_layer[None]:
+                hessians.add("lm_head", model.model.norm(x))
+                in_window += by_layer[None]
+            out.update(_quantize_leaders(in_window, hessians.hessians, bits, symmetric))
     return out
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, block_size: int, symmetric: bool):
+    """One weight [N, K] and its H -> (q uint8 [N, nb, bs], scales [N, nb], zero points uint8 [N, nb])."""
+    leader = _Leader("w", ["w"], [weight.detach()], block_size)
+    return _quantize_leaders([leader], {"w": hessian}, bits, symmetric)["w"]
+
+
+def _quantize_leaders(leaders: list[_Leader], hessians: dict[str, torch.Tensor], bits: int, symmetric: bool,
+                      damp: float = 0.01) -> dict[str, tuple]:
+    """Cuts the leaders into row jobs, runs jobs of equal shape in batches, and splits the results back
+    per member. Pops the Hessians it has used."""
+    jobs = defaultdict(list)  # (rows, padded K, block) -> [(leader, start, stop)]
+    for leader in leaders:
+        n, k = leader.shape
+        padded = -(-k // leader.block) * leader.block
+        for start in range(0, n, ROWS_PER_JOB):
+            stop = min(start + ROWS_PER_JOB, n)
+            jobs[(stop - start, padded, leader.block)].append((leader, start, stop))
+    factors: dict[str, tuple] = {}
+    jobs_left = defaultdict(int)
+    for group in jobs.values():
+        for leader, _, _ in group:
+            jobs_left[leader.name] += 1
+    results: dict[tuple[str, int], tuple] = {}
+    for (rows, padded, block), group in jobs.items():
+        per_batch = max(1, BATCH_ELEMENTS // (rows * padded))
+        for b0 in range(0, len(group), per_batch):
+            batch = group[b0 : b0 + per_batch]
+            for leader, _, _ in batch:
+                if leader.name not in factors:
+                    factors[leader.name] = _inverse_hessian_factor(hessians.pop(leader.name), padded, damp)
+            # Weights transposed to [B, K, N]: the loop reads and updates whole columns, contiguous so.
+            w = torch.zeros(len(batch), padded, rows)
+            for j, (leader, start, stop) in enumerate(batch):
+                k = leader.shape[1]
+                w[j, :k] = leader.rows(start, stop).T
+                w[j, factors[leader.name][1]] = 0
+            hinv = torch.stack([factors[leader.name][0] for leader, _, _ in batch])
+            q, scales, zeros = _gptq_columns(w, hinv, bits, block, symmetric)
+            del w, hinv
+            for j, (leader, start, _) in enumerate(batch):
+                results[(leader.name, start)] = (q[j], scales[j], zeros[j])
+                jobs_left[leader.name] -= 1
+                if not jobs_left[leader.name]:
+                    del factors[leader.name]
+    out = {}
+    for leader in leaders:
+        n = leader.shape[0]
+        q, scales, zeros = (np.concatenate(p, axis=0) for p in
+                            zip(*[results.pop((leader.name, s)) for s in range(0, n, ROWS_PER_JOB)]))
+        offset = 0
+        for member, weight in zip(leader.members, leader.weights):
+            rows = slice(offset, offset + weight.shape[0])
+            out[member] = (q[rows], scales[rows], zeros[rows])
+            offset += weight.shape[0]
+    return out
+
+
+def _inverse_hessian_factor(hessian: torch.Tensor, k: int, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper triangular U with U^T U = H^-1, for H padded to k columns, and the mask of dead inputs.
+
+    With J the reversal permutation and J H J = L L^T, R = J L J is upper and H = R R^T, so
+    U = R^-1: one Cholesky and one triangular inverse (instead of Cholesky, inverse, Cholesky)."""
+    k_real = hessian.shape[0]
+    h = torch.zeros(k, k)
+    h[:k_real, :k_real] = hessian
+    dead = torch.diag(h) == 0
+    # Padding columns and unused inputs have H_ii = 0: a unit diagonal keeps H invertible, and their
+    # weights are zeroed, so they stay exactly zero.
+    h[dead, dead] = 1
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(k)
+    upper = torch.linalg.cholesky(h.flip(0, 1)).flip(0, 1)
+    return torch.linalg.solve_triangular(upper, torch.eye(k), upper=True), dead
+
+
+def _gptq_columns(w: torch.Tensor, hinv: torch.Tensor, bits: int, block_size: int, symmetric: bool, lazy: int = 32):
+    """The GPTQ column loop over a batch: w [B, K, N] (updated in place), hinv [B, K, K] upper factors.
+    Returns numpy (q uint8 [B, N, nb, bs], scales [B, N, nb], zero points uint8 [B, N, nb]).
+
+    Each column's error goes to the rest of its `lazy` window at once (one fused multiply-add) and to the
+    columns after the window in one batched matrix product per window. The per-column steps are few,
+    in-place torch calls: at these sizes their dispatch, not their arithmetic, is the cost."""
+    b, k, n = w.shape
+    nb = k // block_size
+    q_all = torch.empty(b, k, n, dtype=torch.uint8)
+    scales = torch.empty(b, nb, n)
+    zeros = torch.empty(b, nb, n)
+    qmax = 2**bits - 1
+    inv_diag = 1 / torch.diagonal(hinv, dim1=1, dim2=2)
+    for i1 in range(0, k, lazy):
+        i2 = min(i1 + lazy, k)
+        w1 = w[:, i1:i2]  # a view: updates land in w
+        err1 = torch.empty_like(w1)
+        hinv1 = hinv[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % block_size == 0:
+                # Same rule as the RTN path, on the block as updated so far (blocks along K: axis 1 here).
+                block = w[:, col : col + block_size].transpose(1, 2).numpy()
+                scale, zero = (torch.from_numpy(a) for a in block_scales_and_zeros(block, bits, symmetric))
+                scales[:, col // block_size], zeros[:, col // block_size] = scale, zero
+                inv_scale = 1 / torch.where(scale == 0, 1.0, scale)
+                zero_scaled = zero * scale
+            column = w1[:, i]
+            q = torch.mul(column, inv_scale).round_().add_(zero).clamp_(0, qmax)
+            q_all[:, col] = q
+            err = err1[:, i]
+            torch.addcmul(column + zero_scaled, q, scale, value=-1, out=err)  # w - (q - zero) * scale
+            err.mul_(inv_diag[:, col, None])
+            w1[:, i + 1 :].addcmul_(hinv1[:, i, i + 1 :, None], err[:, None, :], value=-1)
+        if i2 < k:
+            w[:, i2:].baddbmm_(hinv[:, i1:i2, i2:].transpose(1, 2), err1, alpha=-1)
+    q = q_all.reshape(b, nb, block_size, n).permute(0, 3, 1, 2).contiguous().numpy()
+    return (q, scales.transpose(1, 2).contiguous().numpy().astype(np.float32),
+            zeros.transpose(1, 2).contiguous().numpy().astype(np.uint8))

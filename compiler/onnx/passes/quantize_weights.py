@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from compiler.config import QuantConfig
 from compiler.onnx.scopes import module_path
-from compiler.quant.blocks import pack, quantize_blocks
+from compiler.quant.blocks import pack, quantize_blocks, tied_table_block
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
     if value is None or value.const_value is None:
@@ -70,12 +70,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         for node in graph:
             if node.op_type == "Transpose" and node.inputs[0] is not None and id(node.inputs[0]) in gathered:
                 if any(use.node.op_type == "MatMul" for use in node.outputs[0].uses()):
-                    hidden = node.inputs[0].const_value.shape[1]
-                    # The largest block up to the configured one that divides H (no padded last block).
-                    block = self.config.block_size
-                    while block >= 16 and hidden % block:
-                        block //= 2
-                    return (node.inputs[0], block) if block >= 16 else (None, 0)
+                    block = tied_table_block(node.inputs[0].const_value.shape[1], self.config.block_size)
+                    return (node.inputs[0], block) if block else (None, 0)
         return None, 0
 
     def _bits_for(self, module: str, default: int) -> int:
@@ -89,8 +85,8 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                  block: int | None = None):
         cfg = self.config
         block = block or cfg.block_size
-        precomputed = self._precomputed(module, bits) if block == cfg.block_size else None
-        if precomputed is not None:
+        precomputed = self._precomputed(module, bits)
+        if precomputed is not None and precomputed[0].shape[2] == block:
             q, scale, zero = precomputed
             self.counts["calibrated"] = self.counts.get("calibrated", 0) + 1
         else:
