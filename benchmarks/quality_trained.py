@@ -3,7 +3,7 @@
 Random weights say nothing about quantization quality (30 random layers drift even at int8), so this
 script trains (or reuses from its cache) a small Llama on text every machine has, the Python standard
 library's sources, then measures on held-out sources: perplexity and KL divergence to the fp32 model,
-and top-1 agreement, for fp32, edgec int4 (rtn and clip at blocks 32 and 128) and the builder's int4 at
+and top-1 agreement, for fp32, edgec int4 (rtn, clip and gptq at blocks 32 and 128) and the builder's int4 at
 the same blocks. All artifacts are run by edgec's onnxruntime runner on the same token windows.
 
     .venv/bin/python benchmarks/quality_trained.py [--work DIR] [--train-steps N]
@@ -151,6 +151,8 @@ def main() -> None:
         for algo in ALGOS:
             ours = results[f"edgec int4 {algo} block {block}"]["kl"]
             print(f"KL ratio edgec {algo} / builder at block {block}: {ours / builder:.2f}x")
+    defaults = results["edgec int4 gptq block 128"]["kl"] / results["builder int4 block 32"]["kl"]
+    print(f"KL ratio of the defaults, edgec (gptq, block 128) / builder (block 32): {defaults:.2f}x (target <= 0.70x)")
 
 
 if __name__ == "__main__":

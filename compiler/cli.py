@@ -88,9 +88,11 @@ def _parse_adapters(values: tuple[str, ...]):
 @click.option("--dump-dir", type=click.Path(path_type=Path), help="Save the ONNX model after each pass here.")
 @click.option("--quant", type=click.Choice(["none", "int4"]), default="none", show_default=True,
               help="Weight quantization: int4 MatMulNBits blocks, embedding and lm_head included.")
-@click.option("--block-size", type=int, default=32, show_default=True, help="int4 block size, 16 to 256.")
-@click.option("--algo", type=click.Choice(["rtn", "clip", "gptq"]), default="rtn", show_default=True,
-              help="rtn: round to nearest; clip: data-free per-block clipping search; gptq: calibrated on text.")
+@click.option("--block-size", type=int, default=128, show_default=True,
+              help="int4 block size, 16 to 256 (larger: faster prefill, smaller file).")
+@click.option("--algo", type=click.Choice(["rtn", "clip", "gptq"]), default="gptq", show_default=True,
+              help="gptq: calibrated on text (needs tokenizer.json); rtn: round to nearest; clip: data-free "
+                   "per-block clipping search.")
 @click.option("--calibration", type=click.Path(path_type=Path), help="Text file for --algo gptq (default: built-in).")
 @click.option("--asymmetric", is_flag=True, help="Blocks with zero points (default: symmetric).")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,

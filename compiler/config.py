@@ -48,10 +48,10 @@ class QuantConfig:
     """Weight-only quantization of the ONNX model (MatMulNBits / GatherBlockQuantized)."""
 
     bits: int = 4
-    block_size: int = 32
+    block_size: int = 128
     symmetric: bool = True
     accuracy_level: int = 4  # onnxruntime: 4 = int8 activations in the kernel, 0/1 = fp32
-    algo: str = "rtn"
+    algo: str = "gptq"
     embedding_bits: int = 4  # 0 keeps the embedding fp32
     lm_head_bits: int = 4
     keep_fp32: tuple[str, ...] = ()  # module-path regexes

@@ -137,13 +137,29 @@ def test_int4_build_passes_its_gates_and_runs_in_onnxruntime_genai(trained_dir, 
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["artifacts"][0]["precision"] == "int4" and manifest["artifacts"][0]["pipeline"] == "fuse+int4"
-    assert manifest["artifacts"][0]["quant"]["block_size"] == 32
+    quant = manifest["artifacts"][0]["quant"]
+    assert quant["block_size"] == 128 and quant["algo"] == "gptq" and quant["calibration"] is None  # the defaults
     assert {g["metric"] for g in manifest["validation"]["gates"]} == {"kl_mean", "top1_agreement", "perplexity_ratio"}
     assert manifest["validation"]["metrics"]["perplexity_artifact"] > 1
     pytest.importorskip("onnxruntime_genai")
     from runtimes.genai import GenaiRuntime
 
     assert len(GenaiRuntime(out).generate([1, 40, 41, 42], 8)) >= 1
+
+
+def test_default_int4_without_a_tokenizer_says_how_to_go_on(tmp_path):
+    from compiler.fixtures import make_model
+
+    model = tmp_path / "model"
+    make_model(model, tokenizer=False)
+    out = tmp_path / "int4"
+    result = CliRunner().invoke(main, ["build", "--model", str(model), "--out", str(out), "--quant", "int4", "--quiet"])
+    assert result.exit_code == 2 and not out.exists(), result.output
+    assert "needs tokenizer.json" in result.output and "--algo rtn" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    rtn = CliRunner().invoke(main, ["build", "--model", str(model), "--out", str(out), "--quant", "int4", "--algo", "rtn",
+                                    "--no-validate", "--quiet"])
+    assert rtn.exit_code == 0, rtn.output
 
 
 def test_lora_retention_measures_how_much_of_the_adapter_change_survives():
@@ -170,7 +186,7 @@ def test_int4_build_reports_lora_delta_retention_per_adapter(trained_dir, tmp_pa
     second = make_adapter(trained_dir, tmp_path / "b", target_modules=["down_proj"], r=4, alpha=32, seed=4)
     out = tmp_path / "int4"
     result = CliRunner().invoke(main, ["build", "--model", str(trained_dir), "--adapter", str(first), "--adapter",
-                                       str(second), "--out", str(out), "--quant", "int4", "--quiet"])
+                                       str(second), "--out", str(out), "--quant", "int4", "--block-size", "32", "--quiet"])
     assert result.exit_code == 0, result.output
     retention = json.loads((out / "manifest.json").read_text())["validation"]["lora_retention"]
     assert [a["path"] for a in retention["per_adapter"]] == [str(first), str(second)]

@@ -27,17 +27,9 @@ from compiler.errors import UsageError
 from compiler.models.decoder import CanonicalDecoder
 from compiler.quant.blocks import block_scales_and_zeros, tied_table_block
 
-BUILTIN_CALIBRATION = (
-    "The quick brown fox jumps over the lazy dog. Small language models run on phones, single-board "
-    "computers and laptops. A compiler turns a trained network into a file that an application loads; "
-    "it must keep what the network computes while making it smaller and faster. "
-    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n"
-    "Once upon a time, a curious child asked why the sky is blue. Sunlight is scattered by the air, and "
-    "blue light, with its shorter wavelength, is scattered the most. "
-    "Ingredients: two cups of flour, one egg, a pinch of salt. Mix, rest for an hour, then bake. "
-    "The meeting is moved to Thursday at three; please bring the quarterly figures and the draft plan. "
-)
-
+# Varied general text (prose, dialogue, code, data, a few languages), written for edgec; users pass
+# their own with --calibration, ideally text like their application's.
+BUILTIN_CALIBRATION = Path(__file__).with_name("calibration.txt")
 CALIBRATION_WINDOWS = 16  # of 128 tokens; the forward and the x x^T products grow linearly with it
 HESSIAN_BUDGET_BYTES = 160 * 2**20  # Hessians held at once (one window of layers)
 BATCH_ELEMENTS = 32 * 2**20  # weights in one batched column loop (fp32: 128 MiB)
@@ -51,11 +43,14 @@ def calibration_sequences(model_dir: Path, text_file: str | None, vocab_size: in
 
     tokenizer_path = model_dir / "tokenizer.json"
     if not tokenizer_path.exists():
-        raise UsageError(f"{model_dir}: --algo gptq needs tokenizer.json to tokenize the calibration text")
-    text = Path(text_file).read_text(errors="replace") if text_file else BUILTIN_CALIBRATION * 8
+        raise UsageError(f"{model_dir}: --algo gptq (the int4 default) needs tokenizer.json to tokenize the "
+                         "calibration text; add it or pass --algo rtn")
+    text = Path(text_file or BUILTIN_CALIBRATION).read_text(errors="replace")
     ids = [i for i in Tokenizer.from_file(str(tokenizer_path)).encode(text).ids if i < vocab_size]
     if len(ids) < length:
         raise UsageError(f"{text_file or 'built-in calibration text'}: only {len(ids)} tokens; give at least {length}")
+    if not text_file:
+        ids *= -(-count * length // len(ids))  # the built-in text is short: repeat it to fill the windows
     step = max(length, (len(ids) - length) // count)
     return [ids[s : s + length] for s in range(0, len(ids) - length + 1, step)][:count]
 
