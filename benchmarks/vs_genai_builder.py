@@ -212,7 +212,7 @@ def main() -> None:
     strongest = max(builders, key=lambda k: artifacts[k]["decode_tps"])
     ours = next(a for k, a in artifacts.items() if k.startswith("edgec"))
     ref = artifacts[strongest]
-    print(f"\nSmolLM2-135M-shaped Llama + rank-16 LoRA, int4 block 32, onnxruntime-genai, {os.cpu_count()} CPUs, "
+    print(f"\nSmolLM2-135M-shaped Llama + rank-16 LoRA, each tool's default int4, onnxruntime-genai, {os.cpu_count()} CPUs, "
           f"medians of {args.rounds} alternating rounds\n")
     print("| artifact | prefill 128 tok (ms) | decode (tok/s) [min-max] | size (MB) | export (s) | export peak RSS (MB) |")
     print("|---|---:|---:|---:|---:|---:|")

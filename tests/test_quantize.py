@@ -288,3 +288,17 @@ def test_gptq_batched_across_layers_equals_one_matrix_at_a_time(trained_dir, mon
         q_b, s_b, z_b = single[name]
         assert (q_a != q_b).mean() < 1e-3, name  # a last-ulp difference may flip a rounding tie
         np.testing.assert_allclose(s_a, s_b, rtol=1e-5, err_msg=name)
+
+
+def test_default_int4_builds_are_byte_identical(trained_dir, tmp_path):
+    """GPTQ's Hessians, factors and batched column loop give the same bytes build after build."""
+    import hashlib
+
+    digests = []
+    for name in ("a", "b"):
+        result = CliRunner().invoke(main, ["build", "--model", str(trained_dir), "--out", str(tmp_path / name),
+                                           "--quant", "int4", "--quiet", "--no-validate"])
+        assert result.exit_code == 0, result.output
+        digests.append([hashlib.sha256((tmp_path / name / f).read_bytes()).hexdigest()
+                        for f in ("model.onnx", "model.onnx.data")])
+    assert digests[0] == digests[1]
