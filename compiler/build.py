@@ -14,6 +14,7 @@ from compiler.models.decoder import CanonicalDecoder
 from compiler.report import BuildReport, markdown
 
 MODEL_FILE = "model.onnx"
+DEFAULT_PTE_MAX_SEQ_LEN = 2048
 
 
 @dataclass
@@ -68,56 +69,22 @@ def _validation(runner, reference: Reference, config: BuildConfig) -> dict:
 
 def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
     """Build the bundle; raises CheckFailed after writing it when a validation gate fails."""
-    from compiler.onnx.export import export_onnx, io_for, save_onnx
-    from compiler.onnx.genai_config import genai_config
-    from compiler.onnx.passes import build_pipeline, op_counts, run_passes
-
     writer = BundleWriter(config.out, config.force)
     try:
         reference = load_reference(config.model.path, config.adapters, report, config.validation.enabled)
         model, records, source_hashes = reference.model, reference.records, reference.source_hashes
-        tokenizer_files, generation_config = reference.checkpoint.tokenizer_files, reference.checkpoint.generation_config
+        checkpoint = reference.checkpoint
         report.adapters = [r.to_dict() for r in records]
-        precomputed = None
-        quant = config.export.quant
-        if quant and quant.algo == "gptq":
-            from compiler.quant.gptq import calibration_sequences, gptq_blocks
-
-            sequences = calibration_sequences(config.model.path, quant.calibration, model.cfg.vocab_size)
-            # Not overlapped with the export in a thread: both are dispatch-bound, and the two OpenMP
-            # thread teams slowed the pair down (22 s + 8 s side by side vs 11 s + 8 s in turn here).
-            with report.stage("calibrate_gptq", f"{len(sequences)} sequences"):
-                precomputed = gptq_blocks(model, sequences, quant.bits, quant.block_size, quant.symmetric)
-        with report.stage("export_onnx", f"{model.cfg.num_layers} layers, torch.export + dynamo exporter"):
-            onnx_model = export_onnx(model)
-        traced_nodes = len(onnx_model.graph)
-        pipeline = config.export.pipeline
-        passes = build_pipeline(pipeline, model.cfg, config.export.quant, precomputed)
-        if passes:
-            with report.stage("onnx_passes", f"pipeline '{pipeline}', {len(passes)} passes"):
-                onnx_model, report.passes = run_passes(onnx_model, passes, config.export.dump_dir)
-        ops = op_counts(onnx_model)
-        shares_buffer = "GroupQueryAttention" in ops
-        with report.stage("write_bundle"):
-            save_onnx(onnx_model, writer.staging / MODEL_FILE)
-            report.export = {
-                "exporter": "torch.onnx.export(dynamo=True)",
-                "pipeline": pipeline,
-                "nodes_traced": traced_nodes,
-                "nodes": len(onnx_model.graph),
-                "op_counts": ops,
-            }
-            del onnx_model
-            writer.copy_in(tokenizer_files + ([generation_config] if generation_config else []))
-            writer.write_json("genai_config.json", genai_config(model.cfg, MODEL_FILE, shares_buffer))
-        validation = None
-        if config.validation.enabled:
-            from runtimes.ort import OrtRuntime
-
-            with report.stage("validate", "onnxruntime vs PyTorch reference"):
-                runner = OrtRuntime(writer.staging, model_path=writer.staging / MODEL_FILE)
-                validation = _validation(runner, reference, config)
-                del runner
+        writer.copy_in(checkpoint.tokenizer_files + ([checkpoint.generation_config] if checkpoint.generation_config else []))
+        artifacts, runners = [], {}
+        if "onnx" in config.export.formats:
+            artifacts.append(_build_onnx(config, reference, writer, report))
+            runners["onnxruntime-genai"] = "genai_config.json"
+        if "pte" in config.export.formats:
+            artifacts.append(_build_pte(config, reference, writer, report))
+            runners["executorch-llm-runner"] = artifacts[-1]["path"]
+        # The first artifact's validation is the bundle's headline; each artifact carries its own.
+        validation = artifacts[0].get("validation")
         report.validation = validation
         report_dict = report.to_dict()
         writer.write_json("report.json", report_dict)
@@ -129,12 +96,8 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
                 "adapters": [{"path": r.path, "weight": r.weight, "sha256": r.sha256} for r in records],
             },
             "model": model.cfg.to_dict(),
-            "artifacts": [
-                {"format": "onnx", "path": MODEL_FILE, "precision": config.export.precision,
-                 "pipeline": pipeline, "quant": config.export.quant.to_dict() if config.export.quant else None,
-                 "io": io_for(model).describe(shares_buffer)}
-            ],
-            "runners": {"onnxruntime-genai": "genai_config.json"},
+            "artifacts": artifacts,
+            "runners": runners,
             "validation": validation,
         }
         out, manifest = writer.finish(manifest)
@@ -143,9 +106,105 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
         raise
     if writer.moved_aside:
         report.moved_aside = str(writer.moved_aside)
-    if validation is not None and not validation["passed"]:
-        raise CheckFailed(f"{out}: validation failed: " + "; ".join(validation["failures"]))
+    failures = [f"{a['format']}: {f}" if len(artifacts) > 1 else f
+                for a in artifacts if a.get("validation") and not a["validation"]["passed"]
+                for f in a["validation"]["failures"]]
+    if failures:
+        raise CheckFailed(f"{out}: validation failed: " + "; ".join(failures))
     return out, manifest
+
+
+def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter, report: BuildReport) -> dict:
+    from compiler.onnx.export import export_onnx, io_for, save_onnx
+    from compiler.onnx.genai_config import genai_config
+    from compiler.onnx.passes import build_pipeline, op_counts, run_passes
+
+    model = reference.model
+    precomputed = None
+    quant = config.export.quant
+    if quant and quant.algo == "gptq":
+        from compiler.quant.gptq import calibration_sequences, gptq_blocks
+
+        sequences = calibration_sequences(config.model.path, quant.calibration, model.cfg.vocab_size)
+        # Not overlapped with the export in a thread: both are dispatch-bound, and the two OpenMP
+        # thread teams slowed the pair down (22 s + 8 s side by side vs 11 s + 8 s in turn here).
+        with report.stage("calibrate_gptq", f"{len(sequences)} sequences"):
+            precomputed = gptq_blocks(model, sequences, quant.bits, quant.block_size, quant.symmetric)
+    with report.stage("export_onnx", f"{model.cfg.num_layers} layers, torch.export + dynamo exporter"):
+        onnx_model = export_onnx(model)
+    traced_nodes = len(onnx_model.graph)
+    pipeline = config.export.pipeline
+    passes = build_pipeline(pipeline, model.cfg, quant, precomputed)
+    if passes:
+        with report.stage("onnx_passes", f"pipeline '{pipeline}', {len(passes)} passes"):
+            onnx_model, report.passes = run_passes(onnx_model, passes, config.export.dump_dir)
+    ops = op_counts(onnx_model)
+    shares_buffer = "GroupQueryAttention" in ops
+    with report.stage("write_bundle"):
+        save_onnx(onnx_model, writer.staging / MODEL_FILE)
+        report.export = {
+            "exporter": "torch.onnx.export(dynamo=True)",
+            "pipeline": pipeline,
+            "nodes_traced": traced_nodes,
+            "nodes": len(onnx_model.graph),
+            "op_counts": ops,
+        }
+        del onnx_model
+        writer.write_json("genai_config.json", genai_config(model.cfg, MODEL_FILE, shares_buffer))
+    artifact = {"format": "onnx", "path": MODEL_FILE, "precision": config.export.precision, "pipeline": pipeline,
+                "quant": quant.to_dict() if quant else None, "io": io_for(model).describe(shares_buffer)}
+    if config.validation.enabled:
+        from runtimes.ort import OrtRuntime
+
+        with report.stage("validate", "onnxruntime vs PyTorch reference"):
+            artifact["validation"] = _validation(OrtRuntime(writer.staging, model_path=writer.staging / MODEL_FILE),
+                                                 reference, config)
+    return artifact
+
+
+def _build_pte(config: BuildConfig, reference: Reference, writer: BundleWriter, report: BuildReport) -> dict:
+    from compiler.executorch.export import (PTE_FILE, ExecutorchDecoder, export_pte, runner_metadata,
+                                            unexpected_portable_ops)
+    from compiler.executorch.quantize import quantize_decoder
+
+    model = reference.model
+    max_seq_len = config.export.max_seq_len or min(model.cfg.max_sequence_length, DEFAULT_PTE_MAX_SEQ_LEN)
+    if max_seq_len > model.cfg.max_sequence_length:
+        raise UsageError(f"--max-seq-len {max_seq_len}: {config.model.path} supports at most "
+                         f"{model.cfg.max_sequence_length} positions")
+    quant = config.export.quant
+    decoder = ExecutorchDecoder(model, max_seq_len)
+    counts = {}
+    if quant:
+        with report.stage("quantize_pte", "torchao 8da4w" + (f", embedding int{quant.embedding_bits}" if quant.embedding_bits else "")):
+            counts = quantize_decoder(decoder, quant)
+    generation_eos = model.cfg.eos_token_ids
+    metadata = runner_metadata(model.cfg, max_seq_len, model.cfg.bos_token_id, list(generation_eos))
+    with report.stage("export_pte", f"{model.cfg.num_layers} layers, torch.export + XNNPACK"):
+        exported = export_pte(decoder, metadata)
+        del decoder
+        (writer.staging / PTE_FILE).write_bytes(exported.program)
+    unexpected = unexpected_portable_ops(exported.portable_ops)
+    if unexpected:
+        kept = ", ".join(f"{k} x{v}" for k, v in sorted(unexpected.items()))
+        report.warn(f"XNNPACK cannot take these ops; they run on ExecuTorch's portable kernels (slower): {kept}")
+    report.export_pte = {"export_s": round(exported.export_s, 2), "lower_s": round(exported.lower_s, 2),
+                         "quantized": counts, "delegated": exported.delegated_ops,
+                         "portable_ops": exported.portable_ops}
+    artifact = {"format": "pte", "path": PTE_FILE, "precision": config.export.precision,
+                # torchao rounds to nearest: GPTQ's rounding (ONNX path) is not carried over.
+                "quant": {**quant.to_dict(), "algo": "rtn", "scheme": "8da4w"} if quant else None,
+                "max_seq_len": max_seq_len, "metadata": metadata,
+                "io": {"inputs": ["tokens [1, seq] int64", "input_pos [1] int64"],
+                       "outputs": ["logits [1, vocab] float32 (last position)"],
+                       "kv_cache": "in-program buffers, updated in place"}}
+    if config.validation.enabled:
+        from runtimes.executorch import ExecutorchRuntime
+
+        with report.stage("validate_pte", "ExecuTorch runtime vs PyTorch reference"):
+            artifact["validation"] = _validation(ExecutorchRuntime(writer.staging, program_path=writer.staging / PTE_FILE),
+                                                 reference, config)
+    return artifact
 
 
 def revalidate(bundle: Path, config_overrides: dict, report: BuildReport) -> dict:

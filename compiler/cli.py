@@ -82,7 +82,8 @@ def _parse_adapters(values: tuple[str, ...]):
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="Hugging Face model directory.")
 @click.option("--adapter", "adapters", multiple=True, metavar="DIR[:WEIGHT]", help="PEFT LoRA adapter, repeatable.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
-@click.option("--format", "formats", default="onnx", show_default=True, help="Artifact formats, comma-separated.")
+@click.option("--format", "formats", default="onnx", show_default=True,
+              help="Artifact formats, comma-separated: onnx (onnxruntime / -genai), pte (ExecuTorch, XNNPACK).")
 @click.option("--optimize", type=click.Choice(["none", "fuse"]), default="fuse", show_default=True,
               help="ONNX pass pipeline: none (the traced graph) or fuse (ONNX Runtime fused operators).")
 @click.option("--dump-dir", type=click.Path(path_type=Path), help="Save the ONNX model after each pass here.")
@@ -101,13 +102,15 @@ def _parse_adapters(values: tuple[str, ...]):
 @click.option("--lm-head-bits", type=click.Choice(["0", "4", "8"]), default="4", show_default=True, help="0 keeps fp32.")
 @click.option("--keep-fp32", multiple=True, metavar="REGEX", help="Modules kept fp32, e.g. 'layers\\.0\\.'.")
 @click.option("--keep-int8", multiple=True, metavar="REGEX", help="Modules quantized to 8 bits instead.")
+@click.option("--max-seq-len", type=POSITIVE, help="pte: positions of the in-program KV cache [min(model's, 2048)].")
 @click.option("--gate", "gates", multiple=True, metavar="METRIC=VALUE", help="Override a validation gate.")
 @click.option("--new-tokens", type=POSITIVE, default=16, show_default=True, help="Greedy tokens compared in validation.")
 @click.option("--no-validate", is_flag=True, help="Skip validation (the manifest records that).")
 @click.option("--force", is_flag=True, help="Move a non-bundle --out directory aside instead of refusing.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def build(model_dir, adapters, out, formats, optimize, dump_dir, quant, block_size, algo, asymmetric, accuracy_level,
-          embedding_bits, lm_head_bits, keep_fp32, keep_int8, calibration, gates, new_tokens, no_validate, force, quiet):
+          embedding_bits, lm_head_bits, keep_fp32, keep_int8, calibration, max_seq_len, gates, new_tokens, no_validate,
+          force, quiet):
     """Build a bundle: load, merge LoRA, export, validate."""
     from compiler.build import build as run_build
     from compiler.config import BuildConfig, ExportConfig, ModelConfig, QuantConfig, ValidationConfig
@@ -123,7 +126,7 @@ def build(model_dir, adapters, out, formats, optimize, dump_dir, quant, block_si
         model=ModelConfig(model_dir),
         out=out,
         adapters=_parse_adapters(adapters),
-        export=ExportConfig(_parse_formats(formats), optimize, dump_dir, quant_config),
+        export=ExportConfig(_parse_formats(formats), optimize, dump_dir, quant_config, max_seq_len),
         validation=ValidationConfig(enabled=not no_validate, new_tokens=new_tokens, gate_overrides=_parse_gates(gates)),
         force=force,
     )
@@ -142,9 +145,11 @@ def _build_summary(out: Path, manifest: dict, report: dict) -> str:
     lines = [f"bundle: {out}  ({size / 1e6:.1f} MB, built in {report['wall_s']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB)"]
     for adapter in report["adapters"]:
         lines.append(f"adapter: {adapter['path']}  {adapter['modules_merged']} modules merged")
-    validation = manifest.get("validation")
-    if validation:
-        lines.append(f"validation: {'PASSED' if validation['passed'] else 'FAILED'}")
+    artifacts = [a for a in manifest["artifacts"] if a.get("validation")]
+    for artifact in artifacts:
+        validation = artifact["validation"]
+        label = f" ({artifact['format']})" if len(manifest["artifacts"]) > 1 else ""
+        lines.append(f"validation{label}: {'PASSED' if validation['passed'] else 'FAILED'}")
         lines += [f"  {s}" for s in validation["summary"]]
     return "\n".join(lines)
 

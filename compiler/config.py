@@ -13,7 +13,7 @@ from compiler.errors import UsageError
 from compiler.frontend.lora import AdapterSpec
 
 CONFIG_VERSION = 1
-FORMATS = ("onnx",)
+FORMATS = ("onnx", "pte")
 PRECISIONS = ("fp32", "int4")
 QUANT_ALGOS = ("rtn", "clip", "gptq")
 
@@ -86,6 +86,7 @@ class ExportConfig:
     optimize: str = "fuse"  # ONNX pass pipeline: none | fuse
     dump_dir: Path | None = None
     quant: QuantConfig | None = None
+    max_seq_len: int | None = None  # pte: positions of the in-program KV cache (None: min(model's, 2048))
 
     @property
     def precision(self) -> str:
@@ -130,7 +131,7 @@ class BuildConfig:
             "model": {"path": str(self.model.path)},
             "adapters": [a.to_dict() for a in self.adapters],
             "export": {"formats": list(self.export.formats), "precision": self.export.precision,
-                       "optimize": self.export.optimize,
+                       "optimize": self.export.optimize, "max_seq_len": self.export.max_seq_len,
                        "quant": self.export.quant.to_dict() if self.export.quant else None},
             "validation": asdict(self.validation),
         }
@@ -144,7 +145,7 @@ class BuildConfig:
             out=out,
             adapters=[AdapterSpec(Path(a["path"]), float(a["weight"])) for a in data.get("adapters", [])],
             export=ExportConfig(tuple(data["export"]["formats"]), data["export"].get("optimize", "none"), None,
-                                _quant_from_dict(data["export"].get("quant"))),
+                                _quant_from_dict(data["export"].get("quant")), data["export"].get("max_seq_len")),
             validation=ValidationConfig(**data.get("validation", {})),
         )
 

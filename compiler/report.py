@@ -16,9 +16,11 @@ class BuildReport:
     stages: list[dict] = field(default_factory=list)
     adapters: list[dict] = field(default_factory=list)
     export: dict = field(default_factory=dict)
+    export_pte: dict = field(default_factory=dict)
     passes: list[dict] = field(default_factory=list)
     validation: dict | None = None
     moved_aside: str | None = None
+    warnings: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
     @contextmanager
@@ -33,6 +35,11 @@ class BuildReport:
         if not self.quiet:
             print(f"  {name} done in {seconds:.1f} s", file=sys.stderr, flush=True)
 
+    def warn(self, message: str) -> None:
+        """A warning the user sees even with --quiet, kept in the report."""
+        self.warnings.append(message)
+        print(f"edgec: warning: {message}", file=sys.stderr, flush=True)
+
     def to_dict(self) -> dict:
         return {
             "wall_s": round(time.perf_counter() - self.started, 3),
@@ -40,8 +47,10 @@ class BuildReport:
             "stages": self.stages,
             "adapters": self.adapters,
             "export": self.export,
+            "export_pte": self.export_pte,
             "passes": self.passes,
             "validation": self.validation,
+            "warnings": self.warnings,
         }
 
 
@@ -64,6 +73,12 @@ def markdown(report: dict) -> str:
         ops = report["export"].get("op_counts", {})
         if ops:
             lines += ["- ops: " + ", ".join(f"{k} {v}" for k, v in ops.items())]
+    if report.get("export_pte"):
+        pte = report["export_pte"]
+        lines += ["", "## ExecuTorch export", "", f"- torch.export {pte['export_s']:.1f} s, lowering {pte['lower_s']:.1f} s",
+                  "- quantized: " + (", ".join(f"{k} {v}" for k, v in pte["quantized"].items()) or "nothing"),
+                  f"- XNNPACK partitions: {pte['delegated'].get('xnnpack_partitions', 0)}",
+                  "- on portable kernels: " + (", ".join(f"{k} {v}" for k, v in pte["portable_ops"].items()) or "none")]
     if report.get("passes"):
         lines += ["", "## ONNX passes", "", "| pass | seconds | nodes before | nodes after | rewrites |", "|---|---:|---:|---:|---|"]
         for p in report["passes"]:

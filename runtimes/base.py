@@ -80,3 +80,22 @@ def local_device_facts() -> dict:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
     }
+
+
+def bench_agent_main(description: str, run, argv: list[str] | None = None) -> int:
+    """The command line of a bench agent: `python -m runtimes.X BUNDLE [options]` -> result JSON on stdout.
+    `run(bundle, spec)` returns a BenchResult."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("bundle")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args(argv)
+    spec = BenchSpec(args.prompt_tokens, args.new_tokens, args.warmup, args.repeats, args.threads)
+    json.dump(run(args.bundle, spec).to_dict(), sys.stdout)
+    return 0

@@ -6,7 +6,6 @@ process (`python -m runtimes.ort BUNDLE --json`), where peak RSS measures the ar
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -16,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 try:  # run as `python -m runtimes.ort` or as a copied agent file beside base.py
-    from runtimes.base import BenchResult, BenchSpec, local_device_facts, median, peak_rss_mb
+    from runtimes.base import BenchResult, BenchSpec, bench_agent_main, local_device_facts, median, peak_rss_mb
 except ImportError:  # pragma: no cover - the agent layout
-    from base import BenchResult, BenchSpec, local_device_facts, median, peak_rss_mb
+    from base import BenchResult, BenchSpec, bench_agent_main, local_device_facts, median, peak_rss_mb
 
 
 def _artifact(manifest: dict, fmt: str = "onnx") -> dict:
@@ -203,18 +202,8 @@ class OrtRuntime:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Benchmark an edgec ONNX bundle with onnxruntime")
-    parser.add_argument("bundle")
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=0)
-    args = parser.parse_args(argv)
-    spec = BenchSpec(args.prompt_tokens, args.new_tokens, args.warmup, args.repeats, args.threads)
-    result = OrtRuntime(args.bundle, threads=args.threads).bench(spec)
-    json.dump(result.to_dict(), sys.stdout)
-    return 0
+    return bench_agent_main("Benchmark an edgec ONNX bundle with onnxruntime",
+                            lambda bundle, spec: OrtRuntime(bundle, threads=spec.threads).bench(spec), argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,186 @@
+"""The ExecuTorch path: the canonical decoder with an in-program KV cache -> torch.export -> XNNPACK -> .pte.
+
+The program follows ExecuTorch's LLM runner conventions (examples/models/llama, extension/llm/runner):
+`forward(tokens [1, seq], input_pos [1])` returns the last position's logits [1, vocab]; the KV cache lives
+in the program as mutable buffers [1, max_seq_len, kv_heads, head_dim] written in place by
+`llama::update_cache`, and attention is `llama::custom_sdpa` over the cache (causal from input_pos); the
+runner's metadata methods (get_max_seq_len, get_vocab_size, use_kv_cache, get_bos_id, get_eos_ids, ...) are
+constant methods of the program.
+
+The decoder's layers are copies of the canonical model's modules sharing its weight tensors, so that
+quantization (which swaps weights for quantized tensors) leaves the fp32 reference untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from compiler.models.decoder import CanonicalDecoder
+from runtimes.executorch import load_op_libraries
+
+PTE_FILE = "model.pte"
+
+
+class ExecutorchDecoder(nn.Module):
+    def __init__(self, model: CanonicalDecoder, max_seq_len: int):
+        super().__init__()
+        cfg = model.cfg
+        self.cfg = cfg
+        self.max_seq_len = max_seq_len
+        shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+        self.embed_tokens = copy.deepcopy(model.model.embed_tokens, shared)
+        self.layers = copy.deepcopy(model.model.layers, shared)
+        self.norm = copy.deepcopy(model.model.norm, shared)
+        self.lm_head = copy.deepcopy(model.lm_head, shared)
+        # Rope as x * cos + (x @ R) * sin over the whole head: R is rotate_half as a constant matrix, and
+        # dimensions past a partial rotary_dim get cos 1, sin 0. XNNPACK takes matmuls and elementwise
+        # ops; the slices and concat of rotate_half would stay on portable kernels and split partitions.
+        head_dim, rotary = cfg.head_dim, cfg.rotary_dim or cfg.head_dim
+        half = rotary // 2
+        positions = torch.arange(max_seq_len, dtype=torch.float32)
+        freqs = positions[:, None] * model.rope_inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = torch.ones(max_seq_len, head_dim), torch.zeros(max_seq_len, head_dim)
+        cos[:, :rotary], sin[:, :rotary] = emb.cos() * cfg.rope_attention_scaling, emb.sin() * cfg.rope_attention_scaling
+        rotate = torch.zeros(head_dim, head_dim)
+        rotate[torch.arange(half) + half, torch.arange(half)] = -1.0
+        rotate[torch.arange(half), torch.arange(half) + half] = 1.0
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_rotate", rotate, persistent=False)
+        # RMSNorm's mean of squares as a matmul with a 1/H row: XNNPACK's mean takes only 4-D inputs.
+        self.register_buffer("mean_row", torch.full((1, cfg.hidden_size), 1.0 / cfg.hidden_size), persistent=False)
+        shape = (1, max_seq_len, cfg.num_kv_heads, cfg.head_dim)
+        for i in range(cfg.num_layers):
+            self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
+            self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        seq = tokens.shape[1]
+        start = input_pos[0].item()
+        torch._check_is_size(start)
+        torch._check(start + seq <= self.max_seq_len)
+        cos = self.rope_cos.narrow(0, start, seq)[None, :, None, :]
+        sin = self.rope_sin.narrow(0, start, seq)[None, :, None, :]
+        x = self.embed_tokens(tokens)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = self._rms_norm(x, layer.input_layernorm)
+            # [batch, seq, heads, head_dim]: the layout of ExecuTorch's cache and SDPA ops.
+            q = self._rope(attn.q_proj(h).view(1, seq, attn.num_heads, attn.head_dim), cos, sin)
+            k = self._rope(attn.k_proj(h).view(1, seq, attn.num_kv_heads, attn.head_dim), cos, sin)
+            v = attn.v_proj(h).view(1, seq, attn.num_kv_heads, attn.head_dim)
+            k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
+            torch.ops.llama.update_cache(k, k_cache, start)
+            torch.ops.llama.update_cache(v, v_cache, start)
+            out = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0.0, True, attn.scale)
+            x = x + attn.o_proj(out.reshape(1, seq, attn.num_heads * attn.head_dim))
+            x = x + layer.mlp(self._rms_norm(x, layer.post_attention_layernorm))
+        return self.lm_head(self._rms_norm(x[:, -1, :], self.norm))
+
+    def _rms_norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        variance = nn.functional.linear(x * x, self.mean_row)
+        return norm.weight * (x * torch.rsqrt(variance + norm.eps))
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return x * cos + torch.matmul(x, self.rope_rotate) * sin
+
+
+def runner_metadata(cfg, max_seq_len: int, bos_id: int | None, eos_ids: list[int]) -> dict:
+    """Constant methods ExecuTorch's LLM runner reads (extension/llm/runner/constants.h)."""
+    metadata = {
+        "get_max_seq_len": max_seq_len,
+        "get_max_context_len": max_seq_len,
+        "get_n_layers": cfg.num_layers,
+        "get_vocab_size": cfg.vocab_size,
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": True,
+        "enable_dynamic_shape": True,
+        "get_eos_ids": eos_ids,
+    }
+    if bos_id is not None:
+        metadata["get_bos_id"] = bos_id
+    return metadata
+
+
+@dataclass
+class PteExport:
+    program: bytes
+    delegated_ops: dict[str, int]
+    portable_ops: dict[str, int]  # ops left to ExecuTorch's portable/quantized kernels
+    export_s: float
+    lower_s: float
+
+
+def export_pte(decoder: ExecutorchDecoder, metadata: dict) -> PteExport:
+    """torch.export with a dynamic sequence length, one to_edge_transform_and_lower with XNNPACK."""
+    import time
+
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.backends.xnnpack._passes.convert_to_linear import ConvertToLinearPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+    load_op_libraries()
+    logging.getLogger("torch._export").setLevel(logging.ERROR)
+    seq = torch.export.Dim("seq_len", min=1, max=decoder.max_seq_len - 1)
+    example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0], dtype=torch.long))
+    started = time.perf_counter()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        exported = torch.export.export(decoder.eval(), example, dynamic_shapes=({1: seq}, {0: 1}), strict=False)
+        exported_s = time.perf_counter() - started
+        edge = to_edge_transform_and_lower(
+            exported,
+            partitioner=[XnnpackPartitioner()],
+            compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+            constant_methods=metadata,
+        )
+        # As ExecuTorch's LLM export does: leftover linears as op_linear (not transpose + mm), and the
+        # quantized embedding pattern fused into quantized_decomposed.embedding_{byte,4bit}.
+        edge = edge.transform([ConvertToLinearPass()])
+        delegated, portable = _op_counts(edge.exported_program().graph_module)
+        program = edge.to_executorch(ExecutorchBackendConfig(
+            extract_delegate_segments=True,
+            do_quant_fusion_and_const_prop=True,
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+        ))
+    return PteExport(program.buffer, delegated, portable, exported_s, time.perf_counter() - started - exported_s)
+
+
+def _op_counts(graph_module) -> tuple[dict[str, int], dict[str, int]]:
+    delegated: dict[str, int] = {}
+    portable: dict[str, int] = {}
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        name = getattr(node.target, "__name__", str(node.target))
+        if "executorch_call_delegate" in name:
+            delegated["xnnpack_partitions"] = delegated.get("xnnpack_partitions", 0) + 1
+        elif name not in ("getitem",):
+            portable[name] = portable.get(name, 0) + 1
+    return delegated, portable
+
+
+# Outside XNNPACK by design: the runner's KV-cache and attention custom ops, the position scalar, shape
+# plumbing, and the (quantized) embedding gather, which ExecuTorch runs with its own kernels.
+EXPECTED_PORTABLE = {
+    "sym_size.int", "_local_scalar_dense.default", "_assert_scalar.default", "add", "mul", "sub", "ge", "le",
+    "aten.select_copy.int", "aten.slice_copy.Tensor", "aten.view_copy.default", "aten.unsqueeze_copy.default",
+    "auto_functionalized_v2", "llama.custom_sdpa.default", "llama.update_cache.default", "aten.embedding.default",
+    "quantized_decomposed.embedding_byte.default", "quantized_decomposed.embedding_4bit.default",
+    "quantized_decomposed.embedding_byte.dtype", "quantized_decomposed.embedding_4bit.dtype",
+    "torchao.dequantize_affine.default",
+}
+
+
+def unexpected_portable_ops(portable: dict[str, int]) -> dict[str, int]:
+    return {k: v for k, v in portable.items() if k not in EXPECTED_PORTABLE}

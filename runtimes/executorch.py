@@ -1,0 +1,142 @@
+"""Run and benchmark an edgec .pte with ExecuTorch's runtime (Python bindings): greedy generation on the
+program's own KV cache.
+
+The program follows ExecuTorch's LLM runner conventions: `forward(tokens [1, seq], input_pos [1])` returns
+the last position's logits and writes the chunk's keys and values into the cache at input_pos. The cache
+is position-indexed, so running a chunk again from an earlier position simply overwrites what follows.
+Needs numpy, torch and executorch only (`python -m runtimes.executorch BUNDLE` is the bench agent).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+try:
+    from runtimes.base import BenchResult, BenchSpec, bench_agent_main, local_device_facts, median, peak_rss_mb
+except ImportError:  # pragma: no cover - the agent layout
+    from base import BenchResult, BenchSpec, bench_agent_main, local_device_facts, median, peak_rss_mb
+
+
+# torchao (imported by executorch) logs a warning per optional GPU kernel library it cannot load.
+logging.getLogger("torchao").setLevel(logging.ERROR)
+
+
+def load_op_libraries() -> None:
+    """A program with the LLM custom ops or quantized kernels loads only after these registered them."""
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
+    import executorch.kernels.quantized  # noqa: F401
+
+
+class ExecutorchRuntime:
+    name = "executorch"
+
+    def __init__(self, bundle_dir: str | Path, program_path: str | Path | None = None):
+        import torch
+        from executorch import version as et_version
+        from executorch.runtime import Runtime
+
+        load_op_libraries()
+        self.torch = torch
+        self.bundle_dir = Path(bundle_dir)
+        manifest_path = self.bundle_dir / "manifest.json"
+        self.manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+        if program_path is None:
+            program_path = self.bundle_dir / next(a["path"] for a in self.manifest["artifacts"] if a["format"] == "pte")
+        self.program_path = Path(program_path)
+        started = time.perf_counter()
+        self.program = Runtime.get().load_program(self.program_path)
+        self.method = self.program.load_method("forward")
+        self.load_s = time.perf_counter() - started
+        self.version = getattr(et_version, "__version__", "unknown")
+        self.max_seq_len = self.metadata("get_max_seq_len")
+        self.vocab_size = self.metadata("get_vocab_size")
+        self.eos_ids = tuple(self.program.load_method("get_eos_ids").execute([])) \
+            if "get_eos_ids" in self.program.method_names else ()
+
+    def metadata(self, name: str):
+        return self.program.load_method(name).execute([])[0]
+
+    def _run(self, ids: np.ndarray, start: int) -> np.ndarray:
+        """Last-position logits [vocab] of the chunk ids [1, seq] written at `start`."""
+        if start + ids.shape[1] > self.max_seq_len:
+            raise ValueError(f"{start + ids.shape[1]} positions exceed the program's max_seq_len {self.max_seq_len}")
+        out = self.method.execute([self.torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)),
+                                   self.torch.tensor([start], dtype=self.torch.long)])
+        return out[0].numpy()[0]
+
+    # The validation interface shared with OrtRuntime: a "cache" here is just the next position.
+    def empty_cache(self) -> int:
+        return 0
+
+    def forward(self, ids: np.ndarray, cache: int, start: int):
+        """Logits for every position of the chunk [1, seq, vocab]: the last from one prefill of the whole
+        chunk (the runner's path), the others from single-token steps (the decode path)."""
+        rows = [self._run(ids[:, i : i + 1], start + i) for i in range(ids.shape[1] - 1)]
+        rows.append(self._run(ids, start))
+        return np.stack(rows)[None], start + ids.shape[1]
+
+    def generate(self, prompt: list[int], new_tokens: int, eos_ids: tuple[int, ...] = (),
+                 timings: list[float] | None = None) -> list[int]:
+        started = time.perf_counter()
+        logits = self._run(np.asarray([prompt]), 0)
+        ttft = time.perf_counter() - started
+        out = [int(np.argmax(logits))]
+        decode_started = time.perf_counter()
+        position = len(prompt)
+        while len(out) < new_tokens and out[-1] not in eos_ids:
+            out.append(int(np.argmax(self._run(np.asarray([[out[-1]]]), position))))
+            position += 1
+        if timings is not None:
+            timings[:] = [ttft, ttft, time.perf_counter() - decode_started]
+        return out
+
+    def bench(self, spec: BenchSpec) -> BenchResult:
+        if spec.threads:
+            from executorch.extension.pybindings import portable_lib
+
+            portable_lib._unsafe_reset_threadpool(spec.threads)
+        rng = np.random.default_rng(spec.seed)
+        prompt = rng.integers(3, self.vocab_size, size=spec.prompt_tokens).tolist()
+        for _ in range(spec.warmup):
+            self.generate(prompt, min(spec.new_tokens, 8))
+        prefill, decode = [], []
+        for _ in range(spec.repeats):
+            timings: list[float] = []
+            self.generate(prompt, spec.new_tokens, timings=timings)
+            prefill.append(timings[0])
+            decode.append(timings[2])
+        size = sum(p.stat().st_size for p in self.bundle_dir.iterdir() if p.is_file())
+        manifest = self.bundle_dir / "manifest.json"
+        return BenchResult(
+            runtime={"name": self.name, "version": self.version, "threads": spec.threads or os.cpu_count(),
+                     "kv_cache": f"in-program, {self.max_seq_len} positions"},
+            device=local_device_facts(),
+            bundle={"path": str(self.bundle_dir), "format": "pte",
+                    "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else None},
+            spec=spec.to_dict(),
+            load_s=self.load_s,
+            ttft_s=median(prefill),
+            prefill_s=median(prefill),
+            prefill_tokens_per_s=spec.prompt_tokens / median(prefill),
+            decode_tokens_per_s=max(spec.new_tokens - 1, 1) / median(decode),
+            peak_rss_mb=peak_rss_mb(),
+            artifact_bytes=size,
+            samples={"prefill_s": prefill, "decode_s": decode},
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_agent_main("Benchmark an edgec .pte bundle with ExecuTorch",
+                            lambda bundle, spec: ExecutorchRuntime(bundle).bench(spec), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The ExecuTorch path: .pte built from tiny real checkpoints, run in ExecuTorch's runtime (Python bindings,
+op libraries loaded), held against the PyTorch reference."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from compiler.cli import main
+
+pytest.importorskip("executorch")
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def both_formats(llama_dir, llama_adapter, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pte") / "bundle"
+    result = run("build", "--model", llama_dir, "--adapter", llama_adapter, "--out", out, "--format", "onnx,pte",
+                 "--max-seq-len", 48, "--quiet")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_fp32_pte_with_adapter_equals_the_reference_beside_the_onnx_model(both_formats):
+    manifest = json.loads((both_formats / "manifest.json").read_text())
+    onnx_artifact, pte = manifest["artifacts"]
+    assert (onnx_artifact["format"], pte["format"]) == ("onnx", "pte")
+    for artifact in (onnx_artifact, pte):
+        assert artifact["validation"]["passed"], artifact["validation"]["failures"]
+    metrics = pte["validation"]["metrics"]
+    assert metrics["max_abs_logits"] < 1e-4 and metrics["greedy_match"] == 1.0
+    assert manifest["runners"]["executorch-llm-runner"] == "model.pte"
+    report = json.loads((both_formats / "report.json").read_text())
+    assert report["export_pte"]["delegated"]["xnnpack_partitions"] >= 1 and not report["warnings"]
+
+
+def test_pte_follows_the_executorch_llm_runner_conventions(both_formats, llama_dir):
+    from compiler.frontend.load import build_decoder, read_checkpoint
+    from runtimes.executorch import ExecutorchRuntime
+
+    runtime = ExecutorchRuntime(both_formats)
+    cfg = build_decoder(read_checkpoint(llama_dir)).cfg
+    assert runtime.max_seq_len == 48 and runtime.vocab_size == cfg.vocab_size
+    assert runtime.metadata("use_kv_cache") is True and runtime.metadata("enable_dynamic_shape") is True
+    assert runtime.metadata("get_n_layers") == cfg.num_layers
+    assert list(runtime.eos_ids) == list(cfg.eos_token_ids)
+    # forward(tokens [1, seq], input_pos [1]) -> last logits; a prefill and two single steps on the
+    # in-program cache give what one prefill of the three chunks gives.
+    ids = np.asarray([[3, 17, 9, 40, 22]])
+    whole = runtime._run(ids, 0)
+    runtime._run(ids[:, :3], 0)
+    runtime._run(ids[:, 3:4], 3)
+    np.testing.assert_allclose(runtime._run(ids[:, 4:5], 4), whole, atol=1e-4)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        runtime._run(np.zeros((1, 8), dtype=np.int64), 44)
+
+
+def test_int4_pte_passes_the_int4_gates(trained_dir, tmp_path):
+    out = tmp_path / "int4"
+    result = run("build", "--model", trained_dir, "--out", out, "--format", "pte", "--quant", "int4",
+                 "--block-size", 32, "--embedding-bits", 8, "--max-seq-len", 64, "--quiet")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    (pte,) = manifest["artifacts"]
+    assert pte["quant"]["scheme"] == "8da4w" and pte["validation"]["passed"]
+    assert {g["metric"] for g in pte["validation"]["gates"]} == {"kl_mean", "top1_agreement", "perplexity_ratio"}
+    report = json.loads((out / "report.json").read_text())
+    assert report["export_pte"]["quantized"] == {"linear_8da4w_group32": 7 * 2 + 1, "embedding_int8": 1}
+    fp32_bytes = sum(4 * n for n in [128 * 512, 2 * (3 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 256)])
+    assert (out / "model.pte").stat().st_size < 0.45 * fp32_bytes
+
+
+def test_ops_xnnpack_cannot_take_are_named_in_a_warning(llama_dir, tmp_path, monkeypatch):
+    """RMSNorm written with mean() (XNNPACK's mean takes only 4-D inputs) stays on portable kernels."""
+    from compiler.executorch.export import ExecutorchDecoder
+
+    monkeypatch.setattr(ExecutorchDecoder, "_rms_norm", lambda self, x, norm: norm(x))
+    out = tmp_path / "pte"
+    result = run("build", "--model", llama_dir, "--out", out, "--format", "pte", "--max-seq-len", 32, "--quiet",
+                 "--no-validate")
+    assert result.exit_code == 0, result.output
+    assert "warning: XNNPACK cannot take these ops" in result.output and "aten.mean.dim" in result.output
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--max-seq-len", 100000], "--max-seq-len 100000"),
+    (["--quant", "int4", "--asymmetric"], "--format pte supports --quant int4 with symmetric blocks"),
+])
+def test_bad_pte_options_are_one_line_errors(llama_dir, tmp_path, args, fragment):
+    out = tmp_path / "bad"
+    result = run("build", "--model", llama_dir, "--out", out, "--format", "pte", "--quiet", *args)
+    assert result.exit_code == 2 and fragment in result.output, result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
