@@ -25,8 +25,10 @@ except ImportError:  # pragma: no cover - the agent layout
     from base import BenchResult, BenchSpec, bench_agent_main, local_device_facts, median, peak_rss_mb
 
 
-# torchao (imported by executorch) logs a warning per optional GPU kernel library it cannot load.
+# torchao (imported by executorch) logs a warning per optional GPU kernel library it cannot load, and
+# torch one about its pytree registrations; neither concerns the user.
 logging.getLogger("torchao").setLevel(logging.ERROR)
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def load_op_libraries() -> None:

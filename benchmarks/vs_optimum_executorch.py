@@ -1,0 +1,163 @@
+"""edgec's .pte against optimum-executorch's, from the same weights, measured in one process, alternating.
+
+Same weights as benchmarks/vs_genai_builder.py: a 30-layer SmolLM2-135M-shaped Llama (random weights) with
+a rank-16 LoRA adapter on all seven projections. optimum-executorch takes a Hugging Face model, so it gets
+the PEFT-merged model (`merge_and_unload`, the merge counted in its export time); edgec merges itself.
+optimum-executorch pins transformers 5.0.0rc1, so it lives in its own virtual environment,
+~/.cache/edgec/optimum-executorch-venv (made on first use), and runs:
+
+    optimum-cli export executorch --task text-generation --recipe xnnpack --use_custom_sdpa
+        --use_custom_kv_cache --qlinear 8da4w --qembedding 8w
+
+edgec: `edgec build --format pte --quant int4 --embedding-bits 8 --no-validate` (8da4w linears too). Both
+programs then run in ExecuTorch's Python runtime in this process, alternating: prefill time for a 128-token
+prompt, decode tokens/s for 128 new tokens (medians), file size, export wall time and peak RSS.
+
+    .venv/bin/python benchmarks/vs_optimum_executorch.py [--work DIR] [--rounds N] [--only-measure]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.vs_genai_builder import BIN, timed  # noqa: E402
+from compiler.fixtures import ALL_PROJECTIONS, SMOLLM2_135M, make_adapter, make_model  # noqa: E402
+
+OPTIMUM_VENV = Path.home() / ".cache" / "edgec" / "optimum-executorch-venv"
+OPTIMUM_PINS = ["torch==2.13.0", "executorch==1.5.1", "torchao==0.18.0", "optimum-executorch==1.1.0"]
+PROMPT_TOKENS = 128
+NEW_TOKENS = 128
+
+
+def optimum_cli() -> Path:
+    cli = OPTIMUM_VENV / "bin" / "optimum-cli"
+    if not cli.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(OPTIMUM_VENV)], check=True)
+        subprocess.run([str(OPTIMUM_VENV / "bin" / "pip"), "install", "-q", *OPTIMUM_PINS], check=True)
+    return cli
+
+
+def builds(work: Path, model: Path, adapter: Path) -> dict[str, dict]:
+    results = {}
+    out = work / "edgec-pte"
+    wall, rss = timed([str(BIN / "edgec"), "build", "--model", str(model), "--adapter", str(adapter), "--out", str(out),
+                       "--format", "pte", "--quant", "int4", "--embedding-bits", "8", "--force", "--quiet",
+                       "--no-validate"])
+    results["edgec pte (8da4w, embedding 8w)"] = {"pte": out / "model.pte", "export_s": wall, "export_rss_mb": rss}
+
+    merged = work / "peft-merged"
+    shutil.rmtree(merged, ignore_errors=True)
+    merge_wall, merge_rss = timed([str(BIN / "python"), "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                                   "from benchmarks.vs_genai_builder import merge_with_peft; from pathlib import Path; "
+                                   "merge_with_peft(*map(Path, sys.argv[2:]))", str(ROOT), str(model), str(adapter),
+                                   str(merged)])
+    out = work / "optimum-pte"
+    shutil.rmtree(out, ignore_errors=True)
+    wall, rss = timed([str(optimum_cli()), "export", "executorch", "--model", str(merged), "--task", "text-generation",
+                       "--recipe", "xnnpack", "--use_custom_sdpa", "--use_custom_kv_cache", "--qlinear", "8da4w",
+                       "--qembedding", "8w", "--output_dir", str(out)])
+    results["optimum-executorch (PEFT-merged)"] = {"pte": next(out.glob("*.pte")), "export_s": wall + merge_wall,
+                                                   "export_rss_mb": max(rss, merge_rss)}
+    return results
+
+
+class Program:
+    """One .pte in ExecuTorch's runtime; the position input is [1] (start) or [seq] (one per token),
+    whichever the program declares."""
+
+    def __init__(self, path: Path):
+        import torch
+        from executorch.runtime import Runtime
+
+        from runtimes.executorch import load_op_libraries
+
+        load_op_libraries()
+        self.torch = torch
+        self.method = Runtime.get().load_program(path).load_method("forward")
+        sizes = self.method.metadata.input_tensor_meta(1).sizes()
+        self.per_token_positions = len(sizes) == 1 and sizes[0] != 1
+
+    def step(self, ids: list[int], start: int) -> int:
+        torch = self.torch
+        positions = torch.arange(start, start + len(ids)) if self.per_token_positions else torch.tensor([start])
+        logits = self.method.execute([torch.tensor([ids], dtype=torch.long), positions])[0]
+        return int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
+
+    def timed_generation(self, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+        started = time.perf_counter()
+        token = self.step(prompt, 0)
+        prefill = time.perf_counter() - started
+        started = time.perf_counter()
+        for i in range(new_tokens - 1):
+            token = self.step([token], len(prompt) + i)
+        return prefill, (new_tokens - 1) / (time.perf_counter() - started)
+
+
+def measure(artifacts: dict[str, dict], rounds: int) -> None:
+    prompt = np.random.default_rng(0).integers(3, SMOLLM2_135M["vocab_size"], PROMPT_TOKENS).tolist()
+    programs = {name: Program(Path(a["pte"])) for name, a in artifacts.items()}
+    for program in programs.values():
+        program.timed_generation(prompt, 8)  # warm-up
+    samples = {name: ([], []) for name in programs}
+    for _ in range(rounds):
+        for name, program in programs.items():
+            prefill, decode = program.timed_generation(prompt, NEW_TOKENS)
+            samples[name][0].append(prefill)
+            samples[name][1].append(decode)
+    for name, (prefill, decode) in samples.items():
+        artifacts[name].update(prefill_ms=1000 * statistics.median(prefill), decode_tps=statistics.median(decode),
+                               decode_spread=[min(decode), max(decode)],
+                               size_mb=Path(artifacts[name]["pte"]).stat().st_size / 1e6)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "edgec" / "bench-smollm2")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--only-measure", action="store_true", help="Reuse the artifacts of the last run.")
+    args = parser.parse_args()
+    model, adapter = args.work / "model", args.work / "lora-r16"
+    if not (model / "config.json").exists():
+        make_model(model, "llama", **SMOLLM2_135M)
+    if not (adapter / "adapter_config.json").exists():
+        make_adapter(model, adapter, target_modules=ALL_PROJECTIONS, r=16, alpha=32)
+    record = args.work / "vs_optimum_executorch.json"
+    if args.only_measure and record.exists():
+        artifacts = json.loads(record.read_text())
+    else:
+        artifacts = builds(args.work, model, adapter)
+    measure(artifacts, args.rounds)
+    record.write_text(json.dumps({k: {**v, "pte": str(v["pte"])} for k, v in artifacts.items()}, indent=2))
+
+    print(f"\nSmolLM2-135M-shaped Llama + rank-16 LoRA, 8da4w, ExecuTorch runtime (Python), {os.cpu_count()} CPUs, "
+          f"medians of {args.rounds} alternating rounds\n")
+    print("| artifact | prefill 128 tok (ms) | decode (tok/s) [min-max] | size (MB) | export (s) | export peak RSS (MB) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, a in artifacts.items():
+        lo, hi = a["decode_spread"]
+        print(f"| {name} | {a['prefill_ms']:.1f} | {a['decode_tps']:.1f} [{lo:.1f}-{hi:.1f}] | {a['size_mb']:.1f} | "
+              f"{a['export_s']:.1f} | {a['export_rss_mb']:.0f} |")
+    ours, ref = list(artifacts.values())
+    print("\nedgec vs optimum-executorch:")
+    print(f"  decode tokens/s   {ours['decode_tps'] / ref['decode_tps']:.2f}x  (target >= 1.10x)")
+    print(f"  prefill time      {ours['prefill_ms'] / ref['prefill_ms']:.2f}x  (target <= 1.00x)")
+    print(f"  size              {ours['size_mb'] / ref['size_mb']:.2f}x  (target <= 1.00x)")
+    print(f"  export wall time  {ours['export_s'] / ref['export_s']:.2f}x  (target <= 0.25x)")
+    print(f"  export peak RSS   {ours['export_rss_mb'] / ref['export_rss_mb']:.2f}x  (target <= 0.75x)")
+
+
+if __name__ == "__main__":
+    main()
