@@ -184,6 +184,25 @@ def llama_cpp_rows(work: Path, merged: Path, threads: int, repeats: int) -> dict
     return rows
 
 
+def smollm2_with_adapter(work: Path) -> tuple[Path, Path]:
+    """The benchmarks' weights, made once in `work`: the SmolLM2-135M shape and a rank-16 adapter."""
+    model, adapter = work / "model", work / "lora-r16"
+    if not (model / "config.json").exists():
+        make_model(model, "llama", **SMOLLM2_135M)
+    if not (adapter / "adapter_config.json").exists():
+        make_adapter(model, adapter, target_modules=ALL_PROJECTIONS, r=16, alpha=32)
+    return model, adapter
+
+
+def print_table(artifacts: dict[str, dict]) -> None:
+    print("| artifact | prefill 128 tok (ms) | decode (tok/s) [min-max] | size (MB) | export (s) | export peak RSS (MB) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, a in artifacts.items():
+        lo, hi = a["decode_spread"]
+        print(f"| {name} | {a['prefill_ms']:.1f} | {a['decode_tps']:.1f} [{lo:.1f}-{hi:.1f}] | {a['size_mb']:.1f} | "
+              f"{a['export_s']:.1f} | {a['export_rss_mb']:.0f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "edgec" / "bench-smollm2")
@@ -193,11 +212,7 @@ def main() -> None:
     parser.add_argument("--llama-cpp", action="store_true",
                         help="Also build llama.cpp (once, in ~/.cache/edgec) and add Q4_0 / Q4_K_M rows from llama-bench.")
     args = parser.parse_args()
-    model, adapter = args.work / "model", args.work / "lora-r16"
-    if not (model / "config.json").exists():
-        make_model(model, "llama", **SMOLLM2_135M)
-    if not (adapter / "adapter_config.json").exists():
-        make_adapter(model, adapter, target_modules=ALL_PROJECTIONS, r=16, alpha=32)
+    model, adapter = smollm2_with_adapter(args.work)
     record = args.work / "vs_genai_builder.json"
     if args.only_measure and record.exists():
         artifacts = {k: {**v, "dir": Path(v["dir"])} for k, v in json.loads(record.read_text()).items()}
@@ -214,12 +229,7 @@ def main() -> None:
     ref = artifacts[strongest]
     print(f"\nSmolLM2-135M-shaped Llama + rank-16 LoRA, each tool's default int4, onnxruntime-genai, {os.cpu_count()} CPUs, "
           f"medians of {args.rounds} alternating rounds\n")
-    print("| artifact | prefill 128 tok (ms) | decode (tok/s) [min-max] | size (MB) | export (s) | export peak RSS (MB) |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, a in artifacts.items():
-        lo, hi = a["decode_spread"]
-        print(f"| {name} | {a['prefill_ms']:.1f} | {a['decode_tps']:.1f} [{lo:.1f}-{hi:.1f}] | {a['size_mb']:.1f} | "
-              f"{a['export_s']:.1f} | {a['export_rss_mb']:.0f} |")
+    print_table(artifacts)
     print(f"\nedgec vs the stronger builder artifact ({strongest}):")
     print(f"  decode tokens/s   {ours['decode_tps'] / ref['decode_tps']:.2f}x  (target >= 1.15x)")
     print(f"  prefill time      {ours['prefill_ms'] / ref['prefill_ms']:.2f}x  (target <= 0.90x)")

@@ -33,8 +33,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.vs_genai_builder import BIN, timed  # noqa: E402
-from compiler.fixtures import ALL_PROJECTIONS, SMOLLM2_135M, make_adapter, make_model  # noqa: E402
+from benchmarks.vs_genai_builder import BIN, print_table, smollm2_with_adapter, timed  # noqa: E402
+from compiler.fixtures import SMOLLM2_135M  # noqa: E402
 
 OPTIMUM_VENV = Path.home() / ".cache" / "edgec" / "optimum-executorch-venv"
 OPTIMUM_PINS = ["torch==2.13.0", "executorch==1.5.1", "torchao==0.18.0", "optimum-executorch==1.1.0"]
@@ -129,11 +129,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only-measure", action="store_true", help="Reuse the artifacts of the last run.")
     args = parser.parse_args()
-    model, adapter = args.work / "model", args.work / "lora-r16"
-    if not (model / "config.json").exists():
-        make_model(model, "llama", **SMOLLM2_135M)
-    if not (adapter / "adapter_config.json").exists():
-        make_adapter(model, adapter, target_modules=ALL_PROJECTIONS, r=16, alpha=32)
+    model, adapter = smollm2_with_adapter(args.work)
     record = args.work / "vs_optimum_executorch.json"
     if args.only_measure and record.exists():
         artifacts = json.loads(record.read_text())
@@ -144,12 +140,7 @@ def main() -> None:
 
     print(f"\nSmolLM2-135M-shaped Llama + rank-16 LoRA, 8da4w, ExecuTorch runtime (Python), {os.cpu_count()} CPUs, "
           f"medians of {args.rounds} alternating rounds\n")
-    print("| artifact | prefill 128 tok (ms) | decode (tok/s) [min-max] | size (MB) | export (s) | export peak RSS (MB) |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, a in artifacts.items():
-        lo, hi = a["decode_spread"]
-        print(f"| {name} | {a['prefill_ms']:.1f} | {a['decode_tps']:.1f} [{lo:.1f}-{hi:.1f}] | {a['size_mb']:.1f} | "
-              f"{a['export_s']:.1f} | {a['export_rss_mb']:.0f} |")
+    print_table(artifacts)
     ours, ref = list(artifacts.values())
     print("\nedgec vs optimum-executorch:")
     print(f"  decode tokens/s   {ours['decode_tps'] / ref['decode_tps']:.2f}x  (target >= 1.10x)")
