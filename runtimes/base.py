@@ -1,13 +1,15 @@
-"""What every runtime and device shares: the benchmark spec and the result schema.
+"""What every runtime and device shares: the benchmark spec, the result schema and the device facts.
 
-Standard library only: this file travels with the on-device bench agent.
+Standard library only (Python 3.8+): this file travels with the on-device bench agent.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
 from dataclasses import asdict, dataclass, field
@@ -23,6 +25,14 @@ class BenchSpec:
     repeats: int = 3
     threads: int = 0  # 0: the runtime's default
     seed: int = 0
+    # Tokens already in the KV cache before the timed prefill and decode (llama-bench's -d): one set of
+    # measurements per depth. The first depth's medians are the result's top-level figures.
+    depths: tuple = (0,)
+
+    @property
+    def max_tokens(self) -> int:
+        """The longest sequence a run holds: deepest context + prompt + new tokens."""
+        return max(self.depths) + self.prompt_tokens + self.new_tokens
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,6 +54,9 @@ class BenchResult:
     peak_rss_mb: float
     artifact_bytes: int
     samples: dict = field(default_factory=dict)
+    # One entry per context depth: depth, ttft_s, prefill_s, prefill_tokens_per_s, decode_tokens_per_s,
+    # samples. Optional in the schema: results written before depths existed have only depth 0 above.
+    by_depth: list = field(default_factory=list)
     schema: str = BENCH_SCHEMA
 
     def to_dict(self) -> dict:
@@ -71,6 +84,14 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def sha256_file(path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def local_device_facts() -> dict:
     return {
         "name": "local",
@@ -80,3 +101,58 @@ def local_device_facts() -> dict:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
     }
+
+
+def _meminfo_mb() -> dict:
+    """MemTotal and MemAvailable (what can be allocated without swapping out others) from /proc/meminfo."""
+    facts = {"mem_total_mb": None, "mem_available_mb": None}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key == "MemTotal":
+                    facts["mem_total_mb"] = int(value.split()[0]) // 1024
+                elif key == "MemAvailable":
+                    facts["mem_available_mb"] = int(value.split()[0]) // 1024
+    except OSError:  # not Linux: the total from sysconf, availability unknown
+        try:
+            facts["mem_total_mb"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
+        except (ValueError, OSError, AttributeError):
+            pass
+    return facts
+
+
+def installed_version(package: str):
+    """The installed version of a distribution importable by this interpreter, or None."""
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec(package) is None:
+            return None
+    except (ImportError, ValueError):
+        return None
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover - Python < 3.8
+        return "unknown"
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+RUNTIME_PACKAGES = ("onnxruntime", "executorch", "numpy")
+
+
+def device_facts(path: str = ".") -> dict:
+    """What a preflight needs to know about this machine: the basics, memory, free disk under `path`
+    (its nearest existing parent), the interpreter and which runtimes it can import."""
+    facts = local_device_facts()
+    facts.update(_meminfo_mb())
+    probe = os.path.abspath(os.path.expanduser(path))
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    facts["disk_free_mb"] = shutil.disk_usage(probe).free // (1 << 20)
+    facts["python_executable"] = sys.executable
+    facts["runtimes"] = {name: installed_version(name) for name in RUNTIME_PACKAGES}
+    return facts
