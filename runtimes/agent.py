@@ -60,8 +60,11 @@ def cached_files(bundle_dir: str, expected: dict) -> list:
 
 
 def record_hashes(bundle_dir: str, expected: dict) -> list:
-    """Hash every expected file in bundle_dir, remember the matching ones; return the names that mismatch."""
-    known = {}
+    """Hash every expected (just pushed) file in bundle_dir, add the matching ones to the records; return
+    the names that mismatch."""
+    if not expected:
+        return []
+    known = _load_hashes(bundle_dir)
     bad = []
     for name, (size, sha) in expected.items():
         path = os.path.join(bundle_dir, name)
@@ -74,6 +77,7 @@ def record_hashes(bundle_dir: str, expected: dict) -> list:
         if digest == sha and st.st_size == size:
             known[name] = [st.st_size, st.st_mtime_ns, digest]
         else:
+            known.pop(name, None)
             bad.append(name)
     tmp = os.path.join(bundle_dir, HASHES + ".tmp")
     with open(tmp, "w") as f:

@@ -65,7 +65,8 @@ def parse_ssh_url(url: str) -> tuple[str | None, str, int | None]:
 
 def ssh_error(url: str, stderr: str, during: str) -> EdgecError:
     """One line for what went wrong in ssh itself (exit 255), with what to do about it."""
-    text = " ".join(stderr.split())
+    # The agent's own progress lines are not ssh's words.
+    text = " ".join(" ".join(line for line in stderr.splitlines() if not line.startswith("edgec-agent:")).split())
     lower = text.lower()
     if "connection refused" in lower:
         return EdgecError(f"{url}: connection refused; is sshd running there and listening on that port?")
@@ -84,7 +85,7 @@ def ssh_error(url: str, stderr: str, during: str) -> EdgecError:
         return EdgecError(f"{url}: unknown host name; check the address")
     if "timed out" in lower and "server not responding" not in lower and during == "connect":
         return EdgecError(f"{url}: no answer (connection timed out); is the device on and reachable?")
-    if any(s in lower for s in ("connection closed", "connection reset", "broken pipe", "not responding",
+    if any(s in lower for s in ("connection closed", "closed by remote host", "connection reset", "broken pipe", "not responding",
                                 "timed out", "lost connection")) or not text:
         return EdgecError(f"{url}: the connection dropped during the {during} ({text[:100] or 'no message'}); "
                           "the agent on the device stops and cleans up when its connection closes")
