@@ -186,7 +186,8 @@ def run_bench(bundle: Path, spec: BenchSpec, device: Device | None = None, timeo
     runtime, _ = RUNTIMES[artifact["format"]]
     try:
         bundle_path = device.stage(bundle, key, expected, cached, runtime, log)
-        log(f"running the {runtime} bench agent on {device.name}")
+        if not isinstance(device, LocalDevice):  # locally the agent's start is not news
+            log(f"running the {runtime} bench agent on {device.name}")
         outcome = device.run(runtime, bundle_path, agent_args(spec), timeout_s, keep)
         if outcome.get("status") != "ok":
             raise _outcome_error(device, outcome, timeout_s)
