@@ -74,9 +74,12 @@ def markdown(results: list[dict], names: list[str]) -> str:
             lines.append(f"| {name} | {entry['depth']} | {entry['ttft_s'] * 1000:.1f} "
                          f"| {entry['prefill_tokens_per_s']:.0f} [{_spread(rates(entry, r['spec'], 'prefill'), 0)}] "
                          f"| {entry['decode_tokens_per_s']:.1f} [{_spread(rates(entry, r['spec'], 'decode'), 1)}] |")
-    spec = results[0]["spec"]
-    lines.append(f"\nprompt {spec['prompt_tokens']} tokens, {spec['new_tokens']} new tokens; medians of each run's "
-                 "repeats, [min-max] over them; TTFT, prefill and decode at the first depth in the first table.")
+    specs: dict = {}
+    for n, r in zip(names, results):
+        specs.setdefault(f"prompt {r['spec']['prompt_tokens']} tokens, {r['spec']['new_tokens']} new tokens", []).append(n)
+    which = "; ".join(specs) if len(specs) == 1 else "; ".join(f"{', '.join(n)}: {s}" for s, n in specs.items())
+    lines.append(f"\n{which}; medians of each run's repeats, [min-max] over them; TTFT, prefill and decode at "
+                 "the first depth in the first table.")
     profiles = [f"{n}: {r['device']['profile']['note']}" for n, r in zip(names, results) if r["device"].get("profile")]
     lines += [f"profile {p}" for p in profiles]
     return "\n".join(lines)
