@@ -1,16 +1,20 @@
 """One bundle benchmarked on this machine's desktop runtime, on an ssh device and under a device profile,
 then `edgec report` over the three results: the figures in the README's "Devices and reports" section.
 
+The three alternate, one repeat each, for --rounds rounds (this machine is shared, and load comes and goes);
+each one's rounds are then pooled into one result (compiler.bench_report.merge_runs) for the report.
+
 The ssh device is this machine's own OpenSSH sshd on a loopback port (started here as the tests start it,
 with generated keys), its Python standing in for a Raspberry Pi's. Every step is the `edgec` command a user
 would type; the script prints each one.
 
-    .venv/bin/python benchmarks/devices_report.py BUNDLE [--out DIR] [--depths 0,512,1024]
+    .venv/bin/python benchmarks/devices_report.py BUNDLE [--out DIR] [--depths 0,512,1024] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import subprocess
 import sys
@@ -19,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from compiler.bench_report import merge_runs  # noqa: E402
 from tests.sshd import sshd_unavailable, start_sshd, stop_sshd  # noqa: E402
 
 EDGEC = [str(Path(sys.executable).parent / "edgec")]
@@ -39,25 +44,34 @@ def main() -> int:
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--out", type=Path, default=Path("devices-report"))
     parser.add_argument("--depths", default="0,512,1024")
-    parser.add_argument("--repeats", default="3")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     reason = sshd_unavailable()
     if reason:
         sys.exit(f"devices_report: {reason}")
     args.out.mkdir(parents=True, exist_ok=True)
-    spec = ["--depths", args.depths, "--repeats", args.repeats, "--prompt-tokens", "128", "--new-tokens", "128",
-            "--quiet"]
+    spec = ["--depths", args.depths, "--repeats", "1", "--prompt-tokens", "128", "--new-tokens", "128", "--quiet",
+            "--json"]
     sshd = start_sshd(args.out / "sshd")
+    devices = {
+        "desktop": [],
+        "ssh-loopback": ["--device", sshd.url, "--identity", sshd.identity, "--known-hosts", sshd.known_hosts,
+                         "--remote-python", sys.executable, "--remote-dir", args.out / "device"],
+        "profile-rpi4": ["--profile", "rpi4"],
+    }
+    rounds: dict = {name: [] for name in devices}
     try:
-        edgec("bench", args.bundle, *spec, "--json", out=args.out / "desktop.json")
-        edgec("bench", args.bundle, "--device", sshd.url, "--identity", sshd.identity, "--known-hosts",
-              sshd.known_hosts, "--remote-python", sys.executable, "--remote-dir", args.out / "device", *spec,
-              "--json", out=args.out / "ssh-loopback.json")
-        edgec("bench", args.bundle, "--profile", "rpi4", *spec, "--json", out=args.out / "profile-rpi4.json")
+        for round_ in range(args.rounds):
+            for name, options in devices.items():
+                out = args.out / f"{name}.round{round_}.json"
+                edgec("bench", args.bundle, *options, *spec, out=out)
+                rounds[name].append(json.loads(out.read_text()))
     finally:
         stop_sshd(sshd)
-    edgec("report", args.out / "desktop.json", args.out / "ssh-loopback.json", args.out / "profile-rpi4.json",
-          "--chart", args.out / "decode-vs-depth.png")
+    for name, results in rounds.items():
+        (args.out / f"{name}.json").write_text(json.dumps(merge_runs(results), indent=2))
+    print(f"(each result: {args.rounds} alternating rounds pooled)")
+    edgec("report", *(args.out / f"{name}.json" for name in devices), "--chart", args.out / "decode-vs-depth.png")
     return 0
 
 

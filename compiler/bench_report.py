@@ -3,8 +3,8 @@ chart of decode speed against context depth, and a regression gate against a bas
 
 from __future__ import annotations
 
+import copy
 import json
-import statistics
 from pathlib import Path
 
 from compiler.errors import UsageError
@@ -43,6 +43,32 @@ def rates(entry: dict, spec: dict, metric: str) -> list[float]:
     if metric == "prefill":
         return [spec["prompt_tokens"] / s for s in entry["samples"].get("prefill_s", []) if s > 0]
     return [max(spec["new_tokens"] - 1, 1) / s for s in entry["samples"].get("decode_s", []) if s > 0]
+
+
+def merge_runs(results: list[dict]) -> dict:
+    """Several runs of one bundle on one device and spec (say, rounds alternated with other devices on a
+    shared machine) as one result: samples pooled per depth, medians recomputed, the peak RSS the largest."""
+    from runtimes.base import median
+
+    merged = copy.deepcopy(results[0])
+    entries = [depth_entries(r) for r in results]
+    spec = merged["spec"]
+    pooled = []
+    for per_run in zip(*entries):
+        samples = {k: [v for e in per_run for v in e["samples"][k]] for k in ("prefill_s", "ttft_s", "decode_s")}
+        pooled.append({"depth": per_run[0]["depth"], "ttft_s": median(samples["ttft_s"]),
+                       "prefill_s": median(samples["prefill_s"]),
+                       "prefill_tokens_per_s": spec["prompt_tokens"] / median(samples["prefill_s"]),
+                       "decode_tokens_per_s": max(spec["new_tokens"] - 1, 1) / median(samples["decode_s"]),
+                       "samples": samples})
+    merged["by_depth"] = pooled
+    merged.update({k: pooled[0][k] for k in ("ttft_s", "prefill_s", "prefill_tokens_per_s", "decode_tokens_per_s",
+                                             "samples")})
+    merged["load_s"] = median([r["load_s"] for r in results])
+    merged["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)
+    spec["repeats"] = sum(r["spec"]["repeats"] for r in results)
+    merged["rounds"] = len(results)
+    return merged
 
 
 def _spread(values: list[float], digits: int) -> str:

@@ -98,3 +98,21 @@ def test_bad_report_input(results, tmp_path, args, fragment):
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in result.output
+
+
+def test_merged_rounds_pool_samples_and_recompute_medians(results):
+    from compiler.bench_report import merge_runs
+
+    one = json.loads(results[0].read_text())
+    slow = copy.deepcopy(one)
+    for entry in slow["by_depth"]:
+        entry["samples"]["decode_s"] = [s * 100 for s in entry["samples"]["decode_s"]]
+    merged = merge_runs([one, one, slow])
+    assert merged["spec"]["repeats"] == 9 and merged["rounds"] == 3
+    steps = one["spec"]["new_tokens"] - 1
+    for entry, original in zip(merged["by_depth"], one["by_depth"]):
+        assert len(entry["samples"]["decode_s"]) == 9
+        # a median: 6 of the 9 samples are the fast run's twice, so the 100x slower run cannot move it out
+        fast = [steps / s for s in original["samples"]["decode_s"]]
+        assert min(fast) <= entry["decode_tokens_per_s"] <= max(fast)
+    assert merged["decode_tokens_per_s"] == merged["by_depth"][0]["decode_tokens_per_s"]
