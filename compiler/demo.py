@@ -24,8 +24,8 @@ def _table(rows: list[tuple[str, str]], title: str) -> str:
 
 
 def run_demo(cache_dir: Path | None = None) -> str:
-    from compiler.build import build
     from compiler.bench import run_bench
+    from compiler.build import build
     from compiler.config import BuildConfig, ModelConfig
     from compiler.fixtures import ALL_PROJECTIONS, make_adapter, make_model
     from compiler.frontend.lora import AdapterSpec

@@ -83,8 +83,8 @@ def ssh_error(url: str, stderr: str, during: str) -> EdgecError:
                           "--accept-new-host-key to trust it on first contact")
     if "could not resolve hostname" in lower or "name or service not known" in lower:
         return EdgecError(f"{url}: unknown host name; check the address")
-    if "timed out" in lower and "server not responding" not in lower and during == "connect":
-        return EdgecError(f"{url}: no answer (connection timed out); is the device on and reachable?")
+    if ("connect to host" in lower and "timed out" in lower) or "no route to host" in lower:
+        return EdgecError(f"{url}: no answer ({text[:80]}); is the device on and reachable?")
     if any(s in lower for s in ("connection closed", "closed by remote host", "connection reset", "broken pipe", "not responding",
                                 "timed out", "lost connection")) or not text:
         return EdgecError(f"{url}: the connection dropped during the {during} ({text[:100] or 'no message'}); "
@@ -139,7 +139,7 @@ class SshDevice(Device):
     def _call(self, remote_command: str, during: str, stdin: bytes = b"", timeout_s: float = SHORT_CALL_S) -> str:
         try:
             proc = subprocess.run(self.ssh_command(remote_command), input=stdin, capture_output=True,
-                                  timeout=timeout_s)
+                                  timeout=timeout_s, check=False)
         except subprocess.TimeoutExpired:
             raise EdgecError(f"{self.name}: no answer within {timeout_s:.0f} s during the {during}") from None
         stderr = proc.stderr.decode("utf-8", "replace")

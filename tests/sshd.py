@@ -39,7 +39,7 @@ class Sshd:
 
     def session_pids(self) -> list[int]:
         """The per-connection sshd processes (children of the listener)."""
-        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.process.pid)], capture_output=True, text=True)
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.process.pid)], capture_output=True, text=True, check=False)
         return [int(p) for p in out.stdout.split()]
 
 
@@ -80,8 +80,9 @@ def start_sshd(directory: Path) -> Sshd:
             "LogLevel VERBOSE",
             "",
         ]))
-        process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=open(log, "ab"),
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        with open(log, "ab") as log_file:
+            process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log_file,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and process.poll() is None:
             try:

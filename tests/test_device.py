@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -122,7 +123,8 @@ def test_ssh_unknown_host_key_is_refused_unless_accepted(sshd, tiny_bundle, devi
     assert "/no/such/python3" in one_line_error(accepted, 1)
 
 
-@pytest.mark.skipif(subprocess.run(["/usr/bin/python3", "-c", "import onnxruntime"], capture_output=True).returncode
+@pytest.mark.skipif(subprocess.run(["/usr/bin/python3", "-c", "import onnxruntime"], capture_output=True,
+                                   check=False).returncode
                     != 1, reason="needs a /usr/bin/python3 without onnxruntime")
 def test_preflight_refuses_a_device_without_the_runtime(sshd, tiny_bundle, device_dir):
     result = run("bench", tiny_bundle, *ssh_args(sshd, device_dir), "--remote-python", "/usr/bin/python3", "--quiet",
@@ -155,7 +157,7 @@ def start_long_run(sshd, bundle, device_dir):
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # until the agent runs on the "device"
         agents = [pid for pid in processes_under(str(device_dir)) if b"runtimes.ort" in
-                  open(f"/proc/{pid}/cmdline", "rb").read()] if device_dir.exists() else []
+                  Path(f"/proc/{pid}/cmdline").read_bytes()] if device_dir.exists() else []
         if agents:
             time.sleep(0.5)  # well into the run
             return proc, agents[0]
@@ -175,7 +177,7 @@ def test_ssh_remote_process_killed(sshd, tiny_bundle, device_dir):
 
 
 def test_ssh_connection_dropped_mid_run(sshd, tiny_bundle, device_dir):
-    proc, agent = start_long_run(sshd, tiny_bundle, device_dir)
+    proc, _ = start_long_run(sshd, tiny_bundle, device_dir)
     for pid in sshd.session_pids():  # the server side of the connection goes away, as when a link drops
         os.kill(pid, signal.SIGKILL)
     _, stderr = proc.communicate(timeout=60)
