@@ -197,7 +197,9 @@ def _build_pte(config: BuildConfig, reference: Reference, writer: BundleWriter, 
                 "max_seq_len": max_seq_len, "metadata": metadata,
                 "io": {"inputs": ["tokens [1, seq] int64", "input_pos [1] int64"],
                        "outputs": ["logits [1, vocab] float32 (last position)"],
-                       "kv_cache": "in-program buffers, updated in place"}}
+                       "kv_cache": {"in_program": True, "max_seq_len": max_seq_len, "num_layers": model.cfg.num_layers,
+                                    "num_kv_heads": model.cfg.num_kv_heads, "head_dim": model.cfg.head_dim,
+                                    "shares_buffer": True}}}
     if config.validation.enabled:
         from runtimes.executorch import ExecutorchRuntime
 

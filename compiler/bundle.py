@@ -15,7 +15,7 @@ from pathlib import Path
 
 from compiler import __version__
 from compiler.errors import UsageError
-from compiler.frontend.load import sha256_file
+from runtimes.base import sha256_file
 
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "edgec-bundle"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import traceback
 from pathlib import Path
 
@@ -12,6 +10,7 @@ import click
 
 from compiler import __version__
 from compiler.errors import EdgecError, UsageError
+from runtimes.device import PROFILES
 
 POSITIVE = click.IntRange(min=1)
 
@@ -181,36 +180,30 @@ def validate(bundle, model_dir, adapters, gates, new_tokens, as_json):
         raise CheckFailed(f"{bundle}: validation failed: " + "; ".join(result["failures"]))
 
 
-def run_bench(bundle: Path, prompt_tokens: int, new_tokens: int, repeats: int, warmup: int, threads: int) -> dict:
-    """Benchmark in a fresh process so that peak RSS is the runtime's and the artifact's, not the compiler's."""
-    from compiler.bundle import read_manifest
-
-    read_manifest(bundle)
-    command = [sys.executable, "-m", "runtimes.ort", str(bundle), "--prompt-tokens", str(prompt_tokens),
-               "--new-tokens", str(new_tokens), "--repeats", str(repeats), "--warmup", str(warmup),
-               "--threads", str(threads)]
-    root = str(Path(__file__).resolve().parent.parent)
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=root)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise EdgecError(f"{bundle}: benchmark failed: {last}")
-    return json.loads(proc.stdout)
-
-
 def bench_table(result: dict) -> str:
     spec = result["spec"]
+    device = result["device"]
     rows = [
         ("runtime", f"{result['runtime']['name']} {result['runtime']['version']}, {result['runtime']['threads']} threads"),
-        ("device", f"{result['device']['name']} ({result['device']['arch']}, {result['device']['cpu_count']} CPUs)"),
+        ("device", f"{device['name']} ({device['arch']}, {device['cpu_count']} CPUs)"),
         ("load", f"{result['load_s'] * 1000:.0f} ms"),
-        (f"time to first token ({spec['prompt_tokens']}-token prompt)", f"{result['ttft_s'] * 1000:.1f} ms"),
-        ("prefill", f"{result['prefill_tokens_per_s']:.0f} tokens/s"),
-        (f"decode ({spec['new_tokens']} tokens)", f"{result['decode_tokens_per_s']:.1f} tokens/s"),
+    ]
+    for entry in result.get("by_depth") or [dict(result, depth=0)]:
+        at = f" at depth {entry['depth']}" if entry["depth"] else ""
+        rows += [
+            (f"time to first token ({spec['prompt_tokens']}-token prompt){at}", f"{entry['ttft_s'] * 1000:.1f} ms"),
+            (f"prefill{at}", f"{entry['prefill_tokens_per_s']:.0f} tokens/s"),
+            (f"decode ({spec['new_tokens']} tokens){at}", f"{entry['decode_tokens_per_s']:.1f} tokens/s"),
+        ]
+    rows += [
         ("peak RSS", f"{result['peak_rss_mb']:.0f} MB"),
         ("artifact size", f"{result['artifact_bytes'] / 1e6:.1f} MB"),
     ]
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows) + f"\n(medians of {spec['repeats']} runs after {spec['warmup']} warm-up)"
+    note = f"\n(medians of {spec['repeats']} runs after {spec['warmup']} warm-up)"
+    if device.get("profile"):
+        note += f"\n(profile {device['profile']['name']}: {device['profile']['note']})"
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows) + note
 
 
 @main.command()
@@ -219,11 +212,40 @@ def bench_table(result: dict) -> str:
 @click.option("--new-tokens", type=POSITIVE, default=128, show_default=True)
 @click.option("--repeats", type=POSITIVE, default=3, show_default=True)
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
-@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="0: onnxruntime's default.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="0: the runtime's default.")
+@click.option("--depths", default="0", show_default=True, metavar="N,N,...",
+              help="Context depths: tokens already in the KV cache before the timed prefill and decode.")
+@click.option("--device", "device_url", default="local", show_default=True, metavar="local|ssh://USER@HOST[:PORT]",
+              help="Where to run: this machine, or a device over ssh (key-based).")
+@click.option("--profile", type=click.Choice(sorted(PROFILES)),
+              help="With --device local: emulate a device's thread count and memory cap.")
+@click.option("--memory-cap", metavar="SIZE", help="Stop the run past this resident memory, e.g. 2GB.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0), default=600, show_default=True,
+              help="Seconds the benchmark may run on the device (0: no limit).")
+@click.option("--keep", is_flag=True, help="Keep the run's temporary files on the device.")
+@click.option("--identity", type=click.Path(path_type=Path), help="ssh: private key file.")
+@click.option("--known-hosts", type=click.Path(path_type=Path), help="ssh: known_hosts file to check the host key in.")
+@click.option("--accept-new-host-key", is_flag=True, help="ssh: trust an unknown host key on first contact.")
+@click.option("--remote-python", default="python3", show_default=True, help="ssh: the device's Python.")
+@click.option("--remote-dir", default="~/.cache/edgec", show_default=True,
+              help="ssh: where the bundle cache and run directories live on the device.")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "pte"]),
+              help="Which artifact of the bundle to run (default: the first): onnxruntime or ExecuTorch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result in the shared bench JSON schema.")
-def bench(bundle, prompt_tokens, new_tokens, repeats, warmup, threads, as_json):
-    """Measure load time, time to first token, prefill and decode speed, peak RSS."""
-    result = run_bench(bundle, prompt_tokens, new_tokens, repeats, warmup, threads)
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def bench(bundle, prompt_tokens, new_tokens, repeats, warmup, threads, depths, device_url, profile, memory_cap,
+          timeout_s, keep, identity, known_hosts, accept_new_host_key, remote_python, remote_dir, fmt, as_json, quiet):
+    """Measure load time, time to first token, prefill and decode speed, peak RSS, on a device."""
+    from compiler.bench import log_to_stderr, make_device, parse_depths, run_bench
+    from runtimes.base import BenchSpec
+
+    spec = BenchSpec(prompt_tokens, new_tokens, warmup, repeats, threads, depths=parse_depths(depths))
+    ssh_options = {}
+    if device_url.startswith("ssh://"):
+        ssh_options = dict(identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
+                           remote_python=remote_python, remote_dir=remote_dir)
+    device = make_device(device_url, profile, memory_cap, **ssh_options)
+    result = run_bench(bundle, spec, device, timeout_s, keep, log=None if quiet else log_to_stderr, fmt=fmt)
     click.echo(json.dumps(result, indent=2) if as_json else bench_table(result))
 
 
@@ -268,6 +290,40 @@ def inspect(bundle, as_json):
     else:
         lines.append("validation: not run")
     click.echo("\n".join(lines))
+
+
+@main.command()
+@click.argument("results", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--chart", type=click.Path(path_type=Path), default=Path("edgec-report.png"), show_default=True,
+              help="PNG chart of decode tokens/s against context depth.")
+@click.option("--no-chart", is_flag=True, help="Only the table.")
+@click.option("--baseline", type=click.Path(path_type=Path), help="A bench result to compare the others with.")
+@click.option("--fail-if-slower", "margin", metavar="PERCENT",
+              help="With --baseline: exit 1 when prefill or decode is slower than the baseline by more than this.")
+def report(results, chart, no_chart, baseline, margin):
+    """Compare bench results (edgec bench --json) across runtimes and devices: table, chart, gate."""
+    from compiler.bench_report import (check_chart_path, gate_table, labels, load_result, markdown, parse_margin,
+                                       write_chart)
+    from compiler.errors import CheckFailed
+
+    if margin is not None and baseline is None:
+        raise UsageError(f"--fail-if-slower {margin}: needs --baseline FILE to compare with")
+    margin_value = parse_margin(margin) if margin is not None else None
+    loaded = [load_result(p) for p in results]
+    base = load_result(baseline) if baseline else None
+    names = labels(list(results))
+    if not no_chart:
+        check_chart_path(chart)
+    click.echo(markdown(loaded, names))
+    failures = []
+    if base is not None:
+        table, failures = gate_table(base, loaded, names, margin_value or 0.0)
+        click.echo(f"\nagainst the baseline {baseline}:\n\n{table}")
+    if not no_chart:
+        write_chart(loaded, names, chart)
+        click.echo(f"\nchart: {chart}")
+    if margin_value is not None and failures:
+        raise CheckFailed(f"slower than the baseline by more than {margin}: " + "; ".join(failures))
 
 
 @main.command()

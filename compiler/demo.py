@@ -24,12 +24,13 @@ def _table(rows: list[tuple[str, str]], title: str) -> str:
 
 
 def run_demo(cache_dir: Path | None = None) -> str:
+    from compiler.bench import run_bench
     from compiler.build import build
-    from compiler.cli import run_bench
     from compiler.config import BuildConfig, ModelConfig
     from compiler.fixtures import ALL_PROJECTIONS, make_adapter, make_model
     from compiler.frontend.lora import AdapterSpec
     from compiler.report import BuildReport
+    from runtimes.base import BenchSpec
 
     root = (cache_dir or default_cache_dir()) / f"demo-{__version__}"
     model_dir, adapter_dir, bundle_dir = root / "smol-llama", root / "smol-llama-lora", root / "bundle"
@@ -44,7 +45,7 @@ def run_demo(cache_dir: Path | None = None) -> str:
     report = BuildReport()
     out, manifest = build(config, report)
     print("  benchmarking in a fresh onnxruntime process ...", file=sys.stderr, flush=True)
-    result = run_bench(out, prompt_tokens=64, new_tokens=64, repeats=3, warmup=1, threads=0)
+    result = run_bench(out, BenchSpec(prompt_tokens=64, new_tokens=64, warmup=1, repeats=3))
 
     summary = report.to_dict()
     metrics = manifest["validation"]["metrics"]

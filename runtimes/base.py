@@ -1,13 +1,15 @@
-"""What every runtime and device shares: the benchmark spec and the result schema.
+"""What every runtime and device shares: the benchmark spec, the result schema and the device facts.
 
-Standard library only: this file travels with the on-device bench agent.
+Standard library only (Python 3.8+): this file travels with the on-device bench agent.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
 from dataclasses import asdict, dataclass, field
@@ -23,6 +25,14 @@ class BenchSpec:
     repeats: int = 3
     threads: int = 0  # 0: the runtime's default
     seed: int = 0
+    # Tokens already in the KV cache before the timed prefill and decode (llama-bench's -d): one set of
+    # measurements per depth. The first depth's medians are the result's top-level figures.
+    depths: tuple = (0,)
+
+    @property
+    def max_tokens(self) -> int:
+        """The longest sequence a run holds: deepest context + prompt + new tokens."""
+        return max(self.depths) + self.prompt_tokens + self.new_tokens
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,6 +54,9 @@ class BenchResult:
     peak_rss_mb: float
     artifact_bytes: int
     samples: dict = field(default_factory=dict)
+    # One entry per context depth: depth, ttft_s, prefill_s, prefill_tokens_per_s, decode_tokens_per_s,
+    # samples. Optional in the schema: results written before depths existed have only depth 0 above.
+    by_depth: list = field(default_factory=list)
     schema: str = BENCH_SCHEMA
 
     def to_dict(self) -> dict:
@@ -71,6 +84,14 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def sha256_file(path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def local_device_facts() -> dict:
     return {
         "name": "local",
@@ -80,6 +101,61 @@ def local_device_facts() -> dict:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
     }
+
+
+def _meminfo_mb() -> dict:
+    """MemTotal and MemAvailable (what can be allocated without swapping out others) from /proc/meminfo."""
+    facts = {"mem_total_mb": None, "mem_available_mb": None}
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key == "MemTotal":
+                    facts["mem_total_mb"] = int(value.split()[0]) // 1024
+                elif key == "MemAvailable":
+                    facts["mem_available_mb"] = int(value.split()[0]) // 1024
+    except OSError:  # not Linux: the total from sysconf, availability unknown
+        try:
+            facts["mem_total_mb"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // (1 << 20)
+        except (ValueError, OSError, AttributeError):
+            pass
+    return facts
+
+
+def installed_version(package: str):
+    """The installed version of a distribution importable by this interpreter, or None."""
+    import importlib.util
+
+    try:
+        if importlib.util.find_spec(package) is None:
+            return None
+    except (ImportError, ValueError):
+        return None
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover - Python < 3.8
+        return "unknown"
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+RUNTIME_PACKAGES = ("onnxruntime", "executorch", "torch", "numpy")
+
+
+def device_facts(path: str = ".") -> dict:
+    """What a preflight needs to know about this machine: the basics, memory, free disk under `path`
+    (its nearest existing parent), the interpreter and which runtimes it can import."""
+    facts = local_device_facts()
+    facts.update(_meminfo_mb())
+    probe = os.path.abspath(os.path.expanduser(path))
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    facts["disk_free_mb"] = shutil.disk_usage(probe).free // (1 << 20)
+    facts["python_executable"] = sys.executable
+    facts["runtimes"] = {name: installed_version(name) for name in RUNTIME_PACKAGES}
+    return facts
 
 
 def bench_agent_main(description: str, run, argv: list[str] | None = None) -> int:
@@ -95,7 +171,32 @@ def bench_agent_main(description: str, run, argv: list[str] | None = None) -> in
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--depths", default="0", help="comma-separated context depths, e.g. 0,512,1024")
     args = parser.parse_args(argv)
-    spec = BenchSpec(args.prompt_tokens, args.new_tokens, args.warmup, args.repeats, args.threads)
+    depths = tuple(int(d) for d in args.depths.split(","))
+    spec = BenchSpec(args.prompt_tokens, args.new_tokens, args.warmup, args.repeats, args.threads, depths=depths)
     json.dump(run(args.bundle, spec).to_dict(), sys.stdout)
     return 0
+
+
+def bench_depths(spec: BenchSpec, timed_run, tokens: list) -> list:
+    """Measurements per context depth. `tokens`: max(depths) + prompt_tokens ids; the prompt is the first
+    prompt_tokens, the context at depth d the d ids after them. `timed_run(prompt, new_tokens, context)`
+    returns (prefill seconds, time to first token, decode seconds for new_tokens - 1 steps)."""
+    prompt = tokens[:spec.prompt_tokens]
+    for _ in range(spec.warmup):
+        timed_run(prompt, min(spec.new_tokens, 8), [])
+    by_depth = []
+    for depth in spec.depths:
+        context = tokens[spec.prompt_tokens:spec.prompt_tokens + depth]
+        prefill, ttft, decode = [], [], []
+        for _ in range(spec.repeats):
+            p, t, d = timed_run(prompt, spec.new_tokens, context)
+            prefill.append(p)
+            ttft.append(t)
+            decode.append(d)
+        by_depth.append({"depth": depth, "ttft_s": median(ttft), "prefill_s": median(prefill),
+                         "prefill_tokens_per_s": spec.prompt_tokens / median(prefill),
+                         "decode_tokens_per_s": max(spec.new_tokens - 1, 1) / median(decode),
+                         "samples": {"prefill_s": prefill, "ttft_s": ttft, "decode_s": decode}})
+    return by_depth

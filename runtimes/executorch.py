@@ -9,7 +9,6 @@ Needs numpy, torch and executorch only (`python -m runtimes.executorch BUNDLE` i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-try:
-    from runtimes.base import BenchResult, BenchSpec, bench_agent_main, local_device_facts, median, peak_rss_mb
-except ImportError:  # pragma: no cover - the agent layout
-    from base import BenchResult, BenchSpec, bench_agent_main, local_device_facts, median, peak_rss_mb
+from runtimes.base import (BenchResult, BenchSpec, bench_agent_main, bench_depths, local_device_facts, peak_rss_mb,
+                           sha256_file)
+
+FILL_CHUNK = 256  # context put in the cache before a timed run goes in chunks of this many tokens
 
 
 # torchao (imported by executorch) logs a warning per optional GPU kernel library it cannot load, and
@@ -86,13 +85,18 @@ class ExecutorchRuntime:
         return np.stack(rows)[None], start + ids.shape[1]
 
     def generate(self, prompt: list[int], new_tokens: int, eos_ids: tuple[int, ...] = (),
-                 timings: list[float] | None = None) -> list[int]:
+                 timings: list[float] | None = None, context: list[int] | None = None) -> list[int]:
+        """Greedy decoding. timings, if given, receives (prefill seconds, time to first token, decode
+        seconds); context: tokens put in the cache first, untimed, that the prompt follows."""
+        context = list(context or [])
+        for start in range(0, len(context), FILL_CHUNK):
+            self._run(np.asarray([context[start : start + FILL_CHUNK]]), start)
         started = time.perf_counter()
-        logits = self._run(np.asarray([prompt]), 0)
+        logits = self._run(np.asarray([prompt]), len(context))
         ttft = time.perf_counter() - started
         out = [int(np.argmax(logits))]
         decode_started = time.perf_counter()
-        position = len(prompt)
+        position = len(context) + len(prompt)
         while len(out) < new_tokens and out[-1] not in eos_ids:
             out.append(int(np.argmax(self._run(np.asarray([[out[-1]]]), position))))
             position += 1
@@ -100,21 +104,23 @@ class ExecutorchRuntime:
             timings[:] = [ttft, ttft, time.perf_counter() - decode_started]
         return out
 
+    def _timed_run(self, prompt: list[int], new_tokens: int, context: list[int]) -> tuple[float, float, float]:
+        timings: list[float] = []
+        self.generate(prompt, new_tokens, timings=timings, context=context)
+        return timings[0], timings[1], timings[2]
+
     def bench(self, spec: BenchSpec) -> BenchResult:
+        if spec.max_tokens > self.max_seq_len:
+            raise ValueError(f"depth + prompt + new tokens = {spec.max_tokens} exceed the program's max_seq_len "
+                             f"{self.max_seq_len}; rebuild with a larger --max-seq-len")
         if spec.threads:
             from executorch.extension.pybindings import portable_lib
 
             portable_lib._unsafe_reset_threadpool(spec.threads)
         rng = np.random.default_rng(spec.seed)
-        prompt = rng.integers(3, self.vocab_size, size=spec.prompt_tokens).tolist()
-        for _ in range(spec.warmup):
-            self.generate(prompt, min(spec.new_tokens, 8))
-        prefill, decode = [], []
-        for _ in range(spec.repeats):
-            timings: list[float] = []
-            self.generate(prompt, spec.new_tokens, timings=timings)
-            prefill.append(timings[0])
-            decode.append(timings[2])
+        tokens = rng.integers(3, self.vocab_size, size=max(spec.depths) + spec.prompt_tokens).tolist()
+        by_depth = bench_depths(spec, self._timed_run, tokens)
+        first = by_depth[0]
         size = sum(p.stat().st_size for p in self.bundle_dir.iterdir() if p.is_file())
         manifest = self.bundle_dir / "manifest.json"
         return BenchResult(
@@ -122,16 +128,17 @@ class ExecutorchRuntime:
                      "kv_cache": f"in-program, {self.max_seq_len} positions"},
             device=local_device_facts(),
             bundle={"path": str(self.bundle_dir), "format": "pte",
-                    "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else None},
+                    "manifest_sha256": sha256_file(manifest) if manifest.exists() else None},
             spec=spec.to_dict(),
             load_s=self.load_s,
-            ttft_s=median(prefill),
-            prefill_s=median(prefill),
-            prefill_tokens_per_s=spec.prompt_tokens / median(prefill),
-            decode_tokens_per_s=max(spec.new_tokens - 1, 1) / median(decode),
+            ttft_s=first["ttft_s"],
+            prefill_s=first["prefill_s"],
+            prefill_tokens_per_s=first["prefill_tokens_per_s"],
+            decode_tokens_per_s=first["decode_tokens_per_s"],
             peak_rss_mb=peak_rss_mb(),
             artifact_bytes=size,
-            samples={"prefill_s": prefill, "decode_s": decode},
+            samples=first["samples"],
+            by_depth=by_depth,
         )
 
 

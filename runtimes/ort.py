@@ -1,7 +1,8 @@
 """Run and benchmark an edgec ONNX bundle with onnxruntime: greedy generation on the KV cache.
 
 Needs only numpy, onnxruntime and the standard library, so it also runs as a bench agent in a fresh
-process (`python -m runtimes.ort BUNDLE --json`), where peak RSS measures the artifact and not the compiler.
+process (`python -m runtimes.ort BUNDLE`), where peak RSS measures the artifact and not the compiler. On a
+device the agent is this file and base.py, pushed as a `runtimes` package beside runtimes/agent.py.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-try:  # run as `python -m runtimes.ort` or as a copied agent file beside base.py
-    from runtimes.base import BenchResult, BenchSpec, bench_agent_main, local_device_facts, median, peak_rss_mb
-except ImportError:  # pragma: no cover - the agent layout
-    from base import BenchResult, BenchSpec, bench_agent_main, local_device_facts, median, peak_rss_mb
+from runtimes.base import (BenchResult, BenchSpec, bench_agent_main, bench_depths, local_device_facts,
+                           peak_rss_mb, sha256_file)
+
+# A context fill before a timed run goes in chunks of this many tokens: its logits (chunk x vocab floats)
+# stay small, as an app's chunked prompt processing keeps them.
+FILL_CHUNK = 256
 
 
 def _artifact(manifest: dict, fmt: str = "onnx") -> dict:
@@ -136,20 +139,26 @@ class OrtRuntime:
         return step
 
     def generate(self, prompt: list[int], new_tokens: int, eos_ids: tuple[int, ...] = (),
-                 shared_buffer: bool | None = None, timings: list | None = None) -> list[int]:
+                 shared_buffer: bool | None = None, timings: list | None = None,
+                 context: list[int] | None = None) -> list[int]:
         """Greedy decoding; returns the new tokens (stops early at an EOS id when given).
 
         shared_buffer: one KV buffer for past and present (None: as the manifest says the model allows).
-        timings, if given, receives (prefill seconds, time to first token, decode seconds)."""
+        timings, if given, receives (prefill seconds, time to first token, decode seconds).
+        context: tokens put in the KV cache first, untimed (a conversation so far); the prompt follows it."""
+        context = list(context or [])
         shared = self.shares_buffer if shared_buffer is None else shared_buffer
-        step = self._shared_buffer_step(len(prompt) + new_tokens) if shared else self._copying_step()
+        step = (self._shared_buffer_step(len(context) + len(prompt) + new_tokens) if shared
+                else self._copying_step())
+        for start in range(0, len(context), FILL_CHUNK):
+            step(np.asarray([context[start:start + FILL_CHUNK]], dtype=np.int64), start)
         started = time.perf_counter()
-        logits = step(np.asarray([prompt], dtype=np.int64), 0)
+        logits = step(np.asarray([prompt], dtype=np.int64), len(context))
         prefill = time.perf_counter() - started
         out = [int(np.argmax(logits[0, -1]))]
         ttft = time.perf_counter() - started
         decode_started = time.perf_counter()
-        past_len = len(prompt)
+        past_len = len(context) + len(prompt)
         while len(out) < new_tokens and out[-1] not in eos_ids:
             logits = step(np.asarray([[out[-1]]], dtype=np.int64), past_len)
             out.append(int(np.argmax(logits[0, -1])))
@@ -158,32 +167,22 @@ class OrtRuntime:
             timings[:] = [prefill, ttft, time.perf_counter() - decode_started]
         return out
 
-    def _timed_run(self, prompt: np.ndarray, new_tokens: int) -> tuple[float, float, float]:
+    def _timed_run(self, prompt: list[int], new_tokens: int, context: list[int]) -> tuple[float, float, float]:
         """(prefill seconds, time to first token, decode seconds for new_tokens - 1 steps)."""
         timings: list[float] = []
-        self.generate(prompt[0].tolist(), new_tokens, timings=timings)
+        self.generate(prompt, new_tokens, timings=timings, context=context)
         return timings[0], timings[1], timings[2]
 
     def bench(self, spec: BenchSpec) -> BenchResult:
         vocab = self.session.get_outputs()[0].shape[-1]
         vocab = vocab if isinstance(vocab, int) else 1000
         rng = np.random.default_rng(spec.seed)
-        prompt = rng.integers(3, vocab, size=(1, spec.prompt_tokens), dtype=np.int64)
-        for _ in range(spec.warmup):
-            self._timed_run(prompt, min(spec.new_tokens, 8))
-        prefill, ttft, decode = [], [], []
-        for _ in range(spec.repeats):
-            p, t, d = self._timed_run(prompt, spec.new_tokens)
-            prefill.append(p)
-            ttft.append(t)
-            decode.append(d)
-        decode_steps = max(spec.new_tokens - 1, 1)
+        # At depth d the cache holds d tokens that precede the prompt, from the same random stream.
+        tokens = rng.integers(3, vocab, size=max(spec.depths) + spec.prompt_tokens).tolist()
+        by_depth = bench_depths(spec, self._timed_run, tokens)
+        first = by_depth[0]
         size = sum(p.stat().st_size for p in self.bundle_dir.iterdir() if p.is_file())
-        manifest_sha = None
-        if self.manifest is not None:
-            import hashlib
-
-            manifest_sha = hashlib.sha256((self.bundle_dir / "manifest.json").read_bytes()).hexdigest()
+        manifest_sha = sha256_file(self.bundle_dir / "manifest.json") if self.manifest is not None else None
         return BenchResult(
             runtime={"name": self.name, "version": self.version, "threads": self.threads or os.cpu_count(),
                      "kv_cache": "shared buffer" if self.shares_buffer else "past/present copies"},
@@ -191,13 +190,14 @@ class OrtRuntime:
             bundle={"path": str(self.bundle_dir), "manifest_sha256": manifest_sha, "format": "onnx"},
             spec=spec.to_dict(),
             load_s=self.load_s,
-            ttft_s=median(ttft),
-            prefill_s=median(prefill),
-            prefill_tokens_per_s=spec.prompt_tokens / median(prefill),
-            decode_tokens_per_s=decode_steps / median(decode),
+            ttft_s=first["ttft_s"],
+            prefill_s=first["prefill_s"],
+            prefill_tokens_per_s=first["prefill_tokens_per_s"],
+            decode_tokens_per_s=first["decode_tokens_per_s"],
             peak_rss_mb=peak_rss_mb(),
             artifact_bytes=size,
-            samples={"prefill_s": prefill, "ttft_s": ttft, "decode_s": decode},
+            samples=first["samples"],
+            by_depth=by_depth,
         )
 
 

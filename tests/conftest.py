@@ -58,3 +58,16 @@ def llama_dir(model_dir):
 def llama_adapter(llama_dir, tmp_path_factory):
     return make_adapter(llama_dir, tmp_path_factory.mktemp("adapter") / "lora",
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(llama_dir, tmp_path_factory):
+    """The smallest bundle (2-layer Llama, no adapter, unvalidated): for device and report tests."""
+    from click.testing import CliRunner
+
+    from compiler.cli import main
+
+    out = tmp_path_factory.mktemp("tiny") / "bundle"
+    result = CliRunner().invoke(main, ["build", "--model", str(llama_dir), "--out", str(out), "--quiet", "--no-validate"])
+    assert result.exit_code == 0, result.output
+    return out

@@ -98,3 +98,15 @@ def test_bad_pte_options_are_one_line_errors(llama_dir, tmp_path, args, fragment
     assert result.exit_code == 2 and fragment in result.output, result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_edgec_bench_runs_the_pte_in_executorch_at_several_depths(both_formats):
+    result = run("bench", both_formats, "--format", "pte", "--prompt-tokens", 8, "--new-tokens", 4, "--repeats", 1,
+                 "--warmup", 0, "--depths", "0,16", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    bench = json.loads(result.output)
+    assert bench["runtime"]["name"] == "executorch" and bench["bundle"]["format"] == "pte"
+    assert [d["depth"] for d in bench["by_depth"]] == [0, 16]
+    assert all(d["decode_tokens_per_s"] > 0 for d in bench["by_depth"]) and bench["peak_rss_mb"] > 0
+    too_deep = run("bench", both_formats, "--format", "pte", "--depths", "40", "--prompt-tokens", 8, "--new-tokens", 4)
+    assert too_deep.exit_code == 2 and "48" in too_deep.output, too_deep.output
