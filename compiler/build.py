@@ -229,10 +229,24 @@ def revalidate(bundle: Path, config_overrides: dict, report: BuildReport) -> dic
     source_hashes = reference.source_hashes
     recorded = manifest["source"]["model"]["sha256"]
     changed = sorted(name for name, digest in source_hashes.items() if recorded.get(name) not in (None, digest))
-    with report.stage("validate", "onnxruntime vs PyTorch reference"):
-        runner = OrtRuntime(bundle)
-        validation = _validation(runner, reference, config)
-    validation["source_changed_since_build"] = changed
+    results = []
+    for artifact in manifest["artifacts"]:
+        if artifact["format"] == "pte":
+            from runtimes.executorch import ExecutorchRuntime
+
+            with report.stage("validate_pte", "ExecuTorch runtime vs PyTorch reference"):
+                validation = _validation(ExecutorchRuntime(bundle, program_path=bundle / artifact["path"]), reference, config)
+        else:
+            with report.stage("validate", "onnxruntime vs PyTorch reference"):
+                validation = _validation(OrtRuntime(bundle, model_path=bundle / artifact["path"]), reference, config)
+        validation["source_changed_since_build"] = changed
+        artifact["validation"] = validation
+        results.append(validation)
+    # As at build time: the first artifact's validation is the headline; a failure in any one fails.
+    validation = dict(results[0])
+    if not all(r["passed"] for r in results):
+        validation["passed"] = False
+        validation["failures"] = [f"{a['format']}: {f}" for a, r in zip(manifest["artifacts"], results) for f in r["failures"]]
     manifest["validation"] = validation
     write_manifest(bundle, manifest)
     return validation

@@ -277,7 +277,14 @@ def inspect(bundle, as_json):
         if quant:
             detail += (f", {quant['algo']} block {quant['block_size']} "
                        f"{'symmetric' if quant['symmetric'] else 'asymmetric'}, accuracy level {quant['accuracy_level']}")
-        kv_mode = "shared past/present buffer" if artifact["io"]["kv_cache"].get("shares_buffer") else "past/present copies"
+        if artifact["format"] == "pte":
+            lines.append(f"artifact: {artifact['path']} (pte, {artifact['precision']}"
+                         f"{', ' + quant['scheme'] + ' block ' + str(quant['block_size']) if quant else ''}; "
+                         f"KV cache in the program, {kv['max_seq_len']} positions)")
+            lines.append(f"  inputs: {', '.join(io['inputs'])}; outputs: {', '.join(io['outputs'])}")
+            lines.append("  runner metadata: " + ", ".join(f"{k}={v}" for k, v in artifact["metadata"].items()))
+            continue
+        kv_mode = "shared past/present buffer" if kv.get("shares_buffer") else "past/present copies"
         lines.append(f"artifact: {artifact['path']} ({artifact['format']}, {artifact['precision']}{detail}; {kv_mode})")
         lines.append("  inputs: input_ids, attention_mask, position_ids, " f"{kv['past_key']} / {kv['past_value']} x {kv['num_layers']}")
         lines.append(f"  outputs: logits, {kv['present_key']} / {kv['present_value']}; KV {kv['layout']} {kv['dtype']}")

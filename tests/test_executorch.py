@@ -110,3 +110,15 @@ def test_edgec_bench_runs_the_pte_in_executorch_at_several_depths(both_formats):
     assert all(d["decode_tokens_per_s"] > 0 for d in bench["by_depth"]) and bench["peak_rss_mb"] > 0
     too_deep = run("bench", both_formats, "--format", "pte", "--depths", "40", "--prompt-tokens", 8, "--new-tokens", 4)
     assert too_deep.exit_code == 2 and "48" in too_deep.output, too_deep.output
+
+
+def test_inspect_and_validate_read_both_artifacts(both_formats):
+    inspect = run("inspect", both_formats)
+    assert inspect.exit_code == 0, inspect.output
+    assert "model.pte (pte, fp32; KV cache in the program, 48 positions)" in inspect.output
+    assert "get_max_seq_len=48" in inspect.output
+    validate = run("validate", both_formats, "--json")
+    assert validate.exit_code == 0, validate.output
+    manifest = json.loads((both_formats / "manifest.json").read_text())
+    assert [a["validation"]["passed"] for a in manifest["artifacts"]] == [True, True]
+    assert manifest["artifacts"][1]["validation"]["metrics"]["max_abs_logits"] < 1e-4
