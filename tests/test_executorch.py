@@ -122,3 +122,28 @@ def test_inspect_and_validate_read_both_artifacts(both_formats):
     manifest = json.loads((both_formats / "manifest.json").read_text())
     assert [a["validation"]["passed"] for a in manifest["artifacts"]] == [True, True]
     assert manifest["artifacts"][1]["validation"]["metrics"]["max_abs_logits"] < 1e-4
+
+
+def test_the_stock_executorch_llm_runner_generates_what_pytorch_generates(trained_dir, tmp_path):
+    """ExecuTorch's own TextLLMRunner (the C++ runner behind llama_main and the Android demo app, through its
+    Python binding) loads the program and the bundle's tokenizer.json and decodes greedily."""
+    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+    from tokenizers import Tokenizer
+
+    from compiler.frontend.load import build_decoder, read_checkpoint
+    from compiler.validate import torch_greedy
+    from runtimes.executorch import load_op_libraries
+
+    out = tmp_path / "pte"
+    result = run("build", "--model", trained_dir, "--out", out, "--format", "pte", "--max-seq-len", 64, "--quiet",
+                 "--no-validate")
+    assert result.exit_code == 0, result.output
+    load_op_libraries()
+    prompt = "The quick brown fox"
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    reference = torch_greedy(build_decoder(read_checkpoint(trained_dir)),
+                             tokenizer.encode(prompt, add_special_tokens=False).ids, 8)
+    pieces = []
+    runner = TextLLMRunner(str(out / "model.pte"), str(out / "tokenizer.json"))
+    runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=8, temperature=0.0), pieces.append)
+    assert "".join(pieces) == tokenizer.decode(reference) and len(pieces) >= 4
