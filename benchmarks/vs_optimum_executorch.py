@@ -25,7 +25,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.vs_genai_builder import BIN, print_table, smollm2_with_adapter, timed  # noqa: E402
 from compiler.fixtures import SMOLLM2_135M  # noqa: E402
+from runtimes.executorch import ExecutorchRuntime  # noqa: E402
 
 OPTIMUM_VENV = Path.home() / ".cache" / "edgec" / "optimum-executorch-venv"
 OPTIMUM_PINS = ["torch==2.13.0", "executorch==1.5.1", "torchao==0.18.0", "optimum-executorch==1.1.0"]
@@ -74,49 +74,20 @@ def builds(work: Path, model: Path, adapter: Path) -> dict[str, dict]:
     return results
 
 
-class Program:
-    """One .pte in ExecuTorch's runtime; the position input is [1] (start) or [seq] (one per token),
-    whichever the program declares."""
-
-    def __init__(self, path: Path):
-        import torch
-        from executorch.runtime import Runtime
-
-        from runtimes.executorch import load_op_libraries
-
-        load_op_libraries()
-        self.torch = torch
-        self.method = Runtime.get().load_program(path).load_method("forward")
-        sizes = self.method.metadata.input_tensor_meta(1).sizes()
-        self.per_token_positions = len(sizes) == 1 and sizes[0] != 1
-
-    def step(self, ids: list[int], start: int) -> int:
-        torch = self.torch
-        positions = torch.arange(start, start + len(ids)) if self.per_token_positions else torch.tensor([start])
-        logits = self.method.execute([torch.tensor([ids], dtype=torch.long), positions])[0]
-        return int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
-
-    def timed_generation(self, prompt: list[int], new_tokens: int) -> tuple[float, float]:
-        started = time.perf_counter()
-        token = self.step(prompt, 0)
-        prefill = time.perf_counter() - started
-        started = time.perf_counter()
-        for i in range(new_tokens - 1):
-            token = self.step([token], len(prompt) + i)
-        return prefill, (new_tokens - 1) / (time.perf_counter() - started)
-
-
 def measure(artifacts: dict[str, dict], rounds: int) -> None:
     prompt = np.random.default_rng(0).integers(3, SMOLLM2_135M["vocab_size"], PROMPT_TOKENS).tolist()
-    programs = {name: Program(Path(a["pte"])) for name, a in artifacts.items()}
+    # ExecutorchRuntime reads each program's own signature (optimum's takes one position per token and
+    # returns every position's logits) and metadata.
+    programs = {name: ExecutorchRuntime(Path(a["pte"]).parent, program_path=a["pte"]) for name, a in artifacts.items()}
     for program in programs.values():
-        program.timed_generation(prompt, 8)  # warm-up
+        program.generate(prompt, 8)  # warm-up
     samples = {name: ([], []) for name in programs}
     for _ in range(rounds):
         for name, program in programs.items():
-            prefill, decode = program.timed_generation(prompt, NEW_TOKENS)
-            samples[name][0].append(prefill)
-            samples[name][1].append(decode)
+            timings: list[float] = []
+            program.generate(prompt, NEW_TOKENS, timings=timings)
+            samples[name][0].append(timings[0])
+            samples[name][1].append((NEW_TOKENS - 1) / timings[2])
     for name, (prefill, decode) in samples.items():
         artifacts[name].update(prefill_ms=1000 * statistics.median(prefill), decode_tps=statistics.median(decode),
                                decode_spread=[min(decode), max(decode)],

@@ -15,6 +15,9 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 BENCH_SCHEMA = "edgec.bench/1"
+# A context put in the KV cache before a timed run goes in chunks of this many tokens: its logits (chunk x
+# vocab floats) stay small, as an app's chunked prompt processing keeps them.
+FILL_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -179,10 +182,15 @@ def bench_agent_main(description: str, run, argv: list[str] | None = None) -> in
     return 0
 
 
-def bench_depths(spec: BenchSpec, timed_run, tokens: list) -> list:
+def bench_depths(spec: BenchSpec, generate, tokens: list) -> list:
     """Measurements per context depth. `tokens`: max(depths) + prompt_tokens ids; the prompt is the first
-    prompt_tokens, the context at depth d the d ids after them. `timed_run(prompt, new_tokens, context)`
-    returns (prefill seconds, time to first token, decode seconds for new_tokens - 1 steps)."""
+    prompt_tokens, the context at depth d the d ids after them. `generate(prompt, new_tokens, timings=,
+    context=)` is a runtime's greedy loop filling timings with (prefill s, time to first token s, decode s)."""
+    def timed_run(prompt, new_tokens, context):
+        timings: list = []
+        generate(prompt, new_tokens, timings=timings, context=context)
+        return timings
+
     prompt = tokens[:spec.prompt_tokens]
     for _ in range(spec.warmup):
         timed_run(prompt, min(spec.new_tokens, 8), [])
@@ -200,3 +208,28 @@ def bench_depths(spec: BenchSpec, timed_run, tokens: list) -> list:
                          "decode_tokens_per_s": max(spec.new_tokens - 1, 1) / median(decode),
                          "samples": {"prefill_s": prefill, "ttft_s": ttft, "decode_s": decode}})
     return by_depth
+
+
+def bench_result(runtime: dict, bundle_dir, fmt: str, spec: BenchSpec, load_s: float, by_depth: list) -> BenchResult:
+    """The shared result of a runtime's bench: the first depth's medians at the top level."""
+    from pathlib import Path
+
+    bundle_dir = Path(bundle_dir)
+    manifest = bundle_dir / "manifest.json"
+    first = by_depth[0]
+    return BenchResult(
+        runtime=runtime,
+        device=local_device_facts(),
+        bundle={"path": str(bundle_dir), "format": fmt,
+                "manifest_sha256": sha256_file(manifest) if manifest.exists() else None},
+        spec=spec.to_dict(),
+        load_s=load_s,
+        ttft_s=first["ttft_s"],
+        prefill_s=first["prefill_s"],
+        prefill_tokens_per_s=first["prefill_tokens_per_s"],
+        decode_tokens_per_s=first["decode_tokens_per_s"],
+        peak_rss_mb=peak_rss_mb(),
+        artifact_bytes=sum(p.stat().st_size for p in bundle_dir.iterdir() if p.is_file()),
+        samples=first["samples"],
+        by_depth=by_depth,
+    )

@@ -18,10 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes.base import (BenchResult, BenchSpec, bench_agent_main, bench_depths, local_device_facts, peak_rss_mb,
-                           sha256_file)
-
-FILL_CHUNK = 256  # context put in the cache before a timed run goes in chunks of this many tokens
+from runtimes.base import FILL_CHUNK, BenchResult, BenchSpec, bench_agent_main, bench_depths, bench_result
 
 
 # torchao (imported by executorch) logs a warning per optional GPU kernel library it cannot load, and
@@ -61,17 +58,23 @@ class ExecutorchRuntime:
         self.vocab_size = self.metadata("get_vocab_size")
         self.eos_ids = tuple(self.program.load_method("get_eos_ids").execute([])) \
             if "get_eos_ids" in self.program.method_names else ()
+        # The position input is [1] (the chunk's start, as edgec and ExecuTorch's llama export write it) or
+        # [seq] (one per token, as optimum-executorch's cache_position): the program's signature says which.
+        position_sizes = self.method.metadata.input_tensor_meta(1).sizes()
+        self.per_token_positions = not (len(position_sizes) == 1 and position_sizes[0] == 1)
 
     def metadata(self, name: str):
         return self.program.load_method(name).execute([])[0]
 
     def _run(self, ids: np.ndarray, start: int) -> np.ndarray:
-        """Last-position logits [vocab] of the chunk ids [1, seq] written at `start`."""
-        if start + ids.shape[1] > self.max_seq_len:
-            raise ValueError(f"{start + ids.shape[1]} positions exceed the program's max_seq_len {self.max_seq_len}")
-        out = self.method.execute([self.torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)),
-                                   self.torch.tensor([start], dtype=self.torch.long)])
-        return out[0].numpy()[0]
+        """Last-position logits [vocab] of the chunk ids [1, seq] written at `start` (a program returning
+        every position's logits gives its last row)."""
+        torch, seq = self.torch, ids.shape[1]
+        if start + seq > self.max_seq_len:
+            raise ValueError(f"{start + seq} positions exceed the program's max_seq_len {self.max_seq_len}")
+        positions = torch.arange(start, start + seq) if self.per_token_positions else torch.tensor([start])
+        logits = self.method.execute([torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)), positions])[0]
+        return logits.numpy().reshape(-1, logits.shape[-1])[-1]
 
     # The validation interface shared with OrtRuntime: a "cache" here is just the next position.
     def empty_cache(self) -> int:
@@ -104,11 +107,6 @@ class ExecutorchRuntime:
             timings[:] = [ttft, ttft, time.perf_counter() - decode_started]
         return out
 
-    def _timed_run(self, prompt: list[int], new_tokens: int, context: list[int]) -> tuple[float, float, float]:
-        timings: list[float] = []
-        self.generate(prompt, new_tokens, timings=timings, context=context)
-        return timings[0], timings[1], timings[2]
-
     def bench(self, spec: BenchSpec) -> BenchResult:
         if spec.max_tokens > self.max_seq_len:
             raise ValueError(f"depth + prompt + new tokens = {spec.max_tokens} exceed the program's max_seq_len "
@@ -119,27 +117,10 @@ class ExecutorchRuntime:
             portable_lib._unsafe_reset_threadpool(spec.threads)
         rng = np.random.default_rng(spec.seed)
         tokens = rng.integers(3, self.vocab_size, size=max(spec.depths) + spec.prompt_tokens).tolist()
-        by_depth = bench_depths(spec, self._timed_run, tokens)
-        first = by_depth[0]
-        size = sum(p.stat().st_size for p in self.bundle_dir.iterdir() if p.is_file())
-        manifest = self.bundle_dir / "manifest.json"
-        return BenchResult(
-            runtime={"name": self.name, "version": self.version, "threads": spec.threads or os.cpu_count(),
-                     "kv_cache": f"in-program, {self.max_seq_len} positions"},
-            device=local_device_facts(),
-            bundle={"path": str(self.bundle_dir), "format": "pte",
-                    "manifest_sha256": sha256_file(manifest) if manifest.exists() else None},
-            spec=spec.to_dict(),
-            load_s=self.load_s,
-            ttft_s=first["ttft_s"],
-            prefill_s=first["prefill_s"],
-            prefill_tokens_per_s=first["prefill_tokens_per_s"],
-            decode_tokens_per_s=first["decode_tokens_per_s"],
-            peak_rss_mb=peak_rss_mb(),
-            artifact_bytes=size,
-            samples=first["samples"],
-            by_depth=by_depth,
-        )
+        by_depth = bench_depths(spec, self.generate, tokens)
+        runtime = {"name": self.name, "version": self.version, "threads": spec.threads or os.cpu_count(),
+                   "kv_cache": f"in-program, {self.max_seq_len} positions"}
+        return bench_result(runtime, self.bundle_dir, "pte", spec, self.load_s, by_depth)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,12 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes.base import (BenchResult, BenchSpec, bench_agent_main, bench_depths, local_device_facts,
-                           peak_rss_mb, sha256_file)
-
-# A context fill before a timed run goes in chunks of this many tokens: its logits (chunk x vocab floats)
-# stay small, as an app's chunked prompt processing keeps them.
-FILL_CHUNK = 256
+from runtimes.base import FILL_CHUNK, BenchResult, BenchSpec, bench_agent_main, bench_depths, bench_result
 
 
 def _artifact(manifest: dict, fmt: str = "onnx") -> dict:
@@ -167,38 +162,16 @@ class OrtRuntime:
             timings[:] = [prefill, ttft, time.perf_counter() - decode_started]
         return out
 
-    def _timed_run(self, prompt: list[int], new_tokens: int, context: list[int]) -> tuple[float, float, float]:
-        """(prefill seconds, time to first token, decode seconds for new_tokens - 1 steps)."""
-        timings: list[float] = []
-        self.generate(prompt, new_tokens, timings=timings, context=context)
-        return timings[0], timings[1], timings[2]
-
     def bench(self, spec: BenchSpec) -> BenchResult:
         vocab = self.session.get_outputs()[0].shape[-1]
         vocab = vocab if isinstance(vocab, int) else 1000
         rng = np.random.default_rng(spec.seed)
         # At depth d the cache holds d tokens that precede the prompt, from the same random stream.
         tokens = rng.integers(3, vocab, size=max(spec.depths) + spec.prompt_tokens).tolist()
-        by_depth = bench_depths(spec, self._timed_run, tokens)
-        first = by_depth[0]
-        size = sum(p.stat().st_size for p in self.bundle_dir.iterdir() if p.is_file())
-        manifest_sha = sha256_file(self.bundle_dir / "manifest.json") if self.manifest is not None else None
-        return BenchResult(
-            runtime={"name": self.name, "version": self.version, "threads": self.threads or os.cpu_count(),
-                     "kv_cache": "shared buffer" if self.shares_buffer else "past/present copies"},
-            device=local_device_facts(),
-            bundle={"path": str(self.bundle_dir), "manifest_sha256": manifest_sha, "format": "onnx"},
-            spec=spec.to_dict(),
-            load_s=self.load_s,
-            ttft_s=first["ttft_s"],
-            prefill_s=first["prefill_s"],
-            prefill_tokens_per_s=first["prefill_tokens_per_s"],
-            decode_tokens_per_s=first["decode_tokens_per_s"],
-            peak_rss_mb=peak_rss_mb(),
-            artifact_bytes=size,
-            samples=first["samples"],
-            by_depth=by_depth,
-        )
+        by_depth = bench_depths(spec, self.generate, tokens)
+        runtime = {"name": self.name, "version": self.version, "threads": self.threads or os.cpu_count(),
+                   "kv_cache": "shared buffer" if self.shares_buffer else "past/present copies"}
+        return bench_result(runtime, self.bundle_dir, "onnx", spec, self.load_s, by_depth)
 
 
 def main(argv: list[str] | None = None) -> int:
