@@ -157,28 +157,23 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict) -> PteExport:
 
 
 def _op_counts(graph_module) -> tuple[dict[str, int], dict[str, int]]:
-    delegated: dict[str, int] = {}
-    portable: dict[str, int] = {}
-    for node in graph_module.graph.nodes:
-        if node.op != "call_function":
-            continue
-        name = getattr(node.target, "__name__", str(node.target))
-        if "executorch_call_delegate" in name:
-            delegated["xnnpack_partitions"] = delegated.get("xnnpack_partitions", 0) + 1
-        elif name not in ("getitem",):
-            portable[name] = portable.get(name, 0) + 1
-    return delegated, portable
+    """(delegated: partitions and nodes, portable: op type -> nodes outside XNNPACK), from ExecuTorch's
+    own delegation summary."""
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    info = get_delegation_info(graph_module)
+    portable = {op: b.non_delegated for op, b in info.delegation_by_operator.items()
+                if b.non_delegated and op != "getitem"}
+    return {"xnnpack_partitions": info.num_delegated_subgraphs, "nodes": info.num_delegated_nodes}, portable
 
 
 # Outside XNNPACK by design: the runner's KV-cache and attention custom ops, the position scalar, shape
 # plumbing, and the (quantized) embedding gather, which ExecuTorch runs with its own kernels.
 EXPECTED_PORTABLE = {
-    "sym_size.int", "_local_scalar_dense.default", "_assert_scalar.default", "add", "mul", "sub", "ge", "le",
-    "aten.select_copy.int", "aten.slice_copy.Tensor", "aten.view_copy.default", "aten.unsqueeze_copy.default",
-    "auto_functionalized_v2", "llama.custom_sdpa.default", "llama.update_cache.default", "aten.embedding.default",
-    "quantized_decomposed.embedding_byte.default", "quantized_decomposed.embedding_4bit.default",
-    "quantized_decomposed.embedding_byte.dtype", "quantized_decomposed.embedding_4bit.dtype",
-    "torchao.dequantize_affine.default",
+    "sym_size", "_local_scalar_dense", "_assert_scalar", "add", "mul", "sub", "ge", "le",
+    "aten_select_copy_int", "aten_slice_copy_tensor", "aten_view_copy_default", "aten_unsqueeze_copy_default",
+    "auto_functionalized_v2", "llama_custom_sdpa_default", "llama_update_cache_default", "aten_embedding_default",
+    "torchao_dequantize_affine_default",
 }
 
 
