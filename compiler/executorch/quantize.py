@@ -15,13 +15,13 @@ from torch import nn
 
 from compiler.config import QuantConfig
 from compiler.errors import UsageError
-from compiler.quant.blocks import tied_table_block
+from compiler.quant.blocks import largest_dividing_block
 
 
 def group_for(k: int, block_size: int) -> int:
     """The block along K for a linear of K inputs: the configured one, or the largest power-of-two
     fraction of it that divides K (torchao's per-group quantization needs whole groups)."""
-    group = tied_table_block(k, block_size)
+    group = largest_dividing_block(k, block_size)
     if not group:
         raise UsageError(f"--block-size {block_size}: no block of 16 or more divides a layer's {k} inputs; "
                          "use --format onnx for this model")

@@ -71,12 +71,12 @@ def _quantize_rows(w_nk: np.ndarray, bits: int, block_size: int, symmetric: bool
     return q.astype(np.uint8), scale, zero.astype(np.uint8)
 
 
-def tied_table_block(hidden: int, block_size: int) -> int:
-    """Block of a table shared by the embedding gather and the lm_head: the largest power-of-two
-    fraction of `block_size` (at least 16) that divides H, since a padded last block would be gathered
-    as part of the row; 0 when there is none."""
+def largest_dividing_block(k: int, block_size: int) -> int:
+    """The largest power-of-two fraction of `block_size` (at least 16) that divides K; 0 when none does.
+    Where a padded last block will not do: a table shared by the embedding gather and the lm_head (the
+    gather would return the padding as part of the row), torchao's per-group quantization."""
     block = block_size
-    while block >= 16 and hidden % block:
+    while block >= 16 and k % block:
         block //= 2
     return block if block >= 16 else 0
 

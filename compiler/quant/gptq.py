@@ -25,7 +25,7 @@ from torch import nn
 
 from compiler.errors import UsageError
 from compiler.models.decoder import CanonicalDecoder
-from compiler.quant.blocks import block_scales_and_zeros, tied_table_block
+from compiler.quant.blocks import block_scales_and_zeros, largest_dividing_block
 
 # Varied general text (prose, dialogue, code, data, a few languages), written for edgec; users pass
 # their own with --calibration, ideally text like their application's.
@@ -119,7 +119,7 @@ def _leaders(model: CanonicalDecoder, block_size: int, symmetric: bool, skip: tu
         block = block_size
         if name == "lm_head" and model.cfg.tie_word_embeddings:
             # A tied table is shared with the embedding at the block QuantizeWeightsPass gives it.
-            block = tied_table_block(model.cfg.hidden_size, block_size) if symmetric else 0
+            block = largest_dividing_block(model.cfg.hidden_size, block_size) if symmetric else 0
             if not block:
                 continue
         leaders.append(_Leader(name, members, [modules[m].weight.detach() for m in members], block))

@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from compiler.config import QuantConfig
 from compiler.onnx.scopes import module_path
-from compiler.quant.blocks import pack, quantize_blocks, tied_table_block
+from compiler.quant.blocks import largest_dividing_block, pack, quantize_blocks
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
     if value is None or value.const_value is None:
@@ -70,7 +70,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         for node in graph:
             if node.op_type == "Transpose" and node.inputs[0] is not None and id(node.inputs[0]) in gathered:
                 if any(use.node.op_type == "MatMul" for use in node.outputs[0].uses()):
-                    block = tied_table_block(node.inputs[0].const_value.shape[1], self.config.block_size)
+                    block = largest_dividing_block(node.inputs[0].const_value.shape[1], self.config.block_size)
                     return (node.inputs[0], block) if block else (None, 0)
         return None, 0
 
