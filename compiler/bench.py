@@ -15,7 +15,7 @@ from pathlib import Path
 
 from compiler.bundle import MANIFEST, read_manifest
 from compiler.errors import EdgecError, UsageError
-from runtimes.base import BenchSpec, sha256_file
+from runtimes.base import FILL_CHUNK, BenchSpec, sha256_file
 from runtimes.device import PROFILES, Device, LocalDevice
 
 # format -> (agent module in runtimes/, the packages the device needs to run it)
@@ -80,11 +80,11 @@ def memory_estimate_mb(manifest: dict, artifact: dict, spec: BenchSpec) -> dict:
     weights = sum(f["bytes"] for name, f in manifest["files"].items() if name.startswith(artifact["path"]))
     kv = artifact["io"]["kv_cache"]
     per_token = 2 * kv["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * 4  # float32 keys and values
-    copies = 1 if kv.get("shares_buffer") else 2  # without a shared buffer, past and present live together
-    from runtimes.ort import FILL_CHUNK
-
+    copies = 1 if kv.get("shares_buffer") or kv.get("in_program") else 2  # else past and present live together
+    # A cache held in the program (.pte) is allocated for all its positions, whatever the run uses.
+    positions = kv["max_seq_len"] if kv.get("in_program") else spec.max_tokens
     logits_rows = max(spec.prompt_tokens, min(max(spec.depths), FILL_CHUNK))
-    parts = {"weights_mb": weights / 2**20, "kv_cache_mb": per_token * spec.max_tokens * copies / 2**20,
+    parts = {"weights_mb": weights / 2**20, "kv_cache_mb": per_token * positions * copies / 2**20,
              "logits_mb": logits_rows * manifest["model"]["vocab_size"] * 4 / 2**20,
              "runtime_mb": float(RUNTIME_OVERHEAD_MB)}
     parts["total_mb"] = sum(parts.values())

@@ -60,11 +60,26 @@ def load_reference(model_dir: Path, adapters: list[AdapterSpec], report: BuildRe
     return Reference(model, checkpoint, records, source_hashes, prompts, lora)
 
 
-def _validation(runner, reference: Reference, config: BuildConfig) -> dict:
+def _validate_artifact(directory: Path, artifact: dict, reference: Reference, config: BuildConfig,
+                       report: BuildReport) -> dict:
+    """The gates for one artifact of a bundle, run in its own runtime."""
     from compiler.validate import validate
 
+    path = directory / artifact["path"]
     gates = config.validation.gates(config.export.precision)
-    return validate(runner, reference.model, reference.prompts, config.validation.new_tokens, gates, reference.lora)
+    pte = artifact["format"] == "pte"
+    stage = ("validate_pte", "ExecuTorch runtime vs PyTorch reference") if pte else \
+        ("validate", "onnxruntime vs PyTorch reference")
+    with report.stage(*stage):
+        if pte:
+            from runtimes.executorch import ExecutorchRuntime
+
+            runner = ExecutorchRuntime(directory, program_path=path)
+        else:
+            from runtimes.ort import OrtRuntime
+
+            runner = OrtRuntime(directory, model_path=path)
+        return validate(runner, reference.model, reference.prompts, config.validation.new_tokens, gates, reference.lora)
 
 
 def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
@@ -83,8 +98,7 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
         if "pte" in config.export.formats:
             artifacts.append(_build_pte(config, reference, writer, report))
             runners["executorch-llm-runner"] = artifacts[-1]["path"]
-        # The first artifact's validation is the bundle's headline; each artifact carries its own.
-        validation = artifacts[0].get("validation")
+        validation = headline_validation(artifacts)
         report.validation = validation
         report_dict = report.to_dict()
         writer.write_json("report.json", report_dict)
@@ -106,12 +120,22 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
         raise
     if writer.moved_aside:
         report.moved_aside = str(writer.moved_aside)
-    failures = [f"{a['format']}: {f}" if len(artifacts) > 1 else f
-                for a in artifacts if a.get("validation") and not a["validation"]["passed"]
-                for f in a["validation"]["failures"]]
-    if failures:
-        raise CheckFailed(f"{out}: validation failed: " + "; ".join(failures))
+    if validation is not None and not validation["passed"]:
+        raise CheckFailed(f"{out}: validation failed: " + "; ".join(validation["failures"]))
     return out, manifest
+
+
+def headline_validation(artifacts: list[dict]) -> dict | None:
+    """The bundle's validation: the first artifact's metrics (each artifact carries its own), failed
+    when any artifact failed, with every artifact's failures (named by format when there are several)."""
+    results = [a["validation"] for a in artifacts if a.get("validation")]
+    if not results:
+        return None
+    headline = dict(results[0])
+    headline["passed"] = all(r["passed"] for r in results)
+    headline["failures"] = [f"{a['format']}: {f}" if len(artifacts) > 1 else f
+                            for a in artifacts if a.get("validation") for f in a["validation"]["failures"]]
+    return headline
 
 
 def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter, report: BuildReport) -> dict:
@@ -154,11 +178,7 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
     artifact = {"format": "onnx", "path": MODEL_FILE, "precision": config.export.precision, "pipeline": pipeline,
                 "quant": quant.to_dict() if quant else None, "io": io_for(model).describe(shares_buffer)}
     if config.validation.enabled:
-        from runtimes.ort import OrtRuntime
-
-        with report.stage("validate", "onnxruntime vs PyTorch reference"):
-            artifact["validation"] = _validation(OrtRuntime(writer.staging, model_path=writer.staging / MODEL_FILE),
-                                                 reference, config)
+        artifact["validation"] = _validate_artifact(writer.staging, artifact, reference, config, report)
     return artifact
 
 
@@ -178,8 +198,7 @@ def _build_pte(config: BuildConfig, reference: Reference, writer: BundleWriter, 
     if quant:
         with report.stage("quantize_pte", "torchao 8da4w" + (f", embedding int{quant.embedding_bits}" if quant.embedding_bits else "")):
             counts = quantize_decoder(decoder, quant)
-    generation_eos = model.cfg.eos_token_ids
-    metadata = runner_metadata(model.cfg, max_seq_len, model.cfg.bos_token_id, list(generation_eos))
+    metadata = runner_metadata(model.cfg, max_seq_len, model.cfg.bos_token_id, list(model.cfg.eos_token_ids))
     with report.stage("export_pte", f"{model.cfg.num_layers} layers, torch.export + XNNPACK"):
         exported = export_pte(decoder, metadata)
         del decoder
@@ -198,21 +217,14 @@ def _build_pte(config: BuildConfig, reference: Reference, writer: BundleWriter, 
                 "io": {"inputs": ["tokens [1, seq] int64", "input_pos [1] int64"],
                        "outputs": ["logits [1, vocab] float32 (last position)"],
                        "kv_cache": {"in_program": True, "max_seq_len": max_seq_len, "num_layers": model.cfg.num_layers,
-                                    "num_kv_heads": model.cfg.num_kv_heads, "head_dim": model.cfg.head_dim,
-                                    "shares_buffer": True}}}
+                                    "num_kv_heads": model.cfg.num_kv_heads, "head_dim": model.cfg.head_dim}}}
     if config.validation.enabled:
-        from runtimes.executorch import ExecutorchRuntime
-
-        with report.stage("validate_pte", "ExecuTorch runtime vs PyTorch reference"):
-            artifact["validation"] = _validation(ExecutorchRuntime(writer.staging, program_path=writer.staging / PTE_FILE),
-                                                 reference, config)
+        artifact["validation"] = _validate_artifact(writer.staging, artifact, reference, config, report)
     return artifact
 
 
 def revalidate(bundle: Path, config_overrides: dict, report: BuildReport) -> dict:
     """Run the gates again on an existing bundle against its sources (or the ones given)."""
-    from runtimes.ort import OrtRuntime
-
     manifest = read_manifest(bundle)
     config = BuildConfig.from_dict(manifest["build_config"], out=bundle)
     if config_overrides.get("model"):
@@ -229,24 +241,10 @@ def revalidate(bundle: Path, config_overrides: dict, report: BuildReport) -> dic
     source_hashes = reference.source_hashes
     recorded = manifest["source"]["model"]["sha256"]
     changed = sorted(name for name, digest in source_hashes.items() if recorded.get(name) not in (None, digest))
-    results = []
     for artifact in manifest["artifacts"]:
-        if artifact["format"] == "pte":
-            from runtimes.executorch import ExecutorchRuntime
-
-            with report.stage("validate_pte", "ExecuTorch runtime vs PyTorch reference"):
-                validation = _validation(ExecutorchRuntime(bundle, program_path=bundle / artifact["path"]), reference, config)
-        else:
-            with report.stage("validate", "onnxruntime vs PyTorch reference"):
-                validation = _validation(OrtRuntime(bundle, model_path=bundle / artifact["path"]), reference, config)
-        validation["source_changed_since_build"] = changed
-        artifact["validation"] = validation
-        results.append(validation)
-    # As at build time: the first artifact's validation is the headline; a failure in any one fails.
-    validation = dict(results[0])
-    if not all(r["passed"] for r in results):
-        validation["passed"] = False
-        validation["failures"] = [f"{a['format']}: {f}" for a, r in zip(manifest["artifacts"], results) for f in r["failures"]]
+        artifact["validation"] = _validate_artifact(bundle, artifact, reference, config, report)
+        artifact["validation"]["source_changed_since_build"] = changed
+    validation = headline_validation(manifest["artifacts"])
     manifest["validation"] = validation
     write_manifest(bundle, manifest)
     return validation
