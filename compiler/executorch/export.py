@@ -49,8 +49,8 @@ class ExecutorchDecoder(nn.Module):
         cos, sin = torch.ones(max_seq_len, head_dim), torch.zeros(max_seq_len, head_dim)
         cos[:, :rotary], sin[:, :rotary] = emb.cos() * cfg.rope_attention_scaling, emb.sin() * cfg.rope_attention_scaling
         rotate = torch.zeros(head_dim, head_dim)
-        rotate[torch.arange(half) + half, torch.arange(half)] = -1.0
-        rotate[torch.arange(half), torch.arange(half) + half] = 1.0
+        rotate[torch.arange(half), torch.arange(half) + half] = -1.0
+        rotate[torch.arange(half) + half, torch.arange(half)] = 1.0
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("rope_rotate", rotate, persistent=False)
@@ -73,14 +73,14 @@ class ExecutorchDecoder(nn.Module):
             attn = layer.self_attn
             h = self._rms_norm(x, layer.input_layernorm)
             # [batch, seq, heads, head_dim]: the layout of ExecuTorch's cache and SDPA ops.
-            q = self._rope(attn.q_proj(h).view(1, seq, attn.num_heads, attn.head_dim), cos, sin)
-            k = self._rope(attn.k_proj(h).view(1, seq, attn.num_kv_heads, attn.head_dim), cos, sin)
-            v = attn.v_proj(h).view(1, seq, attn.num_kv_heads, attn.head_dim)
+            q = self._rope(attn.q_proj(h).view(1, -1, attn.num_heads, attn.head_dim), cos, sin)
+            k = self._rope(attn.k_proj(h).view(1, -1, attn.num_kv_heads, attn.head_dim), cos, sin)
+            v = attn.v_proj(h).view(1, -1, attn.num_kv_heads, attn.head_dim)
             k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
             torch.ops.llama.update_cache(k, k_cache, start)
             torch.ops.llama.update_cache(v, v_cache, start)
             out = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0.0, True, attn.scale)
-            x = x + attn.o_proj(out.reshape(1, seq, attn.num_heads * attn.head_dim))
+            x = x + attn.o_proj(out.view(1, -1, attn.num_heads * attn.head_dim))
             x = x + layer.mlp(self._rms_norm(x, layer.post_attention_layernorm))
         return self.lm_head(self._rms_norm(x[:, -1, :], self.norm))
 
@@ -89,7 +89,7 @@ class ExecutorchDecoder(nn.Module):
         return norm.weight * (x * torch.rsqrt(variance + norm.eps))
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return x * cos + torch.matmul(x, self.rope_rotate) * sin
+        return x * cos + nn.functional.linear(x, self.rope_rotate) * sin
 
 
 def runner_metadata(cfg, max_seq_len: int, bos_id: int | None, eos_ids: list[int]) -> dict:
