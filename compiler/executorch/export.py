@@ -13,6 +13,7 @@ quantization (which swaps weights for quantized tensors) leaves the fp32 referen
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import warnings
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from compiler.models.decoder import CanonicalDecoder
+from compiler.executorch.preprocess_cache import reuse_xnnpack_preprocessing
 from runtimes.executorch import load_op_libraries
 
 PTE_FILE = "model.pte"
@@ -112,13 +114,13 @@ def runner_metadata(cfg, max_seq_len: int, bos_id: int | None, eos_ids: list[int
 @dataclass
 class PteExport:
     program: bytes
-    delegated_ops: dict[str, int]
+    delegated_ops: dict[str, int]  # partitions, nodes, and partitions whose delegate passes were reused
     portable_ops: dict[str, int]  # ops left to ExecuTorch's portable/quantized kernels
     export_s: float
     lower_s: float
 
 
-def export_pte(decoder: ExecutorchDecoder, metadata: dict) -> PteExport:
+def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_partitions: bool = True) -> PteExport:
     """torch.export with a dynamic sequence length, one to_edge_transform_and_lower with XNNPACK."""
     import time
 
@@ -129,6 +131,7 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict) -> PteExport:
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
     load_op_libraries()
+    reused: dict = {}
     logging.getLogger("torch._export").setLevel(logging.ERROR)
     seq = torch.export.Dim("seq_len", min=1, max=decoder.max_seq_len - 1)
     example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0], dtype=torch.long))
@@ -137,12 +140,14 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict) -> PteExport:
         warnings.simplefilter("ignore")
         exported = torch.export.export(decoder.eval(), example, dynamic_shapes=({1: seq}, {0: 1}), strict=False)
         exported_s = time.perf_counter() - started
-        edge = to_edge_transform_and_lower(
-            exported,
-            partitioner=[XnnpackPartitioner()],
-            compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
-            constant_methods=metadata,
-        )
+        reuse = reuse_xnnpack_preprocessing(reused) if reuse_partitions else contextlib.nullcontext()
+        with reuse:
+            edge = to_edge_transform_and_lower(
+                exported,
+                partitioner=[XnnpackPartitioner()],
+                compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
+                constant_methods=metadata,
+            )
         # As ExecuTorch's LLM export does: leftover linears as op_linear (not transpose + mm), and the
         # quantized embedding pattern fused into quantized_decomposed.embedding_{byte,4bit}.
         edge = edge.transform([ConvertToLinearPass()])
@@ -153,6 +158,7 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict) -> PteExport:
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
             sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
         ))
+    delegated["reused_partitions"] = reused.get("reused", 0)
     return PteExport(program.buffer, delegated, portable, exported_s, time.perf_counter() - started - exported_s)
 
 

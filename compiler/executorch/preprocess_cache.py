@@ -1,0 +1,117 @@
+"""Run XNNPACK's delegate passes once per distinct partition, not once per layer.
+
+XNNPACK's `preprocess` re-traces every partition through 17 passes on fake tensors with symbolic shapes,
+which was most of a 30-layer model's lowering time. The decoder's layers give partitions that differ only
+in their weights, so the passes' output for one of them serves all: the cached program's graph is kept
+and only its parameter table is pointed at the next partition's tensors before XNNPACK serializes it
+(the serializer reads weights through that table, so each partition still gets its own bytes).
+
+A partition is reused only when its graph has the same nodes, arguments, shapes and dtypes as the cached
+one and when the passes left the parameter list alone (a pass that folds constants into new tensors would
+bake one layer's values into the graph: such partitions are never cached).
+
+ExecuTorch has no hook for this: the pass manager is swapped on the preprocess module for the duration of
+one lowering. If that name ever moves, lowering runs uncached (slower, same result).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.export import ExportedProgram
+
+
+def _describe(value, index: dict) -> object:
+    if isinstance(value, torch.fx.Node):
+        return ("node", index[value])
+    if isinstance(value, (list, tuple)):
+        return tuple(_describe(v, index) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _describe(v, index)) for k, v in value.items())
+    if isinstance(value, torch.Tensor):
+        return ("tensor", str(value.dtype), tuple(value.shape))
+    return repr(value)
+
+
+def partition_signature(program: ExportedProgram) -> tuple:
+    """What the passes can see of a partition, apart from parameter values."""
+    kinds = {spec.arg.name: spec.kind.name for spec in program.graph_signature.input_specs
+             if hasattr(spec.arg, "name")}
+    index: dict = {}
+    described = []
+    for node in program.graph.nodes:
+        index[node] = len(index)
+        value = node.meta.get("val")
+        shape = (str(value.dtype), tuple(str(d) for d in value.shape)) if isinstance(value, torch.Tensor) else repr(value)
+        described.append((node.op, str(node.target) if node.op != "placeholder" else kinds.get(node.name),
+                          _describe(node.args, index), _describe(node.kwargs, index), shape))
+    return tuple(described)
+
+
+def _tensor_targets(program: ExportedProgram) -> list[str]:
+    return [spec.target for spec in program.graph_signature.input_specs if spec.target is not None]
+
+
+def _debug_handles(program: ExportedProgram) -> list:
+    return [node.meta.get("debug_handle") for node in program.graph.nodes]
+
+
+class _Cached:
+    def __init__(self, source: ExportedProgram, transformed: ExportedProgram):
+        # Private tables: the transformed program may share its dicts with the program being lowered.
+        transformed._state_dict = dict(transformed.state_dict)
+        transformed._constants = dict(transformed.constants)
+        self.program = transformed
+        self.targets = _tensor_targets(source)
+        self.source_handles = _debug_handles(source)
+        self.transformed_handles = _debug_handles(transformed)
+
+    def rebind(self, program: ExportedProgram) -> ExportedProgram:
+        """The cached graph with `program`'s tensors and debug handles (profiles name the right layer)."""
+        for mine, theirs in zip(self.targets, _tensor_targets(program)):
+            # Parameters and persistent buffers live in the state dict, the rest in constants.
+            table = self.program.state_dict if mine in self.program.state_dict else self.program.constants
+            table[mine] = program.state_dict[theirs] if theirs in program.state_dict else program.constants[theirs]
+        handles = {mine: theirs for mine, theirs in zip(self.source_handles, _debug_handles(program))
+                   if mine is not None}
+        for node, handle in zip(self.program.graph.nodes, self.transformed_handles):
+            if handle is not None:
+                node.meta["debug_handle"] = handles.get(handle, handle)
+        return self.program
+
+
+@contextlib.contextmanager
+def reuse_xnnpack_preprocessing(stats: dict | None = None):
+    """While active, XNNPACK partitions equal to one already processed skip the delegate passes."""
+    try:
+        from executorch.backends.xnnpack import xnnpack_preprocess
+        original = xnnpack_preprocess.XNNPACKPassManager
+    except (ImportError, AttributeError):
+        yield
+        return
+    cache: dict[tuple, _Cached | None] = {}
+    counts = stats if stats is not None else {}
+    counts.update(partitions=0, reused=0)
+
+    class CachingPassManager(original):
+        def transform(self) -> ExportedProgram:
+            program = self.exported_program
+            key = (partition_signature(program), tuple(map(str, self.passes)))
+            counts["partitions"] += 1
+            cached = cache.get(key)
+            if cached is not None:
+                counts["reused"] += 1
+                return cached.rebind(program)
+            transformed = super().transform()
+            if key not in cache:
+                reusable = (_tensor_targets(transformed) == _tensor_targets(program)
+                            and not any(n.op == "get_attr" for n in transformed.graph.nodes))
+                cache[key] = _Cached(program, transformed) if reusable else None
+            return transformed
+
+    xnnpack_preprocess.XNNPACKPassManager = CachingPassManager
+    try:
+        yield
+    finally:
+        xnnpack_preprocess.XNNPACKPassManager = original
