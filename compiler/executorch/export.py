@@ -24,6 +24,7 @@ from torch import nn
 
 from compiler.models.decoder import CanonicalDecoder
 from compiler.executorch.preprocess_cache import reuse_xnnpack_preprocessing
+from compiler.executorch.stitch import StitchError, stitch_layers
 from runtimes.executorch import load_op_libraries
 
 PTE_FILE = "model.pte"
@@ -40,8 +41,8 @@ class ExecutorchDecoder(nn.Module):
         self.layers = copy.deepcopy(model.model.layers, shared)
         self.norm = copy.deepcopy(model.model.norm, shared)
         self.lm_head = copy.deepcopy(model.lm_head, shared)
-        # Rope as x * cos + (x @ R) * sin over the whole head: R is rotate_half as a constant matrix, and
-        # dimensions past a partial rotary_dim get cos 1, sin 0. XNNPACK takes matmuls and elementwise
+        # Rope as x * cos + linear(x, R) * sin over the whole head: R is rotate_half as a constant matrix,
+        # and dimensions past a partial rotary_dim get cos 1, sin 0. XNNPACK takes linears and elementwise
         # ops; the slices and concat of rotate_half would stay on portable kernels and split partitions.
         head_dim, rotary = cfg.head_dim, cfg.rotary_dim or cfg.head_dim
         half = rotary // 2
@@ -63,6 +64,18 @@ class ExecutorchDecoder(nn.Module):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
 
+    def with_layers(self, indices: tuple[int, ...]) -> "ExecutorchDecoder":
+        """A decoder of these layers only (and their caches), sharing every module and tensor."""
+        chosen = copy.copy(self)
+        chosen.__dict__ = dict(self.__dict__)
+        chosen._modules = dict(self._modules)
+        chosen._buffers = {k: v for k, v in self._buffers.items() if not k.startswith(("k_cache_", "v_cache_"))}
+        chosen.layers = nn.ModuleList([self.layers[i] for i in indices])
+        for new, old in enumerate(indices):
+            chosen._buffers[f"k_cache_{new}"] = self._buffers[f"k_cache_{old}"]
+            chosen._buffers[f"v_cache_{new}"] = self._buffers[f"v_cache_{old}"]
+        return chosen
+
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         seq = tokens.shape[1]
         start = input_pos[0].item()
@@ -74,7 +87,9 @@ class ExecutorchDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = self._rms_norm(x, layer.input_layernorm)
-            # [batch, seq, heads, head_dim]: the layout of ExecuTorch's cache and SDPA ops.
+            # [batch, seq, heads, head_dim]: the layout of ExecuTorch's cache and SDPA ops. The seq dim is
+            # inferred (-1): XNNPACK's reshape takes one inferred dim but no symbolic one, and so a layer
+            # is one partition, not three split by portable view_copy nodes.
             q = self._rope(attn.q_proj(h).view(1, -1, attn.num_heads, attn.head_dim), cos, sin)
             k = self._rope(attn.k_proj(h).view(1, -1, attn.num_kv_heads, attn.head_dim), cos, sin)
             v = attn.v_proj(h).view(1, -1, attn.num_kv_heads, attn.head_dim)
@@ -120,12 +135,16 @@ class PteExport:
     lower_s: float
 
 
-def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_partitions: bool = True) -> PteExport:
-    """torch.export with a dynamic sequence length, one to_edge_transform_and_lower with XNNPACK."""
+def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = True) -> PteExport:
+    """torch.export with a dynamic sequence length, one to_edge_transform_and_lower with XNNPACK.
+
+    With `reuse_layers`, a model of four or more layers is lowered as a template of layers (0, 1, last)
+    whose middle layer is stitched in for the others (`stitch`), and XNNPACK's passes run once per
+    distinct partition (`preprocess_cache`)."""
     import time
 
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir import EdgeCompileConfig, EdgeProgramManager, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.backends.xnnpack._passes.convert_to_linear import ConvertToLinearPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
@@ -138,16 +157,22 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_partitions: boo
     started = time.perf_counter()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        exported = torch.export.export(decoder.eval(), example, dynamic_shapes=({1: seq}, {0: 1}), strict=False)
+        num_layers = decoder.cfg.num_layers
+        template = (0, 1, num_layers - 1) if reuse_layers and num_layers >= 4 else None
+        traced = decoder.with_layers(template) if template else decoder
+        exported = torch.export.export(traced.eval(), example, dynamic_shapes=({1: seq}, {0: 1}), strict=False)
         exported_s = time.perf_counter() - started
-        reuse = reuse_xnnpack_preprocessing(reused) if reuse_partitions else contextlib.nullcontext()
-        with reuse:
-            edge = to_edge_transform_and_lower(
-                exported,
-                partitioner=[XnnpackPartitioner()],
-                compile_config=EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True),
-                constant_methods=metadata,
-            )
+        compile_config = EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True)
+        with reuse_xnnpack_preprocessing(reused) if reuse_layers else contextlib.nullcontext():
+            edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()],
+                                               compile_config=compile_config, constant_methods=metadata)
+            if template:
+                try:
+                    whole = stitch_layers(edge.exported_program(), decoder, num_layers, template, _lower_partition)
+                except StitchError as exc:
+                    logging.getLogger(__name__).warning("lowering every layer (%s)", exc)
+                    return export_pte(decoder, metadata, reuse_layers=False)
+                edge = EdgeProgramManager(whole, metadata, compile_config)
         # As ExecuTorch's LLM export does: leftover linears as op_linear (not transpose + mm), and the
         # quantized embedding pattern fused into quantized_decomposed.embedding_{byte,4bit}.
         edge = edge.transform([ConvertToLinearPass()])
@@ -160,6 +185,19 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_partitions: boo
         ))
     delegated["reused_partitions"] = reused.get("reused", 0)
     return PteExport(program.buffer, delegated, portable, exported_s, time.perf_counter() - started - exported_s)
+
+
+def _lower_partition(program, template):
+    """One XNNPACK partition serialized with the weights bound in `program` (stitching's per-layer step)."""
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+    from executorch.exir.lowered_backend_module import LoweredBackendModule
+
+    isolated = XnnpackBackend.copy_exported_program_for_preprocess(program, template.compile_specs)
+    result = XnnpackBackend.preprocess(isolated, template.compile_specs)
+    lowered = LoweredBackendModule(program, template.backend_id, result.processed_bytes, template.compile_specs,
+                                   result.data_store_output)
+    lowered.meta = {"debug_handle_map": result.debug_handle_map}
+    return lowered
 
 
 def _op_counts(graph_module) -> tuple[dict[str, int], dict[str, int]]:
