@@ -208,7 +208,7 @@ def _build_pte(config: BuildConfig, reference: Reference, writer: BundleWriter, 
         kept = ", ".join(f"{k} x{v}" for k, v in sorted(unexpected.items()))
         report.warn(f"XNNPACK cannot take these ops; they run on ExecuTorch's portable kernels (slower): {kept}")
     report.export_pte = {"export_s": round(exported.export_s, 2), "lower_s": round(exported.lower_s, 2),
-                         "quantized": counts, "delegated": exported.delegated_ops,
+                         "layers": exported.layers, "quantized": counts, "delegated": exported.delegated_ops,
                          "portable_ops": exported.portable_ops}
     artifact = {"format": "pte", "path": PTE_FILE, "precision": config.export.precision,
                 # torchao rounds to nearest: GPTQ's rounding (ONNX path) is not carried over.

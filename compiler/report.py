@@ -76,8 +76,10 @@ def markdown(report: dict) -> str:
     if report.get("export_pte"):
         pte = report["export_pte"]
         lines += ["", "## ExecuTorch export", "", f"- torch.export {pte['export_s']:.1f} s, lowering {pte['lower_s']:.1f} s",
+                  f"- {pte.get('layers', 'every layer lowered')}",
                   "- quantized: " + (", ".join(f"{k} {v}" for k, v in pte["quantized"].items()) or "nothing"),
-                  f"- XNNPACK partitions: {pte['delegated'].get('xnnpack_partitions', 0)}",
+                  f"- XNNPACK partitions: {pte['delegated'].get('xnnpack_partitions', 0)} "
+                  f"({pte['delegated'].get('reused_partitions', 0)} reusing another's delegate passes)",
                   "- on portable kernels: " + (", ".join(f"{k} {v}" for k, v in pte["portable_ops"].items()) or "none")]
     if report.get("passes"):
         lines += ["", "## ONNX passes", "", "| pass | seconds | nodes before | nodes after | rewrites |", "|---|---:|---:|---:|---|"]

@@ -149,14 +149,16 @@ def test_the_stock_executorch_llm_runner_generates_what_pytorch_generates(traine
     assert "".join(pieces) == tokenizer.decode(reference) and len(pieces) >= 4
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_stitched_layers_compute_what_lowering_every_layer_computes(family, tmp_path):
+@pytest.mark.parametrize("family, whole_by", [("llama", "flag"), ("qwen2", "fallback")])
+def test_stitched_layers_compute_what_lowering_every_layer_computes(family, whole_by, tmp_path, monkeypatch):
     """A 4-layer model lowered as the template (0, 1, 3) with layers 1 and 2 stitched from its middle layer
-    gives, bit for bit, the logits of the program lowered layer by layer (qwen2: q/k/v biases per layer)."""
+    gives, bit for bit, the logits of the program lowered layer by layer (qwen2: q/k/v biases per layer).
+    The whole-model program comes from `reuse_layers=False`, or from the fallback a StitchError takes."""
     from compiler.build import load_reference
     from compiler.config import QuantConfig
-    from compiler.executorch.export import ExecutorchDecoder, export_pte, runner_metadata
+    from compiler.executorch import export
     from compiler.executorch.quantize import quantize_decoder
+    from compiler.executorch.stitch import StitchError
     from compiler.fixtures import make_model
     from compiler.report import BuildReport
     from runtimes.executorch import ExecutorchRuntime
@@ -164,17 +166,25 @@ def test_stitched_layers_compute_what_lowering_every_layer_computes(family, tmp_
     make_model(tmp_path / "model", family, num_hidden_layers=4)
     reference = load_reference(tmp_path / "model", [], BuildReport(quiet=True))
     ids = np.asarray([[3, 17, 9, 40, 22]])
-    logits, counts = {}, {}
-    for reuse in (True, False):
-        decoder = ExecutorchDecoder(reference.model, 32)
+    logits, counts, layers = {}, {}, {}
+    for stitched in (True, False):
+        decoder = export.ExecutorchDecoder(reference.model, 32)
         quantize_decoder(decoder, QuantConfig(algo="rtn", block_size=32, embedding_bits=8))
-        exported = export_pte(decoder, runner_metadata(reference.model.cfg, 32, 1, [2]), reuse_layers=reuse)
-        path = tmp_path / f"reuse-{reuse}.pte"
+        if not stitched and whole_by == "fallback":
+            def refuse(*args):
+                raise StitchError("refused by the test")
+            monkeypatch.setattr(export, "stitch_layers", refuse)
+        exported = export.export_pte(decoder, export.runner_metadata(reference.model.cfg, 32, 1, [2]),
+                                     reuse_layers=stitched or whole_by == "fallback")
+        path = tmp_path / f"stitched-{stitched}.pte"
         path.write_bytes(exported.program)
         runtime = ExecutorchRuntime(tmp_path, path)
-        logits[reuse] = [runtime._run(ids, 0), runtime._run(ids[:, :1], 5), runtime._run(ids[:, 1:3], 6)]
-        counts[reuse] = exported.delegated_ops
-    for stitched, whole in zip(logits[True], logits[False]):
-        np.testing.assert_array_equal(stitched, whole)
+        logits[stitched] = [runtime._run(ids, 0), runtime._run(ids[:, :1], 5), runtime._run(ids[:, 1:3], 6)]
+        counts[stitched], layers[stitched] = exported.delegated_ops, exported.layers
+    for mine, whole in zip(logits[True], logits[False]):
+        np.testing.assert_array_equal(mine, whole)
     assert counts[True]["xnnpack_partitions"] == counts[False]["xnnpack_partitions"] == 6
     assert counts[True]["reused_partitions"] >= 2 and counts[False]["reused_partitions"] == 0
+    assert layers[True] == "layers 0, 1, 3 lowered, 1 stitched from layer 1"
+    assert layers[False] == ("every layer lowered" if whole_by == "flag"
+                             else "every layer lowered: stitching not possible (refused by the test)")

@@ -133,6 +133,7 @@ class PteExport:
     portable_ops: dict[str, int]  # ops left to ExecuTorch's portable/quantized kernels
     export_s: float
     lower_s: float
+    layers: str = "every layer lowered"  # or how many were stitched from the template, or why not
 
 
 def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = True) -> PteExport:
@@ -170,8 +171,9 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = 
                 try:
                     whole = stitch_layers(edge.exported_program(), decoder, num_layers, template, _lower_partition)
                 except StitchError as exc:
-                    logging.getLogger(__name__).warning("lowering every layer (%s)", exc)
-                    return export_pte(decoder, metadata, reuse_layers=False)
+                    whole_export = export_pte(decoder, metadata, reuse_layers=False)
+                    whole_export.layers = f"every layer lowered: stitching not possible ({exc})"
+                    return whole_export
                 edge = EdgeProgramManager(whole, metadata, compile_config)
         # As ExecuTorch's LLM export does: leftover linears as op_linear (not transpose + mm), and the
         # quantized embedding pattern fused into quantized_decomposed.embedding_{byte,4bit}.
@@ -184,7 +186,8 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = 
             sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
         ))
     delegated["reused_partitions"] = reused.get("reused", 0)
-    return PteExport(program.buffer, delegated, portable, exported_s, time.perf_counter() - started - exported_s)
+    layers = f"layers 0, 1, {num_layers - 1} lowered, {num_layers - 3} stitched from layer 1" if template else PteExport.layers
+    return PteExport(program.buffer, delegated, portable, exported_s, time.perf_counter() - started - exported_s, layers)
 
 
 def _lower_partition(program, template):
