@@ -10,8 +10,9 @@ optimum-executorch pins transformers 5.0.0rc1, so it lives in its own virtual en
         --use_custom_kv_cache --qlinear 8da4w --qembedding 8w
 
 edgec: `edgec build --format pte --quant int4 --embedding-bits 8 --no-validate` (8da4w linears too). Both
-programs then run in ExecuTorch's Python runtime in this process, alternating: prefill time for a 128-token
-prompt, decode tokens/s for 128 new tokens (medians), file size, export wall time and peak RSS.
+programs then run in ExecuTorch's Python runtime in this process, alternating (decode steps take turns
+token by token): prefill time for a 128-token prompt, decode tokens/s over 128 new tokens (medians), file
+size, export wall time and peak RSS.
 
     .venv/bin/python benchmarks/vs_optimum_executorch.py [--work DIR] [--rounds N] [--only-measure]
 """
@@ -25,6 +26,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -75,22 +77,37 @@ def builds(work: Path, model: Path, adapter: Path) -> dict[str, dict]:
 
 
 def measure(artifacts: dict[str, dict], rounds: int) -> None:
-    prompt = np.random.default_rng(0).integers(3, SMOLLM2_135M["vocab_size"], PROMPT_TOKENS).tolist()
+    """Each round: one 128-token prefill per program, then 128 greedy decode steps with the programs taking
+    turns at every step, so that a slow spell of this shared machine lands on both. Decode tokens/s is one
+    over the median step time of all rounds; its spread, the slowest and fastest round's."""
+    prompt = np.asarray([np.random.default_rng(0).integers(3, SMOLLM2_135M["vocab_size"], PROMPT_TOKENS)])
     # ExecutorchRuntime reads each program's own signature (optimum's takes one position per token and
     # returns every position's logits) and metadata.
     programs = {name: ExecutorchRuntime(Path(a["pte"]).parent, program_path=a["pte"]) for name, a in artifacts.items()}
     for program in programs.values():
-        program.generate(prompt, 8)  # warm-up
-    samples = {name: ([], []) for name in programs}
+        program.generate(prompt[0].tolist(), 8)  # warm-up
+    prefill = {name: [] for name in programs}
+    steps = {name: [] for name in programs}
+    round_rates = {name: [] for name in programs}
     for _ in range(rounds):
+        last = {}
         for name, program in programs.items():
-            timings: list[float] = []
-            program.generate(prompt, NEW_TOKENS, timings=timings)
-            samples[name][0].append(timings[0])
-            samples[name][1].append((NEW_TOKENS - 1) / timings[2])
-    for name, (prefill, decode) in samples.items():
-        artifacts[name].update(prefill_ms=1000 * statistics.median(prefill), decode_tps=statistics.median(decode),
-                               decode_spread=[min(decode), max(decode)],
+            started = time.perf_counter()
+            last[name] = int(np.argmax(program._run(prompt, 0)))
+            prefill[name].append(time.perf_counter() - started)
+        this_round = {name: [] for name in programs}
+        for position in range(PROMPT_TOKENS, PROMPT_TOKENS + NEW_TOKENS - 1):
+            for name, program in programs.items():
+                started = time.perf_counter()
+                last[name] = int(np.argmax(program._run(np.asarray([[last[name]]]), position)))
+                this_round[name].append(time.perf_counter() - started)
+        for name, times in this_round.items():
+            steps[name] += times
+            round_rates[name].append(1 / statistics.median(times))
+    for name in programs:
+        artifacts[name].update(prefill_ms=1000 * statistics.median(prefill[name]),
+                               decode_tps=1 / statistics.median(steps[name]),
+                               decode_spread=[min(round_rates[name]), max(round_rates[name])],
                                size_mb=Path(artifacts[name]["pte"]).stat().st_size / 1e6)
 
 
