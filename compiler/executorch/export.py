@@ -41,6 +41,8 @@ class ExecutorchDecoder(nn.Module):
         self.layers = copy.deepcopy(model.model.layers, shared)
         self.norm = copy.deepcopy(model.model.norm, shared)
         self.lm_head = copy.deepcopy(model.lm_head, shared)
+        for layer in self.layers:
+            _pack_qkv(layer.self_attn)
         # Rope as x * cos + linear(x, R) * sin over the whole head: R is rotate_half as a constant matrix,
         # and dimensions past a partial rotary_dim get cos 1, sin 0. XNNPACK takes linears and elementwise
         # ops; the slices and concat of rotate_half would stay on portable kernels and split partitions.
@@ -57,6 +59,10 @@ class ExecutorchDecoder(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("rope_rotate", rotate, persistent=False)
+        # The packed q/k/v heads all pass through rope; v's get cos 1, sin 0.
+        heads = cfg.num_heads + 2 * cfg.num_kv_heads
+        self.register_buffer("rope_heads", (torch.arange(heads) < cfg.num_heads + cfg.num_kv_heads).float()[:, None],
+                             persistent=False)
         # RMSNorm's mean of squares as a matmul with a 1/H row: XNNPACK's mean takes only 4-D inputs.
         self.register_buffer("mean_row", torch.full((1, cfg.hidden_size), 1.0 / cfg.hidden_size), persistent=False)
         shape = (1, max_seq_len, cfg.num_kv_heads, cfg.head_dim)
@@ -81,18 +87,20 @@ class ExecutorchDecoder(nn.Module):
         start = input_pos[0].item()
         torch._check_is_size(start)
         torch._check(start + seq <= self.max_seq_len)
-        cos = self.rope_cos.narrow(0, start, seq)[None, :, None, :]
-        sin = self.rope_sin.narrow(0, start, seq)[None, :, None, :]
+        cos = self.rope_cos.narrow(0, start, seq)[None, :, None, :] * self.rope_heads + (1.0 - self.rope_heads)
+        sin = self.rope_sin.narrow(0, start, seq)[None, :, None, :] * self.rope_heads
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = self._rms_norm(x, layer.input_layernorm)
             # [batch, seq, heads, head_dim]: the layout of ExecuTorch's cache and SDPA ops. The seq dim is
             # inferred (-1): XNNPACK's reshape takes one inferred dim but no symbolic one, and so a layer
-            # is one partition, not three split by portable view_copy nodes.
-            q = self._rope(attn.q_proj(h).view(1, -1, attn.num_heads, attn.head_dim), cos, sin)
-            k = self._rope(attn.k_proj(h).view(1, -1, attn.num_kv_heads, attn.head_dim), cos, sin)
-            v = attn.v_proj(h).view(1, -1, attn.num_kv_heads, attn.head_dim)
+            # is one partition, not three split by portable view_copy nodes. q, k and v are split after
+            # rope, at the partition's end (XNNPACK slices only static shapes; these are portable copies).
+            qkv = self._rope(attn.qkv_proj(h).view(1, -1, attn.num_heads + 2 * attn.num_kv_heads, attn.head_dim), cos, sin)
+            q = qkv[:, :, : attn.num_heads]
+            k = qkv[:, :, attn.num_heads : attn.num_heads + attn.num_kv_heads]
+            v = qkv[:, :, attn.num_heads + attn.num_kv_heads :]
             k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
             torch.ops.llama.update_cache(k, k_cache, start)
             torch.ops.llama.update_cache(v, v_cache, start)
@@ -107,6 +115,21 @@ class ExecutorchDecoder(nn.Module):
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return x * cos + nn.functional.linear(x, self.rope_rotate) * sin
+
+
+def _pack_qkv(attn: nn.Module) -> None:
+    """q, k and v as one linear on this copy of the layer: one dynamically quantized matmul per layer
+    instead of three (fewer XNNPACK operators per token); the canonical model keeps its own three."""
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    packed = nn.Linear(projections[0].in_features, sum(p.out_features for p in projections),
+                       bias=any(p.bias is not None for p in projections))
+    with torch.no_grad():
+        packed.weight = nn.Parameter(torch.cat([p.weight for p in projections]), requires_grad=False)
+        if packed.bias is not None:
+            packed.bias = nn.Parameter(torch.cat([p.bias if p.bias is not None else torch.zeros(p.out_features)
+                                                  for p in projections]), requires_grad=False)
+    attn.qkv_proj = packed
+    del attn.q_proj, attn.k_proj, attn.v_proj
 
 
 def runner_metadata(cfg, max_seq_len: int, bos_id: int | None, eos_ids: list[int]) -> dict:

@@ -64,8 +64,8 @@ def layer_tensor(decoder: torch.nn.Module, target: str) -> torch.Tensor:
 
 
 def _segment(graph: torch.fx.Graph, specs: dict[str, InputSpec]) -> tuple[list[torch.fx.Node], torch.fx.Node, torch.fx.Node]:
-    """Template layer 1's nodes: its cache updates, SDPA and the delegate taking the SDPA output; with
-    the delegate feeding them (previous) and the one in the segment (this)."""
+    """Template layer 1's nodes: the copies that split its q/k/v off the delegate feeding it (previous),
+    its cache updates, SDPA and the delegate taking the SDPA output (this)."""
     caches = {n for n in graph.nodes if n.op == "placeholder" and specs[n.name].target in ("k_cache_1", "v_cache_1")}
     updates = [n for n in graph.nodes if n.op == "call_function" and any(a in caches for a in _flat_nodes(n))]
     if len(caches) != 2 or len(updates) != 2:
@@ -81,15 +81,34 @@ def _segment(graph: torch.fx.Graph, specs: dict[str, InputSpec]) -> tuple[list[t
     if len(delegates) != 1 or len(sdpa[0].users) != 1:
         raise StitchError("layer 1's SDPA does not feed one delegate")
     this = delegates[0]
+    # Back from the cache updates and SDPA to the delegate output they read, through the nodes between
+    # (the q/k/v slices); the position scalar and other inputs not computed from a delegate are shared.
+    feeding, pending = set(), [a for n in (*updates, sdpa[0]) for a in _flat_nodes(n) if a not in segment]
+    while pending:
+        node = pending.pop()
+        if node in segment or node.op != "call_function" or not _reads_delegate(node):
+            continue
+        if node.target is operator.getitem and _is_delegate(node.args[0]):
+            feeding.add(node.args[0])
+            continue
+        segment.add(node)
+        pending.extend(_flat_nodes(node))
+    if len(feeding) != 1:
+        raise StitchError("layer 1 is not fed by one delegate")
     segment.update((sdpa[0], this, this.args[0]))
     segment.update(this.users)
     if any(u.target is not operator.getitem for u in this.users):
         raise StitchError("the layer delegate's outputs are not unpacked by getitem")
-    feeding = {a.args[0] for n in segment for a in _flat_nodes(n)
-               if a not in segment and a.op == "call_function" and a.target is operator.getitem and _is_delegate(a.args[0])}
-    if len(feeding) != 1:
-        raise StitchError("layer 1 is not fed by one delegate")
     return [n for n in graph.nodes if n in segment], feeding.pop(), this
+
+
+def _reads_delegate(node: torch.fx.Node, seen: dict | None = None) -> bool:
+    """Whether a node's value is computed from some delegate's output."""
+    seen = {} if seen is None else seen
+    if node not in seen:
+        seen[node] = False
+        seen[node] = _is_delegate(node) or any(_reads_delegate(a, seen) for a in _flat_nodes(node))
+    return seen[node]
 
 
 def _flat_nodes(node: torch.fx.Node) -> list[torch.fx.Node]:
