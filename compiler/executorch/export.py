@@ -215,13 +215,16 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = 
 
 def _lower_partition(program, template):
     """One XNNPACK partition serialized with the weights bound in `program` (stitching's per-layer step)."""
-    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
-    from executorch.exir.lowered_backend_module import LoweredBackendModule
+    try:
+        from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+        from executorch.exir.lowered_backend_module import LoweredBackendModule
 
-    isolated = XnnpackBackend.copy_exported_program_for_preprocess(program, template.compile_specs)
-    result = XnnpackBackend.preprocess(isolated, template.compile_specs)
-    lowered = LoweredBackendModule(program, template.backend_id, result.processed_bytes, template.compile_specs,
-                                   result.data_store_output)
+        isolated = XnnpackBackend.copy_exported_program_for_preprocess(program, template.compile_specs)
+        result = XnnpackBackend.preprocess(isolated, template.compile_specs)
+        lowered = LoweredBackendModule(program, template.backend_id, result.processed_bytes, template.compile_specs,
+                                       result.data_store_output)
+    except (ImportError, AttributeError, TypeError) as exc:  # internals of another ExecuTorch version
+        raise StitchError(f"ExecuTorch's lowering internals differ: {exc}") from exc
     lowered.meta = {"debug_handle_map": result.debug_handle_map}
     return lowered
 
