@@ -70,7 +70,7 @@ class ExecutorchDecoder(nn.Module):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
             self.register_buffer(f"v_cache_{i}", torch.zeros(shape), persistent=False)
 
-    def with_layers(self, indices: tuple[int, ...]) -> "ExecutorchDecoder":
+    def with_layers(self, indices: tuple[int, ...]) -> ExecutorchDecoder:
         """A decoder of these layers only (and their caches), sharing every module and tensor."""
         chosen = copy.copy(self)
         chosen.__dict__ = dict(self.__dict__)

@@ -23,6 +23,8 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, OutputKind, OutputSpec
 
+from compiler.executorch.preprocess_cache import partition_signature
+
 LAYER_TARGET = re.compile(r"^layers\.(\d+)\.(.+)$")
 CACHE_TARGET = re.compile(r"^([kv]_cache)_(\d+)$")
 
@@ -120,8 +122,9 @@ def _flat_nodes(node: torch.fx.Node) -> list[torch.fx.Node]:
 def stitch_layers(edge: ExportedProgram, decoder: torch.nn.Module, num_layers: int, template_layers: tuple[int, ...],
                   lower_partition) -> ExportedProgram:
     """The edge program of `decoder` (num_layers) from `edge`, the lowered template whose layers 0, 1, 2
-    are the decoder's `template_layers` (0, 1, num_layers - 1). `lower_partition(program)` serializes one
-    partition program with its weights (XNNPACK preprocess) and returns the lowered module."""
+    are the decoder's `template_layers` (0, 1, num_layers - 1). `lower_partition(program, template)`
+    serializes one partition program with its weights (XNNPACK preprocess) into a lowered module like
+    `template`."""
     from executorch.exir.lowered_backend_module import LoweredBackendModule
 
     if len(template_layers) != 3 or template_layers[0] != 0 or template_layers[1] != 1:
@@ -133,7 +136,6 @@ def stitch_layers(edge: ExportedProgram, decoder: torch.nn.Module, num_layers: i
     segment, feeding, this = _segment(graph, specs)
     gm = edge.graph_module
     template_delegate = getattr(gm, this.args[0].target)
-    from compiler.executorch.preprocess_cache import partition_signature
     if partition_signature(getattr(gm, feeding.args[0].target).original_module) != \
             partition_signature(template_delegate.original_module):
         raise StitchError("layer 1's delegate differs from layer 0's")
