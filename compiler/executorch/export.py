@@ -24,7 +24,7 @@ from torch import nn
 
 from compiler.models.decoder import CanonicalDecoder
 from compiler.executorch.preprocess_cache import reuse_xnnpack_preprocessing
-from compiler.executorch.stitch import StitchError, stitch_layers
+from compiler.executorch.stitch import StitchError, stitch_layers, template_layers
 from runtimes.executorch import load_op_libraries
 
 PTE_FILE = "model.pte"
@@ -72,8 +72,7 @@ class ExecutorchDecoder(nn.Module):
 
     def with_layers(self, indices: tuple[int, ...]) -> ExecutorchDecoder:
         """A decoder of these layers only (and their caches), sharing every module and tensor."""
-        chosen = copy.copy(self)
-        chosen.__dict__ = dict(self.__dict__)
+        chosen = copy.copy(self)  # a new __dict__; the module and buffer tables are copied below
         chosen._modules = dict(self._modules)
         chosen._buffers = {k: v for k, v in self._buffers.items() if not k.startswith(("k_cache_", "v_cache_"))}
         chosen.layers = nn.ModuleList([self.layers[i] for i in indices])
@@ -121,8 +120,9 @@ def _pack_qkv(attn: nn.Module) -> None:
     """q, k and v as one linear on this copy of the layer: one dynamically quantized matmul per layer
     instead of three (fewer XNNPACK operators per token); the canonical model keeps its own three."""
     projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+    # On the meta device: its own initial weights would be replaced at once.
     packed = nn.Linear(projections[0].in_features, sum(p.out_features for p in projections),
-                       bias=any(p.bias is not None for p in projections))
+                       bias=any(p.bias is not None for p in projections), device="meta")
     with torch.no_grad():
         packed.weight = nn.Parameter(torch.cat([p.weight for p in projections]), requires_grad=False)
         if packed.bias is not None:
@@ -182,22 +182,23 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         num_layers = decoder.cfg.num_layers
-        template = (0, 1, num_layers - 1) if reuse_layers and num_layers >= 4 else None
+        template = template_layers(num_layers) if reuse_layers else None
         traced = decoder.with_layers(template) if template else decoder
         exported = torch.export.export(traced.eval(), example, dynamic_shapes=({1: seq}, {0: 1}), strict=False)
         exported_s = time.perf_counter() - started
         compile_config = EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True)
-        with reuse_xnnpack_preprocessing(reused) if reuse_layers else contextlib.nullcontext():
-            edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()],
-                                               compile_config=compile_config, constant_methods=metadata)
-            if template:
-                try:
-                    whole = stitch_layers(edge.exported_program(), decoder, num_layers, template, _lower_partition)
-                except StitchError as exc:
-                    whole_export = export_pte(decoder, metadata, reuse_layers=False)
-                    whole_export.layers = f"every layer lowered: stitching not possible ({exc})"
-                    return whole_export
-                edge = EdgeProgramManager(whole, metadata, compile_config)
+        try:
+            with reuse_xnnpack_preprocessing(reused) if reuse_layers else contextlib.nullcontext():
+                edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()],
+                                                   compile_config=compile_config, constant_methods=metadata)
+                if template:
+                    whole = stitch_layers(edge.exported_program(), decoder, num_layers, _lower_partition)
+                    edge = EdgeProgramManager(whole, metadata, compile_config)
+        except StitchError as exc:
+            # Outside the reuse context: the fallback is the plain lowering of every layer.
+            whole_export = export_pte(decoder, metadata, reuse_layers=False)
+            whole_export.layers = f"every layer lowered: stitching not possible ({exc})"
+            return whole_export
         # As ExecuTorch's LLM export does: leftover linears as op_linear (not transpose + mm), and the
         # quantized embedding pattern fused into quantized_decomposed.embedding_{byte,4bit}.
         edge = edge.transform([ConvertToLinearPass()])

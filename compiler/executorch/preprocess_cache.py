@@ -49,6 +49,12 @@ def partition_signature(program: ExportedProgram) -> tuple:
     return tuple(described)
 
 
+def tensor_table(program: ExportedProgram, target: str) -> dict:
+    """The table holding a program input's tensor: parameters and persistent buffers live in the state
+    dict, non-persistent buffers and lifted constants in `constants`."""
+    return program.state_dict if target in program.state_dict else program.constants
+
+
 def _tensor_targets(program: ExportedProgram) -> list[str]:
     return [spec.target for spec in program.graph_signature.input_specs if spec.target is not None]
 
@@ -70,9 +76,7 @@ class _Cached:
     def rebind(self, program: ExportedProgram) -> ExportedProgram:
         """The cached graph with `program`'s tensors and debug handles (profiles name the right layer)."""
         for mine, theirs in zip(self.targets, _tensor_targets(program)):
-            # Parameters and persistent buffers live in the state dict, the rest in constants.
-            table = self.program.state_dict if mine in self.program.state_dict else self.program.constants
-            table[mine] = program.state_dict[theirs] if theirs in program.state_dict else program.constants[theirs]
+            tensor_table(self.program, mine)[mine] = tensor_table(program, theirs)[theirs]
         handles = {mine: theirs for mine, theirs in zip(self.source_handles, _debug_handles(program))
                    if mine is not None}
         for node, handle in zip(self.program.graph.nodes, self.transformed_handles):

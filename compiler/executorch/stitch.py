@@ -23,7 +23,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, InputKind, InputSpec, OutputKind, OutputSpec
 
-from compiler.executorch.preprocess_cache import partition_signature
+from compiler.executorch.preprocess_cache import partition_signature, tensor_table
 
 LAYER_TARGET = re.compile(r"^layers\.(\d+)\.(.+)$")
 CACHE_TARGET = re.compile(r"^([kv]_cache)_(\d+)$")
@@ -31,6 +31,12 @@ CACHE_TARGET = re.compile(r"^([kv]_cache)_(\d+)$")
 
 class StitchError(Exception):
     """The lowered template is not laid out as stitching expects."""
+
+
+def template_layers(num_layers: int) -> tuple[int, int, int] | None:
+    """The decoder layers lowered for real: the first (no o_proj before it), one middle layer (the one
+    repeated) and the last (no next layer's q/k/v after it). None when that is the whole model."""
+    return (0, 1, num_layers - 1) if num_layers >= 4 else None
 
 
 def _is_delegate(node: torch.fx.Node) -> bool:
@@ -86,9 +92,10 @@ def _segment(graph: torch.fx.Graph, specs: dict[str, InputSpec]) -> tuple[list[t
     # Back from the cache updates and SDPA to the delegate output they read, through the nodes between
     # (the q/k/v slices); the position scalar and other inputs not computed from a delegate are shared.
     feeding, pending = set(), [a for n in (*updates, sdpa[0]) for a in _flat_nodes(n) if a not in segment]
+    reads_delegate: dict = {}
     while pending:
         node = pending.pop()
-        if node in segment or node.op != "call_function" or not _reads_delegate(node):
+        if node in segment or node.op != "call_function" or not _reads_delegate(node, reads_delegate):
             continue
         if node.target is operator.getitem and _is_delegate(node.args[0]):
             feeding.add(node.args[0])
@@ -104,9 +111,8 @@ def _segment(graph: torch.fx.Graph, specs: dict[str, InputSpec]) -> tuple[list[t
     return [n for n in graph.nodes if n in segment], feeding.pop(), this
 
 
-def _reads_delegate(node: torch.fx.Node, seen: dict | None = None) -> bool:
-    """Whether a node's value is computed from some delegate's output."""
-    seen = {} if seen is None else seen
+def _reads_delegate(node: torch.fx.Node, seen: dict) -> bool:
+    """Whether a node's value is computed from some delegate's output (`seen` memoizes the walk)."""
     if node not in seen:
         seen[node] = False
         seen[node] = _is_delegate(node) or any(_reads_delegate(a, seen) for a in _flat_nodes(node))
@@ -119,16 +125,12 @@ def _flat_nodes(node: torch.fx.Node) -> list[torch.fx.Node]:
     return found
 
 
-def stitch_layers(edge: ExportedProgram, decoder: torch.nn.Module, num_layers: int, template_layers: tuple[int, ...],
-                  lower_partition) -> ExportedProgram:
+def stitch_layers(edge: ExportedProgram, decoder: torch.nn.Module, num_layers: int, lower_partition) -> ExportedProgram:
     """The edge program of `decoder` (num_layers) from `edge`, the lowered template whose layers 0, 1, 2
-    are the decoder's `template_layers` (0, 1, num_layers - 1). `lower_partition(program, template)`
-    serializes one partition program with its weights (XNNPACK preprocess) into a lowered module like
-    `template`."""
+    are the decoder's `template_layers(num_layers)`. `lower_partition(program, template)` serializes one
+    partition program with its weights (XNNPACK preprocess) into a lowered module like `template`."""
     from executorch.exir.lowered_backend_module import LoweredBackendModule
 
-    if len(template_layers) != 3 or template_layers[0] != 0 or template_layers[1] != 1:
-        raise StitchError("the template must hold layers 0, 1 and the last")
     last = num_layers - 1
     graph = edge.graph
     signature = edge.graph_signature
@@ -141,9 +143,6 @@ def stitch_layers(edge: ExportedProgram, decoder: torch.nn.Module, num_layers: i
         raise StitchError("layer 1's delegate differs from layer 0's")
     this_outputs = {n.args[1]: n for n in this.users}
     in_segment = set(segment)
-
-    def tables(program: ExportedProgram, target: str) -> dict:
-        return program.state_dict if target in program.state_dict else program.constants
 
     # Template layer 2 is the model's last layer: its targets are renamed, tensors unchanged.
     def final_target(target: str | None) -> str | None:
@@ -171,7 +170,6 @@ def stitch_layers(edge: ExportedProgram, decoder: torch.nn.Module, num_layers: i
         return new
 
     target_in_state = {s.target: s.target in edge.state_dict for s in signature.input_specs if s.target}
-    template_check = []
     copies_added = False
     for node in graph.nodes:
         if node.op != "placeholder":
@@ -185,19 +183,17 @@ def stitch_layers(edge: ExportedProgram, decoder: torch.nn.Module, num_layers: i
                     s = specs[original.name]
                     layer = j if _layer_of(s.target) == 1 else j + 1
                     target = _retarget(s.target, layer)
-                    tensor = _as_kind_of(tables(edge, s.target)[s.target], layer_tensor(decoder, target))
+                    template_tensor = tensor_table(edge, s.target)[s.target]
+                    tensor = _as_kind_of(template_tensor, layer_tensor(decoder, target))
                     if layer == 1:
-                        template_check.append((tables(edge, s.target)[s.target], tensor, target))
+                        _check_same(template_tensor, tensor, target)
                     per_copy_inputs[j][original] = add_placeholder(original, _placeholder_name(original, target), s, target, tensor)
         if node in segment_placeholders and all(u in in_segment for u in node.users):
             continue  # replaced by the copies' own
         target = final_target(spec.target)
-        tensor = tables(edge, spec.target)[spec.target] if spec.target is not None and spec.kind != InputKind.USER_INPUT else None
+        tensor = tensor_table(edge, spec.target)[spec.target] if spec.target is not None and spec.kind != InputKind.USER_INPUT else None
         name = _placeholder_name(node, target) if target != spec.target else node.name
         env[node] = add_placeholder(node, name, spec, target, tensor)
-    for mine, theirs, target in template_check:
-        if mine.shape != theirs.shape or not torch.equal(mine, theirs):
-            raise StitchError(f"{target}: the decoder's tensor differs from the template's")
 
     copy_envs: dict[int, dict[torch.fx.Node, torch.fx.Node]] = {}
 
@@ -297,12 +293,19 @@ def _rebound(lowered, decoder: torch.nn.Module, j: int) -> ExportedProgram:
             continue
         if layer not in (1, 2):
             raise StitchError(f"layer 1's delegate reads {spec.target}")
-        table = rebound.state_dict if spec.target in rebound.state_dict else rebound.constants
+        table = tensor_table(rebound, spec.target)
         tensor = layer_tensor(decoder, _retarget(spec.target, j if layer == 1 else j + 1))
-        if j == 1 and layer == 1 and not (tensor.shape == table[spec.target].shape and torch.equal(tensor, table[spec.target])):
-            raise StitchError(f"{spec.target}: the decoder's tensor differs from the template's")
+        if j == 1 and layer == 1:
+            _check_same(table[spec.target], tensor, spec.target)
         table[spec.target] = _as_kind_of(table[spec.target], tensor)
     return rebound
+
+
+def _check_same(template: torch.Tensor, tensor: torch.Tensor, target: str) -> None:
+    """Layer 1 is in the template: the decoder's tensor found for it must be the template's own (this
+    checks `layer_tensor`'s reading of the quantized weights' flattened pieces)."""
+    if template.shape != tensor.shape or not torch.equal(template, tensor):
+        raise StitchError(f"{target}: the decoder's tensor differs from the template's")
 
 
 def _as_kind_of(original: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
