@@ -19,6 +19,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -49,10 +50,14 @@ class ExecutorchDecoder(nn.Module):
         head_dim, rotary = cfg.head_dim, cfg.rotary_dim or cfg.head_dim
         half = rotary // 2
         positions = torch.arange(max_seq_len, dtype=torch.float32)
-        freqs = positions[:, None] * model.rope_inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
+        freqs = positions[:, None] * model.rope_inv_freq[None, :]  # fp32 angles, as the reference computes them
+        # cos/sin in float64 by numpy, rounded once: torch's fp32 cos goes through MKL's vector math, whose
+        # first multi-threaded call can compute one thread's rows at low accuracy (PLATFORM-NOTES).
+        angles = torch.cat((freqs, freqs), dim=-1).double().numpy()
+        scaling = cfg.rope_attention_scaling
         cos, sin = torch.ones(max_seq_len, head_dim), torch.zeros(max_seq_len, head_dim)
-        cos[:, :rotary], sin[:, :rotary] = emb.cos() * cfg.rope_attention_scaling, emb.sin() * cfg.rope_attention_scaling
+        cos[:, :rotary] = torch.from_numpy(np.cos(angles) * scaling).float()
+        sin[:, :rotary] = torch.from_numpy(np.sin(angles) * scaling).float()
         rotate = torch.zeros(head_dim, head_dim)
         rotate[torch.arange(half), torch.arange(half) + half] = -1.0
         rotate[torch.arange(half) + half, torch.arange(half)] = 1.0

@@ -14,6 +14,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from compiler.models.vector_math import initialize_vector_math
+
+initialize_vector_math()  # before any multi-threaded cos/sin (rope): see vector_math
+
 
 @dataclass(frozen=True)
 class DecoderConfig:
