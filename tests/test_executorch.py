@@ -76,6 +76,41 @@ def test_int4_pte_passes_the_int4_gates(trained_dir, tmp_path):
     assert (out / "model.pte").stat().st_size < 0.45 * fp32_bytes
 
 
+def test_keep_fp32_keep_int8_and_an_int8_lm_head_in_the_pte(trained_dir, tmp_path):
+    """The ONNX path's module-path patterns: layer 0's attention stays fp32, the down projections and the
+    lm_head are 8da8w (int8 weights per channel), the rest 8da4w; the program still passes the gates."""
+    out = tmp_path / "mixed"
+    result = run("build", "--model", trained_dir, "--out", out, "--format", "pte", "--quant", "int4",
+                 "--block-size", 32, "--embedding-bits", 8, "--max-seq-len", 64, "--quiet",
+                 "--keep-fp32", r"layers\.0\.self_attn", "--keep-int8", r"mlp\.down_proj", "--lm-head-bits", 8)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["export_pte"]["quantized"] == {"linear_fp32": 2, "linear_8da8w_channel": 3,
+                                                 "linear_8da4w_group32": 6, "embedding_int8": 1}
+    assert report["export_pte"]["delegated"]["xnnpack_partitions"] == 4
+    (pte,) = json.loads((out / "manifest.json").read_text())["artifacts"]
+    assert pte["validation"]["passed"]
+
+
+def test_layers_quantized_differently_are_not_stitched(tmp_path):
+    """Stitched copies reuse layer 1's lowered program, so layers 1 .. n-1 must be laid out alike; layer 0
+    is lowered on its own and may differ."""
+    from compiler.build import load_reference
+    from compiler.config import QuantConfig
+    from compiler.executorch.export import ExecutorchDecoder, uniform_layers
+    from compiler.executorch.quantize import quantize_decoder
+    from compiler.fixtures import make_model
+    from compiler.report import BuildReport
+
+    make_model(tmp_path / "model", "llama", num_hidden_layers=4)
+    model = load_reference(tmp_path / "model", [], BuildReport(quiet=True)).model
+    for keep, uniform in (({}, True), ({"keep_fp32": (r"layers\.0\.",)}, True),
+                          ({"keep_int8": (r"layers\.2\.mlp",)}, False), ({"keep_fp32": (r"layers\.3\.",)}, False)):
+        decoder = ExecutorchDecoder(model, 32)
+        quantize_decoder(decoder, QuantConfig(algo="rtn", block_size=32, **keep))
+        assert uniform_layers(decoder) is uniform, keep
+
+
 def test_ops_xnnpack_cannot_take_are_named_in_a_warning(llama_dir, tmp_path, monkeypatch):
     """RMSNorm written with mean() (XNNPACK's mean takes only 4-D inputs) stays on portable kernels."""
     from compiler.executorch.export import ExecutorchDecoder
@@ -91,6 +126,7 @@ def test_ops_xnnpack_cannot_take_are_named_in_a_warning(llama_dir, tmp_path, mon
 @pytest.mark.parametrize("args, fragment", [
     (["--max-seq-len", 100000], "--max-seq-len 100000"),
     (["--quant", "int4", "--asymmetric"], "--format pte supports --quant int4 with symmetric blocks"),
+    (["--quant", "int4", "--accuracy-level", "1"], "--accuracy-level 1: --format pte computes with int8 activations"),
 ])
 def test_bad_pte_options_are_one_line_errors(llama_dir, tmp_path, args, fragment):
     out = tmp_path / "bad"

@@ -188,6 +188,11 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = 
         warnings.simplefilter("ignore")
         num_layers = decoder.cfg.num_layers
         template = template_layers(num_layers) if reuse_layers else None
+        if template and not uniform_layers(decoder):
+            # Stitched copies reuse layer 1's lowered program: every copied layer must be laid out alike.
+            whole_export = export_pte(decoder, metadata, reuse_layers=False)
+            whole_export.layers = "every layer lowered: layers are quantized differently (--keep-fp32/--keep-int8)"
+            return whole_export
         traced = decoder.with_layers(template) if template else decoder
         exported = torch.export.export(traced.eval(), example, dynamic_shapes=({1: seq}, {0: 1}), strict=False)
         exported_s = time.perf_counter() - started
@@ -217,6 +222,24 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = 
     delegated["reused_partitions"] = reused.get("reused", 0)
     layers = f"layers 0, 1, {num_layers - 1} lowered, {num_layers - 3} stitched from layer 1" if template else PteExport.layers
     return PteExport(program.buffer, delegated, portable, exported_s, time.perf_counter() - started - exported_s, layers)
+
+
+def uniform_layers(decoder: ExecutorchDecoder) -> bool:
+    """Whether layers 1 .. n-1 have layer 1's weight layout (kind, shapes, dtypes, quantization), as
+    stitching copies of layer 1 (which also hold the next layer's q/k/v) needs."""
+    layouts = [_layout(layer) for layer in list(decoder.layers)[1:]]
+    return all(layout == layouts[0] for layout in layouts)
+
+
+def _layout(layer: nn.Module) -> list:
+    layout = []
+    for name, tensor in layer.named_parameters():
+        entry = [name, type(tensor).__name__, tuple(tensor.shape), tensor.dtype]
+        if hasattr(tensor, "__tensor_flatten__"):  # a torchao quantized weight: its scheme and pieces
+            pieces, context = tensor.__tensor_flatten__()
+            entry += [repr(context), [(p, tuple(getattr(tensor, p).shape), getattr(tensor, p).dtype) for p in pieces]]
+        layout.append(entry)
+    return layout
 
 
 def _lower_partition(program, template):
