@@ -84,6 +84,10 @@ def _validate_artifact(directory: Path, artifact: dict, reference: Reference, co
 
 def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
     """Build the bundle; raises CheckFailed after writing it when a validation gate fails."""
+    if "pte" in config.export.formats and config.export.quant:
+        from compiler.executorch.quantize import check_pte_quant
+
+        check_pte_quant(config.export.quant)  # before the ONNX build of --format onnx,pte spends its time
     writer = BundleWriter(config.out, config.force)
     try:
         reference = load_reference(config.model.path, config.adapters, report, config.validation.enabled)
@@ -185,7 +189,7 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
 def _build_pte(config: BuildConfig, reference: Reference, writer: BundleWriter, report: BuildReport) -> dict:
     from compiler.executorch.export import (PTE_FILE, ExecutorchDecoder, export_pte, runner_metadata,
                                             unexpected_portable_ops)
-    from compiler.executorch.quantize import quantize_decoder
+    from compiler.executorch.quantize import quantize_decoder, unmatched_patterns
 
     model = reference.model
     max_seq_len = config.export.max_seq_len or min(model.cfg.max_sequence_length, DEFAULT_PTE_MAX_SEQ_LEN)
@@ -196,7 +200,10 @@ def _build_pte(config: BuildConfig, reference: Reference, writer: BundleWriter, 
     decoder = ExecutorchDecoder(model, max_seq_len)
     counts = {}
     if quant:
-        with report.stage("quantize_pte", "torchao 8da4w" + (f", embedding int{quant.embedding_bits}" if quant.embedding_bits else "")):
+        for pattern in unmatched_patterns(decoder, quant):
+            report.warn(f"--keep-fp32/--keep-int8 '{pattern}' names no module of the .pte's decoder "
+                        "(its paths: model.layers.N.self_attn.qkv_proj, ...mlp.down_proj, lm_head)")
+        with report.stage("quantize_pte", "torchao, int8 dynamic activations"):
             counts = quantize_decoder(decoder, quant)
     metadata = runner_metadata(model.cfg, max_seq_len, model.cfg.bos_token_id, list(model.cfg.eos_token_ids))
     with report.stage("export_pte", f"{model.cfg.num_layers} layers, torch.export + XNNPACK"):
@@ -212,7 +219,7 @@ def _build_pte(config: BuildConfig, reference: Reference, writer: BundleWriter, 
                          "portable_ops": exported.portable_ops}
     artifact = {"format": "pte", "path": PTE_FILE, "precision": config.export.precision,
                 # torchao rounds to nearest: GPTQ's rounding (ONNX path) is not carried over.
-                "quant": {**quant.to_dict(), "algo": "rtn", "scheme": "8da4w"} if quant else None,
+                "quant": {**quant.to_dict(), "algo": "rtn", "scheme": _pte_scheme(counts)} if quant else None,
                 "max_seq_len": max_seq_len, "metadata": metadata,
                 "io": {"inputs": ["tokens [1, seq] int64", "input_pos [1] int64"],
                        "outputs": ["logits [1, vocab] float32 (last position)"],
@@ -221,6 +228,12 @@ def _build_pte(config: BuildConfig, reference: Reference, writer: BundleWriter, 
     if config.validation.enabled:
         artifact["validation"] = _validate_artifact(writer.staging, artifact, reference, config, report)
     return artifact
+
+
+def _pte_scheme(counts: dict[str, int]) -> str:
+    """'8da4w', or the mix of linear schemes a --keep-*/--lm-head-bits build made ('8da4w+8da8w+fp32')."""
+    names = [("8da4w", "linear_8da4w"), ("8da8w", "linear_8da8w"), ("fp32", "linear_fp32")]
+    return "+".join(name for name, key in names if any(k.startswith(key) for k in counts))
 
 
 def revalidate(bundle: Path, config_overrides: dict, report: BuildReport) -> dict:

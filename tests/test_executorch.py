@@ -78,37 +78,43 @@ def test_int4_pte_passes_the_int4_gates(trained_dir, tmp_path):
 
 def test_keep_fp32_keep_int8_and_an_int8_lm_head_in_the_pte(trained_dir, tmp_path):
     """The ONNX path's module-path patterns: layer 0's attention stays fp32, the down projections and the
-    lm_head are 8da8w (int8 weights per channel), the rest 8da4w; the program still passes the gates."""
+    lm_head (by pattern, over --lm-head-bits 4) are 8da8w (int8 weights per channel), the rest 8da4w, and
+    the program still passes the gates. A pattern naming no module (q_proj is packed here) is a warning."""
     out = tmp_path / "mixed"
     result = run("build", "--model", trained_dir, "--out", out, "--format", "pte", "--quant", "int4",
-                 "--block-size", 32, "--embedding-bits", 8, "--max-seq-len", 64, "--quiet",
-                 "--keep-fp32", r"layers\.0\.self_attn", "--keep-int8", r"mlp\.down_proj", "--lm-head-bits", 8)
+                 "--block-size", 32, "--embedding-bits", 8, "--max-seq-len", 64, "--quiet", "--lm-head-bits", 4,
+                 "--keep-fp32", r"^model\.layers\.0\.self_attn\.", "--keep-fp32", r"self_attn\.q_proj",
+                 "--keep-int8", r"mlp\.down_proj", "--keep-int8", "^lm_head$")
     assert result.exit_code == 0, result.output
+    assert "warning: --keep-fp32/--keep-int8 'self_attn\\.q_proj' names no module" in result.output
     report = json.loads((out / "report.json").read_text())
     assert report["export_pte"]["quantized"] == {"linear_fp32": 2, "linear_8da8w_channel": 3,
                                                  "linear_8da4w_group32": 6, "embedding_int8": 1}
     assert report["export_pte"]["delegated"]["xnnpack_partitions"] == 4
     (pte,) = json.loads((out / "manifest.json").read_text())["artifacts"]
-    assert pte["validation"]["passed"]
+    assert pte["quant"]["scheme"] == "8da4w+8da8w+fp32" and pte["validation"]["passed"]
 
 
-def test_layers_quantized_differently_are_not_stitched(tmp_path):
-    """Stitched copies reuse layer 1's lowered program, so layers 1 .. n-1 must be laid out alike; layer 0
-    is lowered on its own and may differ."""
+def test_layers_quantized_differently_are_lowered_without_stitching(tmp_path):
+    """Stitched copies reuse layer 1's lowered program (which holds the next layer's q/k/v), so layers
+    1 .. n-2 must be laid out alike, and the last one in its q/k/v; layer 0 is lowered on its own."""
     from compiler.build import load_reference
     from compiler.config import QuantConfig
-    from compiler.executorch.export import ExecutorchDecoder, uniform_layers
+    from compiler.executorch import export
     from compiler.executorch.quantize import quantize_decoder
     from compiler.fixtures import make_model
     from compiler.report import BuildReport
 
     make_model(tmp_path / "model", "llama", num_hidden_layers=4)
     model = load_reference(tmp_path / "model", [], BuildReport(quiet=True)).model
-    for keep, uniform in (({}, True), ({"keep_fp32": (r"layers\.0\.",)}, True),
+    for keep, uniform in (({}, True), ({"keep_fp32": (r"layers\.0\.",)}, True), ({"keep_fp32": (r"layers\.3\.mlp",)}, True),
                           ({"keep_int8": (r"layers\.2\.mlp",)}, False), ({"keep_fp32": (r"layers\.3\.",)}, False)):
-        decoder = ExecutorchDecoder(model, 32)
+        decoder = export.ExecutorchDecoder(model, 32)
         quantize_decoder(decoder, QuantConfig(algo="rtn", block_size=32, **keep))
-        assert uniform_layers(decoder) is uniform, keep
+        assert export.uniform_layers(decoder) is uniform, keep
+    exported = export.export_pte(decoder, export.runner_metadata(model.cfg, 32, 1, [2]))
+    assert exported.layers == "every layer lowered: layers are quantized differently (--keep-fp32/--keep-int8)"
+    assert exported.delegated_ops["xnnpack_partitions"] == 6
 
 
 def test_ops_xnnpack_cannot_take_are_named_in_a_warning(llama_dir, tmp_path, monkeypatch):

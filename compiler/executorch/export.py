@@ -225,15 +225,20 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = 
 
 
 def uniform_layers(decoder: ExecutorchDecoder) -> bool:
-    """Whether layers 1 .. n-1 have layer 1's weight layout (kind, shapes, dtypes, quantization), as
-    stitching copies of layer 1 (which also hold the next layer's q/k/v) needs."""
-    layouts = [_layout(layer) for layer in list(decoder.layers)[1:]]
-    return all(layout == layouts[0] for layout in layouts)
+    """Whether stitching may copy layer 1: layers 1 .. n-2 must have its weight layout (kind, shapes, dtypes,
+    quantization), and layer n-1 its norm and q/k/v, which sit in the copied partition of layer n-2."""
+    layers = list(decoder.layers)
+    first = _layout(layers[1])
+    in_next_partition = ("input_layernorm.", "self_attn.qkv_proj.")
+    return (all(_layout(layer) == first for layer in layers[2:-1])
+            and _layout(layers[-1], in_next_partition) == _layout(layers[1], in_next_partition))
 
 
-def _layout(layer: nn.Module) -> list:
+def _layout(layer: nn.Module, prefixes: tuple[str, ...] = ("",)) -> list:
     layout = []
     for name, tensor in layer.named_parameters():
+        if not name.startswith(prefixes):
+            continue
         entry = [name, type(tensor).__name__, tuple(tensor.shape), tensor.dtype]
         if hasattr(tensor, "__tensor_flatten__"):  # a torchao quantized weight: its scheme and pieces
             pieces, context = tensor.__tensor_flatten__()

@@ -298,6 +298,8 @@ def _rebound(lowered, decoder: torch.nn.Module, j: int) -> ExportedProgram:
         tensor = layer_tensor(decoder, _retarget(spec.target, j if layer == 1 else j + 1))
         if j == 1 and layer == 1:
             _check_same(table[spec.target], tensor, spec.target)
+        # A backstop only (shapes and dtypes cannot tell int4 from int8 per channel): export_pte checks
+        # the layers' quantization before stitching.
         if tensor.shape != table[spec.target].shape or tensor.dtype != table[spec.target].dtype:
             raise StitchError(f"layer {j}'s {spec.target} is laid out unlike layer 1's")
         table[spec.target] = _as_kind_of(table[spec.target], tensor)
