@@ -63,6 +63,27 @@ def file_entries(directory: Path) -> dict[str, dict]:
     }
 
 
+def _remove_leftovers(out: Path) -> None:
+    """Staging directories of earlier builds of `out` whose process is gone (killed, say by the OOM killer,
+    before it could clean up): each can hold a whole model. A previous bundle moved aside is removed only
+    once `out` holds its replacement (a build killed between the two renames leaves it the only copy)."""
+    for kind in ("staging", "old") if is_bundle(out) else ("staging",):
+        for path in out.parent.glob(f".{out.name}.edgec-{kind}-*"):
+            pid = path.name.rpartition("-")[2]
+            if pid.isdigit() and not _process_alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 class BundleWriter:
     """Stage a bundle next to `out`, then move it into place in one rename."""
 
@@ -71,6 +92,7 @@ class BundleWriter:
         self.force = force
         check_output(self.out, force)
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(self.out)
         self.staging = self.out.parent / f".{self.out.name}.edgec-staging-{os.getpid()}"
         if self.staging.exists():
             shutil.rmtree(self.staging)

@@ -97,6 +97,32 @@ def test_interrupted_build_leaves_no_bundle(llama_dir, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # neither the bundle nor a staging directory
 
 
+def test_a_build_removes_what_killed_builds_of_the_same_output_left(tmp_path):
+    """A build killed outright (OOM killer, kill -9) cannot clean up its staging directory; the next build
+    of that output removes it, and leaves alone those of builds still running."""
+    import os
+    import subprocess
+    import sys
+
+    from compiler.bundle import BundleWriter
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    stale = [tmp_path / f".out.edgec-staging-{dead_pid}", tmp_path / f".out.edgec-old-{dead_pid}"]
+    running = tmp_path / f".out.edgec-staging-{os.getppid()}"
+    other_output = tmp_path / f".other.edgec-staging-{dead_pid}"
+    for directory in (*stale, running, other_output):
+        directory.mkdir()
+        (directory / "model.pte").write_bytes(b"x")
+    writer = BundleWriter(tmp_path / "out", force=False)
+    assert not stale[0].exists()
+    assert stale[1].exists()  # no bundle at out: the moved-aside previous one may be the only copy
+    assert running.exists() and other_output.exists() and writer.staging.is_dir()
+    writer.finish({})
+    BundleWriter(tmp_path / "out", force=True).abort()
+    assert not stale[1].exists()  # out holds a bundle now: the old one was superseded
+
+
 def test_interrupted_rebuild_keeps_the_previous_bundle(bundle, llama_dir, tmp_path, monkeypatch):
     import compiler.onnx.export as export
 
