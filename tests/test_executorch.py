@@ -102,6 +102,7 @@ def test_layers_quantized_differently_are_lowered_without_stitching(tmp_path):
     from compiler.config import QuantConfig
     from compiler.executorch import export
     from compiler.executorch.quantize import quantize_decoder
+    from compiler.executorch.stitch import StitchError, check_uniform_layers
     from compiler.fixtures import make_model
     from compiler.report import BuildReport
 
@@ -111,9 +112,14 @@ def test_layers_quantized_differently_are_lowered_without_stitching(tmp_path):
                           ({"keep_int8": (r"layers\.2\.mlp",)}, False), ({"keep_fp32": (r"layers\.3\.",)}, False)):
         decoder = export.ExecutorchDecoder(model, 32)
         quantize_decoder(decoder, QuantConfig(algo="rtn", block_size=32, **keep))
-        assert export.uniform_layers(decoder) is uniform, keep
+        if uniform:
+            check_uniform_layers(decoder)
+        else:
+            with pytest.raises(StitchError, match="layers are quantized differently"):
+                check_uniform_layers(decoder)
     exported = export.export_pte(decoder, export.runner_metadata(model.cfg, 32, 1, [2]))
-    assert exported.layers == "every layer lowered: layers are quantized differently (--keep-fp32/--keep-int8)"
+    assert exported.layers == ("every layer lowered: stitching not possible "
+                               "(layers are quantized differently: --keep-fp32/--keep-int8)")
     assert exported.delegated_ops["xnnpack_partitions"] == 6
 
 

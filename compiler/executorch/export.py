@@ -25,7 +25,7 @@ from torch import nn
 
 from compiler.models.decoder import CanonicalDecoder
 from compiler.executorch.preprocess_cache import reuse_xnnpack_preprocessing
-from compiler.executorch.stitch import StitchError, stitch_layers, template_layers
+from compiler.executorch.stitch import StitchError, check_uniform_layers, stitch_layers, template_layers
 from runtimes.executorch import load_op_libraries
 
 PTE_FILE = "model.pte"
@@ -51,8 +51,8 @@ class ExecutorchDecoder(nn.Module):
         half = rotary // 2
         positions = torch.arange(max_seq_len, dtype=torch.float32)
         freqs = positions[:, None] * model.rope_inv_freq[None, :]  # fp32 angles, as the reference computes them
-        # cos/sin in float64 by numpy, rounded once: torch's fp32 cos goes through MKL's vector math, whose
-        # first multi-threaded call can compute one thread's rows at low accuracy (PLATFORM-NOTES).
+        # cos/sin in float64 by numpy, rounded once: tables correctly rounded whatever torch's vector-math
+        # library does (its fp32 cos is up to 1 ulp off, and see models/vector_math for worse).
         angles = torch.cat((freqs, freqs), dim=-1).double().numpy()
         scaling = cfg.rope_attention_scaling
         cos, sin = torch.ones(max_seq_len, head_dim), torch.zeros(max_seq_len, head_dim)
@@ -188,16 +188,13 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = 
         warnings.simplefilter("ignore")
         num_layers = decoder.cfg.num_layers
         template = template_layers(num_layers) if reuse_layers else None
-        if template and not uniform_layers(decoder):
-            # Stitched copies reuse layer 1's lowered program: every copied layer must be laid out alike.
-            whole_export = export_pte(decoder, metadata, reuse_layers=False)
-            whole_export.layers = "every layer lowered: layers are quantized differently (--keep-fp32/--keep-int8)"
-            return whole_export
-        traced = decoder.with_layers(template) if template else decoder
-        exported = torch.export.export(traced.eval(), example, dynamic_shapes=({1: seq}, {0: 1}), strict=False)
-        exported_s = time.perf_counter() - started
         compile_config = EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True)
         try:
+            if template:
+                check_uniform_layers(decoder)  # before the template is traced and lowered for nothing
+            traced = decoder.with_layers(template) if template else decoder
+            exported = torch.export.export(traced.eval(), example, dynamic_shapes=({1: seq}, {0: 1}), strict=False)
+            exported_s = time.perf_counter() - started
             with reuse_xnnpack_preprocessing(reused) if reuse_layers else contextlib.nullcontext():
                 edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()],
                                                    compile_config=compile_config, constant_methods=metadata)
@@ -222,29 +219,6 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = 
     delegated["reused_partitions"] = reused.get("reused", 0)
     layers = f"layers 0, 1, {num_layers - 1} lowered, {num_layers - 3} stitched from layer 1" if template else PteExport.layers
     return PteExport(program.buffer, delegated, portable, exported_s, time.perf_counter() - started - exported_s, layers)
-
-
-def uniform_layers(decoder: ExecutorchDecoder) -> bool:
-    """Whether stitching may copy layer 1: layers 1 .. n-2 must have its weight layout (kind, shapes, dtypes,
-    quantization), and layer n-1 its norm and q/k/v, which sit in the copied partition of layer n-2."""
-    layers = list(decoder.layers)
-    first = _layout(layers[1])
-    in_next_partition = ("input_layernorm.", "self_attn.qkv_proj.")
-    return (all(_layout(layer) == first for layer in layers[2:-1])
-            and _layout(layers[-1], in_next_partition) == _layout(layers[1], in_next_partition))
-
-
-def _layout(layer: nn.Module, prefixes: tuple[str, ...] = ("",)) -> list:
-    layout = []
-    for name, tensor in layer.named_parameters():
-        if not name.startswith(prefixes):
-            continue
-        entry = [name, type(tensor).__name__, tuple(tensor.shape), tensor.dtype]
-        if hasattr(tensor, "__tensor_flatten__"):  # a torchao quantized weight: its scheme and pieces
-            pieces, context = tensor.__tensor_flatten__()
-            entry += [repr(context), [(p, tuple(getattr(tensor, p).shape), getattr(tensor, p).dtype) for p in pieces]]
-        layout.append(entry)
-    return layout
 
 
 def _lower_partition(program, template):

@@ -56,13 +56,12 @@ def quantize_decoder(decoder: nn.Module, quant: QuantConfig) -> dict[str, int]:
     from torchao.quantization.granularity import PerAxis, PerGroup
 
     check_pte_quant(quant)
-    lm_head_bits = module_bits("lm_head", quant.lm_head_bits, quant)
-    if decoder.lm_head.weight is decoder.embed_tokens.weight and lm_head_bits:
+    if decoder.lm_head.weight is decoder.embed_tokens.weight and module_bits("lm_head", quant):
         decoder.lm_head.weight = nn.Parameter(decoder.lm_head.weight.detach().clone(), requires_grad=False)
     by_scheme: dict[tuple[int, int], list[str]] = {}  # (bits, group) -> decoder module names
     for name, module in decoder.named_modules():
         if isinstance(module, nn.Linear):
-            bits = lm_head_bits if name == "lm_head" else module_bits(f"model.{name}", 4, quant)
+            bits = module_bits(name, quant)
             group = group_for(module.in_features, quant.block_size) if bits == 4 else 0
             by_scheme.setdefault((bits, group), []).append(name)
     counts: dict[str, int] = {}
@@ -75,7 +74,7 @@ def quantize_decoder(decoder: nn.Module, quant: QuantConfig) -> dict[str, int]:
             if bits == 4 else Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
         quantize_(decoder, config, filter_fn=lambda m, fqn: fqn in wanted)
         counts[f"linear_8da4w_group{group}" if bits == 4 else "linear_8da8w_channel"] = len(names)
-    embedding_bits = module_bits("model.embed_tokens", quant.embedding_bits, quant)
+    embedding_bits = module_bits("embed_tokens", quant)
     if embedding_bits:
         hidden = decoder.embed_tokens.embedding_dim
         granularity = PerAxis(0) if embedding_bits == 8 else PerGroup(group_for(hidden, quant.block_size))
@@ -86,17 +85,24 @@ def quantize_decoder(decoder: nn.Module, quant: QuantConfig) -> dict[str, int]:
     return counts
 
 
-def module_bits(path: str, default: int, quant: QuantConfig) -> int:
-    """Bits for the module at this (canonical, ONNX path's) module path: --keep-fp32 first, as there."""
+def module_bits(name: str, quant: QuantConfig) -> int:
+    """Bits for a decoder module: --keep-fp32 first, then --keep-int8, over the module's default, as on the
+    ONNX path and matched on its module paths."""
+    path = _module_path(name)
     if any(re.search(p, path) for p in quant.keep_fp32):
         return 0
     if any(re.search(p, path) for p in quant.keep_int8):
         return 8
-    return default
+    return {"lm_head": quant.lm_head_bits, "embed_tokens": quant.embedding_bits}.get(name, 4)
 
 
 def unmatched_patterns(decoder: nn.Module, quant: QuantConfig) -> list[str]:
     """--keep-fp32/--keep-int8 patterns that name no module of the decoder (say, q_proj: packed here)."""
-    paths = [name if name == "lm_head" else f"model.{name}" for name, module in decoder.named_modules()
+    paths = [_module_path(name) for name, module in decoder.named_modules()
              if isinstance(module, (nn.Linear, nn.Embedding))]
     return [p for p in quant.keep_fp32 + quant.keep_int8 if not any(re.search(p, path) for path in paths)]
+
+
+def _module_path(name: str) -> str:
+    """The canonical model's (and ONNX path's) module path of a decoder module: the body under `model.`."""
+    return name if name == "lm_head" else f"model.{name}"

@@ -40,6 +40,29 @@ def template_layers(num_layers: int) -> tuple[int, int, int] | None:
     return (0, 1, num_layers - 1) if num_layers >= 4 else None
 
 
+def check_uniform_layers(decoder: torch.nn.Module) -> None:
+    """Copies of layer 1 stand for layers 1 .. n-2, and the copied partition holds the next layer's norm and
+    q/k/v: those layers must be laid out as layer 1 is (kind, shapes, dtypes, quantization scheme)."""
+    layers = list(decoder.layers)
+    in_next_partition = ("input_layernorm.", "self_attn.qkv_proj.")
+    if any(_layout(layer) != _layout(layers[1]) for layer in layers[2:-1]) or \
+            _layout(layers[-1], in_next_partition) != _layout(layers[1], in_next_partition):
+        raise StitchError("layers are quantized differently: --keep-fp32/--keep-int8")
+
+
+def _layout(layer: torch.nn.Module, prefixes: tuple[str, ...] = ("",)) -> list:
+    layout = []
+    for name, tensor in layer.named_parameters():
+        if not name.startswith(prefixes):
+            continue
+        entry = [name, type(tensor).__name__, tuple(tensor.shape), tensor.dtype]
+        if hasattr(tensor, "__tensor_flatten__"):  # a torchao quantized weight: its scheme and pieces
+            pieces, context = tensor.__tensor_flatten__()
+            entry += [repr(context), [(p, tuple(getattr(tensor, p).shape), getattr(tensor, p).dtype) for p in pieces]]
+        layout.append(entry)
+    return layout
+
+
 def _is_delegate(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and getattr(node.target, "__name__", "") == "executorch_call_delegate"
 
@@ -298,10 +321,6 @@ def _rebound(lowered, decoder: torch.nn.Module, j: int) -> ExportedProgram:
         tensor = layer_tensor(decoder, _retarget(spec.target, j if layer == 1 else j + 1))
         if j == 1 and layer == 1:
             _check_same(table[spec.target], tensor, spec.target)
-        # A backstop only (shapes and dtypes cannot tell int4 from int8 per channel): export_pte checks
-        # the layers' quantization before stitching.
-        if tensor.shape != table[spec.target].shape or tensor.dtype != table[spec.target].dtype:
-            raise StitchError(f"layer {j}'s {spec.target} is laid out unlike layer 1's")
         table[spec.target] = _as_kind_of(table[spec.target], tensor)
     return rebound
 
