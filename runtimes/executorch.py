@@ -9,6 +9,8 @@ Needs numpy, torch and executorch only (`python -m runtimes.executorch BUNDLE` i
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -33,6 +35,33 @@ def load_op_libraries() -> None:
     import executorch.kernels.quantized  # noqa: F401
 
 
+def keep_blas_out_of_the_threadpool(torch) -> None:
+    """ExecuTorch's custom_sdpa calls BLAS `sgemm_` from its threadpool's threads, and in a process with torch
+    that symbol is torch's MKL, which opens an OpenMP region for every tiny decode matmul (torch turns MKL's
+    dynamic thread choice off): 3x the whole decode step on this 2-core machine. The stock runner links
+    ExecuTorch's own single-threaded BLAS, so MKL's default for threads other than torch's own is set to 1;
+    torch's thread count is kept. x86 torch wheels only: elsewhere there is no MKL and nothing is done."""
+    try:
+        mkl = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        set_global_threads = mkl.mkl_serv_set_num_threads
+    except (OSError, AttributeError):
+        return
+    threads = torch.get_num_threads()
+    set_global_threads(1)
+    torch.set_num_threads(threads)  # the calling thread's own MKL setting, so torch's matmuls keep their threads
+
+
+@contextlib.contextmanager
+def torch_single_threaded(torch):
+    """The calling thread also runs custom_sdpa's work: its MKL calls single-threaded for the duration."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 class ExecutorchRuntime:
     name = "executorch"
 
@@ -42,6 +71,7 @@ class ExecutorchRuntime:
         from executorch.runtime import Runtime
 
         load_op_libraries()
+        keep_blas_out_of_the_threadpool(torch)
         self.torch = torch
         self.bundle_dir = Path(bundle_dir)
         manifest_path = self.bundle_dir / "manifest.json"
@@ -73,7 +103,8 @@ class ExecutorchRuntime:
         if start + seq > self.max_seq_len:
             raise ValueError(f"{start + seq} positions exceed the program's max_seq_len {self.max_seq_len}")
         positions = torch.arange(start, start + seq) if self.per_token_positions else torch.tensor([start])
-        logits = self.method.execute([torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)), positions])[0]
+        with torch_single_threaded(torch):
+            logits = self.method.execute([torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)), positions])[0]
         return logits.numpy().reshape(-1, logits.shape[-1])[-1]
 
     # The validation interface shared with OrtRuntime: a "cache" here is just the next position.

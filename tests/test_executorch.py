@@ -61,6 +61,35 @@ def test_pte_follows_the_executorch_llm_runner_conventions(both_formats, llama_d
         runtime._run(np.zeros((1, 8), dtype=np.int64), 44)
 
 
+def test_the_runtime_keeps_torch_mkl_single_threaded_in_executorch_threads(both_formats):
+    """custom_sdpa calls BLAS from ExecuTorch's threadpool threads, and in a process with torch that BLAS is
+    torch's MKL, whose threaded gemv started an OpenMP region per call (a decode step 3-4x slower here). Once
+    the runtime is loaded, MKL is single-threaded in threads other than torch's own, and torch keeps its
+    thread count, also after running the program (which runs the calling thread's share at 1 thread)."""
+    import ctypes
+    import os
+    import threading
+
+    import torch
+
+    from runtimes.executorch import ExecutorchRuntime
+
+    try:
+        mkl_max_threads = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib",
+                                                   "libtorch_cpu.so")).MKL_Get_Max_Threads
+    except (OSError, AttributeError):
+        pytest.skip("this torch build has no MKL")
+    torch_threads = torch.get_num_threads()
+    runtime = ExecutorchRuntime(both_formats)
+    runtime._run(np.asarray([[3, 17, 9]]), 0)
+    seen = []
+    worker = threading.Thread(target=lambda: seen.append(mkl_max_threads()))
+    worker.start()
+    worker.join()
+    assert seen == [1]
+    assert torch.get_num_threads() == torch_threads and mkl_max_threads() == torch_threads
+
+
 def test_int4_pte_passes_the_int4_gates(trained_dir, tmp_path):
     out = tmp_path / "int4"
     result = run("build", "--model", trained_dir, "--out", out, "--format", "pte", "--quant", "int4",
