@@ -68,8 +68,10 @@ class ExecutorchDecoder(nn.Module):
         heads = cfg.num_heads + 2 * cfg.num_kv_heads
         self.register_buffer("rope_heads", (torch.arange(heads) < cfg.num_heads + cfg.num_kv_heads).float()[:, None],
                              persistent=False)
-        # RMSNorm's mean of squares as a matmul with a 1/H row: XNNPACK's mean takes only 4-D inputs.
+        # RMSNorm's mean of squares as a matmul with a 1/H row (XNNPACK's mean takes only 4-D inputs) and eps as
+        # its bias: an XNNPACK operator fewer per norm, each of which is reshaped and set up on every call.
         self.register_buffer("mean_row", torch.full((1, cfg.hidden_size), 1.0 / cfg.hidden_size), persistent=False)
+        self.register_buffer("norm_eps", torch.tensor([cfg.rms_norm_eps]), persistent=False)
         shape = (1, max_seq_len, cfg.num_kv_heads, cfg.head_dim)
         for i in range(cfg.num_layers):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
@@ -114,8 +116,8 @@ class ExecutorchDecoder(nn.Module):
         return self.lm_head(self._rms_norm(x[:, -1, :], self.norm))
 
     def _rms_norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-        variance = nn.functional.linear(x * x, self.mean_row)
-        return norm.weight * (x * torch.rsqrt(variance + norm.eps))
+        variance_eps = nn.functional.linear(x * x, self.mean_row, self.norm_eps)
+        return norm.weight * (x * torch.rsqrt(variance_eps))
 
     def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return x * cos + nn.functional.linear(x, self.rope_rotate) * sin
