@@ -74,6 +74,14 @@ class QuantConfig:
             except re.error as e:
                 raise UsageError(f"--keep-fp32/--keep-int8 '{pattern}': not a valid regex ({e})") from None
 
+    def bits_for(self, module_path: str, default: int) -> int:
+        """Bits for the module at this torch module path: --keep-fp32 first, then --keep-int8, else `default`."""
+        if any(re.search(p, module_path) for p in self.keep_fp32):
+            return 0
+        if any(re.search(p, module_path) for p in self.keep_int8):
+            return 8
+        return default
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["keep_fp32"], d["keep_int8"] = list(self.keep_fp32), list(self.keep_int8)

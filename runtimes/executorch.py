@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -29,18 +30,24 @@ logging.getLogger("torchao").setLevel(logging.ERROR)
 logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
+@functools.cache
 def load_op_libraries() -> None:
-    """A program with the LLM custom ops or quantized kernels loads only after these registered them."""
+    """A program with the LLM custom ops or quantized kernels loads only after these registered them. Once a
+    process: the custom ops also bring torch's MKL into ExecuTorch's threads (below)."""
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
     import executorch.kernels.quantized  # noqa: F401
 
+    _keep_mkl_out_of_executorch_threads()
 
-def keep_blas_out_of_the_threadpool(torch) -> None:
+
+def _keep_mkl_out_of_executorch_threads() -> None:
     """ExecuTorch's custom_sdpa calls BLAS `sgemm_` from its threadpool's threads, and in a process with torch
     that symbol is torch's MKL, which opens an OpenMP region for every tiny decode matmul (torch turns MKL's
     dynamic thread choice off): 3x the whole decode step on this 2-core machine. The stock runner links
     ExecuTorch's own single-threaded BLAS, so MKL's default for threads other than torch's own is set to 1;
     torch's thread count is kept. x86 torch wheels only: elsewhere there is no MKL and nothing is done."""
+    import torch
+
     try:
         mkl = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
         set_global_threads = mkl.mkl_serv_set_num_threads
@@ -52,8 +59,10 @@ def keep_blas_out_of_the_threadpool(torch) -> None:
 
 
 @contextlib.contextmanager
-def torch_single_threaded(torch):
+def _calling_thread_single_threaded():
     """The calling thread also runs custom_sdpa's work: its MKL calls single-threaded for the duration."""
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -71,7 +80,6 @@ class ExecutorchRuntime:
         from executorch.runtime import Runtime
 
         load_op_libraries()
-        keep_blas_out_of_the_threadpool(torch)
         self.torch = torch
         self.bundle_dir = Path(bundle_dir)
         manifest_path = self.bundle_dir / "manifest.json"
@@ -103,7 +111,7 @@ class ExecutorchRuntime:
         if start + seq > self.max_seq_len:
             raise ValueError(f"{start + seq} positions exceed the program's max_seq_len {self.max_seq_len}")
         positions = torch.arange(start, start + seq) if self.per_token_positions else torch.tensor([start])
-        with torch_single_threaded(torch):
+        with _calling_thread_single_threaded():
             logits = self.method.execute([torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)), positions])[0]
         return logits.numpy().reshape(-1, logits.shape[-1])[-1]
 

@@ -51,11 +51,10 @@ def check_pte_quant(quant: QuantConfig) -> None:
 def quantize_decoder(decoder: nn.Module, quant: QuantConfig) -> dict[str, int]:
     """Quantize in place; returns counts per scheme for the build report: linears 8da4w at 4 bits,
     8da8w (int8 weights per output channel, int8 activations per token: XNNPACK's QD8-F32-QC8W) at 8,
-    fp32 at 0; the embedding weight-only."""
+    fp32 at 0; the embedding weight-only. `quant` has passed check_pte_quant (build does it first)."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
 
-    check_pte_quant(quant)
     if decoder.lm_head.weight is decoder.embed_tokens.weight and module_bits("lm_head", quant):
         decoder.lm_head.weight = nn.Parameter(decoder.lm_head.weight.detach().clone(), requires_grad=False)
     by_scheme: dict[tuple[int, int], list[str]] = {}  # (bits, group) -> decoder module names
@@ -86,14 +85,9 @@ def quantize_decoder(decoder: nn.Module, quant: QuantConfig) -> dict[str, int]:
 
 
 def module_bits(name: str, quant: QuantConfig) -> int:
-    """Bits for a decoder module: --keep-fp32 first, then --keep-int8, over the module's default, as on the
-    ONNX path and matched on its module paths."""
-    path = _module_path(name)
-    if any(re.search(p, path) for p in quant.keep_fp32):
-        return 0
-    if any(re.search(p, path) for p in quant.keep_int8):
-        return 8
-    return {"lm_head": quant.lm_head_bits, "embed_tokens": quant.embedding_bits}.get(name, 4)
+    """Bits for a decoder module, matched on the ONNX path's module paths as there."""
+    default = {"lm_head": quant.lm_head_bits, "embed_tokens": quant.embedding_bits}.get(name, 4)
+    return quant.bits_for(_module_path(name), default)
 
 
 def unmatched_patterns(decoder: nn.Module, quant: QuantConfig) -> list[str]:

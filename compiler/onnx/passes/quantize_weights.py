@@ -16,7 +16,6 @@ carries the clip search and GPTQ's blocks; the packing is checked against onnxru
 
 from __future__ import annotations
 
-import re
 
 import numpy as np
 import onnx_ir as ir
@@ -73,13 +72,6 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                     block = largest_dividing_block(node.inputs[0].const_value.shape[1], self.config.block_size)
                     return (node.inputs[0], block) if block else (None, 0)
         return None, 0
-
-    def _bits_for(self, module: str, default: int) -> int:
-        if any(re.search(p, module) for p in self.config.keep_fp32):
-            return 0
-        if any(re.search(p, module) for p in self.config.keep_int8):
-            return 8
-        return default
 
     def _tensors(self, name: str, w_nk: np.ndarray, bits: int, embedding: bool, module: str = "",
                  block: int | None = None):
@@ -184,7 +176,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 module = module_path(node)
                 is_head = module == "lm_head"
                 default = cfg.lm_head_bits if is_head else cfg.bits
-                bits = self._bits_for(module, default)
+                bits = self.config.bits_for(module, default)
                 reuse = shared_values if transposed_source is not None and shared_table is not None \
                     and transposed_source.inputs[0] is shared_table else None
                 if bits == 0 or (reuse is None and w_nk.shape[1] < cfg.block_size):
@@ -204,12 +196,12 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 table = _const(node.inputs[0])
                 if table is None or table.ndim != 2 or node.inputs[1] not in graph.inputs:
                     continue
-                bits = self._bits_for("model.embed_tokens", cfg.embedding_bits)
+                bits = self.config.bits_for("model.embed_tokens", cfg.embedding_bits)
                 if bits == 0:
                     count("embedding_kept_fp32")
                     continue
                 source = node.inputs[0]
-                if source is shared_table and bits == self._bits_for("lm_head", cfg.lm_head_bits):
+                if source is shared_table and bits == self.config.bits_for("lm_head", cfg.lm_head_bits):
                     shared_values = self._tensors("lm_head.weight", table.astype(np.float32, copy=False), bits,
                                                   embedding=False, module="lm_head", block=table_block)
                     if table_block != cfg.block_size:
