@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from compiler.bundle import BundleWriter, read_manifest, write_manifest
+from compiler.bundle import BundleWriter, build_machine, read_manifest, write_manifest
 from compiler.config import BuildConfig
 from compiler.errors import CheckFailed, UsageError
 from compiler.frontend.load import Checkpoint, build_decoder, read_checkpoint
@@ -114,6 +114,7 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
                 "adapters": [{"path": r.path, "weight": r.weight, "sha256": r.sha256} for r in records],
             },
             "model": model.cfg.to_dict(),
+            "build_machine": build_machine(),
             "artifacts": artifacts,
             "runners": runners,
             "validation": validation,

@@ -9,17 +9,44 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import time
 from pathlib import Path
 
 from compiler import __version__
 from compiler.errors import UsageError
-from runtimes.base import sha256_file
+from runtimes.base import cpu_facts, sha256_file
 
 MANIFEST = "manifest.json"
 BUNDLE_FORMAT = "edgec-bundle"
 MANIFEST_SCHEMA_VERSION = 1
+
+
+# What picks the kernels, and so the last bits of the floats, of a build besides the CPU itself.
+DISPATCH_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+BUILD_LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxscript", "onnx-ir", "executorch", "torchao", "transformers",
+                   "peft", "safetensors", "numpy")
+
+
+def build_machine() -> dict:
+    """The machine a build ran on, as far as it decides the bundle's bytes: builds on one machine with the
+    same library versions are byte-identical; on another CPU, float results (GPTQ's scales, say) may differ
+    in the last bit, and this says why two bundles differ."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    def installed(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {"arch": platform.machine(), **cpu_facts(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads(),
+            "dispatch_env": {name: os.environ[name] for name in DISPATCH_ENV if name in os.environ},
+            "libraries": {name: installed(name) for name in BUILD_LIBRARIES}}
 
 
 def is_bundle(directory: Path) -> bool:

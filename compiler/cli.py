@@ -268,6 +268,11 @@ def inspect(bundle, as_json):
         f"context {model['max_sequence_length']}",
         f"source: {manifest['source']['model']['path']}",
     ]
+    machine = manifest.get("build_machine")
+    if machine:  # bundles built before the field existed have none
+        lines.append(f"built on: {machine['cpu_model']} ({machine['arch']}, kernels {machine['torch_cpu_capability']}"
+                     f"{', ' + ' '.join(f'{k}={v}' for k, v in machine['dispatch_env'].items()) if machine['dispatch_env'] else ''}"
+                     f"), torch {machine['libraries'].get('torch')}, onnxruntime {machine['libraries'].get('onnxruntime')}")
     lines += [f"adapter: {a['path']} (weight {a['weight']})" for a in manifest["source"]["adapters"]]
     for artifact in manifest["artifacts"]:
         io = artifact["io"]

@@ -95,6 +95,32 @@ def sha256_file(path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
+# CPU features that change which kernels BLAS, torch and onnxruntime run (and so their last bits):
+# x86 vector and int8 dot-product extensions, ARM's dot product, int8 matmul and scalable vectors.
+KERNEL_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "avx_vnni",
+                   "asimd", "asimddp", "i8mm", "bf16", "sve", "sve2", "sme")
+
+
+def cpu_facts(cpuinfo: str = "/proc/cpuinfo") -> dict:
+    """The CPU's model name and the kernel-relevant features it reports (Linux; elsewhere what platform says)."""
+    model, features = None, set()
+    try:
+        with open(cpuinfo) as f:
+            text = f.read()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "model") and value.strip() and (model is None or key == "model name"):
+            model = value.strip()  # x86's "model name"; ARM boards' "Model" (Raspberry Pi 5 Model B ...)
+        elif key in ("flags", "features"):
+            features.update(value.split())
+    if model is None or model.isdigit():  # x86's numeric "model" without a "model name"
+        model = platform.processor() or model
+    return {"cpu_model": model, "cpu_features": [f for f in KERNEL_FEATURES if f in features]}
+
+
 def local_device_facts() -> dict:
     return {
         "name": "local",
@@ -102,6 +128,7 @@ def local_device_facts() -> dict:
         "arch": platform.machine(),
         "os": f"{platform.system()} {platform.release()}",
         "cpu_count": os.cpu_count(),
+        **cpu_facts(),
         "python": platform.python_version(),
     }
 

@@ -2,11 +2,13 @@
 
 import hashlib
 import json
+import platform
 import shutil
 
 import numpy as np
 import onnx
 import pytest
+import torch
 from click.testing import CliRunner
 
 from compiler.cli import main
@@ -36,6 +38,10 @@ def test_bundle_contents_and_manifest(bundle, llama_dir, llama_adapter):
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["format"] == "edgec-bundle" and manifest["schema_version"] == 1
     assert manifest["edgec_version"]
+    machine = manifest["build_machine"]  # what explains two bundles of other machines differing in the last bits
+    assert machine["arch"] == platform.machine() and machine["cpu_model"]
+    assert machine["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["libraries"]["torch"] == torch.__version__ and machine["libraries"]["onnxruntime"]
     assert manifest["build_config"]["adapters"] == [{"path": str(llama_adapter), "weight": 0.8}]
     sources = manifest["source"]["model"]["sha256"]
     assert sources["model.safetensors"] == sha256(llama_dir / "model.safetensors")
