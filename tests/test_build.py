@@ -4,6 +4,7 @@ import hashlib
 import json
 import platform
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,6 +12,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import compiler
 from compiler.cli import main
 from runtimes.ort import OrtRuntime
 
@@ -88,6 +90,9 @@ def test_same_inputs_give_byte_identical_model_files(bundle, llama_dir, llama_ad
     assert result.exit_code == 0, result.output
     for name in ("model.onnx", "model.onnx.data", "genai_config.json"):
         assert sha256(bundle / name) == sha256(tmp_path / "again" / name), name
+    # Nor do they depend on where edgec is installed: no source paths (the exporter's stack traces) inside.
+    source_dir = str(Path(compiler.__file__).resolve().parent.parent).encode()
+    assert source_dir not in (bundle / "model.onnx").read_bytes()
 
 
 def test_interrupted_build_leaves_no_bundle(llama_dir, tmp_path, monkeypatch):

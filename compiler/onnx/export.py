@@ -168,8 +168,15 @@ def _trace(model: CanonicalDecoder) -> ir.Model:
     return onnx_model
 
 
+# The exporter's per-node Python stack traces name edgec's absolute install path and source line numbers:
+# kept, they would make a build's bytes depend on where edgec is installed and on unrelated source edits.
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
+
+
 def save_onnx(model: ir.Model, path: Path) -> list[Path]:
     """Write model.onnx with its weights in one external data file beside it; returns both paths."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        node.metadata_props.pop(STACK_TRACE, None)
     data_name = path.name + ".data"
     ir.save(model, str(path), external_data=data_name)
     return [path, path.with_name(data_name)]
