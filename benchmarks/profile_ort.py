@@ -1,30 +1,23 @@
 """Where an ONNX bundle spends its time in onnxruntime: kernel time per operator, prefill and decode apart.
 
-Runs edgec's own loop (shared KV buffer) with onnxruntime's profiler on, then sums the `*_kernel_time`
-events by operator for the first run (the prefill) and for the decode runs, and compares the kernels'
-sum with the whole runs (the rest is per-op dispatch and framework overhead).
-
-    .venv/bin/python benchmarks/profile_ort.py BUNDLE [--prompt-tokens 128] [--new-tokens 64]
+    python -m benchmarks.profile_ort BUNDLE [--prompt-tokens 128] [--new-tokens 64]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from runtimes.ort import OrtRuntime  # noqa: E402
+from benchmarks.common import argument_parser, print_table
+from runtimes.ort import OrtRuntime
 
 
 def profile(bundle: Path, prompt_tokens: int, new_tokens: int) -> list[dict]:
+    """onnxruntime's profiler events over edgec's own loop (shared KV buffer)."""
     import onnxruntime as ort
 
     runner = OrtRuntime(bundle)
@@ -38,6 +31,8 @@ def profile(bundle: Path, prompt_tokens: int, new_tokens: int) -> list[dict]:
 
 
 def summarise(events: list[dict]) -> None:
+    """Sums the `*_kernel_time` events by operator for the first run (the prefill) and for the decode runs, and
+    compares the kernels' sum with the whole runs (the rest is per-op dispatch and framework overhead)."""
     runs = [e for e in events if e.get("name") == "model_run"]
     kernels = [e for e in events if e.get("name", "").endswith("_kernel_time")]
     first_end = runs[0]["ts"] + runs[0]["dur"]
@@ -52,14 +47,13 @@ def summarise(events: list[dict]) -> None:
         total_runs = sum(r["dur"] for r in run_events)
         print(f"\n{label}: {len(run_events)} runs, {total_runs / 1000 / max(len(run_events), 1):.2f} ms per run, "
               f"kernels {100 * total_kernels / total_runs:.0f}% of it")
-        print("| op | % of kernel time | ms per run |")
-        print("|---|---:|---:|")
-        for op, dur in sorted(per_op.items(), key=lambda kv: -kv[1]):
-            print(f"| {op} | {100 * dur / total_kernels:.1f} | {dur / 1000 / max(len(run_events), 1):.3f} |")
+        print_table(["op", "% of kernel time", "ms per run"],
+                    [[op, f"{100 * dur / total_kernels:.1f}", f"{dur / 1000 / max(len(run_events), 1):.3f}"]
+                     for op, dur in sorted(per_op.items(), key=lambda kv: -kv[1])])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argument_parser(__doc__, __spec__.name)
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)

@@ -1,21 +1,13 @@
 """int4 quality on a trained model: edgec per algorithm and block size against the GenAI builder's int4.
 
-Random weights say nothing about quantization quality (30 random layers drift even at int8), so this
-script trains (or reuses from its cache) a small Llama on text every machine has, the Python standard
-library's sources, then measures on held-out sources: perplexity and KL divergence to the fp32 model,
-and top-1 agreement, for fp32, edgec int4 (rtn, clip and gptq at blocks 32 and 128) and the builder's int4 at
-the same blocks. All artifacts are run by edgec's onnxruntime runner on the same token windows.
+Perplexity, KL to fp32 and top-1 agreement on held-out text, for a small Llama trained on the stdlib's sources:
 
-    .venv/bin/python benchmarks/quality_trained.py [--work DIR] [--train-steps N]
+    python -m benchmarks.quality_trained [--work DIR] [--train-steps N]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import subprocess
-import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -23,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import BIN, CACHE, EDGEC, argument_parser, print_table, run
+from compiler.validate import logit_metrics, next_token_nll
+from runtimes.ort import OrtRuntime
 
-from compiler.validate import logit_metrics, next_token_nll  # noqa: E402
-from runtimes.ort import OrtRuntime  # noqa: E402
-
+# Random weights say nothing about quantization quality (30 random layers drift even at int8), so the model is
+# trained (once, then cached) on text every machine has: the Python standard library's sources.
 MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=4, vocab_size=4096, max_position_embeddings=512, tie_word_embeddings=True,
              bos_token_id=1, eos_token_id=2, pad_token_id=0, rms_norm_eps=1e-5)
@@ -90,12 +82,6 @@ def eval_windows(directory: Path, count: int = 24) -> list[list[int]]:
     return [ids[i * step:i * step + WINDOW] for i in range(count)]
 
 
-def run(command: list[str]) -> None:
-    proc = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(command)}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-
-
 def metrics(logits: list[np.ndarray], reference: list[np.ndarray], windows: list[list[int]]) -> dict:
     """Means over the windows of edgec's own validation metrics (windows are of equal length)."""
     per_window = [logit_metrics(ref, art) for art, ref in zip(logits, reference)]
@@ -105,8 +91,8 @@ def metrics(logits: list[np.ndarray], reference: list[np.ndarray], windows: list
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "edgec" / "bench-quality")
+    parser = argument_parser(__doc__, __spec__.name)
+    parser.add_argument("--work", type=Path, default=CACHE / "bench-quality")
     parser.add_argument("--train-steps", type=int, default=600)
     args = parser.parse_args()
     model_dir = args.work / f"stdlib-llama-{args.train_steps}"
@@ -116,17 +102,16 @@ def main() -> None:
     windows = eval_windows(model_dir)
     calibration = args.work / "calibration.txt"  # training-split text, never the held-out windows
     calibration.write_text(corpus()[0][:300_000])
-    bin_dir = Path(sys.executable).parent
-    artifacts = {}
+    artifacts = {}  # all run by edgec's onnxruntime runner on the same token windows
     for block in (32, 128):
         for algo in ALGOS:
             out = args.work / f"edgec-{algo}-{block}"
             extra = ["--calibration", str(calibration)] if algo == "gptq" else []
-            run([str(bin_dir / "edgec"), "build", "--model", str(model_dir), "--out", str(out), "--quant", "int4",
+            run([EDGEC, "build", "--model", str(model_dir), "--out", str(out), "--quant", "int4",
                  "--block-size", str(block), "--algo", algo, "--force", "--quiet", "--no-validate", *extra])
             artifacts[f"edgec int4 {algo} block {block}"] = out / "model.onnx"
         out = args.work / f"builder-{block}"
-        run([str(bin_dir / "python"), "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out),
+        run([BIN / "python", "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out),
              "-p", "int4", "-e", "cpu", "-c", str(args.work / "hf-cache"), "--extra_options", f"block_size={block}"])
         artifacts[f"builder int4 block {block}"] = out / "model.onnx"
 
@@ -137,15 +122,13 @@ def main() -> None:
     ref_logits = [torch_logits(reference, ids) for ids in windows]
     results = {"fp32 (PyTorch)": metrics(ref_logits, ref_logits, windows)}
     for name, path in artifacts.items():
-        runner = OrtRuntime(path.parent, model_path=path)
+        runner = OrtRuntime(path.parent, path)
         results[name] = metrics([runner.logits(np.asarray([ids]))[0] for ids in windows], ref_logits, windows)
     (args.work / "quality.json").write_text(json.dumps(results, indent=2))
     print(f"\n{len(windows)} held-out windows of {WINDOW} tokens, {MODEL['num_hidden_layers']}-layer Llama trained "
           f"{args.train_steps} steps on stdlib sources\n")
-    print("| artifact | perplexity | KL to fp32 | top-1 agreement |")
-    print("|---|---:|---:|---:|")
-    for name, m in results.items():
-        print(f"| {name} | {m['ppl']:.3f} | {m['kl']:.4f} | {m['top1']:.3f} |")
+    print_table(["artifact", "perplexity", "KL to fp32", "top-1 agreement"],
+                [[name, f"{m['ppl']:.3f}", f"{m['kl']:.4f}", f"{m['top1']:.3f}"] for name, m in results.items()])
     for block in (32, 128):
         builder = results[f"builder int4 block {block}"]["kl"]
         for algo in ALGOS:

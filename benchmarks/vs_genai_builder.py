@@ -1,76 +1,34 @@
 """edgec's default int4 ONNX build against the ONNX Runtime GenAI model builder's default int4 CPU build.
 
-Same weights: a 30-layer SmolLM2-135M-shaped Llama (random weights) with a rank-16 LoRA adapter on all
-seven projections. The builder is run both ways a user can: with the adapter through its
-`adapter_path` option (LoRA kept as extra MatMuls), and on the model merged first with PEFT's
-`merge_and_unload`. Every artifact runs in onnxruntime-genai, in one process, alternating, so the
-runner is the same: prefill time for a 128-token prompt and decode tokens/s for 128 new tokens
-(medians), file size, export wall time and peak RSS (each export is its own child process).
-edgec builds with --no-validate here, as the builder does no validation; on these random weights
-30 chained int4 layers drift far from fp32 anyway (quality is measured on a trained model elsewhere).
+Speed in onnxruntime-genai (alternating rounds), size and export cost, on the SmolLM2-135M-shaped Llama + rank-16 LoRA:
 
-    .venv/bin/python benchmarks/vs_genai_builder.py [--work DIR] [--rounds N] [--only-measure]
+    python -m benchmarks.vs_genai_builder [--work DIR] [--rounds N] [--only-measure] [--edgec-args ARGS] [--llama-cpp]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import statistics
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from compiler.fixtures import ALL_PROJECTIONS, SMOLLM2_135M, make_adapter, make_model  # noqa: E402
-from runtimes.genai import GenaiRuntime  # noqa: E402
-
-PROMPT_TOKENS = 128
-NEW_TOKENS = 128
-BIN = Path(sys.executable).parent
-
-
-def timed(command: list[str]) -> tuple[float, float]:
-    """Wall seconds and this child's own peak RSS (MB), from wait4; exits on failure."""
-    started = time.perf_counter()
-    pid = os.fork()
-    if pid == 0:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        log = os.open("/tmp/edgec-bench-child.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(devnull, 0)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.execv(command[0], command)
-    _, status, usage = os.wait4(pid, 0)
-    wall = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"failed: {' '.join(command)}\n" + Path("/tmp/edgec-bench-child.log").read_text()[-3000:])
-    return wall, usage.ru_maxrss / 1024
-
-
-def merge_with_peft(model: Path, adapter: Path, out: Path) -> None:
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    base = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
-    merged.save_pretrained(str(out))
-    AutoTokenizer.from_pretrained(str(model)).save_pretrained(str(out))
+from benchmarks.common import (BIN, CACHE, EDGEC, NEW_TOKENS, PROMPT_TOKENS, SMOLLM2_WORK, argument_parser,
+                               print_artifacts, print_ratios, rotations, smollm2_with_adapter, timed, timed_peft_merge)
+from compiler.tiny_models import SMOLLM2_135M
+from runtimes.genai import GenaiRuntime
 
 
 def builds(work: Path, model: Path, adapter: Path, edgec_args: list[str]) -> dict[str, dict]:
+    """edgec (with --no-validate, as the builder does no validation), and the builder both ways a user can run
+    it: with the adapter through its `adapter_path` option (LoRA kept as extra MatMuls), and on the model
+    merged first with PEFT's `merge_and_unload`. Each export is its own child process."""
     python = str(BIN / "python")
     results = {}
     out = work / "edgec-int4"
-    wall, rss = timed([str(BIN / "edgec"), "build", "--model", str(model), "--adapter", str(adapter), "--out", str(out),
+    wall, rss = timed([EDGEC, "build", "--model", str(model), "--adapter", str(adapter), "--out", str(out),
                        "--quant", "int4", "--force", "--quiet", "--no-validate", *edgec_args])
     results["edgec int4" + (f" ({' '.join(edgec_args)})" if edgec_args else "")] = {
         "dir": out, "export_s": wall, "export_rss_mb": rss}
@@ -82,10 +40,7 @@ def builds(work: Path, model: Path, adapter: Path, edgec_args: list[str]) -> dic
     results["builder int4 (adapter_path)"] = {"dir": out, "export_s": wall, "export_rss_mb": rss}
 
     merged = work / "peft-merged"
-    shutil.rmtree(merged, ignore_errors=True)
-    merge_wall, merge_rss = timed([python, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-                                   "from benchmarks.vs_genai_builder import merge_with_peft; from pathlib import Path; "
-                                   "merge_with_peft(*map(Path, sys.argv[2:]))", str(ROOT), str(model), str(adapter), str(merged)])
+    merge_wall, merge_rss = timed_peft_merge(model, adapter, merged)
     out = work / "builder-int4-merged"
     shutil.rmtree(out, ignore_errors=True)
     wall, rss = timed([python, "-m", "onnxruntime_genai.models.builder", "-i", str(merged), "-o", str(out), "-p", "int4",
@@ -100,12 +55,12 @@ def size_mb(directory: Path) -> float:
 
 
 def measure(artifacts: dict[str, dict], rounds: int) -> None:
+    """Every artifact in onnxruntime-genai, in this process, alternating: prefill time for a 128-token prompt
+    and decode tokens/s for 128 new tokens (medians), and file size."""
     runtimes = {name: GenaiRuntime(a["dir"]) for name, a in artifacts.items()}
     prompt = np.random.default_rng(0).integers(3, SMOLLM2_135M["vocab_size"], PROMPT_TOKENS).tolist()
     samples = {name: {"prefill_s": [], "decode_tps": []} for name in artifacts}
-    names = list(artifacts)
-    for round_index in range(rounds + 1):  # round 0 warms up
-        order = names[round_index % len(names):] + names[: round_index % len(names)]
+    for round_index, order in enumerate(rotations(list(artifacts), rounds)):  # round 0 warms up
         for name in order:
             timings: list[float] = []
             steps = len(runtimes[name].generate(prompt, NEW_TOKENS, stop_at_eos=False, timings=timings))
@@ -161,9 +116,9 @@ def llama_cpp_rows(work: Path, merged: Path, threads: int, repeats: int) -> dict
     """Q4_0 and Q4_K_M of the PEFT-merged model through llama-bench (its own runner, -t = our threads)."""
     import subprocess
 
-    root = llama_cpp_tree(Path.home() / ".cache" / "edgec" / "llama.cpp")
+    root = llama_cpp_tree(CACHE / "llama.cpp")
     f16 = work / "llama-f16.gguf"
-    convert_s, convert_rss = timed([str(BIN / "python"), "-c", CONVERT, str(root), str(merged), "--outtype", "f16",
+    convert_s, convert_rss = timed([BIN / "python", "-c", CONVERT, str(root), str(merged), "--outtype", "f16",
                                     "--outfile", str(f16)])
     rows = {}
     env = {**os.environ, "LD_LIBRARY_PATH": str(root / "build" / "bin")}
@@ -184,28 +139,9 @@ def llama_cpp_rows(work: Path, merged: Path, threads: int, repeats: int) -> dict
     return rows
 
 
-def smollm2_with_adapter(work: Path) -> tuple[Path, Path]:
-    """The benchmarks' weights, made once in `work`: the SmolLM2-135M shape and a rank-16 adapter."""
-    model, adapter = work / "model", work / "lora-r16"
-    if not (model / "config.json").exists():
-        make_model(model, "llama", **SMOLLM2_135M)
-    if not (adapter / "adapter_config.json").exists():
-        make_adapter(model, adapter, target_modules=ALL_PROJECTIONS, r=16, alpha=32)
-    return model, adapter
-
-
-def print_table(artifacts: dict[str, dict]) -> None:
-    print("| artifact | prefill 128 tok (ms) | decode (tok/s) [min-max] | size (MB) | export (s) | export peak RSS (MB) |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, a in artifacts.items():
-        lo, hi = a["decode_spread"]
-        print(f"| {name} | {a['prefill_ms']:.1f} | {a['decode_tps']:.1f} [{lo:.1f}-{hi:.1f}] | {a['size_mb']:.1f} | "
-              f"{a['export_s']:.1f} | {a['export_rss_mb']:.0f} |")
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "edgec" / "bench-smollm2")
+    parser = argument_parser(__doc__, __spec__.name)
+    parser.add_argument("--work", type=Path, default=SMOLLM2_WORK)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only-measure", action="store_true", help="Reuse the artifacts of the last run.")
     parser.add_argument("--edgec-args", default="", help="Extra `edgec build` options, e.g. '--algo gptq --block-size 128'.")
@@ -229,18 +165,14 @@ def main() -> None:
     ref = artifacts[strongest]
     print(f"\nSmolLM2-135M-shaped Llama + rank-16 LoRA, each tool's default int4, onnxruntime-genai, {os.cpu_count()} CPUs, "
           f"medians of {args.rounds} alternating rounds\n")
-    print_table(artifacts)
+    print_artifacts(artifacts)
     print(f"\nedgec vs the stronger builder artifact ({strongest}):")
-    print(f"  decode tokens/s   {ours['decode_tps'] / ref['decode_tps']:.2f}x  (target >= 1.15x)")
-    print(f"  prefill time      {ours['prefill_ms'] / ref['prefill_ms']:.2f}x  (target <= 0.90x)")
-    print(f"  size              {ours['size_mb'] / ref['size_mb']:.2f}x  (target <= 1.00x)")
-    print(f"  export wall time  {ours['export_s'] / ref['export_s']:.2f}x  (target <= 1.00x)")
-    print(f"  export peak RSS   {ours['export_rss_mb'] / ref['export_rss_mb']:.2f}x  (target <= 1.00x)")
+    print_ratios(ours, ref, {"decode_tps": ">= 1.15x", "prefill_ms": "<= 0.90x", "size_mb": "<= 1.00x",
+                             "export_s": "<= 1.00x", "export_rss_mb": "<= 1.00x"})
     q4 = artifacts.get("llama.cpp Q4_0 (llama-bench)")
     if q4:
         print("\nedgec (in onnxruntime-genai) vs llama.cpp Q4_0 (in llama-bench; each runner its own loop):")
-        print(f"  decode tokens/s   {ours['decode_tps'] / q4['decode_tps']:.2f}x")
-        print(f"  prefill time      {ours['prefill_ms'] / q4['prefill_ms']:.2f}x")
+        print_ratios(ours, q4, {"decode_tps": None, "prefill_ms": None})
 
 
 if __name__ == "__main__":

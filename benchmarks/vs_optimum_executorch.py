@@ -1,25 +1,12 @@
-"""edgec's .pte against optimum-executorch's, from the same weights, measured in one process, alternating.
+"""edgec's .pte against optimum-executorch's (both 8da4w), from the same weights, run in ExecuTorch's runtime.
 
-Same weights as benchmarks/vs_genai_builder.py: a 30-layer SmolLM2-135M-shaped Llama (random weights) with
-a rank-16 LoRA adapter on all seven projections. optimum-executorch takes a Hugging Face model, so it gets
-the PEFT-merged model (`merge_and_unload`, the merge counted in its export time); edgec merges itself.
-optimum-executorch pins transformers 5.0.0rc1, so it lives in its own virtual environment,
-~/.cache/edgec/optimum-executorch-venv (made on first use), and runs:
+Speed (alternating token by token), size and export cost, on the SmolLM2-135M-shaped Llama + rank-16 LoRA:
 
-    optimum-cli export executorch --task text-generation --recipe xnnpack --use_custom_sdpa
-        --use_custom_kv_cache --qlinear 8da4w --qembedding 8w
-
-edgec: `edgec build --format pte --quant int4 --embedding-bits 8 --no-validate` (8da4w linears too). Both
-programs then run in ExecuTorch's Python runtime in this process, alternating (decode steps take turns
-token by token): prefill time for a 128-token prompt, decode tokens/s over 128 new tokens (medians), file
-size, export wall time and peak RSS.
-
-    .venv/bin/python benchmarks/vs_optimum_executorch.py [--work DIR] [--rounds N] [--only-measure]
+    python -m benchmarks.vs_optimum_executorch [--work DIR] [--rounds N] [--only-measure]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -31,17 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import (CACHE, EDGEC, NEW_TOKENS, PROMPT_TOKENS, SMOLLM2_WORK, argument_parser, print_artifacts,
+                               print_ratios, smollm2_with_adapter, timed, timed_peft_merge)
+from compiler.tiny_models import SMOLLM2_135M
+from runtimes.executorch import ExecutorchRuntime
 
-from benchmarks.vs_genai_builder import BIN, print_table, smollm2_with_adapter, timed  # noqa: E402
-from compiler.fixtures import SMOLLM2_135M  # noqa: E402
-from runtimes.executorch import ExecutorchRuntime  # noqa: E402
-
-OPTIMUM_VENV = Path.home() / ".cache" / "edgec" / "optimum-executorch-venv"
+# optimum-executorch pins transformers 5.0.0rc1, so it lives in its own virtual environment, made on first use.
+OPTIMUM_VENV = CACHE / "optimum-executorch-venv"
 OPTIMUM_PINS = ["torch==2.13.0", "executorch==1.5.1", "torchao==0.18.0", "optimum-executorch==1.1.0"]
-PROMPT_TOKENS = 128
-NEW_TOKENS = 128
 
 
 def optimum_cli() -> Path:
@@ -53,19 +37,17 @@ def optimum_cli() -> Path:
 
 
 def builds(work: Path, model: Path, adapter: Path) -> dict[str, dict]:
+    """edgec merges the adapter itself; optimum-executorch takes a Hugging Face model, so it gets the model
+    merged with PEFT's `merge_and_unload` (the merge counted in its export time). Both 8da4w, embedding 8w."""
     results = {}
     out = work / "edgec-pte"
-    wall, rss = timed([str(BIN / "edgec"), "build", "--model", str(model), "--adapter", str(adapter), "--out", str(out),
+    wall, rss = timed([EDGEC, "build", "--model", str(model), "--adapter", str(adapter), "--out", str(out),
                        "--format", "pte", "--quant", "int4", "--embedding-bits", "8", "--force", "--quiet",
                        "--no-validate"])
     results["edgec pte (8da4w, embedding 8w)"] = {"pte": out / "model.pte", "export_s": wall, "export_rss_mb": rss}
 
     merged = work / "peft-merged"
-    shutil.rmtree(merged, ignore_errors=True)
-    merge_wall, merge_rss = timed([str(BIN / "python"), "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-                                   "from benchmarks.vs_genai_builder import merge_with_peft; from pathlib import Path; "
-                                   "merge_with_peft(*map(Path, sys.argv[2:]))", str(ROOT), str(model), str(adapter),
-                                   str(merged)])
+    merge_wall, merge_rss = timed_peft_merge(model, adapter, merged)
     out = work / "optimum-pte"
     shutil.rmtree(out, ignore_errors=True)
     wall, rss = timed([str(optimum_cli()), "export", "executorch", "--model", str(merged), "--task", "text-generation",
@@ -83,7 +65,7 @@ def measure(artifacts: dict[str, dict], rounds: int) -> None:
     prompt = np.asarray([np.random.default_rng(0).integers(3, SMOLLM2_135M["vocab_size"], PROMPT_TOKENS)])
     # ExecutorchRuntime reads each program's own signature (optimum's takes one position per token and
     # returns every position's logits) and metadata.
-    programs = {name: ExecutorchRuntime(Path(a["pte"]).parent, program_path=a["pte"]) for name, a in artifacts.items()}
+    programs = {name: ExecutorchRuntime(Path(a["pte"]).parent, a["pte"]) for name, a in artifacts.items()}
     for program in programs.values():
         program.generate(prompt[0].tolist(), 8)  # warm-up
     prefill = {name: [] for name in programs}
@@ -112,8 +94,8 @@ def measure(artifacts: dict[str, dict], rounds: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "edgec" / "bench-smollm2")
+    parser = argument_parser(__doc__, __spec__.name)
+    parser.add_argument("--work", type=Path, default=SMOLLM2_WORK)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--only-measure", action="store_true", help="Reuse the artifacts of the last run.")
     args = parser.parse_args()
@@ -128,14 +110,11 @@ def main() -> None:
 
     print(f"\nSmolLM2-135M-shaped Llama + rank-16 LoRA, 8da4w, ExecuTorch runtime (Python), {os.cpu_count()} CPUs, "
           f"medians of {args.rounds} alternating rounds\n")
-    print_table(artifacts)
+    print_artifacts(artifacts)
     ours, ref = list(artifacts.values())
     print("\nedgec vs optimum-executorch:")
-    print(f"  decode tokens/s   {ours['decode_tps'] / ref['decode_tps']:.2f}x  (target >= 1.10x)")
-    print(f"  prefill time      {ours['prefill_ms'] / ref['prefill_ms']:.2f}x  (target <= 1.00x)")
-    print(f"  size              {ours['size_mb'] / ref['size_mb']:.2f}x  (target <= 1.00x)")
-    print(f"  export wall time  {ours['export_s'] / ref['export_s']:.2f}x  (target <= 0.25x)")
-    print(f"  export peak RSS   {ours['export_rss_mb'] / ref['export_rss_mb']:.2f}x  (target <= 0.75x)")
+    print_ratios(ours, ref, {"decode_tps": ">= 1.10x", "prefill_ms": "<= 1.00x", "size_mb": "<= 1.00x",
+                             "export_s": "<= 0.25x", "export_rss_mb": "<= 0.75x"})
 
 
 if __name__ == "__main__":

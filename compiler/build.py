@@ -64,21 +64,12 @@ def _validate_artifact(directory: Path, artifact: dict, reference: Reference, co
                        report: BuildReport) -> dict:
     """The gates for one artifact of a bundle, run in its own runtime."""
     from compiler.validate import validate
+    from runtimes.registry import open_runtime, runtime_for
 
-    path = directory / artifact["path"]
     gates = config.validation.gates(config.export.precision)
-    pte = artifact["format"] == "pte"
-    stage = ("validate_pte", "ExecuTorch runtime vs PyTorch reference") if pte else \
-        ("validate", "onnxruntime vs PyTorch reference")
-    with report.stage(*stage):
-        if pte:
-            from runtimes.executorch import ExecutorchRuntime
-
-            runner = ExecutorchRuntime(directory, program_path=path)
-        else:
-            from runtimes.ort import OrtRuntime
-
-            runner = OrtRuntime(directory, model_path=path)
+    stage = "validate" if artifact["format"] == "onnx" else f"validate_{artifact['format']}"
+    with report.stage(stage, f"{runtime_for(artifact['format']).name} vs PyTorch reference"):
+        runner = open_runtime(directory, artifact)
         return validate(runner, reference.model, reference.prompts, config.validation.new_tokens, gates, reference.lora)
 
 

@@ -10,7 +10,8 @@ import click
 
 from compiler import __version__
 from compiler.errors import EdgecError, UsageError
-from runtimes.device import PROFILES
+from devices.base import PROFILES
+from runtimes.registry import RUNTIMES
 
 POSITIVE = click.IntRange(min=1)
 
@@ -229,14 +230,15 @@ def bench_table(result: dict) -> str:
 @click.option("--remote-python", default="python3", show_default=True, help="ssh: the device's Python.")
 @click.option("--remote-dir", default="~/.cache/edgec", show_default=True,
               help="ssh: where the bundle cache and run directories live on the device.")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "pte"]),
-              help="Which artifact of the bundle to run (default: the first): onnxruntime or ExecuTorch.")
+@click.option("--format", "fmt", type=click.Choice(list(RUNTIMES)),
+              help="Which artifact of the bundle to run (default: the first), in its runtime: "
+                   + ", ".join(f"{fmt} in {entry.name}" for fmt, entry in RUNTIMES.items()) + ".")
 @click.option("--json", "as_json", is_flag=True, help="Print the result in the shared bench JSON schema.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def bench(bundle, prompt_tokens, new_tokens, repeats, warmup, threads, depths, device_url, profile, memory_cap,
           timeout_s, keep, identity, known_hosts, accept_new_host_key, remote_python, remote_dir, fmt, as_json, quiet):
     """Measure load time, time to first token, prefill and decode speed, peak RSS, on a device."""
-    from compiler.bench import log_to_stderr, make_device, parse_depths, run_bench
+    from devices.bench import log_to_stderr, make_device, parse_depths, run_bench
     from runtimes.base import BenchSpec
 
     spec = BenchSpec(prompt_tokens, new_tokens, warmup, repeats, threads, depths=parse_depths(depths))
@@ -314,7 +316,7 @@ def inspect(bundle, as_json):
               help="With --baseline: exit 1 when prefill or decode is slower than the baseline by more than this.")
 def report(results, chart, no_chart, baseline, margin):
     """Compare bench results (edgec bench --json) across runtimes and devices: table, chart, gate."""
-    from compiler.bench_report import (check_chart_path, gate_table, labels, load_result, markdown, parse_margin,
+    from devices.report import (check_chart_path, gate_table, labels, load_result, markdown, parse_margin,
                                        write_chart)
     from compiler.errors import CheckFailed
 

@@ -24,12 +24,12 @@ def _table(rows: list[tuple[str, str]], title: str) -> str:
 
 
 def run_demo(cache_dir: Path | None = None) -> str:
-    from compiler.bench import run_bench
     from compiler.build import build
     from compiler.config import BuildConfig, ModelConfig
-    from compiler.fixtures import ALL_PROJECTIONS, make_adapter, make_model
     from compiler.frontend.lora import AdapterSpec
     from compiler.report import BuildReport
+    from compiler.tiny_models import ALL_PROJECTIONS, make_adapter, make_model
+    from devices.bench import run_bench
     from runtimes.base import BenchSpec
 
     root = (cache_dir or default_cache_dir()) / f"demo-{__version__}"

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from compiler.models.decoder import CanonicalDecoder
+from runtimes.base import greedy
 
 DEFAULT_PROMPTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -51,21 +52,23 @@ def torch_logits(model: CanonicalDecoder, ids: list[int]) -> np.ndarray:
     return out[0][0].numpy()
 
 
-def torch_greedy(model: CanonicalDecoder, ids: list[int], new_tokens: int) -> list[int]:
-    x = torch.tensor([ids])
-    past_len = 0
+def torch_step(model: CanonicalDecoder):
+    """The reference's step for `runtimes.base.greedy`: (ids [1, seq], start) -> last-position logits."""
     cache = model.empty_cache()
-    tokens: list[int] = []
-    with torch.no_grad():
-        while len(tokens) < new_tokens:
-            mask = torch.ones(1, past_len + x.shape[1], dtype=torch.long)
-            positions = torch.arange(past_len, past_len + x.shape[1])[None]
-            logits, *cache = model(x, mask, positions, *cache)
-            past_len += x.shape[1]
-            token = int(torch.argmax(logits[0, -1]))
-            tokens.append(token)
-            x = torch.tensor([[token]])
-    return tokens
+
+    def step(ids: np.ndarray, start: int) -> np.ndarray:
+        nonlocal cache
+        x = torch.from_numpy(ids)
+        with torch.no_grad():
+            logits, *cache = model(x, torch.ones(1, start + x.shape[1], dtype=torch.long),
+                                   torch.arange(start, start + x.shape[1])[None], *cache)
+        return logits[0, -1].numpy()
+
+    return step
+
+
+def torch_greedy(model: CanonicalDecoder, ids: list[int], new_tokens: int) -> list[int]:
+    return greedy(torch_step(model), ids, new_tokens)
 
 
 def torch_logprobs(model: CanonicalDecoder, prompts: list[list[int]]) -> list[np.ndarray]:

@@ -1,6 +1,8 @@
-"""What every runtime and device shares: the benchmark spec, the result schema and the device facts.
+"""What every runtime shares: the Runtime interface with its one greedy loop and benchmark, the benchmark
+spec and result schema, and the device facts.
 
-Standard library only (Python 3.8+): this file travels with the on-device bench agent.
+Standard library only at import (Python 3.8+): this file travels with the on-device bench agent, whose
+probe runs before numpy or a runtime is known to be there.
 """
 
 from __future__ import annotations
@@ -39,6 +41,23 @@ class BenchSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def to_args(self) -> list:
+        """The bench agent's command line for this spec (read back by `bench_agent_main`)."""
+        return ["--prompt-tokens", str(self.prompt_tokens), "--new-tokens", str(self.new_tokens),
+                "--repeats", str(self.repeats), "--warmup", str(self.warmup), "--threads", str(self.threads),
+                "--depths", ",".join(map(str, self.depths))]
+
+
+def parse_depths(text: str) -> tuple:
+    """'0,512,1024' -> (0, 512, 1024); ValueError unless distinct token counts >= 0."""
+    try:
+        depths = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        depths = ()
+    if not depths or any(d < 0 for d in depths) or len(set(depths)) != len(depths):
+        raise ValueError(f"--depths {text}: expected distinct token counts >= 0, comma-separated, e.g. 0,512,1024")
+    return depths
 
 
 @dataclass
@@ -188,25 +207,109 @@ def device_facts(path: str = ".") -> dict:
     return facts
 
 
-def bench_agent_main(description: str, run, argv: list[str] | None = None) -> int:
-    """The command line of a bench agent: `python -m runtimes.X BUNDLE [options]` -> result JSON on stdout.
-    `run(bundle, spec)` returns a BenchResult."""
+def bench_agent_main(runtime_class, argv: list | None = None) -> int:
+    """The command line of a bench agent: `python -m runtimes.X BUNDLE [BenchSpec.to_args()]` -> the result
+    JSON on stdout."""
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(description=description)
+    def depths(text):
+        try:
+            return parse_depths(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parser = argparse.ArgumentParser(description=f"Benchmark an edgec bundle's {runtime_class.format} artifact "
+                                                 f"with {runtime_class.name}")
     parser.add_argument("bundle")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--depths", default="0", help="comma-separated context depths, e.g. 0,512,1024")
+    parser.add_argument("--depths", type=depths, default=(0,), help="comma-separated context depths, e.g. 0,512,1024")
     args = parser.parse_args(argv)
-    depths = tuple(int(d) for d in args.depths.split(","))
-    spec = BenchSpec(args.prompt_tokens, args.new_tokens, args.warmup, args.repeats, args.threads, depths=depths)
-    json.dump(run(args.bundle, spec).to_dict(), sys.stdout)
+    spec = BenchSpec(args.prompt_tokens, args.new_tokens, args.warmup, args.repeats, args.threads, depths=args.depths)
+    json.dump(runtime_class(args.bundle, threads=spec.threads).bench(spec).to_dict(), sys.stdout)
     return 0
+
+
+def greedy(step, prompt: list, new_tokens: int, eos_ids: tuple = (), timings: list | None = None,
+           context: list | None = None) -> list:
+    """Greedy decoding with a model's `step(ids [1, seq] int64 array, start) -> logits of the last position`
+    on a fresh KV cache: the new tokens (stops early at an EOS id when given). `context`: tokens put in the
+    cache first, untimed, in chunks of FILL_CHUNK (a conversation so far); the prompt follows them.
+    `timings`, if given, receives (prefill s, time to first token s, decode s)."""
+    import time
+
+    import numpy as np
+
+    context = list(context or [])
+    for start in range(0, len(context), FILL_CHUNK):
+        step(np.asarray([context[start:start + FILL_CHUNK]], dtype=np.int64), start)
+    started = time.perf_counter()
+    logits = step(np.asarray([prompt], dtype=np.int64), len(context))
+    prefill = time.perf_counter() - started
+    out = [int(np.argmax(logits))]
+    ttft = time.perf_counter() - started
+    decode_started = time.perf_counter()
+    position = len(context) + len(prompt)
+    while len(out) < new_tokens and out[-1] not in eos_ids:
+        out.append(int(np.argmax(step(np.asarray([[out[-1]]], dtype=np.int64), position))))
+        position += 1
+    if timings is not None:
+        timings[:] = [prefill, ttft, time.perf_counter() - decode_started]
+    return out
+
+
+class Runtime:
+    """One artifact of a bundle loaded in a runtime. A subclass loads it in `__init__(bundle_dir,
+    artifact_path=None, threads=0)` (setting `load_s`, `version`, `vocab_size`) and gives the model's step
+    (`start_sequence`) and the validation interface (`empty_cache`, `forward`); generation and the
+    benchmark are the same for every runtime."""
+
+    name = "runtime"
+    format = ""  # the artifact format it runs (runtimes.registry)
+    max_positions = None  # a fixed context the artifact holds, if any
+    bundle_dir = "."
+    load_s = 0.0
+    version = "unknown"
+    threads = 0
+    vocab_size = 0
+
+    def start_sequence(self, total_tokens: int, **options):
+        """step(ids [1, seq] int64, start) -> the last position's logits [vocab], on a fresh KV cache that
+        holds up to total_tokens."""
+        raise NotImplementedError
+
+    def empty_cache(self):
+        raise NotImplementedError
+
+    def forward(self, ids, cache, start: int):
+        """(logits of every position of the chunk ids [1, seq] written at `start`: [1, seq, vocab], the
+        cache after it)."""
+        raise NotImplementedError
+
+    def runtime_facts(self) -> dict:
+        return {"name": self.name, "version": self.version, "threads": self.threads or os.cpu_count()}
+
+    def generate(self, prompt: list, new_tokens: int, eos_ids: tuple = (), timings: list | None = None,
+                 context: list | None = None, **sequence_options) -> list:
+        """Greedy decoding (see `greedy`); options go to `start_sequence`."""
+        step = self.start_sequence(len(context or ()) + len(prompt) + new_tokens, **sequence_options)
+        return greedy(step, prompt, new_tokens, eos_ids, timings, context)
+
+    def bench(self, spec: BenchSpec) -> BenchResult:
+        import numpy as np
+
+        if self.max_positions and spec.max_tokens > self.max_positions:
+            raise ValueError(f"depth + prompt + new tokens = {spec.max_tokens} exceed the artifact's "
+                             f"{self.max_positions} positions; rebuild with a larger --max-seq-len")
+        rng = np.random.default_rng(spec.seed)
+        # At depth d the cache holds d tokens that precede the prompt, from the same random stream.
+        tokens = rng.integers(3, self.vocab_size, size=max(spec.depths) + spec.prompt_tokens).tolist()
+        by_depth = bench_depths(spec, self.generate, tokens)
+        return bench_result(self.runtime_facts(), self.bundle_dir, self.format, spec, self.load_s, by_depth)
 
 
 def bench_depths(spec: BenchSpec, generate, tokens: list) -> list:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes.base import FILL_CHUNK, BenchResult, BenchSpec, bench_agent_main, bench_depths, bench_result
+from runtimes.base import Runtime, bench_agent_main
 
 
 # torchao (imported by executorch) logs a warning per optional GPU kernel library it cannot load, and
@@ -43,7 +43,7 @@ def load_op_libraries() -> None:
 def _keep_mkl_out_of_executorch_threads() -> None:
     """ExecuTorch's custom_sdpa calls BLAS `sgemm_` from its threadpool's threads, and in a process with torch
     that symbol is torch's MKL, which opens an OpenMP region for every tiny decode matmul (torch turns MKL's
-    dynamic thread choice off): 3x the whole decode step on this 2-core machine. The stock runner links
+    dynamic thread choice off), which tripled the decode step (README). The stock runner links
     ExecuTorch's own single-threaded BLAS, so MKL's default for threads other than torch's own is set to 1;
     torch's thread count is kept. x86 torch wheels only: elsewhere there is no MKL and nothing is done."""
     import torch
@@ -71,28 +71,29 @@ def _calling_thread_single_threaded():
         torch.set_num_threads(threads)
 
 
-class ExecutorchRuntime:
+class ExecutorchRuntime(Runtime):
     name = "executorch"
+    format = "pte"
 
-    def __init__(self, bundle_dir: str | Path, program_path: str | Path | None = None):
+    def __init__(self, bundle_dir: str | Path, artifact_path: str | Path | None = None, threads: int = 0):
         import torch
         from executorch import version as et_version
-        from executorch.runtime import Runtime
+        from executorch.runtime import Runtime as EtRuntime
 
         load_op_libraries()
         self.torch = torch
         self.bundle_dir = Path(bundle_dir)
         manifest_path = self.bundle_dir / "manifest.json"
         self.manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
-        if program_path is None:
-            program_path = self.bundle_dir / next(a["path"] for a in self.manifest["artifacts"] if a["format"] == "pte")
-        self.program_path = Path(program_path)
+        if artifact_path is None:
+            artifact_path = self.bundle_dir / next(a["path"] for a in self.manifest["artifacts"] if a["format"] == "pte")
+        self.program_path = Path(artifact_path)
         started = time.perf_counter()
-        self.program = Runtime.get().load_program(self.program_path)
+        self.program = EtRuntime.get().load_program(self.program_path)
         self.method = self.program.load_method("forward")
         self.load_s = time.perf_counter() - started
         self.version = getattr(et_version, "__version__", "unknown")
-        self.max_seq_len = self.metadata("get_max_seq_len")
+        self.max_seq_len = self.max_positions = self.metadata("get_max_seq_len")
         self.vocab_size = self.metadata("get_vocab_size")
         self.eos_ids = tuple(self.program.load_method("get_eos_ids").execute([])) \
             if "get_eos_ids" in self.program.method_names else ()
@@ -100,6 +101,11 @@ class ExecutorchRuntime:
         # [seq] (one per token, as optimum-executorch's cache_position): the program's signature says which.
         position_sizes = self.method.metadata.input_tensor_meta(1).sizes()
         self.per_token_positions = not (len(position_sizes) == 1 and position_sizes[0] == 1)
+        self.threads = threads
+        if threads:
+            from executorch.extension.pybindings import portable_lib
+
+            portable_lib._unsafe_reset_threadpool(threads)
 
     def metadata(self, name: str):
         return self.program.load_method(name).execute([])[0]
@@ -126,45 +132,16 @@ class ExecutorchRuntime:
         rows.append(self._run(ids, start))
         return np.stack(rows)[None], start + ids.shape[1]
 
-    def generate(self, prompt: list[int], new_tokens: int, eos_ids: tuple[int, ...] = (),
-                 timings: list[float] | None = None, context: list[int] | None = None) -> list[int]:
-        """Greedy decoding. timings, if given, receives (prefill seconds, time to first token, decode
-        seconds); context: tokens put in the cache first, untimed, that the prompt follows."""
-        context = list(context or [])
-        for start in range(0, len(context), FILL_CHUNK):
-            self._run(np.asarray([context[start : start + FILL_CHUNK]]), start)
-        started = time.perf_counter()
-        logits = self._run(np.asarray([prompt]), len(context))
-        ttft = time.perf_counter() - started
-        out = [int(np.argmax(logits))]
-        decode_started = time.perf_counter()
-        position = len(context) + len(prompt)
-        while len(out) < new_tokens and out[-1] not in eos_ids:
-            out.append(int(np.argmax(self._run(np.asarray([[out[-1]]]), position))))
-            position += 1
-        if timings is not None:
-            timings[:] = [ttft, ttft, time.perf_counter() - decode_started]
-        return out
+    def start_sequence(self, total_tokens: int):
+        """The cache is position-indexed: a new sequence simply overwrites it from position 0."""
+        return self._run
 
-    def bench(self, spec: BenchSpec) -> BenchResult:
-        if spec.max_tokens > self.max_seq_len:
-            raise ValueError(f"depth + prompt + new tokens = {spec.max_tokens} exceed the program's max_seq_len "
-                             f"{self.max_seq_len}; rebuild with a larger --max-seq-len")
-        if spec.threads:
-            from executorch.extension.pybindings import portable_lib
-
-            portable_lib._unsafe_reset_threadpool(spec.threads)
-        rng = np.random.default_rng(spec.seed)
-        tokens = rng.integers(3, self.vocab_size, size=max(spec.depths) + spec.prompt_tokens).tolist()
-        by_depth = bench_depths(spec, self.generate, tokens)
-        runtime = {"name": self.name, "version": self.version, "threads": spec.threads or os.cpu_count(),
-                   "kv_cache": f"in-program, {self.max_seq_len} positions"}
-        return bench_result(runtime, self.bundle_dir, "pte", spec, self.load_s, by_depth)
+    def runtime_facts(self) -> dict:
+        return {**super().runtime_facts(), "kv_cache": f"in-program, {self.max_seq_len} positions"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    return bench_agent_main("Benchmark an edgec .pte bundle with ExecuTorch",
-                            lambda bundle, spec: ExecutorchRuntime(bundle).bench(spec), argv)
+    return bench_agent_main(ExecutorchRuntime, argv)
 
 
 if __name__ == "__main__":

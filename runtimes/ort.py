@@ -8,14 +8,13 @@ device the agent is this file and base.py, pushed as a `runtimes` package beside
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from runtimes.base import FILL_CHUNK, BenchResult, BenchSpec, bench_agent_main, bench_depths, bench_result
+from runtimes.base import Runtime, bench_agent_main
 
 
 def _artifact(manifest: dict, fmt: str = "onnx") -> dict:
@@ -25,20 +24,21 @@ def _artifact(manifest: dict, fmt: str = "onnx") -> dict:
     raise ValueError(f"bundle has no {fmt} artifact")
 
 
-class OrtRuntime:
+class OrtRuntime(Runtime):
     """An onnxruntime session over a bundle's decoder, driven by the I/O description in the manifest."""
 
     name = "onnxruntime"
+    format = "onnx"
 
-    def __init__(self, bundle_dir: str | Path, threads: int = 0, model_path: str | Path | None = None):
+    def __init__(self, bundle_dir: str | Path, artifact_path: str | Path | None = None, threads: int = 0):
         import onnxruntime as ort
 
         self.bundle_dir = Path(bundle_dir)
         manifest_path = self.bundle_dir / "manifest.json"
         self.manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
-        if model_path is None:
-            model_path = self.bundle_dir / _artifact(self.manifest)["path"]
-        self.model_path = Path(model_path)
+        if artifact_path is None:
+            artifact_path = self.bundle_dir / _artifact(self.manifest)["path"]
+        self.model_path = Path(artifact_path)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -51,6 +51,8 @@ class OrtRuntime:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        vocab = self.session.get_outputs()[0].shape[-1]
+        self.vocab_size = vocab if isinstance(vocab, int) else 1000
 
     def _kv_dims(self) -> tuple[int, int]:
         """KV heads and head size; from genai_config.json for models whose cache dims are symbolic."""
@@ -97,19 +99,19 @@ class OrtRuntime:
             return False
 
     def _copying_step(self):
-        """step(ids, past_len) -> logits, feeding each step's present back as the next past."""
+        """step(ids, past_len) -> last-position logits, feeding each step's present back as the next past."""
         cache = self.empty_cache()
 
         def step(ids: np.ndarray, past_len: int) -> np.ndarray:
             nonlocal cache
             logits, cache = self.forward(ids, cache, past_len)
-            return logits
+            return logits[0, -1]
 
         return step
 
     def _shared_buffer_step(self, total: int):
-        """step(ids, past_len) -> logits, with past and present bound to one preallocated buffer per
-        layer (I/O binding), as onnxruntime-genai runs these models: each step writes one position."""
+        """step(ids, past_len) -> last-position logits, with past and present bound to one preallocated
+        buffer per layer (I/O binding), as onnxruntime-genai runs these models: each step writes one position."""
         import onnxruntime as ort
 
         heads, head_dim = self._kv_dims()
@@ -129,54 +131,22 @@ class OrtRuntime:
             for name, buffer in zip(presents, buffers):
                 binding.bind_ortvalue_output(name, buffer)
             self.session.run_with_iobinding(binding)
-            return binding.get_outputs()[0].numpy()
+            return binding.get_outputs()[0].numpy()[0, -1]
 
         return step
 
-    def generate(self, prompt: list[int], new_tokens: int, eos_ids: tuple[int, ...] = (),
-                 shared_buffer: bool | None = None, timings: list | None = None,
-                 context: list[int] | None = None) -> list[int]:
-        """Greedy decoding; returns the new tokens (stops early at an EOS id when given).
-
-        shared_buffer: one KV buffer for past and present (None: as the manifest says the model allows).
-        timings, if given, receives (prefill seconds, time to first token, decode seconds).
-        context: tokens put in the KV cache first, untimed (a conversation so far); the prompt follows it."""
-        context = list(context or [])
+    def start_sequence(self, total_tokens: int, shared_buffer: bool | None = None):
+        """shared_buffer: one KV buffer for past and present (None: as the manifest says the model allows)."""
         shared = self.shares_buffer if shared_buffer is None else shared_buffer
-        step = (self._shared_buffer_step(len(context) + len(prompt) + new_tokens) if shared
-                else self._copying_step())
-        for start in range(0, len(context), FILL_CHUNK):
-            step(np.asarray([context[start:start + FILL_CHUNK]], dtype=np.int64), start)
-        started = time.perf_counter()
-        logits = step(np.asarray([prompt], dtype=np.int64), len(context))
-        prefill = time.perf_counter() - started
-        out = [int(np.argmax(logits[0, -1]))]
-        ttft = time.perf_counter() - started
-        decode_started = time.perf_counter()
-        past_len = len(context) + len(prompt)
-        while len(out) < new_tokens and out[-1] not in eos_ids:
-            logits = step(np.asarray([[out[-1]]], dtype=np.int64), past_len)
-            out.append(int(np.argmax(logits[0, -1])))
-            past_len += 1
-        if timings is not None:
-            timings[:] = [prefill, ttft, time.perf_counter() - decode_started]
-        return out
+        return self._shared_buffer_step(total_tokens) if shared else self._copying_step()
 
-    def bench(self, spec: BenchSpec) -> BenchResult:
-        vocab = self.session.get_outputs()[0].shape[-1]
-        vocab = vocab if isinstance(vocab, int) else 1000
-        rng = np.random.default_rng(spec.seed)
-        # At depth d the cache holds d tokens that precede the prompt, from the same random stream.
-        tokens = rng.integers(3, vocab, size=max(spec.depths) + spec.prompt_tokens).tolist()
-        by_depth = bench_depths(spec, self.generate, tokens)
-        runtime = {"name": self.name, "version": self.version, "threads": self.threads or os.cpu_count(),
-                   "kv_cache": "shared buffer" if self.shares_buffer else "past/present copies"}
-        return bench_result(runtime, self.bundle_dir, "onnx", spec, self.load_s, by_depth)
+    def runtime_facts(self) -> dict:
+        return {**super().runtime_facts(),
+                "kv_cache": "shared buffer" if self.shares_buffer else "past/present copies"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    return bench_agent_main("Benchmark an edgec ONNX bundle with onnxruntime",
-                            lambda bundle, spec: OrtRuntime(bundle, threads=spec.threads).bench(spec), argv)
+    return bench_agent_main(OrtRuntime, argv)
 
 
 if __name__ == "__main__":

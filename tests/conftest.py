@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from compiler.fixtures import make_adapter, make_model
+from compiler.tiny_models import make_adapter, make_model
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

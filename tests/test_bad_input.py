@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from compiler.cli import main
-from compiler.fixtures import make_adapter, make_model
+from compiler.tiny_models import make_adapter, make_model
 
 
 def run(*args):

@@ -236,7 +236,7 @@ def test_agent_stops_its_run_when_its_connection_closes(tiny_bundle, tmp_path):
     and removes the run directory."""
     import shutil
 
-    from runtimes.ssh import AGENT_MODULES, RUNTIMES_DIR
+    from devices.ssh import AGENT_MODULES, RUNTIMES_DIR
 
     run_dir = tmp_path / "runs" / "r1"
     (run_dir / "runtimes").mkdir(parents=True)

@@ -132,7 +132,7 @@ def test_layers_quantized_differently_are_lowered_without_stitching(tmp_path):
     from compiler.executorch import export
     from compiler.executorch.quantize import quantize_decoder
     from compiler.executorch.stitch import StitchError, check_uniform_layers
-    from compiler.fixtures import make_model
+    from compiler.tiny_models import make_model
     from compiler.report import BuildReport
 
     make_model(tmp_path / "model", "llama", num_hidden_layers=4)
@@ -228,8 +228,7 @@ def test_the_stock_executorch_llm_runner_generates_what_pytorch_generates(traine
 
 def test_rope_tables_are_the_correctly_rounded_cos_and_sin_of_the_reference_angles(llama_dir):
     """Every entry of the program's 2048-position rope tables is cos/sin of the reference's fp32 angle,
-    computed in float64 and rounded once. torch's fp32 cos was 1 ulp away in places, and in about 1 process
-    of 15 its first two-threaded call (MKL's vector math) made half the rows 1.5e-4 wrong."""
+    computed in float64 and rounded once (torch's fp32 cos is not; docs/investigations.md)."""
     import math
 
     import torch
@@ -258,7 +257,7 @@ def test_stitched_layers_compute_what_lowering_every_layer_computes(family, whol
     from compiler.executorch import export
     from compiler.executorch.quantize import quantize_decoder
     from compiler.executorch.stitch import StitchError
-    from compiler.fixtures import make_model
+    from compiler.tiny_models import make_model
     from compiler.report import BuildReport
     from runtimes.executorch import ExecutorchRuntime
 

@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from compiler.fixtures import ALL_PROJECTIONS, make_adapter
+from compiler.tiny_models import ALL_PROJECTIONS, make_adapter
 from compiler.frontend.load import build_decoder, read_checkpoint
 from compiler.frontend.lora import AdapterSpec, merge_lora
 

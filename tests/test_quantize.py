@@ -148,7 +148,7 @@ def test_int4_build_passes_its_gates_and_runs_in_onnxruntime_genai(trained_dir, 
 
 
 def test_default_int4_without_a_tokenizer_says_how_to_go_on(tmp_path):
-    from compiler.fixtures import make_model
+    from compiler.tiny_models import make_model
 
     model = tmp_path / "model"
     make_model(model, tokenizer=False)
@@ -180,7 +180,7 @@ def test_lora_retention_measures_how_much_of_the_adapter_change_survives():
 
 
 def test_int4_build_reports_lora_delta_retention_per_adapter(trained_dir, tmp_path):
-    from compiler.fixtures import make_adapter
+    from compiler.tiny_models import make_adapter
 
     first = make_adapter(trained_dir, tmp_path / "a", target_modules=["q_proj", "v_proj"], r=4, alpha=32, seed=3)
     second = make_adapter(trained_dir, tmp_path / "b", target_modules=["down_proj"], r=4, alpha=32, seed=4)

@@ -101,7 +101,7 @@ def test_bad_report_input(results, tmp_path, args, fragment):
 
 
 def test_merged_rounds_pool_samples_and_recompute_medians(results):
-    from compiler.bench_report import merge_runs
+    from devices.report import merge_runs
 
     one = json.loads(results[0].read_text())
     slow = copy.deepcopy(one)

@@ -16,6 +16,7 @@ import onnx_ir as ir
 from compiler.config import QuantConfig
 from compiler.errors import EdgecError
 from compiler.models.decoder import DecoderConfig
+from compiler.onnx.passes.base import CountingPass
 from compiler.onnx.passes.cleanup import CleanupPass
 from compiler.onnx.passes.fuse_gqa import FuseGroupQueryAttentionPass
 from compiler.onnx.passes.fuse_rms_norm import FuseRmsNormPass
@@ -27,7 +28,7 @@ from compiler.onnx.passes.quantize_weights import QuantizeWeightsPass
 PIPELINES = ("none", "fuse", "fuse+int4", "int4")
 
 
-def fusion_passes(cfg: DecoderConfig) -> list[ir.passes.PassBase]:
+def fusion_passes(cfg: DecoderConfig) -> list[CountingPass]:
     return [
         CleanupPass(fold_constants=False),
         FuseRmsNormPass(),
@@ -41,7 +42,7 @@ def fusion_passes(cfg: DecoderConfig) -> list[ir.passes.PassBase]:
 
 
 def build_pipeline(name: str, cfg: DecoderConfig, quant: QuantConfig | None = None,
-                   precomputed: dict | None = None) -> list[ir.passes.PassBase]:
+                   precomputed: dict | None = None) -> list[CountingPass]:
     if name not in PIPELINES:
         raise ValueError(f"unknown pipeline {name!r}")
     passes = fusion_passes(cfg) if "fuse" in name else []
@@ -54,7 +55,7 @@ def op_counts(model: ir.Model) -> dict[str, int]:
     return dict(Counter(node.op_type for node in model.graph).most_common())
 
 
-def run_passes(model: ir.Model, passes: list, dump_dir: Path | None = None) -> tuple[ir.Model, list[dict]]:
+def run_passes(model: ir.Model, passes: list[CountingPass], dump_dir: Path | None = None) -> tuple[ir.Model, list[dict]]:
     records = []
     for index, p in enumerate(passes):
         name = type(p).__name__
@@ -71,7 +72,7 @@ def run_passes(model: ir.Model, passes: list, dump_dir: Path | None = None) -> t
             "nodes_before": nodes_before,
             "nodes_after": len(model.graph),
             "modified": bool(result.modified),
-            "rewrites": dict(getattr(p, "counts", {})),
+            "rewrites": dict(p.counts),
         })
         if dump_dir is not None:
             dump_dir.mkdir(parents=True, exist_ok=True)

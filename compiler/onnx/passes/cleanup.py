@@ -11,15 +11,16 @@ import onnx_ir.passes.common as common_passes
 from onnxscript.optimizer import optimize
 from onnxscript.rewriter.ort_fusions import shape_optimization
 
+from compiler.onnx.passes.base import CountingPass
 
-class CleanupPass(ir.passes.InPlacePass):
+
+class CleanupPass(CountingPass):
     """fold_constants=False skips onnxscript's optimizer (seconds on a 30-layer graph): right after
     export, which already folded the traced graph, only the stamped layers' repeats need merging."""
 
     def __init__(self, fold_constants: bool = True):
         super().__init__()
         self.fold_constants = fold_constants
-        self.counts: dict[str, int] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = len(model.graph)

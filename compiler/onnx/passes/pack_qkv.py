@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from compiler.onnx.passes.base import CountingPass
 from compiler.onnx.scopes import renamed_scopes
 
 
@@ -39,10 +40,9 @@ def _projection(value: ir.Value | None):
     return node.inputs[0], weight, bias, nodes
 
 
-class PackQkvPass(ir.passes.InPlacePass):
+class PackQkvPass(CountingPass):
     def __init__(self):
         super().__init__()
-        self.counts: dict[str, int] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph

@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from compiler.config import QuantConfig
+from compiler.onnx.passes.base import CountingPass
 from compiler.onnx.scopes import module_path
 from compiler.quant.blocks import largest_dividing_block, pack, quantize_blocks
 
@@ -38,13 +39,12 @@ def _swap_node(graph: ir.Graph, node: ir.Node, op_type: str, inputs: list, attri
     ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs, new.outputs)
 
 
-class QuantizeWeightsPass(ir.passes.InPlacePass):
+class QuantizeWeightsPass(CountingPass):
     def __init__(self, config: QuantConfig, precomputed: dict[str, tuple] | None = None):
         super().__init__()
         self.config = config
         # module path -> (q, scales, zeros) from a calibration algorithm (GPTQ); RTN/clip otherwise
         self.precomputed = precomputed or {}
-        self.counts: dict[str, int] = {}
 
     def _precomputed(self, module: str, bits: int):
         if bits != self.config.bits or not self.precomputed:

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from compiler.bundle import MANIFEST, read_manifest
 from compiler.errors import EdgecError, UsageError
+from devices.base import PROFILES, Device
+from devices.local import LocalDevice
 from runtimes.base import FILL_CHUNK, BenchSpec, sha256_file
-from runtimes.device import PROFILES, Device, LocalDevice
-
-# format -> (agent module in runtimes/, the packages the device needs to run it)
-RUNTIMES = {"onnx": ("ort", ("onnxruntime", "numpy")), "pte": ("executorch", ("executorch", "torch", "numpy"))}
+from runtimes.base import parse_depths as parse_depth_list
+from runtimes.registry import RUNTIMES
 MIN_PYTHON = (3, 8)
 # Resident memory of the bench agent before any weights: Python, numpy, onnxruntime and its arena, as
 # measured here with a 0.6 MB bundle (65-68 MB peak).
@@ -38,12 +38,9 @@ def parse_size_mb(text: str, option: str = "--memory-cap") -> float:
 
 def parse_depths(text: str) -> tuple[int, ...]:
     try:
-        depths = tuple(int(d) for d in text.split(","))
-    except ValueError:
-        depths = ()
-    if not depths or any(d < 0 for d in depths) or len(set(depths)) != len(depths):
-        raise UsageError(f"--depths {text}: expected distinct token counts >= 0, comma-separated, e.g. 0,512,1024")
-    return depths
+        return parse_depth_list(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def make_device(url: str, profile: str | None = None, memory_cap: str | None = None, **ssh_options) -> Device:
@@ -58,7 +55,7 @@ def make_device(url: str, profile: str | None = None, memory_cap: str | None = N
     if profile:
         raise UsageError(f"--profile {profile}: profiles emulate a device on this machine (--device local); "
                          "on a real device use --threads and --memory-cap")
-    from runtimes.ssh import SshDevice
+    from devices.ssh import SshDevice
 
     return SshDevice(url, memory_cap_mb=cap, **ssh_options)
 
@@ -95,7 +92,7 @@ def preflight(device: Device, facts: dict, manifest: dict, artifact: dict, spec:
               push_bytes: int) -> dict:
     """Refuse, with what to do, a run that cannot work on this device; return the memory estimate."""
     fmt = artifact["format"]
-    _, packages = RUNTIMES[fmt]
+    packages = RUNTIMES[fmt].packages
     python = facts.get("python_executable") or "python3"
     missing = [p for p in packages if not facts.get("runtimes", {}).get(p)]
     if missing:
@@ -154,12 +151,6 @@ def _outcome_error(device: Device, outcome: dict, timeout_s: float) -> EdgecErro
     return EdgecError(f"{device.name}: the bench agent failed (exit {outcome.get('returncode')}): {last[:200]}")
 
 
-def agent_args(spec: BenchSpec) -> list[str]:
-    return ["--prompt-tokens", str(spec.prompt_tokens), "--new-tokens", str(spec.new_tokens),
-            "--repeats", str(spec.repeats), "--warmup", str(spec.warmup), "--threads", str(spec.threads),
-            "--depths", ",".join(map(str, spec.depths))]
-
-
 def run_bench(bundle: Path, spec: BenchSpec, device: Device | None = None, timeout_s: float = 0,
               keep: bool = False, log=None, fmt: str | None = None) -> dict:
     """Benchmark `bundle` on `device` (this machine by default); the result dict (edgec.bench/1)."""
@@ -185,12 +176,12 @@ def run_bench(bundle: Path, spec: BenchSpec, device: Device | None = None, timeo
     facts, cached = device.probe(key, expected)
     push_bytes = sum(size for name, (size, _) in expected.items() if name not in cached)
     estimate = preflight(device, facts, manifest, artifact, spec, push_bytes)
-    runtime, _ = RUNTIMES[artifact["format"]]
+    runtime = RUNTIMES[artifact["format"]].module
     try:
         bundle_path = device.stage(bundle, key, expected, cached, runtime, log)
         if not isinstance(device, LocalDevice):  # locally the agent's start is not news
             log(f"running the {runtime} bench agent on {device.name}")
-        outcome = device.run(runtime, bundle_path, agent_args(spec), timeout_s, keep)
+        outcome = device.run(runtime, bundle_path, spec.to_args(), timeout_s, keep)
         if outcome.get("status") != "ok":
             raise _outcome_error(device, outcome, timeout_s)
     except BaseException:

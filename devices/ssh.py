@@ -24,11 +24,12 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import runtimes
 from compiler.errors import EdgecError, UsageError
-from runtimes.device import Device
+from devices.base import Device
+from runtimes.registry import AGENT_MODULES
 
-RUNTIMES_DIR = Path(__file__).resolve().parent
-AGENT_MODULES = ("__init__", "base", "agent")  # plus the runtime's own module
+RUNTIMES_DIR = Path(runtimes.__file__).resolve().parent
 SSH_FAILED = 255  # ssh's exit status for its own errors; anything else is the remote command's
 # After --timeout the device's agent stops the run itself; the host waits this much longer for its answer.
 ANSWER_GRACE_S = 30

@@ -1,0 +1,152 @@
+"""What the benchmarks share: running edgec and other tools as child processes, timing them, alternating
+artifacts between rounds, markdown tables, and the SmolLM2-135M-shaped weights with a rank-16 adapter."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # this environment's scripts: python, pip, edgec
+EDGEC = BIN / "edgec"
+CACHE = Path.home() / ".cache" / "edgec"
+SMOLLM2_WORK = CACHE / "bench-smollm2"  # the SmolLM2-shaped benchmarks' default --work
+PROMPT_TOKENS = 128  # the comparisons' workload: prefill of a 128-token prompt, then 128 new tokens
+NEW_TOKENS = 128
+CHILD_LOG = Path("/tmp/edgec-bench-child.log")
+
+
+def argument_parser(doc: str, module: str) -> argparse.ArgumentParser:
+    """A script's parser: described by its docstring's first paragraph, its usage as `python -m MODULE`."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+
+
+def run(command: Sequence, *, echo: bool = False, out: Path | None = None) -> str:
+    """Run a child process (HF_HUB_OFFLINE=1) and return its stdout, written to `out` too when given.
+
+    echo: print the command first, as one would type it, and let its output through (stdout too unless
+    `out` takes it); on failure, exit with its exit status. Otherwise, on failure, exit with the command
+    and the tail of its output."""
+    command = [str(part) for part in command]
+    if echo:
+        print("$ " + shlex.join([Path(command[0]).name, *command[1:]]) + (f" > {out}" if out else ""), flush=True)
+    proc = subprocess.run(command, stdout=subprocess.PIPE if out or not echo else None,
+                          stderr=None if echo else subprocess.PIPE, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False)
+    if proc.returncode != 0 and echo:
+        sys.exit(proc.returncode)
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(command)}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    if out:
+        out.write_text(proc.stdout)
+    return proc.stdout or ""
+
+
+def edgec(*args, echo: bool = False, out: Path | None = None) -> str:
+    """`edgec ARGS...` through run(): its stdout."""
+    return run([EDGEC, *args], echo=echo, out=out)
+
+
+def timed(command: Sequence, cwd: Path | None = None) -> tuple[float, float]:
+    """Wall seconds and this child's own peak RSS (MB), from wait4; exits on failure. Output goes to CHILD_LOG."""
+    command = [str(part) for part in command]
+    started = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        log = os.open(CHILD_LOG, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(devnull, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        if cwd is not None:
+            os.chdir(cwd)
+        os.execv(command[0], command)
+    _, status, usage = os.wait4(pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"failed: {' '.join(command)}\n" + CHILD_LOG.read_text()[-3000:])
+    return wall, usage.ru_maxrss / 1024
+
+
+def rotations(names: Sequence[str], rounds: int) -> Iterator[list[str]]:
+    """The order of `names` in each of rounds + 1 rounds, each starting one further along, so that a slow
+    spell of a shared machine lands on every artifact; the first round is a warm-up."""
+    names = list(names)
+    for round_index in range(rounds + 1):
+        yield names[round_index % len(names):] + names[: round_index % len(names)]
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence]) -> None:
+    """A markdown table: the first column left-aligned, the others right-aligned."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+    for row in rows:
+        print("| " + " | ".join(map(str, row)) + " |")
+
+
+def print_artifacts(artifacts: dict[str, dict]) -> None:
+    """The comparisons' table: speed (medians, decode's spread), size and export cost per artifact."""
+    rows = []
+    for name, a in artifacts.items():
+        lo, hi = a["decode_spread"]
+        rows.append([name, f"{a['prefill_ms']:.1f}", f"{a['decode_tps']:.1f} [{lo:.1f}-{hi:.1f}]",
+                     f"{a['size_mb']:.1f}", f"{a['export_s']:.1f}", f"{a['export_rss_mb']:.0f}"])
+    print_table(["artifact", f"prefill {PROMPT_TOKENS} tok (ms)", "decode (tok/s) [min-max]", "size (MB)", "export (s)",
+                 "export peak RSS (MB)"], rows)
+
+
+RATIOS = {"decode_tps": "decode tokens/s", "prefill_ms": "prefill time", "size_mb": "size",
+          "export_s": "export wall time", "export_rss_mb": "export peak RSS"}
+
+
+def print_ratios(ours: dict, ref: dict, targets: dict[str, str | None]) -> None:
+    """One line per figure in `targets` (keys of RATIOS): ours / ref, and the target when there is one."""
+    for key, target in targets.items():
+        print(f"  {RATIOS[key]:<18}{ours[key] / ref[key]:.2f}x" + (f"  (target {target})" if target else ""))
+
+
+def smollm2_with_adapter(work: Path) -> tuple[Path, Path]:
+    """The benchmarks' weights, made once in `work`: the SmolLM2-135M shape and a rank-16 adapter."""
+    from compiler.tiny_models import ALL_PROJECTIONS, SMOLLM2_135M, make_adapter, make_model
+
+    model, adapter = work / "model", work / "lora-r16"
+    if not (model / "config.json").exists():
+        print("making the SmolLM2-135M-shaped model ...", flush=True)
+        make_model(model, "llama", **SMOLLM2_135M)
+    if not (adapter / "adapter_config.json").exists():
+        print("making the rank-16 adapter on all seven projections ...", flush=True)
+        make_adapter(model, adapter, target_modules=ALL_PROJECTIONS, r=16, alpha=32)
+    return model, adapter
+
+
+def merge_with_peft(model: Path, adapter: Path):
+    """transformers + PEFT's `merge_and_unload`, in fp32: the reference way to merge an adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+    return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+
+
+def save_merged_with_peft(model: Path, adapter: Path, out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    merge_with_peft(model, adapter).save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(str(model)).save_pretrained(str(out))
+
+
+def timed_peft_merge(model: Path, adapter: Path, out: Path) -> tuple[float, float]:
+    """save_merged_with_peft into a fresh `out`, in its own process: timed()'s (wall seconds, peak RSS MB)."""
+    shutil.rmtree(out, ignore_errors=True)
+    child = ("import sys; from pathlib import Path; from benchmarks.common import save_merged_with_peft; "
+             "save_merged_with_peft(*map(Path, sys.argv[1:]))")
+    return timed([BIN / "python", "-c", child, model.resolve(), adapter.resolve(), out.resolve()], cwd=ROOT)
