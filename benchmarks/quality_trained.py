@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from benchmarks.common import BIN, CACHE, EDGEC, argument_parser, print_table, run
-from compiler.validate import logit_metrics, next_token_nll
 from runtimes.ort import OrtRuntime
+from runtimes.validation import logit_metrics, next_token_nll
 
 # Random weights say nothing about quantization quality (30 random layers drift even at int8), so the model is
 # trained (once, then cached) on text every machine has: the Python standard library's sources.

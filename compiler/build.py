@@ -12,6 +12,7 @@ from compiler.frontend.load import Checkpoint, build_decoder, read_checkpoint
 from compiler.frontend.lora import AdapterSpec, MergeRecord, merge_lora
 from compiler.models.decoder import CanonicalDecoder
 from compiler.report import BuildReport, markdown
+from runtimes.validation import GOLDEN_FILE, save_golden
 
 MODEL_FILE = "model.onnx"
 DEFAULT_PTE_MAX_SEQ_LEN = 2048
@@ -27,6 +28,14 @@ class Reference:
     source_hashes: dict[str, str]
     prompts: list[list[int]]
     lora: dict | None  # base and per-adapter log-probabilities, for LoRA delta retention
+    golden: dict | None = None  # the reference's logits and greedy tokens on the prompts, once computed
+
+    def golden_data(self, new_tokens: int) -> dict:
+        from compiler.validate import golden
+
+        if self.golden is None or len(self.golden["tokens"][0]) != new_tokens:
+            self.golden = golden(self.model, self.prompts, new_tokens)
+        return self.golden
 
 
 def load_reference(model_dir: Path, adapters: list[AdapterSpec], report: BuildReport, with_lora_reference: bool = True):
@@ -70,7 +79,7 @@ def _validate_artifact(directory: Path, artifact: dict, reference: Reference, co
     stage = "validate" if artifact["format"] == "onnx" else f"validate_{artifact['format']}"
     with report.stage(stage, f"{runtime_for(artifact['format']).name} vs PyTorch reference"):
         runner = open_runtime(directory, artifact)
-        return validate(runner, reference.model, reference.prompts, config.validation.new_tokens, gates, reference.lora)
+        return validate(runner, reference.golden_data(config.validation.new_tokens), gates, reference.lora)
 
 
 def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
@@ -86,6 +95,9 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
         checkpoint = reference.checkpoint
         report.adapters = [r.to_dict() for r in records]
         writer.copy_in(checkpoint.tokenizer_files + ([checkpoint.generation_config] if checkpoint.generation_config else []))
+        if config.validation.enabled:
+            with report.stage("reference", "fp32 PyTorch logits and greedy tokens on the validation prompts"):
+                save_golden(writer.staging / GOLDEN_FILE, reference.golden_data(config.validation.new_tokens))
         artifacts, runners = [], {}
         if "onnx" in config.export.formats:
             artifacts.append(_build_onnx(config, reference, writer, report))
@@ -247,6 +259,8 @@ def revalidate(bundle: Path, config_overrides: dict, report: BuildReport) -> dic
     recorded = manifest["source"]["model"]["sha256"]
     changed = sorted(name for name, digest in source_hashes.items() if recorded.get(name) not in (None, digest))
     for artifact in manifest["artifacts"]:
+        if config_overrides.get("format") not in (None, artifact["format"]):
+            continue
         artifact["validation"] = _validate_artifact(bundle, artifact, reference, config, report)
         artifact["validation"]["source_changed_since_build"] = changed
     validation = headline_validation(manifest["artifacts"])

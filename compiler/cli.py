@@ -154,31 +154,102 @@ def _build_summary(out: Path, manifest: dict, report: dict) -> str:
     return "\n".join(lines)
 
 
+DEVICE_OPTIONS = [
+    click.option("--device", "device_url", default="local", show_default=True, metavar="local|ssh://USER@HOST[:PORT]",
+                 help="Where to run: this machine, or a device over ssh (key-based)."),
+    click.option("--profile", type=click.Choice(sorted(PROFILES)),
+                 help="With --device local: emulate a device's thread count and memory cap."),
+    click.option("--memory-cap", metavar="SIZE", help="Stop the run past this resident memory, e.g. 2GB."),
+    click.option("--timeout", "timeout_s", type=click.FloatRange(min=0), default=600, show_default=True,
+                 help="Seconds the run may take on the device (0: no limit)."),
+    click.option("--keep", is_flag=True, help="Keep the run's temporary files on the device."),
+    click.option("--identity", type=click.Path(path_type=Path), help="ssh: private key file."),
+    click.option("--known-hosts", type=click.Path(path_type=Path), help="ssh: known_hosts file to check the host key in."),
+    click.option("--accept-new-host-key", is_flag=True, help="ssh: trust an unknown host key on first contact."),
+    click.option("--remote-python", default="python3", show_default=True, help="ssh: the device's Python."),
+    click.option("--remote-dir", default="~/.cache/edgec", show_default=True,
+                 help="ssh: where the bundle cache and run directories live on the device."),
+    click.option("--format", "fmt", type=click.Choice(list(RUNTIMES)),
+                 help="Which artifact of the bundle to run, in its runtime: "
+                      + ", ".join(f"{fmt} in {entry.name}" for fmt, entry in RUNTIMES.items()) + "."),
+]
+
+
+def device_options(command):
+    for option in reversed(DEVICE_OPTIONS):
+        command = option(command)
+    return command
+
+
+def _device(device_url, profile, memory_cap, identity, known_hosts, accept_new_host_key, remote_python, remote_dir):
+    from devices.bench import make_device
+
+    ssh_options = {}
+    if device_url.startswith("ssh://"):
+        ssh_options = dict(identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
+                           remote_python=remote_python, remote_dir=remote_dir)
+    return make_device(device_url, profile, memory_cap, **ssh_options)
+
+
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Source model, if it moved since the build.")
 @click.option("--adapter", "adapters", multiple=True, metavar="DIR[:WEIGHT]", help="Adapters, if they moved since the build.")
 @click.option("--gate", "gates", multiple=True, metavar="METRIC=VALUE", help="Override a validation gate.")
-@click.option("--new-tokens", type=POSITIVE, help="Greedy tokens compared.")
+@click.option("--new-tokens", type=POSITIVE, help="Greedy tokens compared (not with --device: the bundle's golden data sets them).")
+@device_options
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def validate(bundle, model_dir, adapters, gates, new_tokens, as_json):
-    """Check a bundle against its PyTorch reference again; exit 1 if a gate fails."""
-    from compiler.build import revalidate
-    from compiler.errors import CheckFailed
-    from compiler.report import BuildReport
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+@click.pass_context
+def validate(ctx, bundle, model_dir, adapters, gates, new_tokens, timeout_s, keep, fmt, as_json, quiet, **device):
+    """Check a bundle against its PyTorch reference again; exit 1 if a gate fails.
 
-    overrides = {"model": model_dir, "adapters": _parse_adapters(adapters), "gates": _parse_gates(gates),
-                 "new_tokens": new_tokens}
-    result = revalidate(bundle, overrides, BuildReport(quiet=as_json))
+    Without --device: every artifact on this machine, against the source model. With --device: on that
+    device, against the reference's outputs stored in the bundle (the device needs only its runtime)."""
+    from compiler.errors import CheckFailed
+
+    if ctx.get_parameter_source("device_url") == click.core.ParameterSource.DEFAULT:
+        from compiler.build import revalidate
+        from compiler.bundle import read_manifest
+        from compiler.report import BuildReport
+
+        if fmt and fmt not in {a["format"] for a in read_manifest(bundle)["artifacts"]}:
+            raise UsageError(f"{bundle}: no {fmt} artifact in this bundle; build it with --format {fmt}")
+        overrides = {"model": model_dir, "adapters": _parse_adapters(adapters), "gates": _parse_gates(gates),
+                     "new_tokens": new_tokens, "format": fmt}
+        result = revalidate(bundle, overrides, BuildReport(quiet=as_json))
+        if as_json:
+            click.echo(json.dumps(result, indent=2))
+        else:
+            click.echo(f"validation: {'PASSED' if result['passed'] else 'FAILED'}")
+            click.echo("\n".join(f"  {s}" for s in result["summary"]))
+            if result["source_changed_since_build"]:
+                click.echo("  note: source files changed since the build: " + ", ".join(result["source_changed_since_build"]))
+        if not result["passed"]:
+            raise CheckFailed(f"{bundle}: validation failed: " + "; ".join(result["failures"]))
+        return
+    from devices.bench import log_to_stderr
+    from devices.validate import validate_on_device
+
+    for option, value in (("--model", model_dir), ("--adapter", adapters), ("--new-tokens", new_tokens)):
+        if value:
+            raise UsageError(f"{option}: with --device the bundle's golden data is the reference; drop {option}")
+    target = _device(**device)
+    verdicts = validate_on_device(bundle, target, _parse_gates(gates), fmt, timeout_s, keep,
+                                  log=None if quiet or as_json else log_to_stderr)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(json.dumps(verdicts, indent=2))
     else:
-        click.echo(f"validation: {'PASSED' if result['passed'] else 'FAILED'}")
-        click.echo("\n".join(f"  {s}" for s in result["summary"]))
-        if result["source_changed_since_build"]:
-            click.echo("  note: source files changed since the build: " + ", ".join(result["source_changed_since_build"]))
-    if not result["passed"]:
-        raise CheckFailed(f"{bundle}: validation failed: " + "; ".join(result["failures"]))
+        for verdict in verdicts:
+            facts = verdict["device"]
+            click.echo(f"validation ({verdict['format']} in {verdict['runtime']['name']} {verdict['runtime']['version']} "
+                       f"on {facts['name']}, {facts['arch']}"
+                       f"{', ' + ' '.join(facts['cpu_features']) if facts.get('cpu_features') else ''}): "
+                       f"{'PASSED' if verdict['passed'] else 'FAILED'}")
+            click.echo("\n".join(f"  {s}" for s in verdict["summary"]))
+    failed = [f"{v['format']}: {f}" for v in verdicts for f in v["failures"]]
+    if failed:
+        raise CheckFailed(f"{bundle}: validation failed on {target.name}: " + "; ".join(failed))
 
 
 def bench_table(result: dict) -> str:
@@ -216,38 +287,18 @@ def bench_table(result: dict) -> str:
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="0: the runtime's default.")
 @click.option("--depths", default="0", show_default=True, metavar="N,N,...",
               help="Context depths: tokens already in the KV cache before the timed prefill and decode.")
-@click.option("--device", "device_url", default="local", show_default=True, metavar="local|ssh://USER@HOST[:PORT]",
-              help="Where to run: this machine, or a device over ssh (key-based).")
-@click.option("--profile", type=click.Choice(sorted(PROFILES)),
-              help="With --device local: emulate a device's thread count and memory cap.")
-@click.option("--memory-cap", metavar="SIZE", help="Stop the run past this resident memory, e.g. 2GB.")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0), default=600, show_default=True,
-              help="Seconds the benchmark may run on the device (0: no limit).")
-@click.option("--keep", is_flag=True, help="Keep the run's temporary files on the device.")
-@click.option("--identity", type=click.Path(path_type=Path), help="ssh: private key file.")
-@click.option("--known-hosts", type=click.Path(path_type=Path), help="ssh: known_hosts file to check the host key in.")
-@click.option("--accept-new-host-key", is_flag=True, help="ssh: trust an unknown host key on first contact.")
-@click.option("--remote-python", default="python3", show_default=True, help="ssh: the device's Python.")
-@click.option("--remote-dir", default="~/.cache/edgec", show_default=True,
-              help="ssh: where the bundle cache and run directories live on the device.")
-@click.option("--format", "fmt", type=click.Choice(list(RUNTIMES)),
-              help="Which artifact of the bundle to run (default: the first), in its runtime: "
-                   + ", ".join(f"{fmt} in {entry.name}" for fmt, entry in RUNTIMES.items()) + ".")
+@device_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result in the shared bench JSON schema.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
-def bench(bundle, prompt_tokens, new_tokens, repeats, warmup, threads, depths, device_url, profile, memory_cap,
-          timeout_s, keep, identity, known_hosts, accept_new_host_key, remote_python, remote_dir, fmt, as_json, quiet):
-    """Measure load time, time to first token, prefill and decode speed, peak RSS, on a device."""
-    from devices.bench import log_to_stderr, make_device, parse_depths, run_bench
+def bench(bundle, prompt_tokens, new_tokens, repeats, warmup, threads, depths, timeout_s, keep, fmt, as_json, quiet,
+          **device):
+    """Measure load time, time to first token, prefill and decode speed, peak RSS, on a device (default: the
+    bundle's first artifact)."""
+    from devices.bench import log_to_stderr, parse_depths, run_bench
     from runtimes.base import BenchSpec
 
     spec = BenchSpec(prompt_tokens, new_tokens, warmup, repeats, threads, depths=parse_depths(depths))
-    ssh_options = {}
-    if device_url.startswith("ssh://"):
-        ssh_options = dict(identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
-                           remote_python=remote_python, remote_dir=remote_dir)
-    device = make_device(device_url, profile, memory_cap, **ssh_options)
-    result = run_bench(bundle, spec, device, timeout_s, keep, log=None if quiet else log_to_stderr, fmt=fmt)
+    result = run_bench(bundle, spec, _device(**device), timeout_s, keep, log=None if quiet else log_to_stderr, fmt=fmt)
     click.echo(json.dumps(result, indent=2) if as_json else bench_table(result))
 
 

@@ -1,9 +1,8 @@
-"""Artifact vs the PyTorch reference (the canonical decoder, adapters merged, fp32): metrics and gates.
+"""Artifact vs the PyTorch reference (the canonical decoder, adapters merged, fp32): golden data and gates.
 
-Metrics per fixed prompt: all-position and last-position logits max-abs error, relative L2 error, top-1
-agreement, KL divergence of the artifact's distribution from the reference's, and greedy generation of N
-tokens with the position of the first divergence. The artifact's prompt logits come from two chunks (a
-prefill and a continuation on the KV cache), so the cache path is checked as well as the prefill.
+The reference's logits and greedy tokens on fixed prompts are computed once (`golden`), stored in the
+bundle, and compared with an artifact by `runtimes.validation` (on the build machine or on a device);
+the gates turn those metrics into a verdict.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import torch
 
 from compiler.models.decoder import CanonicalDecoder
 from runtimes.base import greedy
+from runtimes.validation import compare, log_softmax
 
 DEFAULT_PROMPTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -72,7 +72,14 @@ def torch_greedy(model: CanonicalDecoder, ids: list[int], new_tokens: int) -> li
 
 
 def torch_logprobs(model: CanonicalDecoder, prompts: list[list[int]]) -> list[np.ndarray]:
-    return [_log_softmax(torch_logits(model, ids)) for ids in prompts]
+    return [log_softmax(torch_logits(model, ids)) for ids in prompts]
+
+
+def golden(model: CanonicalDecoder, prompts: list[list[int]], new_tokens: int) -> dict:
+    """The reference's logits at every prompt position and its greedy tokens: what an artifact is checked
+    against (stored in the bundle as runtimes.validation.GOLDEN_FILE)."""
+    return {"prompts": prompts, "logits": [torch_logits(model, ids) for ids in prompts],
+            "tokens": [torch_greedy(model, ids, new_tokens) for ids in prompts]}
 
 
 def lora_retention(artifact: list[np.ndarray], reference: dict) -> dict:
@@ -95,41 +102,6 @@ def lora_retention(artifact: list[np.ndarray], reference: dict) -> dict:
     return {"total": float(a_minus_b @ m_minus_b / denom),
             "rel_error": float(np.linalg.norm(a_minus_m) / np.sqrt(denom)),
             "per_adapter": per_adapter}
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    shifted = x - x.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def logit_metrics(reference: np.ndarray, artifact: np.ndarray) -> dict:
-    """Metrics over [positions, vocab] logits."""
-    diff = np.abs(artifact.astype(np.float64) - reference.astype(np.float64))
-    log_p, log_q = _log_softmax(reference), _log_softmax(artifact)
-    kl = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
-    return {
-        "max_abs_logits": float(diff.max()),
-        "max_abs_last_logits": float(diff[-1].max()),
-        "rel_l2_logits": float(np.linalg.norm(diff) / max(np.linalg.norm(reference), 1e-30)),
-        "rel_l2_last_logits": float(np.linalg.norm(diff[-1]) / max(np.linalg.norm(reference[-1]), 1e-30)),
-        "top1_agreement": float((reference.argmax(-1) == artifact.argmax(-1)).mean()),
-        "kl_mean": float(max(kl.mean(), 0.0)),
-        "kl_max": float(max(kl.max(), 0.0)),
-    }
-
-
-def next_token_nll(logits: np.ndarray, ids: list[int]) -> float:
-    """Mean negative log-likelihood of ids[1:] given the logits at the positions before them."""
-    log_p = _log_softmax(logits[:-1])
-    return float(-log_p[np.arange(len(ids) - 1), ids[1:]].mean())
-
-
-def first_divergence(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 @dataclass
@@ -158,57 +130,26 @@ class GateResult:
                 "value": self.value, "passed": self.passed}
 
 
-def validate(runner, reference: CanonicalDecoder, prompts: list[list[int]], new_tokens: int,
-             gates: dict[str, tuple[str, float]], lora_reference: dict | None = None) -> dict:
-    """Compare `runner` (an artifact runtime with `forward`, `empty_cache`, `generate`) with the reference."""
-    per_prompt = []
-    artifact_logprobs = []
-    for ids in prompts:
-        ref = torch_logits(reference, ids)
-        split = max(1, len(ids) // 2)
-        head, cache = runner.forward(np.asarray([ids[:split]], dtype=np.int64), runner.empty_cache(), 0)
-        tail, _ = runner.forward(np.asarray([ids[split:]], dtype=np.int64), cache, split)
-        art = np.concatenate([head[0], tail[0]], axis=0)
-        artifact_logprobs.append(_log_softmax(art))
-        metrics = logit_metrics(ref, art)
-        metrics["nll_reference"], metrics["nll_artifact"] = next_token_nll(ref, ids), next_token_nll(art, ids)
-        ref_tokens = torch_greedy(reference, ids, new_tokens)
-        art_tokens = runner.generate(ids, new_tokens)
-        divergence = first_divergence(ref_tokens, art_tokens)
-        metrics.update(
-            prompt_tokens=len(ids),
-            greedy_tokens=len(ref_tokens),
-            greedy_first_divergence=divergence,
-            greedy_match=1.0 if divergence is None else divergence / len(ref_tokens),
-        )
-        per_prompt.append(metrics)
+def gate_results(metrics: dict, gates: dict[str, tuple[str, float]]) -> dict:
+    """The verdict on an artifact's metrics; gates on metrics it has no value for (LoRA retention without a
+    LoRA reference) are left out."""
+    results = [GateResult(name, direction, limit, metrics[name]) for name, (direction, limit) in gates.items()
+               if name in metrics]
+    return {
+        "passed": all(g.passed for g in results),
+        "metrics": metrics,
+        "gates": [g.to_dict() for g in results],
+        "failures": [g.explain() for g in results if not g.passed],
+        "summary": [g.explain() for g in results],
+    }
 
-    worst = {}
-    for key in ("max_abs_logits", "max_abs_last_logits", "rel_l2_logits", "rel_l2_last_logits", "kl_mean", "kl_max"):
-        worst[key] = max(p[key] for p in per_prompt)
-    for key in ("top1_agreement", "greedy_match"):
-        worst[key] = min(p[key] for p in per_prompt)
-    # Perplexity of the prompts themselves (mean next-token NLL over all prompts), reference vs artifact.
-    tokens = sum(len(ids) - 1 for ids in prompts)
-    nll_ref = sum(p["nll_reference"] * (len(ids) - 1) for p, ids in zip(per_prompt, prompts)) / tokens
-    nll_art = sum(p["nll_artifact"] * (len(ids) - 1) for p, ids in zip(per_prompt, prompts)) / tokens
-    worst["perplexity_reference"] = float(np.exp(nll_ref))
-    worst["perplexity_artifact"] = float(np.exp(nll_art))
-    worst["perplexity_ratio"] = float(np.exp(nll_art - nll_ref))
+
+def validate(runner, golden_data: dict, gates: dict[str, tuple[str, float]], lora_reference: dict | None = None) -> dict:
+    """Compare `runner` (a runtimes.base.Runtime) with the reference's golden data, then the gates."""
+    per_prompt, worst, artifact_logprobs = compare(runner, golden_data)
     retention = None
     if lora_reference is not None:
         retention = lora_retention(artifact_logprobs, lora_reference)
         worst["lora_delta_retention"] = min([retention["total"], *(a["retention"] for a in retention["per_adapter"])])
-    else:
-        gates = {k: v for k, v in gates.items() if not k.startswith("lora_")}
-    results = [GateResult(name, direction, limit, worst[name]) for name, (direction, limit) in gates.items()]
-    return {
-        "passed": all(g.passed for g in results),
-        "metrics": worst,
-        "gates": [g.to_dict() for g in results],
-        "failures": [g.explain() for g in results if not g.passed],
-        "summary": [g.explain() for g in results],
-        "prompts": per_prompt,
-        "new_tokens": new_tokens,
-        "lora_retention": retention,
-    }
+    return {**gate_results(worst, gates), "prompts": per_prompt, "new_tokens": len(golden_data["tokens"][0]),
+            "lora_retention": retention}

@@ -11,6 +11,7 @@ import json
 import re
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from compiler.bundle import MANIFEST, read_manifest
@@ -148,14 +149,13 @@ def _outcome_error(device: Device, outcome: dict, timeout_s: float) -> EdgecErro
     if status == "disconnected":
         return EdgecError(f"{device.name}: the connection dropped during the run")
     last = (outcome.get("stderr", "").strip().splitlines() or ["no message"])[-1]
-    return EdgecError(f"{device.name}: the bench agent failed (exit {outcome.get('returncode')}): {last[:200]}")
+    return EdgecError(f"{device.name}: the agent failed (exit {outcome.get('returncode')}): {last[:200]}")
 
 
 def run_bench(bundle: Path, spec: BenchSpec, device: Device | None = None, timeout_s: float = 0,
               keep: bool = False, log=None, fmt: str | None = None) -> dict:
     """Benchmark `bundle` on `device` (this machine by default); the result dict (edgec.bench/1)."""
     device = device or LocalDevice()
-    log = log or (lambda message: None)
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     artifact = _artifact(manifest, bundle, fmt)
@@ -168,6 +168,32 @@ def run_bench(bundle: Path, spec: BenchSpec, device: Device | None = None, timeo
         raise UsageError(f"--threads {spec.threads}: {device.name} sets {device.threads} threads")
     spec = BenchSpec(spec.prompt_tokens, spec.new_tokens, spec.warmup, spec.repeats,
                      spec.threads or device.threads, spec.seed, spec.depths)
+    runtime = RUNTIMES[artifact["format"]].module
+    run = run_agent(bundle, manifest, artifact, device, runtime, spec.to_args(), spec, timeout_s, keep, log)
+    result = run.result
+    if device.memory_cap_mb and result["peak_rss_mb"] > device.memory_cap_mb:  # a spike between watchdog polls
+        raise _outcome_error(device, {**run.outcome, "status": "memory", "observed_peak_rss_mb": result["peak_rss_mb"]},
+                             timeout_s)
+    result["device"] = device.describe(run.facts)
+    result["bundle"].update(path=str(bundle.resolve()), manifest_sha256=run.manifest_sha256)
+    result["preflight"] = run.estimate
+    return result
+
+
+@dataclass
+class AgentRun:
+    result: dict  # the agent's JSON answer
+    outcome: dict  # how its process ended (runtimes.agent.run_capped)
+    facts: dict  # the device's, from the probe
+    estimate: dict  # the preflight's memory estimate
+    manifest_sha256: str
+
+
+def run_agent(bundle: Path, manifest: dict, artifact: dict, device: Device, module: str, args: list,
+              spec: BenchSpec, timeout_s: float = 0, keep: bool = False, log=None) -> AgentRun:
+    """The steps every device run shares: probe, preflight (for a run of `spec`'s size), stage the bundle
+    and the artifact's runtime, run `python -m runtimes.<module> BUNDLE ARGS...` there, read its JSON."""
+    log = log or (lambda message: None)
     manifest_sha = sha256_file(bundle / MANIFEST)
     expected = {name: [f["bytes"], f["sha256"]] for name, f in manifest["files"].items()}
     expected[MANIFEST] = [(bundle / MANIFEST).stat().st_size, manifest_sha]
@@ -176,12 +202,11 @@ def run_bench(bundle: Path, spec: BenchSpec, device: Device | None = None, timeo
     facts, cached = device.probe(key, expected)
     push_bytes = sum(size for name, (size, _) in expected.items() if name not in cached)
     estimate = preflight(device, facts, manifest, artifact, spec, push_bytes)
-    runtime = RUNTIMES[artifact["format"]].module
     try:
-        bundle_path = device.stage(bundle, key, expected, cached, runtime, log)
+        bundle_path = device.stage(bundle, key, expected, cached, RUNTIMES[artifact["format"]].module, log)
         if not isinstance(device, LocalDevice):  # locally the agent's start is not news
-            log(f"running the {runtime} bench agent on {device.name}")
-        outcome = device.run(runtime, bundle_path, spec.to_args(), timeout_s, keep)
+            log(f"running runtimes.{module} on {device.name}")
+        outcome = device.run(module, bundle_path, args, timeout_s, keep)
         if outcome.get("status") != "ok":
             raise _outcome_error(device, outcome, timeout_s)
     except BaseException:
@@ -193,14 +218,8 @@ def run_bench(bundle: Path, spec: BenchSpec, device: Device | None = None, timeo
     try:
         result = json.loads(outcome["stdout"])
     except ValueError:
-        raise EdgecError(f"{device.name}: the bench agent's output is not JSON: {outcome['stdout'][:120]!r}") from None
-    if device.memory_cap_mb and result["peak_rss_mb"] > device.memory_cap_mb:  # a spike between watchdog polls
-        raise _outcome_error(device, {**outcome, "status": "memory", "observed_peak_rss_mb": result["peak_rss_mb"]},
-                             timeout_s)
-    result["device"] = device.describe(facts)
-    result["bundle"].update(path=str(bundle.resolve()), manifest_sha256=manifest_sha)
-    result["preflight"] = estimate
-    return result
+        raise EdgecError(f"{device.name}: the agent's output is not JSON: {outcome['stdout'][:120]!r}") from None
+    return AgentRun(result, outcome, facts, estimate, manifest_sha)
 
 
 def log_to_stderr(message: str) -> None:

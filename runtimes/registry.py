@@ -29,7 +29,7 @@ RUNTIMES = {
     "pte": RuntimeEntry("pte", "executorch", "executorch", "ExecutorchRuntime", ("executorch", "torch", "numpy")),
 }
 # What every bench agent needs beside its runtime's module, pushed to a device as the `runtimes` package.
-AGENT_MODULES = ("__init__", "base", "registry", "agent")
+AGENT_MODULES = ("__init__", "base", "registry", "validation", "agent")
 
 
 def runtime_for(fmt: str) -> RuntimeEntry:

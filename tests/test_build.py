@@ -77,7 +77,8 @@ def test_build_report_lists_adapter_modules(bundle):
     assert adapter["modules_merged"] == 14
     q = next(m for m in adapter["modules"] if m["module"] == "model.layers.0.self_attn.q_proj")
     assert q["rank"] == 4 and q["scale"] == pytest.approx(8 / 4 * 0.8)
-    assert [s["stage"] for s in report["stages"]] == ["load", "merge_lora", "export_onnx", "onnx_passes", "write_bundle", "validate"]
+    assert [s["stage"] for s in report["stages"]] == ["load", "merge_lora", "reference", "export_onnx", "onnx_passes", "write_bundle",
+                                                     "validate"]
     fused = {p["pass"]: p for p in report["passes"]}
     assert fused["FuseGroupQueryAttentionPass"]["rewrites"]["group_query_attention"] == 2
     assert report["export"]["op_counts"]["GroupQueryAttention"] == 2
