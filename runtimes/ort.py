@@ -2,7 +2,7 @@
 
 Needs only numpy, onnxruntime and the standard library, so it also runs as a bench agent in a fresh
 process (`python -m runtimes.ort BUNDLE`), where peak RSS measures the artifact and not the compiler. On a
-device the agent is this file and base.py, pushed as a `runtimes` package beside runtimes/agent.py.
+device it is pushed with runtimes.registry.AGENT_MODULES as a `runtimes` package.
 """
 
 from __future__ import annotations
