@@ -117,11 +117,46 @@ def sha256_file(path, chunk: int = 1 << 22) -> str:
 # CPU features that change which kernels BLAS, torch and onnxruntime run (and so their last bits):
 # x86 vector and int8 dot-product extensions, ARM's dot product, int8 matmul and scalable vectors.
 KERNEL_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "avx_vnni",
-                   "asimd", "asimddp", "i8mm", "bf16", "sve", "sve2", "sme")
+                   "asimd", "asimddp", "i8mm", "bf16", "sve", "sve2", "sme", "sme2")
+
+# Linux arm64's AT_HWCAP and AT_HWCAP2 bits (arch/arm64/include/uapi/asm/hwcap.h), named as /proc/cpuinfo
+# names them: the kernel's own list of what user space may use, which qemu-user fills in for the CPU it
+# emulates (while the /proc/cpuinfo it shows is the host's).
+ARM64_HWCAP = ("fp", "asimd", "evtstrm", "aes", "pmull", "sha1", "sha2", "crc32", "atomics", "fphp", "asimdhp",
+               "cpuid", "asimdrdm", "jscvt", "fcma", "lrcpc", "dcpop", "sha3", "sm3", "sm4", "asimddp", "sha512",
+               "sve", "asimdfhm", "dit", "uscat", "ilrcpc", "flagm", "ssbs", "sb", "paca", "pacg")
+ARM64_HWCAP2 = ("dcpodp", "sve2", "sveaes", "svepmull", "svebitperm", "svesha3", "svesm4", "flagm2", "frint",
+                "svei8mm", "svef32mm", "svef64mm", "svebf16", "i8mm", "bf16", "dgh", "rng", "bti", "mte", "ecv",
+                "afp", "rpres", "mte3", "sme", "smei16i64", "smef64f64", "smei8i32", "smef16f32", "smeb16f32",
+                "smef32f32", "smefa64", "wfxt", "ebf16", "sveebf16", "cssc", "rprfm", "sve2p1", "sme2", "sme2p1",
+                "smei16i32", "smebi32i32", "smeb16b16", "smef16f16", "mops", "hbc", "sveb16b16", "lrcpc3", "lse128")
+AT_HWCAP, AT_HWCAP2 = 16, 26
+
+
+def arm64_hwcap_features(hwcap: int, hwcap2: int) -> list:
+    """The feature names of an arm64 AT_HWCAP / AT_HWCAP2 pair, in the kernel's order."""
+    return ([name for bit, name in enumerate(ARM64_HWCAP) if hwcap >> bit & 1]
+            + [name for bit, name in enumerate(ARM64_HWCAP2) if hwcap2 >> bit & 1])
+
+
+def read_hwcaps(auxv: str = "/proc/self/auxv"):
+    """(AT_HWCAP, AT_HWCAP2) of this process from its auxiliary vector (64-bit Linux), or None."""
+    import struct
+
+    try:
+        with open(auxv, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    entries = dict(struct.iter_unpack("=QQ", data[: len(data) // 16 * 16]))
+    if AT_HWCAP not in entries:
+        return None
+    return entries[AT_HWCAP], entries.get(AT_HWCAP2, 0)
 
 
 def cpu_facts(cpuinfo: str = "/proc/cpuinfo") -> dict:
-    """The CPU's model name and the kernel-relevant features it reports (Linux; elsewhere what platform says)."""
+    """The CPU's model name and the kernel-relevant features it reports (Linux; elsewhere what platform says).
+    On Linux arm64 the features come from the HWCAPs, which are right under emulation too."""
     model, features = None, set()
     try:
         with open(cpuinfo) as f:
@@ -135,6 +170,9 @@ def cpu_facts(cpuinfo: str = "/proc/cpuinfo") -> dict:
             model = value.strip()  # x86's "model name"; ARM boards' "Model" (Raspberry Pi 5 Model B ...)
         elif key in ("flags", "features"):
             features.update(value.split())
+    hwcaps = read_hwcaps() if sys.platform.startswith("linux") and platform.machine() == "aarch64" else None
+    if hwcaps:
+        features = set(arm64_hwcap_features(*hwcaps))
     if model is None or model.isdigit():  # x86's numeric "model" without a "model name"
         model = platform.processor() or model
     return {"cpu_model": model, "cpu_features": [f for f in KERNEL_FEATURES if f in features]}
