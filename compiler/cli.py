@@ -155,8 +155,10 @@ def _build_summary(out: Path, manifest: dict, report: dict) -> str:
 
 
 DEVICE_OPTIONS = [
-    click.option("--device", "device_url", default="local", show_default=True, metavar="local|ssh://USER@HOST[:PORT]",
-                 help="Where to run: this machine, or a device over ssh (key-based)."),
+    click.option("--device", "device_url", default="local", show_default=True,
+                 metavar="local|emulator|ssh://USER@HOST[:PORT]",
+                 help="Where to run: this machine, the emulated aarch64 device (edgec emulator up), or a device over "
+                      "ssh (key-based)."),
     click.option("--profile", type=click.Choice(sorted(PROFILES)),
                  help="With --device local: emulate a device's thread count and memory cap."),
     click.option("--memory-cap", metavar="SIZE", help="Stop the run past this resident memory, e.g. 2GB."),
@@ -300,6 +302,50 @@ def bench(bundle, prompt_tokens, new_tokens, repeats, warmup, threads, depths, t
     spec = BenchSpec(prompt_tokens, new_tokens, warmup, repeats, threads, depths=parse_depths(depths))
     result = run_bench(bundle, spec, _device(**device), timeout_s, keep, log=None if quiet else log_to_stderr, fmt=fmt)
     click.echo(json.dumps(result, indent=2) if as_json else bench_table(result))
+
+
+@main.group()
+def emulator():
+    """An emulated aarch64 device (qemu-user, Debian arm64, sshd on loopback) for --device emulator."""
+
+
+@emulator.command("up")
+@click.option("--cpu", type=click.Choice(["cortex-a72", "cortex-a76", "max"]), default="cortex-a76", show_default=True,
+              help="The emulated CPU: cortex-a72 (Pi 4, no dot product), cortex-a76 (Pi 5, phones), max.")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Loopback port of its sshd (0: a free one).")
+def emulator_up(cpu, port):
+    """Start it (the first time builds its root: a few minutes, then cached)."""
+    from devices import emulator as emu
+    from devices.bench import log_to_stderr
+
+    state = emu.up(cpu, port, log=log_to_stderr)
+    click.echo(f"emulator up: {state['cpu']} on 127.0.0.1:{state['port']} ({state['guest']}) in "
+               f"{state['seconds']:.0f} s; use --device emulator")
+
+
+@emulator.command("down")
+def emulator_down():
+    """Stop it and unmount its root."""
+    from devices import emulator as emu
+
+    click.echo("emulator down" if emu.down() else "emulator was not up")
+
+
+@emulator.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the state as JSON.")
+def emulator_status(as_json):
+    """Whether it is up, its CPU and port."""
+    from devices import emulator as emu
+
+    state = emu.status()
+    if as_json:
+        click.echo(json.dumps(state or {"up": False}, indent=2))
+    elif state:
+        click.echo(f"emulator up: {state['cpu']} on 127.0.0.1:{state['port']} "
+                   f"(features: {' '.join(state['features'])})")
+    else:
+        click.echo("emulator down (start it with edgec emulator up)")
 
 
 @main.command()

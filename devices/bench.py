@@ -45,17 +45,21 @@ def parse_depths(text: str) -> tuple[int, ...]:
 
 
 def make_device(url: str, profile: str | None = None, memory_cap: str | None = None, **ssh_options) -> Device:
-    """--device local|ssh://user@host[:port], with --profile (local only) or --memory-cap."""
+    """--device local|emulator|ssh://user@host[:port], with --profile (local only) or --memory-cap."""
     cap = parse_size_mb(memory_cap) if memory_cap else 0
     if profile and memory_cap:
         raise UsageError(f"--memory-cap {memory_cap}: --profile {profile} sets its own cap; give one or the other")
     if url == "local":
         return LocalDevice(PROFILES[profile] if profile else None, cap)
-    if not url.startswith("ssh://"):
-        raise UsageError(f"--device {url}: expected local or ssh://user@host[:port]")
+    if url != "emulator" and not url.startswith("ssh://"):
+        raise UsageError(f"--device {url}: expected local, emulator or ssh://user@host[:port]")
     if profile:
         raise UsageError(f"--profile {profile}: profiles emulate a device on this machine (--device local); "
                          "on a real device use --threads and --memory-cap")
+    if url == "emulator":  # its address, key and Python come from `edgec emulator up`
+        from devices.emulator import emulator_device
+
+        return emulator_device(cap)
     from devices.ssh import SshDevice
 
     return SshDevice(url, memory_cap_mb=cap, **ssh_options)
