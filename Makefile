@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install sshd clean
+.PHONY: demo test install sshd emulator-tools clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/edgec demo
 
-test: $(STAMP) sshd
+test: $(STAMP) sshd emulator-tools
 	$(BIN)/python -m pytest -q
 
 # The device tests run the ssh path against a real OpenSSH sshd on loopback (Debian's openssh-server).
@@ -30,6 +30,18 @@ sshd:
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends openssh-server </dev/null \
 	    || echo "make: could not install openssh-server: the ssh device tests will skip"; }
+
+# The emulated aarch64 device (edgec emulator, tests/test_emulator.py) needs qemu-user-static, binfmt-support,
+# debootstrap and zstd, and root to mount binfmt_misc and chroot: installed like openssh-server above, else
+# its tests skip and say why.
+EMULATOR_TOOLS := /usr/bin/qemu-aarch64-static /usr/sbin/update-binfmts /usr/sbin/debootstrap /usr/bin/zstd
+emulator-tools:
+	@for tool in $(EMULATOR_TOOLS); do test -x $$tool || missing=1; done; [ -z "$$missing" ] || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
+	    echo "make: qemu-user-static, binfmt-support, debootstrap or zstd is missing and there is no root: the emulator tests will skip"; exit 0; fi; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends qemu-user-static binfmt-support debootstrap zstd </dev/null \
+	    || echo "make: could not install the emulator's tools: the emulator tests will skip"; }
 
 clean:
 	rm -rf $(VENV) .pytest_cache
