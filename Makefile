@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install sshd emulator-tools clean
+.PHONY: demo test install sshd emulator-tools emulator-root clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +17,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/edgec demo
 
-test: $(STAMP) sshd emulator-tools
+test: $(STAMP) sshd emulator-root
 	$(BIN)/python -m pytest -q
+
+# The emulator's root is built once (minutes) and cached under ~/.cache/edgec; the tests then restore it.
+emulator-root: $(STAMP) emulator-tools
+	@if [ "$$(id -u)" = 0 ] && [ -x /usr/sbin/debootstrap ]; then $(BIN)/edgec emulator build \
+	  || echo "make: could not build the emulator's root: the emulator tests will skip"; fi
 
 # The device tests run the ssh path against a real OpenSSH sshd on loopback (Debian's openssh-server).
 # Installed only when absent; as root (CI) through apt-get, otherwise through `sudo -n` if that needs no

@@ -324,6 +324,15 @@ def emulator_up(cpu, port):
                f"{state['seconds']:.0f} s; use --device emulator")
 
 
+@emulator.command("build")
+def emulator_build():
+    """Build and cache its root now (what the first up would do), e.g. in a CI set-up step."""
+    from devices import emulator as emu
+    from devices.bench import log_to_stderr
+
+    click.echo(f"emulator root: {emu.ensure_root(log=log_to_stderr)}")
+
+
 @emulator.command("down")
 def emulator_down():
     """Stop it and unmount its root."""

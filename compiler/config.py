@@ -5,6 +5,7 @@ The CLI only fills this in; every stage reads the part it needs.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,6 +14,12 @@ from compiler.errors import UsageError
 from compiler.frontend.lora import AdapterSpec
 
 CONFIG_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """Where edgec keeps what is slow to make (the demo's model, the emulated device's root)."""
+    return Path(os.environ.get("EDGEC_CACHE", Path.home() / ".cache" / "edgec"))
+
 FORMATS = ("onnx", "pte")
 PRECISIONS = ("fp32", "int4")
 QUANT_ALGOS = ("rtn", "clip", "gptq")

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 from compiler import __version__
+from compiler.config import default_cache_dir
 
 DEMO_MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=4, vocab_size=512, max_position_embeddings=1024, tie_word_embeddings=True)
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("EDGEC_CACHE", Path.home() / ".cache" / "edgec"))
 
 
 def _table(rows: list[tuple[str, str]], title: str) -> str:

@@ -54,7 +54,7 @@ START_TIMEOUT_S = 60  # sshd and a first onnxruntime import under emulation
 
 
 def _cache_dir() -> Path:
-    from compiler.demo import default_cache_dir
+    from compiler.config import default_cache_dir
 
     return default_cache_dir() / "emulator"
 
@@ -291,10 +291,19 @@ def build_root(paths: Paths, log) -> float:
     return time.monotonic() - started
 
 
-def _restore_root(paths: Paths, log) -> None:
+def ensure_root(paths: Paths | None = None, log=None) -> Path:
+    """The cached root tarball, built first if there is none for this recipe."""
+    log = log or (lambda message: None)
+    _require_host()
+    paths = paths or Paths()
     if not paths.tarball.exists():
         seconds = build_root(paths, log)
         log(f"built the root in {seconds:.0f} s: {paths.tarball}")
+    return paths.tarball
+
+
+def _restore_root(paths: Paths, log) -> None:
+    ensure_root(paths, log)
     _remove_root(paths.root)
     paths.root.mkdir(parents=True)
     _run(["tar", "--numeric-owner", "-I", "zstd -T0", "-xpf", paths.tarball, "-C", paths.root], "restoring the root",

@@ -45,7 +45,8 @@ def validate_on_device(bundle: Path, device: Device, gate_overrides: dict | None
         verdict = gate_results(run.result["metrics"], gates_config.gates(artifact["precision"]))
         verdict.update(
             format=artifact["format"],
-            device={key: facts.get(key) for key in ("name", "kind", "arch", "cpu_model", "cpu_features", "os")},
+            device={key: facts[key] for key in ("name", "kind", "arch", "cpu_model", "cpu_features", "os",
+                                                "emulated_cpu") if key in facts},
             runtime=run.result["runtime"],
             prompts=run.result["prompts"],
             validated_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -69,6 +69,32 @@ def test_bench_on_the_emulator_reports_aarch64_and_its_features(emulator, tiny_b
     assert ("asimddp" in device["cpu_features"]) == (emulator == "cortex-a76")
 
 
+@pytest.fixture(scope="module")
+def validated_bundles(llama_dir, trained_dir, tmp_path_factory):
+    """An fp32 and a default int4 (GPTQ) bundle, each carrying its reference's golden data."""
+    bundles = {}
+    for name, model, extra in (("fp32", llama_dir, []), ("int4", trained_dir, ["--quant", "int4"])):
+        out = tmp_path_factory.mktemp(f"validated-{name}") / "bundle"
+        result = run("build", "--model", model, "--out", out, "--quiet", "--new-tokens", "6", *extra)
+        assert result.exit_code == 0, result.output
+        bundles[name] = out
+    return bundles
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_bundles_pass_their_gates_on_the_emulated_cpu(emulator, validated_bundles, precision):
+    """The build's gates, run in aarch64 onnxruntime on that CPU (on a Cortex-A72, int4 MatMulNBits computes in
+    fp32, unlike x86 and the A76), and the verdict recorded in the manifest with the device's features."""
+    bundle = validated_bundles[precision]
+    result = run("validate", bundle, "--device", "emulator", "--json")
+    assert result.exit_code == 0, result.output
+    [verdict] = json.loads(result.stdout)
+    assert verdict["passed"] and verdict["device"]["arch"] == "aarch64" and verdict["device"]["kind"] == "emulator"
+    assert ("asimddp" in verdict["device"]["cpu_features"]) == (emulator == "cortex-a76")
+    recorded = json.loads((bundle / "manifest.json").read_text())["device_validation"]
+    assert any(v["device"]["arch"] == "aarch64" and v["passed"] for v in recorded)
+
+
 def test_status_names_the_cpu_and_port(emulator):
     state = emu.status()
     result = run("emulator", "status")
