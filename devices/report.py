@@ -76,8 +76,12 @@ def _spread(values: list[float], digits: int) -> str:
 
 
 def _device(result: dict) -> str:
+    """Name, arch, CPU count and the kernel-relevant CPU features (which int4 path onnxruntime takes)."""
     device = result["device"]
-    return f"{device['name']} ({device.get('arch', '?')}, {device.get('cpu_count', '?')} CPUs)"
+    features = device.get("cpu_features")  # results written before features were recorded have none
+    cpu = device.get("emulated_cpu") or device.get("cpu_model")
+    return (f"{device['name']} ({device.get('arch', '?')}{', ' + cpu if cpu else ''}, {device.get('cpu_count', '?')} CPUs"
+            f"{'; ' + ' '.join(features) if features else ''})")
 
 
 def markdown(results: list[dict], names: list[str]) -> str:

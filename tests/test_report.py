@@ -47,6 +47,8 @@ def test_table_and_chart(results, tmp_path):
     assert lines[0].startswith("| run | device | runtime | bundle |")
     desktop = next(line for line in lines if line.startswith("| desktop | local ("))
     assert "onnxruntime 1.32.0" in desktop
+    features = json.loads(results[0].read_text())["device"]["cpu_features"]
+    assert features and " ".join(features) in desktop  # which kernels the device's CPU can take
     sha = json.loads(results[0].read_text())["bundle"]["manifest_sha256"]
     assert sha[:12] in desktop
     assert any(line.startswith("| rpi5 | local (profile rpi5)") and "4 threads" in line for line in lines)
