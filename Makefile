@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install sshd emulator-tools emulator-root clean
+.PHONY: demo test install sshd emulator-tools emulator-root android-core-test clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,38 @@ emulator-tools:
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends qemu-user-static binfmt-support debootstrap zstd </dev/null \
 	    || echo "make: could not install the emulator's tools: the emulator tests will skip"; }
+
+# android-demo/core, the app's testable logic, compiled by the npm registry's kotlinc (cached under
+# ~/.cache/edgec/kotlin) and run under JUnit 5's console launcher (Debian's junit5) on this JVM: no Gradle,
+# no Android SDK, no Maven Central. EDGEC_ANDROID_VECTORS=DIR points its tests at vectors written by
+# edgec (tests/test_android_core.py writes them and calls this target); without it those tests skip.
+KOTLIN_VERSION := 2.4.20
+KOTLIN_HOME := $(HOME)/.cache/edgec/kotlin/node_modules/kotlin-compiler
+KOTLINC := $(KOTLIN_HOME)/bin/kotlinc
+JUNIT_JAR := /usr/share/java/junit-platform-console-standalone.jar
+CORE := android-demo/core
+CORE_CLASSES := $(CORE)/build/host/classes
+CORE_SOURCES := $(shell find $(CORE)/src -name '*.kt' 2>/dev/null)
+
+$(KOTLINC):
+	npm install --prefix $(HOME)/.cache/edgec/kotlin --no-save --no-audit --no-fund --loglevel=error kotlin-compiler@$(KOTLIN_VERSION)
+
+$(JUNIT_JAR):
+	@if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
+	  echo "make: $(JUNIT_JAR) is missing: install Debian's junit5 (apt-get install junit5)"; exit 1; fi; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	$$SUDO apt-get install -y -q --no-install-recommends junit5 </dev/null \
+	  || { $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends junit5 </dev/null; }
+
+# Main and test sources in one kotlinc run: the compiler's start-up is most of its time.
+$(CORE_CLASSES)/.stamp: $(CORE_SOURCES) | $(KOTLINC) $(JUNIT_JAR)
+	rm -rf $(CORE_CLASSES)
+	$(KOTLINC) -jvm-target 17 -nowarn -cp $(JUNIT_JAR) -d $(CORE_CLASSES) $(CORE_SOURCES)
+	touch $@
+
+android-core-test: $(CORE_CLASSES)/.stamp
+	java -jar $(JUNIT_JAR) --disable-banner --disable-ansi-colors --fail-if-no-tests --details=tree \
+	  --class-path $(CORE_CLASSES):$(KOTLIN_HOME)/lib/kotlin-stdlib.jar --select-package org.edgec.core
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -79,3 +79,17 @@ def tiny_bundle(llama_dir, tmp_path_factory):
     result = CliRunner().invoke(main, ["build", "--model", str(llama_dir), "--out", str(out), "--quiet", "--no-validate"])
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="session")
+def validated_bundle(llama_dir, tmp_path_factory):
+    """The 2-layer Llama bundle, validated: it carries golden.npz (the phone's self-test and device
+    validation compare with it)."""
+    from click.testing import CliRunner
+
+    from compiler.cli import main
+
+    out = tmp_path_factory.mktemp("validated") / "bundle"
+    result = CliRunner().invoke(main, ["build", "--model", str(llama_dir), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return out
