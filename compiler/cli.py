@@ -156,9 +156,9 @@ def _build_summary(out: Path, manifest: dict, report: dict) -> str:
 
 DEVICE_OPTIONS = [
     click.option("--device", "device_url", default="local", show_default=True,
-                 metavar="local|emulator|ssh://USER@HOST[:PORT]",
-                 help="Where to run: this machine, the emulated aarch64 device (edgec emulator up), or a device over "
-                      "ssh (key-based)."),
+                 metavar="local|emulator|ssh://USER@HOST[:PORT]|adb[:SERIAL]",
+                 help="Where to run: this machine, the emulated aarch64 device (edgec emulator up), a device over "
+                      "ssh (key-based), or an Android phone over adb running the edgec demo app (android-demo/)."),
     click.option("--profile", type=click.Choice(sorted(PROFILES)),
                  help="With --device local: emulate a device's thread count and memory cap."),
     click.option("--memory-cap", metavar="SIZE", help="Stop the run past this resident memory, e.g. 2GB."),

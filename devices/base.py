@@ -34,6 +34,7 @@ class Device:
     name = "device"
     memory_cap_mb: float = 0  # 0: none beyond the device's free memory
     threads: int = 0  # 0: the bench spec decides
+    disk_hint = "free space or pass --remote-dir on a larger disk"  # what to do when the bundle would not fit
 
     def probe(self, bundle_key: str, expected: dict) -> tuple[dict, list]:
         """(device facts, names of the expected bundle files the device already holds)."""

@@ -45,14 +45,15 @@ def parse_depths(text: str) -> tuple[int, ...]:
 
 
 def make_device(url: str, profile: str | None = None, memory_cap: str | None = None, **ssh_options) -> Device:
-    """--device local|emulator|ssh://user@host[:port], with --profile (local only) or --memory-cap."""
+    """--device local|emulator|ssh://user@host[:port]|adb[:SERIAL], with --profile (local only) or --memory-cap."""
     cap = parse_size_mb(memory_cap) if memory_cap else 0
     if profile and memory_cap:
         raise UsageError(f"--memory-cap {memory_cap}: --profile {profile} sets its own cap; give one or the other")
     if url == "local":
         return LocalDevice(PROFILES[profile] if profile else None, cap)
-    if url != "emulator" and not url.startswith("ssh://"):
-        raise UsageError(f"--device {url}: expected local, emulator or ssh://user@host[:port]")
+    is_adb = url == "adb" or url.startswith("adb:")
+    if url != "emulator" and not url.startswith("ssh://") and not is_adb:
+        raise UsageError(f"--device {url}: expected local, emulator, ssh://user@host[:port], adb or adb:SERIAL")
     if profile:
         raise UsageError(f"--profile {profile}: profiles emulate a device on this machine (--device local); "
                          "on a real device use --threads and --memory-cap")
@@ -60,6 +61,10 @@ def make_device(url: str, profile: str | None = None, memory_cap: str | None = N
         from devices.emulator import emulator_device
 
         return emulator_device(cap)
+    if is_adb:  # an Android phone running the edgec demo app
+        from devices.adb import AdbDevice
+
+        return AdbDevice(url, memory_cap_mb=cap)
     from devices.ssh import SshDevice
 
     return SshDevice(url, memory_cap_mb=cap, **ssh_options)
@@ -107,7 +112,7 @@ def preflight(device: Device, facts: dict, manifest: dict, artifact: dict, spec:
                          f"{facts.get('python')}), so nothing there runs the {fmt} bundle; install it on the "
                          f"device: {python} -m pip install {' '.join(missing)}{hint}")
     version = tuple(int(x) for x in str(facts.get("python", "0.0")).split(".")[:2])
-    if version < MIN_PYTHON:
+    if "python" in facts and version < MIN_PYTHON:  # a phone runs the demo app, no Python
         raise EdgecError(f"{device.name}: Python {facts.get('python')} is too old for the bench agent (needs "
                          f"{'.'.join(map(str, MIN_PYTHON))}+); install a newer python3 or pass --remote-python")
     estimate = memory_estimate_mb(manifest, artifact, spec)
@@ -126,7 +131,7 @@ def preflight(device: Device, facts: dict, manifest: dict, artifact: dict, spec:
     disk = facts.get("disk_free_mb")
     if push_bytes and disk is not None and push_bytes * DISK_MARGIN / 2**20 > disk:
         raise EdgecError(f"{device.name}: {push_bytes / 2**20:.0f} MB to push but only {disk} MB free on the "
-                         "device's disk; free space or pass --remote-dir on a larger disk")
+                         f"device's disk; {device.disk_hint}")
     return estimate
 
 
