@@ -5,6 +5,9 @@ It is what edgec traces for every format. Parameter names follow the Hugging Fac
 differences (biases, fused projections, partial rotary) are settled by `compiler.models.families`.
 The forward takes the KV cache as explicit tensors and returns the grown cache, so the traced graph
 has `past_key_values.N.key/value` inputs and `present.N.key/value` outputs.
+
+A layer's forward is the same for every export: what an export changes (the ExecuTorch program: its cache,
+rope and head layout) it passes in as the `rope` and `cache` of each call or swaps in as modules.
 """
 
 from __future__ import annotations
@@ -66,45 +69,86 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class Rope:
+    """Rotary embedding at one forward's positions: rotates q or k [batch, heads, seq, head_dim] by cos/sin
+    [batch, 1, seq, rotary_dim]; dimensions past rotary_dim (Phi-3's partial rotary) pass unrotated."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int):
+        self.cos, self.sin, self.rotary_dim = cos, sin, rotary_dim
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.cos, self.sin
+        if self.rotary_dim == x.shape[-1]:
+            return x * cos + rotate_half(x) * sin
+        rot, keep = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        return torch.cat((rot * cos + rotate_half(rot) * sin, keep), dim=-1)
+
+
+class ConcatKVCache:
+    """One layer's attention over a KV cache passed as tensors: this step's keys and values are appended to
+    the past ones, and the results (`key`, `value`) are the layer's present outputs."""
+
+    def __init__(self, past_key: torch.Tensor, past_value: torch.Tensor, mask: torch.Tensor):
+        self.key, self.value, self.mask = past_key, past_value, mask
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """q [batch, heads, seq, head_dim], k and v [batch, kv_heads, seq, head_dim] -> q's shape."""
+        self.key = torch.cat((self.key, k), dim=-2)
+        self.value = torch.cat((self.value, v), dim=-2)
+        batch, num_kv_heads, total, head_dim = self.key.shape
+        num_heads = q.shape[1]
+        groups = num_heads // num_kv_heads
+        # Grouped-query attention: each KV head serves `groups` query heads.
+        keys = self.key[:, :, None].expand(batch, num_kv_heads, groups, total, head_dim)
+        values = self.value[:, :, None].expand(batch, num_kv_heads, groups, total, head_dim)
+        keys = keys.reshape(batch, num_heads, total, head_dim)
+        values = values.reshape(batch, num_heads, total, head_dim)
+        scores = torch.matmul(q, keys.transpose(2, 3)) * scale + self.mask
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs, values)
+
+
 class Attention(nn.Module):
+    """Projections to heads, rope, attention over the cache, o_proj. An export changes how heads are laid out
+    (`heads`, `rotated_heads`, `merge_heads`), how they are rotated (the `rope` it passes) and attended (the
+    `cache` it passes), never these steps' order."""
+
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
-        self.rotary_dim = cfg.rotary_dim
         self.scale = cfg.head_dim**-0.5
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        if self.rotary_dim == self.head_dim:
-            return x * cos + rotate_half(x) * sin
-        rot, keep = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
-        return torch.cat((rot * cos + rotate_half(rot) * sin, keep), dim=-1)
+    def forward(self, x, rope, cache):
+        q, k, v = self.project(x, rope)
+        return self.o_proj(self.merge_heads(cache.attend(q, k, v, self.scale), x))
 
-    def forward(self, x, cos, sin, mask, past_key, past_value):
+    def project(self, x, rope):
+        """q, k and v heads of x, q and k rotated."""
+        return self.rotated_heads(x, rope)
+
+    def heads(self, x):
+        """q [batch, heads, seq, head_dim], k and v [batch, kv_heads, seq, head_dim]."""
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = self._rope(q, cos, sin)
-        k = self._rope(k, cos, sin)
-        present_key = torch.cat((past_key, k), dim=-2)
-        present_value = torch.cat((past_value, v), dim=-2)
-        groups = self.num_heads // self.num_kv_heads
-        total = present_key.shape[2]
-        # Grouped-query attention: each KV head serves `groups` query heads.
-        keys = present_key[:, :, None].expand(batch, self.num_kv_heads, groups, total, self.head_dim)
-        values = present_value[:, :, None].expand(batch, self.num_kv_heads, groups, total, self.head_dim)
-        keys = keys.reshape(batch, self.num_heads, total, self.head_dim)
-        values = values.reshape(batch, self.num_heads, total, self.head_dim)
-        scores = torch.matmul(q, keys.transpose(2, 3)) * self.scale + mask
-        probs = torch.softmax(scores, dim=-1)
-        out = torch.matmul(probs, values).transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
-        return self.o_proj(out), present_key, present_value
+        return q, k, v
+
+    def rotated_heads(self, x, rope):
+        """`heads` with q and k rotated: a layout may rotate them together (nothing comes between)."""
+        q, k, v = self.heads(x)
+        return rope(q), rope(k), v
+
+    def merge_heads(self, out, x):
+        """Attention output [batch, heads, seq, head_dim] -> [batch, seq, heads * head_dim] (x: the layer's input)."""
+        batch, seq, _ = x.shape
+        return out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -126,13 +170,10 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, past_key, past_value):
-        attn, present_key, present_value = self.self_attn(
-            self.input_layernorm(x), cos, sin, mask, past_key, past_value
-        )
-        x = x + attn
-        x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, present_key, present_value
+    def forward(self, x, rope, cache):
+        """The one layer forward of every export: `rope` and `cache` are the export's (see Attention)."""
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class DecoderBody(nn.Module):
@@ -166,7 +207,7 @@ class CanonicalDecoder(nn.Module):
         return [torch.zeros(shape) for _ in range(2 * self.cfg.num_layers)]
 
     def layer_inputs(self, input_ids, attention_mask, position_ids, past_len):
-        """(embeddings, cos, sin, additive mask) that every layer reads."""
+        """(embeddings, Rope, additive mask) that every layer reads."""
         seq = input_ids.shape[1]
         x = self.model.embed_tokens(input_ids)
 
@@ -189,13 +230,14 @@ class CanonicalDecoder(nn.Module):
         causal = causal[None, None].expand(input_ids.shape[0], 1, -1, -1)
         padded = (causal + attention_mask[:, None, None, :].to(causal.dtype)) == 0
         mask = causal.masked_fill(padded, min_value)
-        return x, cos, sin, mask
+        return x, Rope(cos, sin, self.cfg.rotary_dim), mask
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
-        x, cos, sin, mask = self.layer_inputs(input_ids, attention_mask, position_ids, past[0].shape[2])
+        x, rope, mask = self.layer_inputs(input_ids, attention_mask, position_ids, past[0].shape[2])
         presents = []
         for i, layer in enumerate(self.model.layers):
-            x, present_key, present_value = layer(x, cos, sin, mask, past[2 * i], past[2 * i + 1])
-            presents += [present_key, present_value]
+            cache = ConcatKVCache(past[2 * i], past[2 * i + 1], mask)
+            x = layer(x, rope, cache)
+            presents += [cache.key, cache.value]
         logits = self.lm_head(self.model.norm(x))
         return (logits, *presents)
