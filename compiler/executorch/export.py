@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compiler.models.decoder import CanonicalDecoder
+from compiler.models.decoder import Attention, CanonicalDecoder, RMSNorm
 from compiler.executorch.preprocess_cache import reuse_xnnpack_preprocessing
 from compiler.executorch.stitch import StitchError, check_uniform_layers, stitch_layers, template_layers
 from runtimes.executorch import load_op_libraries
@@ -32,6 +32,11 @@ PTE_FILE = "model.pte"
 
 
 class ExecutorchDecoder(nn.Module):
+    """The canonical decoder's embedding, layers, norm and head (copies sharing its weight tensors), run by
+    the canonical layer forward with ExecuTorch's substitutions: packed q/k/v (`PackedAttention`), rope as a
+    linear (`LinearRope`), the KV cache in the program (`InProgramKVCache`), RMSNorm's mean as a linear
+    (`LinearMeanRMSNorm`), and the lm_head on the last position only."""
+
     def __init__(self, model: CanonicalDecoder, max_seq_len: int):
         super().__init__()
         cfg = model.cfg
@@ -43,10 +48,8 @@ class ExecutorchDecoder(nn.Module):
         self.norm = copy.deepcopy(model.model.norm, shared)
         self.lm_head = copy.deepcopy(model.lm_head, shared)
         for layer in self.layers:
-            _pack_qkv(layer.self_attn)
-        # Rope as x * cos + linear(x, R) * sin over the whole head: R is rotate_half as a constant matrix,
-        # and dimensions past a partial rotary_dim get cos 1, sin 0. XNNPACK takes linears and elementwise
-        # ops; the slices and concat of rotate_half would stay on portable kernels and split partitions.
+            layer.self_attn = PackedAttention(layer.self_attn)
+        # Rope tables over the whole head: dimensions past a partial rotary_dim get cos 1, sin 0.
         head_dim, rotary = cfg.head_dim, cfg.rotary_dim or cfg.head_dim
         half = rotary // 2
         positions = torch.arange(max_seq_len, dtype=torch.float32)
@@ -64,14 +67,12 @@ class ExecutorchDecoder(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("rope_rotate", rotate, persistent=False)
-        # The packed q/k/v heads all pass through rope; v's get cos 1, sin 0.
+        # Which of the packed q/k/v heads rope rotates: v's pass through.
         heads = cfg.num_heads + 2 * cfg.num_kv_heads
         self.register_buffer("rope_heads", (torch.arange(heads) < cfg.num_heads + cfg.num_kv_heads).float()[:, None],
                              persistent=False)
-        # RMSNorm's mean of squares as a matmul with a 1/H row (XNNPACK's mean takes only 4-D inputs) and eps as
-        # its bias: an XNNPACK operator fewer per norm, each of which is reshaped and set up on every call.
-        self.register_buffer("mean_row", torch.full((1, cfg.hidden_size), 1.0 / cfg.hidden_size), persistent=False)
-        self.register_buffer("norm_eps", torch.tensor([cfg.rms_norm_eps]), persistent=False)
+        self.mean_of_squares = nn.ModuleList()
+        _compute_norms_with_linear_means(self)
         shape = (1, max_seq_len, cfg.num_kv_heads, cfg.head_dim)
         for i in range(cfg.num_layers):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
@@ -93,40 +94,50 @@ class ExecutorchDecoder(nn.Module):
         start = input_pos[0].item()
         torch._check_is_size(start)
         torch._check(start + seq <= self.max_seq_len)
-        cos = self.rope_cos.narrow(0, start, seq)[None, :, None, :] * self.rope_heads + (1.0 - self.rope_heads)
-        sin = self.rope_sin.narrow(0, start, seq)[None, :, None, :] * self.rope_heads
+        rope = LinearRope.at(self.rope_cos, self.rope_sin, self.rope_rotate, self.rope_heads, start, seq)
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = self._rms_norm(x, layer.input_layernorm)
-            # [batch, seq, heads, head_dim]: the layout of ExecuTorch's cache and SDPA ops. The seq dim is
-            # inferred (-1): XNNPACK's reshape takes one inferred dim but no symbolic one, and so a layer
-            # is one partition, not three split by portable view_copy nodes. q, k and v are split after
-            # rope, at the partition's end (XNNPACK slices only static shapes; these are portable copies).
-            qkv = self._rope(attn.qkv_proj(h).view(1, -1, attn.num_heads + 2 * attn.num_kv_heads, attn.head_dim), cos, sin)
-            q = qkv[:, :, : attn.num_heads]
-            k = qkv[:, :, attn.num_heads : attn.num_heads + attn.num_kv_heads]
-            v = qkv[:, :, attn.num_heads + attn.num_kv_heads :]
-            k_cache, v_cache = getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}")
-            torch.ops.llama.update_cache(k, k_cache, start)
-            torch.ops.llama.update_cache(v, v_cache, start)
-            out = torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0.0, True, attn.scale)
-            x = x + attn.o_proj(out.view(1, -1, attn.num_heads * attn.head_dim))
-            x = x + layer.mlp(self._rms_norm(x, layer.post_attention_layernorm))
-        return self.lm_head(self._rms_norm(x[:, -1, :], self.norm))
-
-    def _rms_norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-        variance_eps = nn.functional.linear(x * x, self.mean_row, self.norm_eps)
-        return norm.weight * (x * torch.rsqrt(variance_eps))
-
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return x * cos + nn.functional.linear(x, self.rope_rotate) * sin
+            x = layer(x, rope, InProgramKVCache(getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}"), start))
+        return self.lm_head(self.norm(x[:, -1, :]))
 
 
-def _pack_qkv(attn: nn.Module) -> None:
-    """q, k and v as one linear on this copy of the layer: one dynamically quantized matmul per layer
-    instead of three (fewer XNNPACK operators per token); the canonical model keeps its own three."""
-    projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+class PackedAttention(Attention):
+    """The canonical attention with q, k and v as one linear `qkv_proj` (one dynamically quantized matmul per
+    layer instead of three: fewer XNNPACK operators per token), its heads in ExecuTorch's layout
+    [batch, seq, heads, head_dim]. The canonical model keeps its own three projections."""
+
+    def __init__(self, attn: Attention):
+        nn.Module.__init__(self)
+        self.__dict__.update({k: v for k, v in vars(attn).items() if not k.startswith("_")})  # head counts, scale
+        for name, module in attn.named_children():
+            if name not in ("q_proj", "k_proj", "v_proj"):
+                self.add_module(name, module)
+        self.qkv_proj = _packed_linear(attn.q_proj, attn.k_proj, attn.v_proj)
+
+    def heads(self, x):
+        return self._split(self._packed_heads(x))
+
+    def rotated_heads(self, x, rope):
+        # All heads through rope at once, split at the partition's end (XNNPACK slices only static shapes;
+        # these slices are portable copies).
+        return self._split(rope.packed(self._packed_heads(x)))
+
+    def merge_heads(self, out, x):
+        return out.view(1, -1, self.num_heads * self.head_dim)
+
+    def _packed_heads(self, x):
+        # The seq dim is inferred (-1): XNNPACK's reshape takes one inferred dim but no symbolic one, and so a
+        # layer is one partition, not three split by portable view_copy nodes.
+        return self.qkv_proj(x).view(1, -1, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+
+    def _split(self, qkv):
+        q = qkv[:, :, : self.num_heads]
+        k = qkv[:, :, self.num_heads : self.num_heads + self.num_kv_heads]
+        v = qkv[:, :, self.num_heads + self.num_kv_heads :]
+        return q, k, v
+
+
+def _packed_linear(*projections: nn.Linear) -> nn.Linear:
     # On the meta device: its own initial weights would be replaced at once.
     packed = nn.Linear(projections[0].in_features, sum(p.out_features for p in projections),
                        bias=any(p.bias is not None for p in projections), device="meta")
@@ -135,8 +146,88 @@ def _pack_qkv(attn: nn.Module) -> None:
         if packed.bias is not None:
             packed.bias = nn.Parameter(torch.cat([p.bias if p.bias is not None else torch.zeros(p.out_features)
                                                   for p in projections]), requires_grad=False)
-    attn.qkv_proj = packed
-    del attn.q_proj, attn.k_proj, attn.v_proj
+    return packed
+
+
+class LinearRope:
+    """Rope as x * cos + linear(x, R) * sin over [1, seq, heads, head_dim], R being rotate_half as a constant
+    matrix: XNNPACK takes linears and elementwise ops, while the slices and concat of rotate_half would stay
+    on portable kernels and split partitions."""
+
+    def __init__(self, cos, sin, packed_cos, packed_sin, rotate):
+        self.cos, self.sin, self.packed_cos, self.packed_sin, self.rotate = cos, sin, packed_cos, packed_sin, rotate
+
+    @classmethod
+    def at(cls, cos_table, sin_table, rotate, packed_heads, start, seq) -> LinearRope:
+        """The tables' rows start .. start + seq; packed q/k/v heads get cos 1, sin 0 where `packed_heads` is 0."""
+        cos = cos_table.narrow(0, start, seq)[None, :, None, :]
+        packed_cos = cos * packed_heads + (1.0 - packed_heads)
+        sin = sin_table.narrow(0, start, seq)[None, :, None, :]
+        return cls(cos, sin, packed_cos, sin * packed_heads, rotate)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._rotate(x, self.cos, self.sin)
+
+    def packed(self, qkv: torch.Tensor) -> torch.Tensor:
+        return self._rotate(qkv, self.packed_cos, self.packed_sin)
+
+    def _rotate(self, x, cos, sin):
+        return x * cos + nn.functional.linear(x, self.rotate) * sin
+
+
+class InProgramKVCache:
+    """One layer's attention over the program's KV cache [1, max_seq_len, kv_heads, head_dim]: k and v
+    [1, seq, kv_heads, head_dim] are written at `start` in place by `llama::update_cache`, and
+    `llama::custom_sdpa` attends causally from there (output in q's layout)."""
+
+    def __init__(self, k_cache, v_cache, start):
+        self.k_cache, self.v_cache, self.start = k_cache, v_cache, start
+
+    def attend(self, q, k, v, scale):
+        torch.ops.llama.update_cache(k, self.k_cache, self.start)
+        torch.ops.llama.update_cache(v, self.v_cache, self.start)
+        return torch.ops.llama.custom_sdpa(q, self.k_cache, self.v_cache, self.start, None, 0.0, True, scale)
+
+
+class MeanOfSquares(nn.Module):
+    """mean(x * x, -1) + eps as a linear with a 1/size row and eps as its bias: XNNPACK's mean takes only 4-D
+    inputs, and the bias is an XNNPACK operator fewer per norm (each is reshaped and set up on every call)."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.register_buffer("row", torch.full((1, size), 1.0 / size), persistent=False)
+        self.register_buffer("eps", torch.tensor([eps]), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x * x, self.row, self.eps)
+
+
+def _compute_norms_with_linear_means(decoder: ExecutorchDecoder) -> None:
+    """Every RMSNorm of the decoder, wherever the layers have one, as a LinearMeanRMSNorm; one MeanOfSquares
+    per size and eps, kept in `decoder.mean_of_squares`."""
+    by_size_eps: dict[tuple[int, float], MeanOfSquares] = {}
+    for parent in list(decoder.modules()):
+        for name, norm in list(parent.named_children()):
+            if isinstance(norm, RMSNorm):
+                key = (norm.weight.shape[-1], norm.eps)
+                if key not in by_size_eps:
+                    by_size_eps[key] = MeanOfSquares(*key)
+                    decoder.mean_of_squares.append(by_size_eps[key])
+                setattr(parent, name, LinearMeanRMSNorm(norm, by_size_eps[key]))
+
+
+class LinearMeanRMSNorm(nn.Module):
+    """A canonical RMSNorm (its weight tensor) computed with a MeanOfSquares."""
+
+    def __init__(self, norm: RMSNorm, mean_of_squares: MeanOfSquares):
+        super().__init__()
+        self.weight = norm.weight
+        # In a tuple, not a submodule: one MeanOfSquares serves every norm of its size, and the decoder exports
+        # it once (an aliased submodule would be one program input per norm).
+        self._mean_of_squares = (mean_of_squares,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * (x * torch.rsqrt(self._mean_of_squares[0](x)))
 
 
 def runner_metadata(cfg, max_seq_len: int, bos_id: int | None, eos_ids: list[int]) -> dict:
