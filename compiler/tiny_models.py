@@ -20,6 +20,7 @@ DEMO_TEXT = (
 FAMILY_CONFIGS = {
     "llama": dict(architectures=["LlamaForCausalLM"]),
     "qwen2": dict(architectures=["Qwen2ForCausalLM"]),
+    "qwen3": dict(architectures=["Qwen3ForCausalLM"]),
     "phi3": dict(architectures=["Phi3ForCausalLM"]),
     "mistral": dict(architectures=["MistralForCausalLM"]),
 }
@@ -56,10 +57,12 @@ def hf_config(family: str = "llama", **overrides):
         eos_token_id=2,
         pad_token_id=0,
     )
-    if family in ("phi3", "mistral", "qwen2"):
+    if family in ("phi3", "mistral", "qwen2", "qwen3"):
         base["sliding_window"] = None
     base.update(FAMILY_CONFIGS[family])
     base.update(overrides)
+    if family == "qwen3":  # its config's own head_dim default (128) ignores hidden_size
+        base.setdefault("head_dim", base["hidden_size"] // base["num_attention_heads"])
     return AutoConfig.for_model(family, **base)  # the family names are transformers' model types
 
 

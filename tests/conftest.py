@@ -26,6 +26,7 @@ MODEL_VARIANTS = {
     "llama": ("llama", dict(tie_word_embeddings=False)),
     "llama3_tied": ("llama", dict(tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE)),
     "qwen2": ("qwen2", dict(tie_word_embeddings=True)),
+    "qwen3": ("qwen3", dict(tie_word_embeddings=True)),
     "phi3": ("phi3", dict(tie_word_embeddings=False)),
     "phi3_partial_rotary": ("phi3", dict(partial_rotary_factor=0.5)),
     "mistral": ("mistral", dict(tie_word_embeddings=False)),

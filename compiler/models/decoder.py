@@ -1,10 +1,10 @@
-"""The canonical decoder: one export-friendly torch definition of the Llama, Qwen2 and Phi-3 families.
+"""The canonical decoder: one export-friendly torch definition of the Llama, Qwen2, Qwen3 and Phi-3 families.
 
 It is what edgec traces for every format. Parameter names follow the Hugging Face Llama layout
 (`model.layers.N.self_attn.q_proj.weight`, ...) so that most checkpoints load by name; family
-differences (biases, fused projections, partial rotary) are settled by `compiler.models.families`.
-The forward takes the KV cache as explicit tensors and returns the grown cache, so the traced graph
-has `past_key_values.N.key/value` inputs and `present.N.key/value` outputs.
+differences (biases, per-head q/k norms, fused projections, partial rotary) are settled by
+`compiler.models.families`. The forward takes the KV cache as explicit tensors and returns the grown cache,
+so the traced graph has `past_key_values.N.key/value` inputs and `present.N.key/value` outputs.
 
 A layer's forward is the same for every export: what an export changes (the ExecuTorch program: its cache,
 rope and head layout) it passes in as the `rope` and `cache` of each call or swaps in as modules.
@@ -35,6 +35,7 @@ class DecoderConfig:
     rms_norm_eps: float
     tie_word_embeddings: bool
     qkv_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over head_dim of q and k after projection, before rope (Qwen3)
     o_bias: bool = False
     mlp_bias: bool = False
     rotary_dim: int = 0
@@ -109,9 +110,9 @@ class ConcatKVCache:
 
 
 class Attention(nn.Module):
-    """Projections to heads, rope, attention over the cache, o_proj. An export changes how heads are laid out
-    (`heads`, `rotated_heads`, `merge_heads`), how they are rotated (the `rope` it passes) and attended (the
-    `cache` it passes), never these steps' order."""
+    """Projections to heads, per-head q/k norms where the family has them (Qwen3), rope, attention over the
+    cache, o_proj. An export changes how heads are laid out (`heads`, `rotated_heads`, `merge_heads`), how
+    they are rotated (the `rope` it passes) and attended (the `cache` it passes), never these steps' order."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -123,14 +124,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, rope, cache):
         q, k, v = self.project(x, rope)
         return self.o_proj(self.merge_heads(cache.attend(q, k, v, self.scale), x))
 
     def project(self, x, rope):
-        """q, k and v heads of x, q and k rotated."""
-        return self.rotated_heads(x, rope)
+        """q, k and v heads of x, q and k normalized per head (where the family does) and rotated."""
+        if self.q_norm is None:
+            return self.rotated_heads(x, rope)
+        q, k, v = self.heads(x)
+        return rope(self.q_norm(q)), rope(self.k_norm(k)), v
 
     def heads(self, x):
         """q [batch, heads, seq, head_dim], k and v [batch, kv_heads, seq, head_dim]."""

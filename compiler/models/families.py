@@ -12,9 +12,10 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
     "Phi3ForCausalLM": "phi3",
 }
-MODEL_TYPE_FAMILY = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "phi3": "phi3"}
+MODEL_TYPE_FAMILY = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
 # Rope variants whose frequencies do not depend on the sequence length, so one traced graph is exact.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -54,7 +55,8 @@ def decoder_config(hf_config, family: str, where: str, generation_config: dict |
 
     max_len = int(getattr(hf_config, "max_position_embeddings", 2048))
     window = getattr(hf_config, "sliding_window", None)
-    uses_window = window is not None and (family != "qwen2" or getattr(hf_config, "use_sliding_window", False))
+    window_is_opt_in = family in ("qwen2", "qwen3")  # their configs name a window use_sliding_window turns on
+    uses_window = window is not None and (not window_is_opt_in or getattr(hf_config, "use_sliding_window", False))
     if uses_window:
         # Within the window, sliding-window attention equals full attention: cap the context there.
         max_len = min(max_len, int(window))
@@ -75,6 +77,7 @@ def decoder_config(hf_config, family: str, where: str, generation_config: dict |
         rms_norm_eps=float(hf_config.rms_norm_eps),
         tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
         qkv_bias=family == "qwen2" or attention_bias,
+        qk_norm=family == "qwen3",
         o_bias=attention_bias and family != "qwen2",
         mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
         rotary_dim=rotary_dim,

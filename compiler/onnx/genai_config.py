@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from compiler.models.decoder import DecoderConfig
 
-GENAI_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "phi3": "phi3"}
+GENAI_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
 
 
 def genai_config(cfg: DecoderConfig, model_file: str, shares_buffer: bool = False) -> dict:
