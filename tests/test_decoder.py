@@ -23,7 +23,7 @@ def qwen3(tmp_path_factory):
     """A 4-layer Qwen3 (q_norm/k_norm weights away from 1) and transformers' logits for a prompt."""
     from transformers import AutoModelForCausalLM
 
-    from compiler.fixtures import make_model
+    from compiler.tiny_models import make_model
 
     directory = tmp_path_factory.mktemp("qwen3") / "model"
     make_model(directory, "qwen3", num_hidden_layers=4)
