@@ -3,7 +3,9 @@ onnxruntime. The root is built once into the edgec cache directory (minutes on a
 by each `up` (seconds); one `up` per CPU."""
 
 import json
+import shutil
 import socket
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -70,15 +72,14 @@ def test_bench_on_the_emulator_reports_aarch64_and_its_features(emulator, tiny_b
 
 
 @pytest.fixture(scope="module")
-def validated_bundles(llama_dir, trained_dir, tmp_path_factory):
-    """An fp32 and a default int4 (GPTQ) bundle, each carrying its reference's golden data."""
-    bundles = {}
-    for name, model, extra in (("fp32", llama_dir, []), ("int4", trained_dir, ["--quant", "int4"])):
-        out = tmp_path_factory.mktemp(f"validated-{name}") / "bundle"
-        result = run("build", "--model", model, "--out", out, "--quiet", "--new-tokens", "6", *extra)
-        assert result.exit_code == 0, result.output
-        bundles[name] = out
-    return bundles
+def validated_bundles(validated_bundle, trained_dir, tmp_path_factory):
+    """An fp32 and a default int4 (GPTQ) bundle, each carrying its reference's golden data (copies: device
+    validation records its verdicts in the manifest)."""
+    fp32 = Path(shutil.copytree(validated_bundle, tmp_path_factory.mktemp("emulated-fp32") / "bundle"))
+    int4 = tmp_path_factory.mktemp("emulated-int4") / "bundle"
+    result = run("build", "--model", trained_dir, "--out", int4, "--quiet", "--new-tokens", "6", "--quant", "int4")
+    assert result.exit_code == 0, result.output
+    return {"fp32": fp32, "int4": int4}
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
