@@ -21,6 +21,7 @@ ADAPTER_CASES = {
     "qwen2_patterns": ("qwen2", dict(target_modules=["q_proj", "k_proj", "v_proj"], rank_pattern={"k_proj": 2},
                                      alpha_pattern={"v_proj": 3.0})),
     "fan_in_fan_out": ("mistral", dict(target_modules=["q_proj", "up_proj"], fan_in_fan_out=True)),
+    "qwen3_qk_norm": ("qwen3", dict(target_modules=["q_proj", "k_proj", "o_proj"])),
 }
 
 
