@@ -28,30 +28,30 @@ def argument_parser(doc: str, module: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
 
 
-def run(command: Sequence, *, echo: bool = False, out: Path | None = None) -> str:
+def run(command: Sequence, *, echo: bool = False, out: Path | None = None, ok: Sequence[int] = (0,)) -> str:
     """Run a child process (HF_HUB_OFFLINE=1) and return its stdout, written to `out` too when given.
 
     echo: print the command first, as one would type it, and let its output through (stdout too unless
     `out` takes it); on failure, exit with its exit status. Otherwise, on failure, exit with the command
-    and the tail of its output."""
+    and the tail of its output. ok: the exit statuses that are not failures (edgec's 1 is a failed gate)."""
     command = [str(part) for part in command]
     if echo:
         print("$ " + shlex.join([Path(command[0]).name, *command[1:]]) + (f" > {out}" if out else ""), flush=True)
     proc = subprocess.run(command, stdout=subprocess.PIPE if out or not echo else None,
                           stderr=None if echo else subprocess.PIPE, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False)
-    if proc.returncode != 0 and echo:
+    if proc.returncode not in ok and echo:
         sys.exit(proc.returncode)
-    if proc.returncode != 0:
+    if proc.returncode not in ok:
         sys.exit(f"failed: {' '.join(command)}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     if out:
         out.write_text(proc.stdout)
     return proc.stdout or ""
 
 
-def edgec(*args, echo: bool = False, out: Path | None = None) -> str:
+def edgec(*args, echo: bool = False, out: Path | None = None, ok: Sequence[int] = (0,)) -> str:
     """`edgec ARGS...` through run(): its stdout."""
-    return run([EDGEC, *args], echo=echo, out=out)
+    return run([EDGEC, *args], echo=echo, out=out, ok=ok)
 
 
 def timed(command: Sequence, cwd: Path | None = None) -> tuple[float, float]:
@@ -113,14 +113,22 @@ def print_ratios(ours: dict, ref: dict, targets: dict[str, str | None]) -> None:
         print(f"  {RATIOS[key]:<18}{ours[key] / ref[key]:.2f}x" + (f"  (target {target})" if target else ""))
 
 
-def smollm2_with_adapter(work: Path) -> tuple[Path, Path]:
-    """The benchmarks' weights, made once in `work`: the SmolLM2-135M shape and a rank-16 adapter."""
-    from compiler.tiny_models import ALL_PROJECTIONS, SMOLLM2_135M, make_adapter, make_model
+def smollm2_shaped(work: Path) -> Path:
+    """The SmolLM2-135M shape with random weights, made once in `work`/model."""
+    from compiler.tiny_models import SMOLLM2_135M, make_model
 
-    model, adapter = work / "model", work / "lora-r16"
+    model = work / "model"
     if not (model / "config.json").exists():
         print("making the SmolLM2-135M-shaped model ...", flush=True)
         make_model(model, "llama", **SMOLLM2_135M)
+    return model
+
+
+def smollm2_with_adapter(work: Path) -> tuple[Path, Path]:
+    """The benchmarks' weights, made once in `work`: the SmolLM2-135M shape and a rank-16 adapter."""
+    from compiler.tiny_models import ALL_PROJECTIONS, make_adapter
+
+    model, adapter = smollm2_shaped(work), work / "lora-r16"
     if not (adapter / "adapter_config.json").exists():
         print("making the rank-16 adapter on all seven projections ...", flush=True)
         make_adapter(model, adapter, target_modules=ALL_PROJECTIONS, r=16, alpha=32)
