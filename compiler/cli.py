@@ -447,6 +447,31 @@ def report(results, chart, no_chart, baseline, margin):
 
 
 @main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the bundles and reports.")
+@click.option("--jobs", type=POSITIVE, default=1, show_default=True,
+              help="Targets built at once as local processes (fewer if memory cannot hold their estimated peaks).")
+@click.option("--cache", "cache_dir", type=click.Path(path_type=Path),
+              help="Bundle cache keyed by the targets' inputs [~/.cache/edgec/ci-cache].")
+@click.option("--no-cache", is_flag=True, help="Build every target; read and write no cache.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="ray: each target a Ray task (pip install 'edgec[ci]').")
+@click.option("--ray-address", metavar="ADDR", help="With --executor ray: an existing cluster (default: start one here).")
+def ci(recipe, out, jobs, cache_dir, no_cache, executor, ray_address):
+    """Build, validate and report every model x target of a TOML recipe (CI model export)."""
+    from compiler.ci import cache
+    from compiler.ci.main import run_ci
+
+    if ray_address and executor != "ray":
+        raise UsageError("--ray-address: only with --executor ray")
+    if not no_cache:
+        cache_dir = cache_dir or cache.default_dir()
+    run_ci(recipe, out, jobs, None if no_cache else cache_dir, executor, ray_address,
+           log=lambda line: click.echo(f"edgec ci: {line}", err=True))
+    click.echo(f"edgec ci: passed; {out / 'summary.md'}")
+
+
+@main.command()
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="Where the demo model and bundle live.")
 def demo(cache_dir):
     """Make a small Llama and LoRA adapter, build, validate and benchmark them, print a summary."""
