@@ -1,0 +1,172 @@
+"""`edgec ci`: a recipe of one model with one adapter and two targets, built for real, reported, cached, on
+local processes and on a real local Ray instance."""
+
+import json
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from compiler.cli import main
+
+RECIPE = """\
+[[model]]
+name = "tiny"
+path = "{model}"
+adapters = ["{adapter}"]
+
+[[target]]
+name = "onnx-plain"
+format = "onnx"
+optimize = "none"
+
+[[target]]
+name = "onnx-fused"
+format = "onnx"
+optimize = "fuse"
+"""
+
+STRICT_TARGET = """
+[[target]]
+name = "onnx-strict"
+format = "onnx"
+optimize = "none"
+gate = ["max_abs_logits=1e-12"]
+"""
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def write_recipe(directory: Path, model: Path, adapter: Path, extra: str = "") -> Path:
+    path = directory / "recipe.toml"
+    path.write_text(RECIPE.format(model=model, adapter=adapter) + extra)
+    return path
+
+
+def outcomes(out: Path) -> list[tuple]:
+    """What two runs of one recipe must agree on: targets, whether each built, and every gate's verdict."""
+    results = json.loads((out / "results.json").read_text())["targets"]
+    return sorted((r["model"], r["target"], r["status"] != "error", r["validation"],
+                   tuple((g["format"], g["metric"], g["passed"]) for g in r["gates"])) for r in results)
+
+
+def junit_cases(out: Path) -> dict[tuple[str, str], ET.Element]:
+    root = ET.parse(out / "junit.xml").getroot()
+    return {(case.get("classname"), case.get("name")): case for case in root.iter("testcase")}
+
+
+@pytest.fixture(scope="module")
+def first_run(llama_dir, llama_adapter, tmp_path_factory):
+    work = tmp_path_factory.mktemp("ci")
+    recipe = write_recipe(work, llama_dir, llama_adapter)
+    started = time.monotonic()
+    result = run("ci", recipe, "--out", work / "out", "--cache", work / "cache")
+    return work, recipe, result, time.monotonic() - started
+
+
+def test_recipe_builds_bundles_and_reports(first_run):
+    work, _, result, _ = first_run
+    assert result.exit_code == 0, result.output
+    out = work / "out"
+    for target in ("onnx-plain", "onnx-fused"):
+        manifest = json.loads((out / "tiny" / target / "manifest.json").read_text())
+        assert manifest["validation"]["passed"]
+        assert manifest["source"]["adapters"], "the adapter was merged"
+    cases = junit_cases(out)
+    for target in ("onnx-plain", "onnx-fused"):
+        assert ("tiny." + target, "build") in cases
+        gate_cases = [name for classname, name in cases if classname == "tiny." + target and name != "build"]
+        assert "onnx:max_abs_logits" in gate_cases and "onnx:lora_delta_retention" in gate_cases
+    assert not any(case.find("failure") is not None or case.find("error") is not None for case in cases.values())
+    summary = (out / "summary.md").read_text()
+    assert "## tiny" in summary and "| onnx-plain |" in summary and "| onnx-fused |" in summary
+    assert "**PASSED**" in summary
+
+
+def test_unchanged_rerun_is_served_from_the_cache(first_run):
+    work, recipe, first, first_s = first_run
+    assert first.exit_code == 0, first.output
+    started = time.monotonic()
+    second = run("ci", recipe, "--out", work / "out2", "--cache", work / "cache")
+    second_s = time.monotonic() - started
+    assert second.exit_code == 0, second.output
+    statuses = {r["target"]: r["status"] for r in json.loads((work / "out2" / "results.json").read_text())["targets"]}
+    assert statuses == {"onnx-plain": "cached", "onnx-fused": "cached"}
+    assert second_s < first_s / 5, (first_s, second_s)
+    assert outcomes(work / "out2") == outcomes(work / "out")
+    assert (work / "out2" / "summary.md").read_text().count("| cached |") == 2
+
+
+def test_changed_adapter_changes_the_key(llama_dir, llama_adapter, tmp_path):
+    import shutil
+
+    from compiler.ci.cache import target_key
+
+    copy = tmp_path / "adapter"
+    shutil.copytree(llama_adapter, copy)
+    options = {"format": "onnx", "optimize": "none"}
+    assert target_key(llama_dir, [str(copy)], options, None) == target_key(llama_dir, [str(llama_adapter)], options, None)
+    config = copy / "adapter_config.json"
+    config.write_text(config.read_text().replace("{", "{ ", 1))
+    assert target_key(llama_dir, [str(copy)], options, None) != target_key(llama_dir, [str(llama_adapter)], options, None)
+    assert target_key(llama_dir, [str(llama_adapter)], {**options, "optimize": "fuse"}, None) != \
+        target_key(llama_dir, [str(llama_adapter)], options, None)
+
+
+def test_gate_failure_fails_the_run_and_the_others_still_build(llama_dir, llama_adapter, tmp_path):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'[[model]]\nname = "tiny"\npath = "{llama_dir}"\nadapters = ["{llama_adapter}"]\n'
+                      + STRICT_TARGET + '\n[[target]]\nname = "onnx-plain"\nformat = "onnx"\noptimize = "none"\n')
+    result = run("ci", recipe, "--out", tmp_path / "out", "--no-cache")
+    assert result.exit_code == 1, result.output
+    message = result.output.strip().splitlines()[-1]
+    assert message.startswith("edgec: error: ci: 1 failed: tiny/onnx-strict onnx gate max_abs_logits"), message
+    assert (tmp_path / "out" / "tiny" / "onnx-plain" / "manifest.json").is_file()
+    cases = junit_cases(tmp_path / "out")
+    failure = cases[("tiny.onnx-strict", "onnx:max_abs_logits")].find("failure")
+    assert failure is not None and "must be at most 1e-12" in failure.get("message")
+    assert cases[("tiny.onnx-strict", "onnx:rel_l2_logits")].find("failure") is None
+    assert cases[("tiny.onnx-plain", "onnx:max_abs_logits")].find("failure") is None
+
+
+@pytest.mark.parametrize("target_line, line, key", [
+    ('blok_size = 32', 8, "blok_size"),              # a typo: not a build option
+    ('quant = "int5"', 8, "quant"),                  # a bad value, caught by the build command's own choices
+    ('out = "elsewhere"', 8, "out"),                 # ci decides where bundles go
+    ('gate = ["max_abs_logit=1"]', 8, "gate"),       # an unknown gate metric
+])
+def test_bad_recipe_is_one_line_naming_file_line_and_key(llama_dir, tmp_path, target_line, line, key):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'[[model]]\nname = "tiny"\npath = "{llama_dir}"\n\n'
+                      f'[[target]]\nname = "x"\nformat = "onnx"\n{target_line}\n')
+    result = run("ci", recipe, "--out", tmp_path / "out")
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"edgec: error: {recipe}:{line}: {key}:"), lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_model_key(llama_dir, tmp_path):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'[[model]]\nname = "tiny"\npath = "{llama_dir}"\nadaptors = []\n\n[[target]]\nname = "x"\n')
+    result = run("ci", recipe, "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert result.output.strip() == (f"edgec: error: {recipe}:4: adaptors: unknown key in [[model]] "
+                                     f"(known: adapters, name, path)")
+
+
+def test_ray_executor_gives_the_same_report(first_run):
+    pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'edgec[ci]'")
+    work, recipe, first, _ = first_run
+    assert first.exit_code == 0, first.output
+    result = run("ci", recipe, "--out", work / "out-ray", "--no-cache", "--executor", "ray")
+    assert result.exit_code == 0, result.output
+    statuses = {r["target"]: r["status"] for r in json.loads((work / "out-ray" / "results.json").read_text())["targets"]}
+    assert statuses == {"onnx-plain": "built", "onnx-fused": "built"}
+    assert outcomes(work / "out-ray") == outcomes(work / "out")
+    assert set(junit_cases(work / "out-ray")) == set(junit_cases(work / "out"))
