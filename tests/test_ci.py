@@ -101,6 +101,30 @@ def test_unchanged_rerun_is_served_from_the_cache(first_run):
     assert (work / "out2" / "summary.md").read_text().count("| cached |") == 2
 
 
+def test_bench_and_regression_against_a_baseline(first_run):
+    """[bench] benches each bundle (served from the first run's cache) and fails on a slowdown past the margin
+    against a baseline results.json: here one whose onnx-plain decoded impossibly fast."""
+    work, recipe, first, _ = first_run
+    assert first.exit_code == 0, first.output
+    baseline = work / "baseline"
+    baseline.mkdir()
+    (baseline / "results.json").write_text(json.dumps({"targets": [
+        {"model": "tiny", "target": "onnx-plain", "bench": [{"device": "local", "decode_tok_s": 1e9}]}]}))
+    benched = work / "benched.toml"
+    benched.write_text(recipe.read_text() + '\n[bench]\ndevices = ["local"]\nbaseline = "baseline"\n'
+                       'fail_if_slower = "10%"\nprompt_tokens = 8\nnew_tokens = 8\nrepeats = 1\n')
+    result = run("ci", benched, "--out", work / "out-bench", "--cache", work / "cache")
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1].startswith("edgec: error: ci: 1 failed: tiny/onnx-plain slower on local")
+    targets = {r["target"]: r for r in json.loads((work / "out-bench" / "results.json").read_text())["targets"]}
+    assert targets["onnx-fused"]["bench"][0]["decode_tok_s"] > 0
+    assert targets["onnx-plain"]["bench"][0]["regression"]
+    cases = junit_cases(work / "out-bench")
+    assert cases[("tiny.onnx-plain", "bench:local")].find("failure") is not None
+    assert cases[("tiny.onnx-fused", "bench:local")].find("failure") is None
+    assert "tok/s" in (work / "out-bench" / "summary.md").read_text()
+
+
 def test_changed_adapter_changes_the_key(llama_dir, llama_adapter, tmp_path):
     import shutil
 
@@ -170,3 +194,43 @@ def test_ray_executor_gives_the_same_report(first_run):
     assert statuses == {"onnx-plain": "built", "onnx-fused": "built"}
     assert outcomes(work / "out-ray") == outcomes(work / "out")
     assert set(junit_cases(work / "out-ray")) == set(junit_cases(work / "out"))
+
+
+def test_ray_retries_a_target_whose_worker_is_killed_mid_build(llama_dir, tmp_path):
+    """SIGKILL the Ray worker while it builds (its pid is in the bundle's staging folder name): the task is
+    retried and the run still completes with a validated bundle."""
+    pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'edgec[ci]'")
+    import os
+    import signal
+    import threading
+
+    from compiler.ci.main import run_ci
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(f'[[model]]\nname = "tiny"\npath = "{llama_dir}"\n\n'
+                      '[[target]]\nname = "onnx-plain"\nformat = "onnx"\noptimize = "none"\n')
+    out = tmp_path / "out"
+    outcome = {}
+
+    def ci():
+        try:
+            outcome["value"] = run_ci(recipe, out, executor="ray", log=lambda line: None)
+        except Exception as e:  # surfaced by the assertions below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=ci)
+    thread.start()
+    killed = None
+    deadline = time.monotonic() + 240
+    while killed is None and thread.is_alive() and time.monotonic() < deadline:
+        for staging in (out / "tiny").glob(".onnx-plain.edgec-staging-*") if (out / "tiny").is_dir() else ():
+            killed = int(staging.name.rpartition("-")[2])
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    thread.join(timeout=300)
+    assert killed is not None, "the build finished before its worker could be killed"
+    assert "error" not in outcome, outcome.get("error")
+    [result] = outcome["value"]["results"]
+    assert result["status"] == "built" and result["validation"] == "passed", result
+    assert json.loads((out / "tiny" / "onnx-plain" / "manifest.json").read_text())["validation"]["passed"]
