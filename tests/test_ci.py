@@ -2,6 +2,7 @@
 local processes and on a real local Ray instance."""
 
 import json
+import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -71,6 +72,7 @@ def first_run(llama_dir, llama_adapter, tmp_path_factory):
 def test_recipe_builds_bundles_and_reports(first_run):
     work, _, result, _ = first_run
     assert result.exit_code == 0, result.output
+    assert "ray" not in sys.modules, "the local executor must run without Ray installed"
     out = work / "out"
     for target in ("onnx-plain", "onnx-fused"):
         manifest = json.loads((out / "tiny" / target / "manifest.json").read_text())
