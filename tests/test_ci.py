@@ -186,6 +186,16 @@ def test_unknown_model_key(llama_dir, tmp_path):
                                      f"(known: adapters, name, path)")
 
 
+def test_jobs_build_in_local_processes_with_the_same_report(first_run):
+    work, recipe, first, _ = first_run
+    assert first.exit_code == 0, first.output
+    result = run("ci", recipe, "--out", work / "out-jobs", "--no-cache", "--jobs", "2")
+    assert result.exit_code == 0, result.output
+    statuses = {r["target"]: r["status"] for r in json.loads((work / "out-jobs" / "results.json").read_text())["targets"]}
+    assert statuses == {"onnx-plain": "built", "onnx-fused": "built"}
+    assert outcomes(work / "out-jobs") == outcomes(work / "out")
+
+
 def test_ray_executor_gives_the_same_report(first_run):
     pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'edgec[ci]'")
     work, recipe, first, _ = first_run

@@ -11,6 +11,8 @@ import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
+import click
+
 from compiler.bundle import is_bundle, read_manifest
 from compiler.ci import cache
 from compiler.ci.recipe import Recipe
@@ -64,6 +66,8 @@ def run_target(job: dict) -> dict:
                 cache.store(Path(job["cache_dir"]), key, out)
     except EdgecError as e:
         result.update(status="error", error=str(e))
+    except click.ClickException as e:  # the build command's own checks on its arguments
+        result.update(status="error", error=e.format_message())
     except Exception as e:  # a bug in one target must not take the others' report with it
         first = str(e).splitlines()[0] if str(e) else ""
         result.update(status="error", error=f"internal error: {type(e).__name__}: {first}")
