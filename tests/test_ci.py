@@ -186,26 +186,25 @@ def test_unknown_model_key(llama_dir, tmp_path):
                                      f"(known: adapters, name, path)")
 
 
-def test_jobs_build_in_local_processes_with_the_same_report(first_run):
+def assert_rebuilt_with_the_same_report(first_run, name: str, *options):
+    """Another executor, no cache: both targets built again, with the first run's outcomes and junit cases."""
     work, recipe, first, _ = first_run
     assert first.exit_code == 0, first.output
-    result = run("ci", recipe, "--out", work / "out-jobs", "--no-cache", "--jobs", "2")
+    result = run("ci", recipe, "--out", work / name, "--no-cache", *options)
     assert result.exit_code == 0, result.output
-    statuses = {r["target"]: r["status"] for r in json.loads((work / "out-jobs" / "results.json").read_text())["targets"]}
+    statuses = {r["target"]: r["status"] for r in json.loads((work / name / "results.json").read_text())["targets"]}
     assert statuses == {"onnx-plain": "built", "onnx-fused": "built"}
-    assert outcomes(work / "out-jobs") == outcomes(work / "out")
+    assert outcomes(work / name) == outcomes(work / "out")
+    assert set(junit_cases(work / name)) == set(junit_cases(work / "out"))
+
+
+def test_jobs_build_in_local_processes_with_the_same_report(first_run):
+    assert_rebuilt_with_the_same_report(first_run, "out-jobs", "--jobs", "2")
 
 
 def test_ray_executor_gives_the_same_report(first_run):
     pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'edgec[ci]'")
-    work, recipe, first, _ = first_run
-    assert first.exit_code == 0, first.output
-    result = run("ci", recipe, "--out", work / "out-ray", "--no-cache", "--executor", "ray")
-    assert result.exit_code == 0, result.output
-    statuses = {r["target"]: r["status"] for r in json.loads((work / "out-ray" / "results.json").read_text())["targets"]}
-    assert statuses == {"onnx-plain": "built", "onnx-fused": "built"}
-    assert outcomes(work / "out-ray") == outcomes(work / "out")
-    assert set(junit_cases(work / "out-ray")) == set(junit_cases(work / "out"))
+    assert_rebuilt_with_the_same_report(first_run, "out-ray", "--executor", "ray")
 
 
 def test_ray_retries_a_target_whose_worker_is_killed_mid_build(llama_dir, tmp_path):
