@@ -33,9 +33,17 @@ def build_machine() -> dict:
     """The machine a build ran on, as far as it decides the bundle's bytes: builds on one machine with the
     same library versions are byte-identical; on another CPU, float results (GPTQ's scales, say) may differ
     in the last bit, and this says why two bundles differ."""
-    from importlib.metadata import PackageNotFoundError, version
-
     import torch
+
+    return {"arch": platform.machine(), **cpu_facts(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads(),
+            "dispatch_env": {name: os.environ[name] for name in DISPATCH_ENV if name in os.environ},
+            "libraries": library_versions()}
+
+
+def library_versions() -> dict[str, str | None]:
+    """The installed version of each library that decides a build's bytes (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
 
     def installed(name):
         try:
@@ -43,10 +51,7 @@ def build_machine() -> dict:
         except PackageNotFoundError:
             return None
 
-    return {"arch": platform.machine(), **cpu_facts(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch_threads": torch.get_num_threads(),
-            "dispatch_env": {name: os.environ[name] for name in DISPATCH_ENV if name in os.environ},
-            "libraries": {name: installed(name) for name in BUILD_LIBRARIES}}
+    return {name: installed(name) for name in BUILD_LIBRARIES}
 
 
 def is_bundle(directory: Path) -> bool:

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from compiler import __version__
-from compiler.bundle import is_bundle
+from compiler.bundle import is_bundle, library_versions
 from runtimes.base import sha256_file
 
 
@@ -33,6 +33,8 @@ def target_key(model_dir: Path, adapters: list[str], options: dict, calibration:
     specs = [AdapterSpec.parse(a) for a in adapters]
     inputs = {
         "edgec": __version__,
+        # the exporters' and quantizers' versions decide the bundle's bytes as much as edgec's own
+        "libraries": library_versions(),
         "model": tree_hashes(model_dir),
         "adapters": [{"weight": s.weight, "files": tree_hashes(s.path)} for s in specs],
         "calibration": sha256_file(calibration) if calibration else None,
