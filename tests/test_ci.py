@@ -245,3 +245,67 @@ def test_ray_retries_a_target_whose_worker_is_killed_mid_build(llama_dir, tmp_pa
     [result] = outcome["value"]["results"]
     assert result["status"] == "built" and result["validation"] == "passed", result
     assert json.loads((out / "tiny" / "onnx-plain" / "manifest.json").read_text())["validation"]["passed"]
+
+
+@pytest.fixture
+def ray_cluster(monkeypatch):
+    """A Ray head and a second node started with `ray start` on loopback, stopped by their process groups."""
+    pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'edgec[ci]'")
+    import os
+    import shutil
+    import signal
+    import socket
+    import subprocess
+
+    ray_cli = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+    with socket.socket() as probe:  # a free port for the head's GCS
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    # A throwaway cluster on loopback: no token (Ray 2.60's head turns token auth on unless told not to,
+    # and then the second node and this driver would need the token file under ~/.ray).
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    common = ["--block", "--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    nodes = [subprocess.Popen([ray_cli, "start", "--head", f"--port={port}", "--include-dashboard=false", *common], start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    try:
+        import ray
+
+        deadline = time.monotonic() + 120
+        joined = False
+        while time.monotonic() < deadline:
+            if len(nodes) == 1 and subprocess.run([ray_cli, "status", f"--address={address}"],
+                                                  capture_output=True).returncode == 0:
+                nodes.append(subprocess.Popen([ray_cli, "start", f"--address={address}", *common],
+                                              start_new_session=True, stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.DEVNULL))
+            if len(nodes) == 2:
+                ray.init(address=address, log_to_driver=False)
+                alive = [n for n in ray.nodes() if n["Alive"]]
+                ray.shutdown()
+                if len(alive) == 2:
+                    joined = True
+                    break
+            time.sleep(1)
+        assert joined, "the two Ray nodes did not come up"
+        yield address
+    finally:
+        for node in reversed(nodes):  # each node's ray start, raylet, GCS and workers share its process group
+            try:
+                os.killpg(node.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for node in reversed(nodes):
+            try:
+                node.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+            try:  # the GCS can outlive a terminated ray start
+                os.killpg(node.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_ray_cluster_of_two_nodes_gives_the_same_report(first_run, ray_cluster):
+    """--ray-address: the targets run on a two-node cluster started with `ray start`, same report."""
+    assert_rebuilt_with_the_same_report(first_run, "out-cluster", "--executor", "ray", "--ray-address", ray_cluster)
