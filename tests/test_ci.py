@@ -229,7 +229,7 @@ def test_ray_retries_a_target_whose_worker_is_killed_mid_build(llama_dir, tmp_pa
         except Exception as e:  # surfaced by the assertions below
             outcome["error"] = e
 
-    thread = threading.Thread(target=ci)
+    thread = threading.Thread(target=ci, daemon=True)  # a hung Ray run fails the test, not the session
     thread.start()
     killed = None
     deadline = time.monotonic() + 240

@@ -71,7 +71,8 @@ def run_on_ray(jobs: list[dict], address: str | None, log) -> list[dict]:
         if address:
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
         else:
-            ray.init(runtime_env=runtime_env, include_dashboard=False, log_to_driver=False)
+            # "local": a new instance here, never a cluster `ray start` left in /tmp/ray (possibly dead)
+            ray.init(address="local", runtime_env=runtime_env, include_dashboard=False, log_to_driver=False)
     try:
         # A target estimated above every node's memory would wait forever as infeasible: it asks for the
         # largest node instead and runs there alone.
