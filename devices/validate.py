@@ -16,6 +16,7 @@ from compiler.errors import UsageError
 from devices.base import Device
 from devices.bench import _artifact, run_agent
 from runtimes.base import BenchSpec
+from runtimes.registry import RUNTIMES
 from runtimes.validation import GOLDEN_FILE, load_golden
 
 
@@ -29,8 +30,9 @@ def validate_on_device(bundle: Path, device: Device, gate_overrides: dict | None
     if GOLDEN_FILE not in manifest["files"]:
         raise UsageError(f"{bundle}: no {GOLDEN_FILE} (the reference's outputs a device compares with); rebuild the "
                          "bundle without --no-validate")
-    artifacts = [_artifact(manifest, bundle, fmt)] if fmt else [
-        a for a in manifest["artifacts"] if a["format"] in _supported(manifest, bundle)]
+    artifacts = [_artifact(manifest, bundle, fmt)] if fmt else [a for a in manifest["artifacts"] if a["format"] in RUNTIMES]
+    if not artifacts:
+        _artifact(manifest, bundle)  # raises the one-line error naming the formats there
     validation = manifest["build_config"].get("validation", {})
     gates_config = ValidationConfig(gate_overrides={**validation.get("gate_overrides", {}), **(gate_overrides or {})})
     golden = load_golden(bundle / GOLDEN_FILE)
@@ -61,11 +63,3 @@ def validate_on_device(bundle: Path, device: Device, gate_overrides: dict | None
     write_manifest(bundle, manifest)
     return verdicts
 
-
-def _supported(manifest: dict, bundle: Path) -> set[str]:
-    from runtimes.registry import RUNTIMES
-
-    formats = {a["format"] for a in manifest["artifacts"]} & set(RUNTIMES)
-    if not formats:
-        _artifact(manifest, bundle)  # raises the one-line error naming the formats there
-    return formats

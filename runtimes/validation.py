@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
+
 GOLDEN_FILE = "golden.npz"
 
 
 def log_softmax(x):
-    import numpy as np
-
     x = x.astype(np.float64)
     shifted = x - x.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
@@ -28,8 +28,6 @@ def log_softmax(x):
 
 def logit_metrics(reference, artifact) -> dict:
     """Metrics over [positions, vocab] logits."""
-    import numpy as np
-
     diff = np.abs(artifact.astype(np.float64) - reference.astype(np.float64))
     log_p, log_q = log_softmax(reference), log_softmax(artifact)
     kl = (np.exp(log_p) * (log_p - log_q)).sum(axis=-1)
@@ -46,8 +44,6 @@ def logit_metrics(reference, artifact) -> dict:
 
 def next_token_nll(logits, ids: list) -> float:
     """Mean negative log-likelihood of ids[1:] given the logits at the positions before them."""
-    import numpy as np
-
     log_p = log_softmax(logits[:-1])
     return float(-log_p[np.arange(len(ids) - 1), ids[1:]].mean())
 
@@ -62,8 +58,6 @@ def first_divergence(a: list, b: list):
 def compare(runner, golden: dict) -> tuple:
     """(per-prompt metrics, the worst of each over the prompts with the prompts' perplexities, the
     artifact's log-probabilities per prompt). `golden`: prompts, logits and greedy tokens of the reference."""
-    import numpy as np
-
     per_prompt, artifact_logprobs = [], []
     for ids, ref, ref_tokens in zip(golden["prompts"], golden["logits"], golden["tokens"]):
         split = max(1, len(ids) // 2)
@@ -95,8 +89,6 @@ def compare(runner, golden: dict) -> tuple:
 
 def save_golden(path, golden: dict) -> None:
     """golden.npz: arrays only (np.load needs no pickle to read it back)."""
-    import numpy as np
-
     arrays = {}
     for i, (ids, logits, tokens) in enumerate(zip(golden["prompts"], golden["logits"], golden["tokens"])):
         arrays[f"prompt_{i}"] = np.asarray(ids, dtype=np.int64)
@@ -107,8 +99,6 @@ def save_golden(path, golden: dict) -> None:
 
 
 def load_golden(path) -> dict:
-    import numpy as np
-
     with np.load(path, allow_pickle=False) as data:
         count = sum(1 for name in data.files if name.startswith("prompt_"))
         return {"prompts": [data[f"prompt_{i}"].tolist() for i in range(count)],
