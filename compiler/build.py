@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from compiler.bundle import BundleWriter, build_machine, read_manifest, write_manifest
@@ -29,6 +29,9 @@ class Reference:
     prompts: list[list[int]]
     lora: dict | None  # base and per-adapter log-probabilities, for LoRA delta retention
     golden: dict | None = None  # the reference's logits and greedy tokens on the prompts, once computed
+    runtime_adapters: list = field(default_factory=list)  # --lora runtime: LoraPairs, kept apart from the base
+    slots: object = None  # --lora runtime: the LoraSlots of every artifact
+    adapter_golden: dict = field(default_factory=dict)  # adapter name -> (golden data, LoRA reference)
 
     def golden_data(self, new_tokens: int) -> dict:
         from compiler.validate import golden
@@ -37,8 +40,21 @@ class Reference:
             self.golden = golden(self.model, self.prompts, new_tokens)
         return self.golden
 
+    def adapter_reference(self, adapter, new_tokens: int) -> tuple[dict, dict]:
+        """(golden data, LoRA reference) of the base with this runtime adapter merged."""
+        from compiler.adapters import adapter_golden
 
-def load_reference(model_dir: Path, adapters: list[AdapterSpec], report: BuildReport, with_lora_reference: bool = True):
+        cached = self.adapter_golden.get(adapter.name)
+        if cached is None or len(cached[0]["tokens"][0]) != new_tokens:
+            cached = adapter_golden(self.model, self.prompts, new_tokens, adapter, self.golden_data(new_tokens))
+            self.adapter_golden[adapter.name] = cached
+        return cached
+
+
+def load_reference(model_dir: Path, adapters: list[AdapterSpec], report: BuildReport, with_lora_reference: bool = True,
+                   runtime_adapters: list[AdapterSpec] = ()):
+    """adapters are merged; runtime_adapters (--lora runtime) are read and checked against the base, kept apart."""
+    from compiler.adapters import read_runtime_adapters
     from compiler.validate import prompt_ids, torch_logprobs
 
     with report.stage("load", str(model_dir)):
@@ -65,21 +81,59 @@ def load_reference(model_dir: Path, adapters: list[AdapterSpec], report: BuildRe
                     "adapters": [{"path": r.path, "delta": [b - a for a, b in zip(steps[i], steps[i + 1])]}
                                  for i, r in enumerate(records)],
                 }
+    pairs = []
+    if runtime_adapters:
+        with report.stage("read_adapters", f"{len(runtime_adapters)} adapter(s), kept apart from the base"):
+            pairs = read_runtime_adapters(checkpoint, list(runtime_adapters))
     model = build_decoder(checkpoint)
-    return Reference(model, checkpoint, records, source_hashes, prompts, lora)
+    return Reference(model, checkpoint, records, source_hashes, prompts, lora, runtime_adapters=pairs)
 
 
 def _validate_artifact(directory: Path, artifact: dict, reference: Reference, config: BuildConfig,
                        report: BuildReport) -> dict:
-    """The gates for one artifact of a bundle, run in its own runtime."""
+    """The gates for one artifact of a bundle, run in its own runtime; with runtime LoRA, for no adapter
+    and for each adapter of the artifact against its own reference (failures named by adapter)."""
     from compiler.validate import validate
     from runtimes.registry import open_runtime, runtime_for
 
     gates = config.validation.gates(config.export.precision)
+    new_tokens = config.validation.new_tokens
     stage = "validate" if artifact["format"] == "onnx" else f"validate_{artifact['format']}"
     with report.stage(stage, f"{runtime_for(artifact['format']).name} vs PyTorch reference"):
         runner = open_runtime(directory, artifact)
-        return validate(runner, reference.golden_data(config.validation.new_tokens), gates, reference.lora)
+        result = validate(runner, reference.golden_data(new_tokens), gates, reference.lora)
+    entries = (artifact.get("lora") or {}).get("adapters", [])
+    if not entries:
+        return result
+    _genai_check(directory, artifact, None, reference.golden_data(new_tokens), result, gates)
+    by_name = {a.name: a for a in reference.runtime_adapters}
+    for entry in entries:
+        with report.stage(f"{stage}_adapter", f"adapter {entry['name']} vs PyTorch reference with it merged"):
+            golden_data, lora = reference.adapter_reference(by_name[entry["name"]], new_tokens)
+            runner.set_adapter(entry["name"], directory / entry["file"])
+            entry["validation"] = validate(runner, golden_data, gates, lora)
+            _genai_check(directory, artifact, entry["name"], golden_data, entry["validation"], gates)
+        result["passed"] = result["passed"] and entry["validation"]["passed"]
+        result["failures"] += [f"adapter {entry['name']}: {f}" for f in entry["validation"]["failures"]]
+    runner.set_adapter(None)
+    return result
+
+
+def _genai_check(directory: Path, artifact: dict, adapter: str | None, golden_data: dict, result: dict,
+                 gates: dict) -> None:
+    """onnxruntime-genai's greedy tokens through its own Adapters API, where it is installed."""
+    from importlib.util import find_spec
+
+    from compiler.adapters import genai_greedy_match
+    from compiler.validate import gate_results
+
+    if artifact["format"] != "onnx" or find_spec("onnxruntime_genai") is None:
+        return
+    file = directory / next(a["file"] for a in artifact["lora"]["adapters"] if a["name"] == adapter) if adapter else None
+    result["metrics"]["genai_greedy_match"] = genai_greedy_match(directory, golden_data, adapter, file)
+    verdict = gate_results(result["metrics"], gates)
+    for key in ("passed", "gates", "failures", "summary"):
+        result[key] = verdict[key]
 
 
 def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
@@ -88,9 +142,16 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
         from compiler.executorch.quantize import check_pte_quant
 
         check_pte_quant(config.export.quant)  # before the ONNX build of --format onnx,pte spends its time
+    runtime_lora = config.lora.mode == "runtime"
+    if runtime_lora and "pte" in config.export.formats:
+        raise UsageError("--lora runtime: the .pte format does not carry runtime LoRA yet; use --format onnx "
+                         "or --lora merge")
     writer = BundleWriter(config.out, config.force)
     try:
-        reference = load_reference(config.model.path, config.adapters, report, config.validation.enabled)
+        merged, kept_apart = ([], config.adapters) if runtime_lora else (config.adapters, [])
+        reference = load_reference(config.model.path, merged, report, config.validation.enabled, kept_apart)
+        if runtime_lora:
+            _prepare_runtime_lora(config, reference, report)
         model, records, source_hashes = reference.model, reference.records, reference.source_hashes
         checkpoint = reference.checkpoint
         report.adapters = [r.to_dict() for r in records]
@@ -114,7 +175,9 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
             "build_config": config.to_dict(),
             "source": {
                 "model": {"path": str(config.model.path), "sha256": source_hashes},
-                "adapters": [{"path": r.path, "weight": r.weight, "sha256": r.sha256} for r in records],
+                "adapters": [{"path": r.path, "weight": r.weight, "sha256": r.sha256} for r in records]
+                + [{"name": a.name, "path": a.path, "weight": a.weight, "sha256": a.sha256, "lora": "runtime"}
+                   for a in reference.runtime_adapters],
             },
             "model": model.cfg.to_dict(),
             "build_machine": build_machine(),
@@ -131,6 +194,15 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
     if validation is not None and not validation["passed"]:
         raise CheckFailed(f"{out}: validation failed: " + "; ".join(validation["failures"]))
     return out, manifest
+
+
+def _prepare_runtime_lora(config: BuildConfig, reference: Reference, report: BuildReport) -> None:
+    from compiler.models.lora_slots import LoraSlots
+
+    dtype = config.lora.slot_dtype(config.export.quant is not None)
+    reference.slots = LoraSlots.for_adapters(reference.model.cfg, reference.runtime_adapters, dtype,
+                                             config.lora.max_rank, config.lora.targets)
+    report.adapters = [a.describe() for a in reference.runtime_adapters]
 
 
 def headline_validation(artifacts: list[dict]) -> dict | None:
@@ -166,7 +238,7 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
         onnx_model = export_onnx(model)
     traced_nodes = len(onnx_model.graph)
     pipeline = config.export.pipeline
-    passes = build_pipeline(pipeline, model.cfg, quant, precomputed)
+    passes = build_pipeline(pipeline, model.cfg, quant, precomputed, reference.slots)
     if passes:
         with report.stage("onnx_passes", f"pipeline '{pipeline}', {len(passes)} passes"):
             onnx_model, report.passes = run_passes(onnx_model, passes, config.export.dump_dir)
@@ -185,9 +257,24 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
         writer.write_json("genai_config.json", genai_config(model.cfg, MODEL_FILE, shares_buffer))
     artifact = {"format": "onnx", "path": MODEL_FILE, "precision": config.export.precision, "pipeline": pipeline,
                 "quant": quant.to_dict() if quant else None, "io": io_for(model).describe(shares_buffer)}
+    if reference.slots is not None:
+        artifact["lora"] = _write_onnx_adapters(writer.staging, reference, report)
     if config.validation.enabled:
         artifact["validation"] = _validate_artifact(writer.staging, artifact, reference, config, report)
     return artifact
+
+
+def _write_onnx_adapters(staging: Path, reference: Reference, report: BuildReport) -> dict:
+    from compiler.adapters import adapter_entry
+    from compiler.onnx.adapter_file import adapter_path, write_onnx_adapter
+
+    entries = []
+    with report.stage("write_adapters", f"{len(reference.runtime_adapters)} .onnx_adapter file(s)"):
+        for adapter in reference.runtime_adapters:
+            relative = adapter_path(adapter.name)
+            stats = write_onnx_adapter(staging / relative, adapter, reference.slots)
+            entries.append(adapter_entry(staging, relative, adapter, stats))
+    return {"mode": "runtime", "slots": reference.slots.to_dict(), "adapters": entries}
 
 
 def _build_pte(config: BuildConfig, reference: Reference, writer: BundleWriter, report: BuildReport) -> dict:

@@ -88,10 +88,11 @@ def check_output(out: Path, force: bool) -> None:
 
 
 def file_entries(directory: Path) -> dict[str, dict]:
+    """Every file of the bundle but the manifest, by path relative to it ('adapters/a.onnx_adapter')."""
     return {
-        p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in sorted(directory.iterdir())
-        if p.is_file() and p.name != MANIFEST
+        p.relative_to(directory).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.relative_to(directory).as_posix() != MANIFEST
     }
 
 

@@ -80,7 +80,15 @@ def _parse_adapters(values: tuple[str, ...]):
 
 @main.command()
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="Hugging Face model directory.")
-@click.option("--adapter", "adapters", multiple=True, metavar="DIR[:WEIGHT]", help="PEFT LoRA adapter, repeatable.")
+@click.option("--adapter", "adapters", multiple=True, metavar="[NAME=]DIR[:WEIGHT]",
+              help="PEFT LoRA adapter, repeatable (NAME: its name with --lora runtime).")
+@click.option("--lora", "lora_mode", type=click.Choice(["merge", "runtime"]), default="merge", show_default=True,
+              help="merge: adapters merged into the weights; runtime: the base once, one file per adapter.")
+@click.option("--lora-dtype", type=click.Choice(["fp16", "fp32"]),
+              help="--lora runtime: the adapters' tensors [fp32 for an fp32 build, fp16 for int4].")
+@click.option("--lora-max-rank", type=POSITIVE, help="--lora runtime: highest rank an adapter may have [the adapters'].")
+@click.option("--lora-targets", metavar="PROJ,...",
+              help="--lora runtime: slots on these projections of every layer too (q_proj,v_proj,...), for adapters added later.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--format", "formats", default="onnx", show_default=True,
               help="Artifact formats, comma-separated: onnx (onnxruntime / -genai), pte (ExecuTorch, XNNPACK).")
@@ -108,14 +116,16 @@ def _parse_adapters(values: tuple[str, ...]):
 @click.option("--no-validate", is_flag=True, help="Skip validation (the manifest records that).")
 @click.option("--force", is_flag=True, help="Move a non-bundle --out directory aside instead of refusing.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
-def build(model_dir, adapters, out, formats, optimize, dump_dir, quant, block_size, algo, asymmetric, accuracy_level,
+def build(model_dir, adapters, lora_mode, lora_dtype, lora_max_rank, lora_targets, out, formats, optimize, dump_dir, quant, block_size, algo, asymmetric, accuracy_level,
           embedding_bits, lm_head_bits, keep_fp32, keep_int8, calibration, max_seq_len, gates, new_tokens, no_validate,
           force, quiet):
     """Build a bundle: load, merge LoRA, export, validate."""
     from compiler.build import build as run_build
-    from compiler.config import BuildConfig, ExportConfig, ModelConfig, QuantConfig, ValidationConfig
+    from compiler.config import BuildConfig, ExportConfig, LoraConfig, ModelConfig, QuantConfig, ValidationConfig
     from compiler.report import BuildReport
 
+    targets = tuple(t.strip() for t in (lora_targets or "").split(",") if t.strip())
+    lora = LoraConfig(lora_mode, lora_dtype, lora_max_rank, targets)
     quant_config = None
     if quant == "int4":
         quant_config = QuantConfig(4, block_size, not asymmetric, accuracy_level, algo, int(embedding_bits),
@@ -129,6 +139,7 @@ def build(model_dir, adapters, out, formats, optimize, dump_dir, quant, block_si
         export=ExportConfig(_parse_formats(formats), optimize, dump_dir, quant_config, max_seq_len),
         validation=ValidationConfig(enabled=not no_validate, new_tokens=new_tokens, gate_overrides=_parse_gates(gates)),
         force=force,
+        lora=lora,
     )
     config.validation.gates(config.export.precision)  # unknown gate names fail before the build
     report = BuildReport(quiet=quiet)
@@ -144,7 +155,15 @@ def _build_summary(out: Path, manifest: dict, report: dict) -> str:
     size = sum(f["bytes"] for f in manifest["files"].values())
     lines = [f"bundle: {out}  ({size / 1e6:.1f} MB, built in {report['wall_s']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB)"]
     for adapter in report["adapters"]:
-        lines.append(f"adapter: {adapter['path']}  {adapter['modules_merged']} modules merged")
+        if "modules_merged" in adapter:
+            lines.append(f"adapter: {adapter['path']}  {adapter['modules_merged']} modules merged")
+    for artifact in manifest["artifacts"]:
+        for adapter in (artifact.get("lora") or {}).get("adapters", []):
+            verdict = adapter.get("validation")
+            state = "" if verdict is None else ("  PASSED" if verdict["passed"] else "  FAILED")
+            lines.append(f"adapter {adapter['name']} ({artifact['format']}): {adapter['file']}  rank "
+                         f"{'/'.join(map(str, adapter['ranks']))} on {','.join(adapter['targets'])}  "
+                         f"{adapter['bytes'] / 1e6:.2f} MB{state}")
     artifacts = [a for a in manifest["artifacts"] if a.get("validation")]
     for artifact in artifacts:
         validation = artifact["validation"]

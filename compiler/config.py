@@ -32,6 +32,7 @@ DEFAULT_GATES: dict[str, dict[str, tuple[str, float]]] = {
         "top1_agreement": ("min", 0.99),
         "kl_mean": ("max", 1e-5),
         "greedy_match": ("min", 1.0),
+        "genai_greedy_match": ("min", 1.0),  # runtime LoRA: onnxruntime-genai through its Adapters API
         "perplexity_ratio": ("max", 1.001),
         "lora_delta_retention": ("min", 0.99),
     },
@@ -131,6 +132,32 @@ class ValidationConfig:
         return gates
 
 
+LORA_MODES = ("merge", "runtime")
+
+
+@dataclass
+class LoraConfig:
+    """merge: adapters merged into the weights (one model); runtime: the base once, LoRA slots, one file
+    per adapter (dtype None: fp32 for an fp32 build, fp16 for a quantized one)."""
+
+    mode: str = "merge"
+    dtype: str | None = None
+    max_rank: int | None = None
+    targets: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.mode not in LORA_MODES:
+            raise UsageError(f"--lora {self.mode}: unknown (supported: {', '.join(LORA_MODES)})")
+        if self.mode == "merge" and (self.dtype or self.max_rank or self.targets):
+            raise UsageError("--lora-dtype/--lora-max-rank/--lora-targets need --lora runtime")
+
+    def slot_dtype(self, quantized: bool) -> str:
+        return self.dtype or ("fp16" if quantized else "fp32")
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "dtype": self.dtype, "max_rank": self.max_rank, "targets": list(self.targets)}
+
+
 @dataclass
 class BuildConfig:
     model: ModelConfig
@@ -139,6 +166,7 @@ class BuildConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     force: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict:
         return {
@@ -149,6 +177,7 @@ class BuildConfig:
                        "optimize": self.export.optimize, "max_seq_len": self.export.max_seq_len,
                        "quant": self.export.quant.to_dict() if self.export.quant else None},
             "validation": asdict(self.validation),
+            "lora": self.lora.to_dict(),
         }
 
     @classmethod
@@ -158,10 +187,11 @@ class BuildConfig:
         return cls(
             model=ModelConfig(Path(data["model"]["path"])),
             out=out,
-            adapters=[AdapterSpec(Path(a["path"]), float(a["weight"])) for a in data.get("adapters", [])],
+            adapters=[AdapterSpec(Path(a["path"]), float(a["weight"]), a.get("name")) for a in data.get("adapters", [])],
             export=ExportConfig(tuple(data["export"]["formats"]), data["export"].get("optimize", "none"), None,
                                 _quant_from_dict(data["export"].get("quant")), data["export"].get("max_seq_len")),
             validation=ValidationConfig(**data.get("validation", {})),
+            lora=LoraConfig(**{**data.get("lora", {}), "targets": tuple(data.get("lora", {}).get("targets", ()))}),
         )
 
 

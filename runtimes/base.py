@@ -14,6 +14,7 @@ import resource
 import shutil
 import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 
 BENCH_SCHEMA = "edgec.bench/1"
@@ -33,6 +34,7 @@ class BenchSpec:
     # Tokens already in the KV cache before the timed prefill and decode (llama-bench's -d): one set of
     # measurements per depth. The first depth's medians are the result's top-level figures.
     depths: tuple = (0,)
+    adapter: str | None = None  # runtime LoRA: the bundle's adapter active in the run
 
     @property
     def max_tokens(self) -> int:
@@ -46,7 +48,7 @@ class BenchSpec:
         """The bench agent's command line for this spec (read back by `bench_agent_main`)."""
         return ["--prompt-tokens", str(self.prompt_tokens), "--new-tokens", str(self.new_tokens),
                 "--repeats", str(self.repeats), "--warmup", str(self.warmup), "--threads", str(self.threads),
-                "--depths", ",".join(map(str, self.depths))]
+                "--depths", ",".join(map(str, self.depths))] + (["--adapter", self.adapter] if self.adapter else [])
 
 
 def parse_depths(text: str) -> tuple:
@@ -266,10 +268,25 @@ def bench_agent_main(runtime_class, argv: list | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--depths", type=depths, default=(0,), help="comma-separated context depths, e.g. 0,512,1024")
+    parser.add_argument("--adapter", help="runtime LoRA: the bundle's adapter to activate")
     args = parser.parse_args(argv)
-    spec = BenchSpec(args.prompt_tokens, args.new_tokens, args.warmup, args.repeats, args.threads, depths=args.depths)
-    json.dump(runtime_class(args.bundle, threads=spec.threads).bench(spec).to_dict(), sys.stdout)
+    spec = BenchSpec(args.prompt_tokens, args.new_tokens, args.warmup, args.repeats, args.threads, depths=args.depths,
+                     adapter=args.adapter)
+    runtime = runtime_class(args.bundle, threads=spec.threads)
+    started = time.perf_counter()
+    runtime.set_adapter(spec.adapter)
+    runtime.adapter_load_s = time.perf_counter() - started
+    json.dump(runtime.bench(spec).to_dict(), sys.stdout)
     return 0
+
+
+def bundle_adapters(manifest: dict | None, fmt: str) -> dict:
+    """Runtime LoRA: adapter name -> its manifest entry ('file' relative to the bundle), for the artifact of
+    that format."""
+    for artifact in (manifest or {}).get("artifacts", []):
+        if artifact.get("format") == fmt:
+            return {a["name"]: a for a in (artifact.get("lora") or {}).get("adapters", [])}
+    return {}
 
 
 def greedy(step, prompt: list, new_tokens: int, eos_ids: tuple = (), timings: list | None = None,
@@ -314,6 +331,13 @@ class Runtime:
     version = "unknown"
     threads = 0
     vocab_size = 0
+    adapter = None  # runtime LoRA: the active adapter's name
+    adapter_load_s = 0.0
+
+    def set_adapter(self, name: str | None, file=None) -> None:
+        """Activate one of the bundle's runtime LoRA adapters (None: the base alone)."""
+        if name is not None:
+            raise ValueError(f"adapter {name}: {self.name} runs no runtime LoRA adapters")
 
     def start_sequence(self, total_tokens: int, **options):
         """step(ids [1, seq] int64, start) -> the last position's logits [vocab], on a fresh KV cache that
@@ -329,7 +353,10 @@ class Runtime:
         raise NotImplementedError
 
     def runtime_facts(self) -> dict:
-        return {"name": self.name, "version": self.version, "threads": self.threads or os.cpu_count()}
+        facts = {"name": self.name, "version": self.version, "threads": self.threads or os.cpu_count()}
+        if self.adapter:
+            facts.update(adapter=self.adapter, adapter_load_s=round(self.adapter_load_s, 4))
+        return facts
 
     def generate(self, prompt: list, new_tokens: int, eos_ids: tuple = (), timings: list | None = None,
                  context: list | None = None, **sequence_options) -> list:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import numpy as np
+
+from runtimes.base import bundle_adapters
 
 
 class GenaiRuntime:
@@ -13,11 +16,38 @@ class GenaiRuntime:
 
     name = "onnxruntime-genai"
 
-    def __init__(self, bundle_dir: str | Path):
+    def __init__(self, bundle_dir: str | Path, adapter: str | None = None, adapter_file: str | Path | None = None):
         import onnxruntime_genai as og
 
         self._og = og
+        self.bundle_dir = Path(bundle_dir)
         self.model = og.Model(str(bundle_dir))
+        self.adapters = None  # og.Adapters, made when the first adapter is loaded
+        self._loaded: set[str] = set()
+        self.adapter = None
+        self.set_adapter(adapter, adapter_file)
+
+    def load_adapter(self, name: str, file: str | Path | None = None) -> None:
+        """Load one of the bundle's runtime LoRA adapters into genai's Adapters (once); `file` for one the
+        manifest does not list yet (during a build)."""
+        if name in self._loaded:
+            return
+        if file is None:
+            manifest_path = self.bundle_dir / "manifest.json"
+            entries = bundle_adapters(json.loads(manifest_path.read_text()) if manifest_path.exists() else None, "onnx")
+            if name not in entries:
+                raise ValueError(f"adapter {name}: not in {self.bundle_dir} (adapters: {', '.join(entries) or 'none'})")
+            file = self.bundle_dir / entries[name]["file"]
+        if self.adapters is None:
+            self.adapters = self._og.Adapters(self.model)
+        self.adapters.load(str(file), name)
+        self._loaded.add(name)
+
+    def set_adapter(self, name: str | None, file: str | Path | None = None) -> None:
+        """The adapter each later generation activates (None: the base alone)."""
+        if name is not None:
+            self.load_adapter(name, file)
+        self.adapter = name
 
     def encode(self, text: str) -> list[int]:
         return [int(t) for t in self._og.Tokenizer(self.model).encode(text)]
@@ -33,6 +63,8 @@ class GenaiRuntime:
         params = self._og.GeneratorParams(self.model)
         params.set_search_options(**options)
         generator = self._og.Generator(self.model, params)
+        if self.adapter is not None:
+            generator.set_active_adapter(self.adapters, self.adapter)
         started = time.perf_counter()
         generator.append_tokens(np.asarray(prompt, dtype=np.int32))
         prefill = time.perf_counter() - started

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes.base import Runtime, bench_agent_main
+from runtimes.base import Runtime, bench_agent_main, bundle_adapters
 
 
 def _artifact(manifest: dict, fmt: str = "onnx") -> dict:
@@ -53,6 +53,29 @@ class OrtRuntime(Runtime):
         self.output_names = [o.name for o in self.session.get_outputs()]
         vocab = self.session.get_outputs()[0].shape[-1]
         self.vocab_size = vocab if isinstance(vocab, int) else 1000
+        self.run_options = None  # holds the active runtime LoRA adapter
+        self._loaded_adapters = {}
+
+    def set_adapter(self, name: str | None, file: str | Path | None = None) -> None:
+        """Activate a runtime LoRA adapter of the bundle (an .onnx_adapter file, loaded once and kept); `file`
+        for one the manifest does not list yet (during a build)."""
+        import onnxruntime as ort
+
+        if name is None:
+            self.adapter, self.run_options = None, None
+            return
+        if name not in self._loaded_adapters:
+            if file is None:
+                entries = bundle_adapters(self.manifest, self.format)
+                if name not in entries:
+                    raise ValueError(f"adapter {name}: not in {self.bundle_dir} (adapters: {', '.join(entries) or 'none'})")
+                file = self.bundle_dir / entries[name]["file"]
+            adapter = ort.LoraAdapter()
+            adapter.Load(str(file))
+            self._loaded_adapters[name] = adapter
+        self.run_options = ort.RunOptions()
+        self.run_options.add_active_adapter(self._loaded_adapters[name])
+        self.adapter = name
 
     def _kv_dims(self) -> tuple[int, int]:
         """KV heads and head size; from genai_config.json for models whose cache dims are symbolic."""
@@ -80,7 +103,7 @@ class OrtRuntime(Runtime):
         feeds = self._position_feeds(input_ids, past_len)
         for value, tensor in zip(self.past_inputs, past):
             feeds[value.name] = tensor
-        outputs = self.session.run(self.output_names, feeds)
+        outputs = self.session.run(self.output_names, feeds, self.run_options)
         return outputs[0], outputs[1:]
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
@@ -130,7 +153,7 @@ class OrtRuntime(Runtime):
             binding.bind_output("logits")  # first: get_outputs() follows the binding order
             for name, buffer in zip(presents, buffers):
                 binding.bind_ortvalue_output(name, buffer)
-            self.session.run_with_iobinding(binding)
+            self.session.run_with_iobinding(binding, self.run_options)
             return binding.get_outputs()[0].numpy()[0, -1]
 
         return step

@@ -39,9 +39,11 @@ def runtime_for(fmt: str) -> RuntimeEntry:
         raise ValueError(f"no runtime runs the {fmt!r} format (runtimes: {', '.join(RUNTIMES)})") from None
 
 
-def open_runtime(bundle_dir, artifact: dict, threads: int = 0):
-    """The runtime for one artifact of a bundle (a manifest entry), loaded and ready to run."""
+def open_runtime(bundle_dir, artifact: dict, threads: int = 0, adapter=None):
+    """The runtime for one artifact of a bundle (a manifest entry), loaded and ready to run, with the runtime
+    LoRA adapter of that name active (None: the base alone)."""
     from pathlib import Path
 
-    runtime = runtime_for(artifact["format"]).load()
-    return runtime(bundle_dir, Path(bundle_dir) / artifact["path"], threads=threads)
+    runtime = runtime_for(artifact["format"]).load()(bundle_dir, Path(bundle_dir) / artifact["path"], threads=threads)
+    runtime.set_adapter(adapter)
+    return runtime

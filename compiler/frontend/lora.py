@@ -32,24 +32,43 @@ UNSUPPORTED_OPTIONS = {
 }
 
 
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     path: Path
     weight: float = 1.0
+    name: str | None = None  # runtime LoRA: the adapter's name in the bundle (default: the directory's)
 
     @classmethod
     def parse(cls, text: str) -> "AdapterSpec":
-        """`DIR` or `DIR:WEIGHT`; a weight is only taken when the part after the last colon is a number."""
+        """`[NAME=]DIR[:WEIGHT]`; a weight is only taken when the part after the last colon is a number, a
+        name only when the part before the first '=' is a plain name (no path separator)."""
+        name = None
+        head, sep, rest = text.partition("=")
+        if sep and "/" not in head and head:
+            if not ADAPTER_NAME.fullmatch(head):
+                raise UsageError(f"--adapter {text}: adapter name '{head}' must be letters, digits, '_', '.' or '-' "
+                                 "(at most 64, starting with a letter or digit)")
+            name, text = head, rest
         path, _, weight = text.rpartition(":")
         if path:
             try:
-                return cls(Path(path), float(weight))
+                return cls(Path(path), float(weight), name)
             except ValueError:
                 pass
-        return cls(Path(text), 1.0)
+        return cls(Path(text), 1.0, name)
+
+    @property
+    def runtime_name(self) -> str:
+        return self.name or self.path.resolve().name
 
     def to_dict(self) -> dict:
-        return {"path": str(self.path), "weight": self.weight}
+        d = {"path": str(self.path), "weight": self.weight}
+        if self.name:
+            d["name"] = self.name
+        return d
 
 
 @dataclass
@@ -163,6 +182,23 @@ def _group(tensors: dict[str, torch.Tensor], where: Path):
     return pairs, replacements
 
 
+def _checked_pair(module: str, parts: dict, config: dict, base: torch.Tensor, weights_path: Path, use_rslora: bool):
+    """(A [r, in], B [out, r], r, scale) of one module's LoRA pair, checked against the base weight."""
+    a, b = parts["A"].float(), parts["B"].float()
+    rank = a.shape[0]
+    configured_rank = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", rank))
+    expected = (base.shape[1], base.shape[0]) if parts["embedding"] else tuple(base.shape)
+    if b.shape[1] != rank or (b.shape[0], a.shape[1]) != expected or rank != configured_rank:
+        raise UsageError(
+            f"{weights_path}: module '{module}' has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
+            f"(r={configured_rank}), which do not fit the base weight {tuple(base.shape)}; "
+            "was the adapter made for another base?"
+        )
+    alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank)))
+    scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+    return a, b, rank, scale
+
+
 def merge_lora(checkpoint: Checkpoint, adapters: list[AdapterSpec], after_each=None) -> list[MergeRecord]:
     """Merge each adapter into the checkpoint's tensors in place; returns one record per adapter.
 
@@ -207,25 +243,13 @@ def merge_lora(checkpoint: Checkpoint, adapters: list[AdapterSpec], after_each=N
                     f"{weights_path}: target module '{module}' is absent from the base model; "
                     "was the adapter made for another base?"
                 )
-            a, b = parts["A"].float(), parts["B"].float()
-            rank = a.shape[0]
-            configured_rank = _pattern_value(config.get("rank_pattern") or {}, module, config.get("r", rank))
-            base = state[key]
-            expected = (base.shape[1], base.shape[0]) if parts["embedding"] else tuple(base.shape)
-            if b.shape[1] != rank or (b.shape[0], a.shape[1]) != expected or rank != configured_rank:
-                raise UsageError(
-                    f"{weights_path}: module '{module}' has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} "
-                    f"(r={configured_rank}), which do not fit the base weight {tuple(base.shape)}; "
-                    "was the adapter made for another base?"
-                )
-            alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank)))
-            scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+            a, b, rank, scale = _checked_pair(module, parts, config, state[key], weights_path, use_rslora)
             delta = b @ a
             if parts["embedding"]:
                 delta = delta.T
             # In place: checkpoint tensors are private copy-on-write maps of the safetensors file, so
             # only the pages merged into are copied (the file itself is never written; a test checks).
-            base.add_(delta, alpha=scale * spec.weight)
+            state[key].add_(delta, alpha=scale * spec.weight)
             record.modules.append({"module": module, "rank": rank, "scale": scale * spec.weight})
         records.append(record)
         if tied_embeddings and "lm_head.weight" in state:
@@ -236,3 +260,75 @@ def merge_lora(checkpoint: Checkpoint, adapters: list[AdapterSpec], after_each=N
         if after_each is not None:
             after_each(len(records) - 1)
     return records
+
+
+# Phi-3's fused projections -> the canonical modules they hold, in row order of the fused weight.
+FUSED_MODULES = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                 "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+
+
+@dataclass
+class LoraPairs:
+    """One adapter kept apart from the base (runtime LoRA): canonical module -> (A [r, in], B [out, r])
+    with PEFT's scale and the adapter's weight folded into B, so that the module computes W x + B (A x)."""
+
+    name: str
+    path: str
+    weight: float
+    sha256: dict[str, str]
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    def ranks(self) -> dict[str, int]:
+        return {m: int(a.shape[0]) for m, (a, _) in self.modules.items()}
+
+    def delta(self, module: str) -> torch.Tensor:
+        a, b = self.modules[module]
+        return b @ a
+
+    def describe(self) -> dict:
+        ranks = sorted(set(self.ranks().values()))
+        projections = sorted({m.rsplit(".", 1)[-1] for m in self.modules})
+        return {"name": self.name, "path": self.path, "weight": self.weight, "sha256": self.sha256,
+                "ranks": ranks, "targets": projections, "modules": len(self.modules)}
+
+
+def read_lora_pairs(checkpoint: Checkpoint, spec: AdapterSpec) -> LoraPairs:
+    """The adapter's LoRA pairs on canonical module names, checked against the base, for runtime LoRA.
+
+    What runtime LoRA cannot carry (embedding LoRA, replaced modules, lm_head) is refused with one line."""
+    config, tensors, hashes = _read_adapter(spec)
+    weights_path = spec.path / ADAPTER_WEIGHTS
+    state = checkpoint.state
+    _check_targets(config, _module_names(state), spec.path / "adapter_config.json")
+    pairs, replacements = _group(tensors, weights_path)
+    if replacements:
+        raise UsageError(f"{weights_path}: the adapter replaces whole modules ({sorted(replacements)[0]}, ...: "
+                         "modules_to_save); runtime LoRA carries LoRA pairs only, use --lora merge")
+    use_rslora = bool(config.get("use_rslora"))
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for module, parts in sorted(pairs.items()):
+        if parts["embedding"] or module == "lm_head":
+            raise UsageError(f"{weights_path}: LoRA on '{module}' is not carried by runtime LoRA (linear layers of "
+                             "the decoder only); use --lora merge")
+        key = module + ".weight"
+        if key not in state:
+            raise UsageError(f"{weights_path}: target module '{module}' is absent from the base model; "
+                             "was the adapter made for another base?")
+        a, b, _, scale = _checked_pair(module, parts, config, state[key], weights_path, use_rslora)
+        b = b * (scale * spec.weight)
+        prefix, _, tail = module.partition(".self_attn.") if ".self_attn." in module else module.partition(".mlp.")
+        fused = ("self_attn." if ".self_attn." in module else "mlp.") + tail
+        if fused in FUSED_MODULES:
+            # A fused projection's pair is one pair per part: A shared, B's rows split as the weight's are.
+            sizes = _fused_sizes(checkpoint.config, fused)
+            for part, b_part in zip(FUSED_MODULES[fused], torch.split(b, sizes, dim=0)):
+                modules[f"{prefix}.{part}"] = (a, b_part.contiguous())
+        else:
+            modules[module] = (a, b)
+    return LoraPairs(spec.runtime_name, str(spec.path), spec.weight, hashes, modules)
+
+
+def _fused_sizes(cfg, fused: str) -> list[int]:
+    if fused == "mlp.gate_up_proj":
+        return [cfg.intermediate_size, cfg.intermediate_size]
+    return [cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim]

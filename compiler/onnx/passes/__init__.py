@@ -22,6 +22,7 @@ from compiler.onnx.passes.fuse_gqa import FuseGroupQueryAttentionPass
 from compiler.onnx.passes.fuse_rms_norm import FuseRmsNormPass
 from compiler.onnx.passes.fuse_rotary import FuseRotaryEmbeddingPass
 from compiler.onnx.passes.fuse_skip_rms_norm import FuseSkipRmsNormPass
+from compiler.onnx.passes.lora_slots import LoraSlotsPass
 from compiler.onnx.passes.pack_qkv import PackQkvPass
 from compiler.onnx.passes.quantize_weights import QuantizeWeightsPass
 
@@ -42,12 +43,15 @@ def fusion_passes(cfg: DecoderConfig) -> list[CountingPass]:
 
 
 def build_pipeline(name: str, cfg: DecoderConfig, quant: QuantConfig | None = None,
-                   precomputed: dict | None = None) -> list[CountingPass]:
+                   precomputed: dict | None = None, lora_slots=None) -> list[CountingPass]:
+    """lora_slots (runtime LoRA): a LoraSlots whose branches go in last, on the packed, quantized graph."""
     if name not in PIPELINES:
         raise ValueError(f"unknown pipeline {name!r}")
     passes = fusion_passes(cfg) if "fuse" in name else []
     if "int4" in name:
         passes.append(QuantizeWeightsPass(quant or QuantConfig(), precomputed))
+    if lora_slots is not None:
+        passes.append(LoraSlotsPass(lora_slots))
     return passes
 
 
