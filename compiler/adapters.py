@@ -80,3 +80,63 @@ def adapter_entry(bundle: Path, relative: str, adapter: LoraPairs, stats: dict) 
     path = bundle / relative
     return {**adapter.describe(), "file": relative, "bytes": path.stat().st_size, "file_sha256": sha256_file(path),
             "parameters": stats["parameters"], "tensor_bytes": stats["tensor_bytes"]}
+
+
+def add_adapter(bundle: Path, spec: AdapterSpec, model_dir: Path | None, validate: bool, gates: dict, report) -> dict:
+    """Add a runtime LoRA adapter to a bundle built with --lora runtime, the base untouched: check it against
+    the bundle's slots, write its file for each artifact, validate it; returns the updated manifest (a failed
+    gate is recorded there, and the caller exits 1)."""
+    from compiler.build import Reference, headline_validation, validate_adapter
+    from compiler.bundle import file_entries, read_manifest, write_manifest
+    from compiler.config import BuildConfig
+    from compiler.frontend.load import build_decoder, read_checkpoint
+    from compiler.models.lora_slots import LoraSlots
+    from compiler.onnx.adapter_file import adapter_path, write_onnx_adapter
+    from runtimes.validation import GOLDEN_FILE, load_golden
+
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    artifacts = [a for a in manifest["artifacts"] if (a.get("lora") or {}).get("mode") == "runtime"]
+    if not artifacts:
+        raise UsageError(f"{bundle}: built with the adapters merged (--lora merge); rebuild it with --lora runtime "
+                         "to add adapters")
+    name = spec.runtime_name
+    if any(a["name"] == name for art in artifacts for a in art["lora"]["adapters"]) or name == "none":
+        raise UsageError(f"--adapter {spec.path}: {bundle} already has an adapter named '{name}'; "
+                         "choose another with --adapter NAME=DIR")
+    config = BuildConfig.from_dict(manifest["build_config"], out=bundle)
+    config.validation.gate_overrides.update(gates)
+    model_dir = Path(model_dir or config.model.path)
+    if not model_dir.is_dir():
+        raise UsageError(f"{model_dir}: source model of {bundle} not found; pass --model DIR")
+    checkpoint = read_checkpoint(model_dir)
+    recorded = manifest["source"]["model"]["sha256"]
+    changed = sorted(n for n, d in checkpoint.source_hashes().items() if recorded.get(n) not in (None, d))
+    if changed:
+        raise UsageError(f"{model_dir}: differs from the base {bundle} was built from ({changed[0]} changed); "
+                         "pass the original with --model DIR")
+    pairs = read_lora_pairs(checkpoint, spec)
+    for artifact in artifacts:
+        LoraSlots.from_dict(artifact["lora"]["slots"]).check(pairs, str(spec.path))
+    for artifact in artifacts:
+        if artifact["format"] != "onnx":
+            raise UsageError(f"{bundle}: adding an adapter to a {artifact['format']} artifact is not supported")
+        relative = adapter_path(name)
+        stats = write_onnx_adapter(bundle / relative, pairs, LoraSlots.from_dict(artifact["lora"]["slots"]))
+        artifact["lora"]["adapters"].append(adapter_entry(bundle, relative, pairs, stats))
+    if validate and (bundle / GOLDEN_FILE).exists():
+        base_golden = load_golden(bundle / GOLDEN_FILE)
+        model = build_decoder(checkpoint)
+        reference = Reference(model, checkpoint, [], recorded, base_golden["prompts"], None, golden=base_golden,
+                              runtime_adapters=[pairs])
+        config.validation.new_tokens = len(base_golden["tokens"][0])
+        for artifact in artifacts:
+            if artifact.get("validation") is not None:
+                validate_adapter(bundle, artifact, artifact["lora"]["adapters"][-1], reference, config, report)
+    manifest["build_config"]["adapters"].append(spec.to_dict() | {"name": name})
+    manifest["source"]["adapters"].append({"name": name, "path": pairs.path, "weight": pairs.weight,
+                                           "sha256": pairs.sha256, "lora": "runtime"})
+    manifest["validation"] = headline_validation(manifest["artifacts"])
+    manifest["files"] = file_entries(bundle)
+    write_manifest(bundle, manifest)
+    return manifest

@@ -105,18 +105,34 @@ def _validate_artifact(directory: Path, artifact: dict, reference: Reference, co
     entries = (artifact.get("lora") or {}).get("adapters", [])
     if not entries:
         return result
+    artifact["validation"] = result
     _genai_check(directory, artifact, None, reference.golden_data(new_tokens), result, gates)
-    by_name = {a.name: a for a in reference.runtime_adapters}
     for entry in entries:
-        with report.stage(f"{stage}_adapter", f"adapter {entry['name']} vs PyTorch reference with it merged"):
-            golden_data, lora = reference.adapter_reference(by_name[entry["name"]], new_tokens)
-            runner.set_adapter(entry["name"], directory / entry["file"])
-            entry["validation"] = validate(runner, golden_data, gates, lora)
-            _genai_check(directory, artifact, entry["name"], golden_data, entry["validation"], gates)
-        result["passed"] = result["passed"] and entry["validation"]["passed"]
-        result["failures"] += [f"adapter {entry['name']}: {f}" for f in entry["validation"]["failures"]]
+        validate_adapter(directory, artifact, entry, reference, config, report, runner)
     runner.set_adapter(None)
     return result
+
+
+def validate_adapter(directory: Path, artifact: dict, entry: dict, reference: Reference, config: BuildConfig,
+                     report: BuildReport, runner=None) -> None:
+    """Validate one runtime LoRA adapter of an artifact against the base with it merged; record it in the
+    adapter's entry and fold its failures, named by adapter, into the artifact's validation."""
+    from compiler.validate import validate
+    from runtimes.registry import open_runtime
+
+    gates = config.validation.gates(config.export.precision)
+    new_tokens = len(reference.golden_data(config.validation.new_tokens)["tokens"][0])
+    adapter = next(a for a in reference.runtime_adapters if a.name == entry["name"])
+    stage = "validate_adapter" if artifact["format"] == "onnx" else f"validate_{artifact['format']}_adapter"
+    with report.stage(stage, f"adapter {entry['name']} vs PyTorch reference with it merged"):
+        golden_data, lora = reference.adapter_reference(adapter, new_tokens)
+        runner = runner or open_runtime(directory, artifact)
+        runner.set_adapter(entry["name"], directory / entry["file"])
+        entry["validation"] = validate(runner, golden_data, gates, lora)
+        _genai_check(directory, artifact, entry["name"], golden_data, entry["validation"], gates)
+    result = artifact["validation"]
+    result["passed"] = result["passed"] and entry["validation"]["passed"]
+    result["failures"] += [f"adapter {entry['name']}: {f}" for f in entry["validation"]["failures"]]
 
 
 def _genai_check(directory: Path, artifact: dict, adapter: str | None, golden_data: dict, result: dict,
@@ -341,7 +357,9 @@ def revalidate(bundle: Path, config_overrides: dict, report: BuildReport) -> dic
         config.validation.new_tokens = config_overrides["new_tokens"]
     if not config.model.path.is_dir():
         raise UsageError(f"{config.model.path}: source model of {bundle} not found; pass --model DIR")
-    reference = load_reference(config.model.path, config.adapters, report)
+    runtime_lora = config.lora.mode == "runtime"
+    merged, kept_apart = ([], config.adapters) if runtime_lora else (config.adapters, [])
+    reference = load_reference(config.model.path, merged, report, True, kept_apart)
     source_hashes = reference.source_hashes
     recorded = manifest["source"]["model"]["sha256"]
     changed = sorted(name for name, digest in source_hashes.items() if recorded.get(name) not in (None, digest))

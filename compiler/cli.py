@@ -173,6 +173,39 @@ def _build_summary(out: Path, manifest: dict, report: dict) -> str:
     return "\n".join(lines)
 
 
+@main.command("add-adapter")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--adapter", "adapter", required=True, metavar="[NAME=]DIR[:WEIGHT]", help="PEFT LoRA adapter to add.")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="The base model, if it moved since the build.")
+@click.option("--gate", "gates", multiple=True, metavar="METRIC=VALUE", help="Override a validation gate.")
+@click.option("--no-validate", is_flag=True, help="Skip validating the adapter.")
+@click.option("--quiet", is_flag=True, help="No progress lines.")
+def add_adapter(bundle, adapter, model_dir, gates, no_validate, quiet):
+    """Add a LoRA adapter to a bundle built with --lora runtime, without rebuilding the base."""
+    from compiler.adapters import add_adapter as run_add_adapter
+    from compiler.errors import CheckFailed
+    from compiler.frontend.lora import AdapterSpec
+    from compiler.report import BuildReport
+
+    spec = AdapterSpec.parse(adapter)
+    manifest = run_add_adapter(bundle, spec, model_dir, not no_validate, _parse_gates(gates), BuildReport(quiet=quiet))
+    lines = []
+    for artifact in manifest["artifacts"]:
+        entry = next((a for a in (artifact.get("lora") or {}).get("adapters", []) if a["name"] == spec.runtime_name), None)
+        if entry is None:
+            continue
+        verdict = entry.get("validation")
+        lines.append(f"adapter {entry['name']} ({artifact['format']}): {bundle / entry['file']}  rank "
+                     f"{'/'.join(map(str, entry['ranks']))} on {','.join(entry['targets'])}  {entry['bytes'] / 1e6:.2f} MB"
+                     + ("" if verdict is None else f"  validation {'PASSED' if verdict['passed'] else 'FAILED'}"))
+        lines += [f"  {s}" for s in (verdict or {}).get("summary", [])]
+    click.echo("\n".join(lines))
+    failures = [f for artifact in manifest["artifacts"] for e in (artifact.get("lora") or {}).get("adapters", [])
+                if e["name"] == spec.runtime_name and e.get("validation") for f in e["validation"]["failures"]]
+    if failures:
+        raise CheckFailed(f"{bundle}: adapter {spec.runtime_name}: validation failed: " + "; ".join(failures))
+
+
 DEVICE_OPTIONS = [
     click.option("--device", "device_url", default="local", show_default=True,
                  metavar="local|emulator|ssh://USER@HOST[:PORT]|adb[:SERIAL]",
@@ -308,17 +341,18 @@ def bench_table(result: dict) -> str:
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True, help="0: the runtime's default.")
 @click.option("--depths", default="0", show_default=True, metavar="N,N,...",
               help="Context depths: tokens already in the KV cache before the timed prefill and decode.")
+@click.option("--adapter", help="Runtime LoRA: the bundle's adapter active during the run.")
 @device_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result in the shared bench JSON schema.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
-def bench(bundle, prompt_tokens, new_tokens, repeats, warmup, threads, depths, timeout_s, keep, fmt, as_json, quiet,
+def bench(bundle, prompt_tokens, new_tokens, repeats, warmup, threads, depths, adapter, timeout_s, keep, fmt, as_json, quiet,
           **device):
     """Measure load time, time to first token, prefill and decode speed, peak RSS, on a device (default: the
     bundle's first artifact)."""
     from devices.bench import log_to_stderr, parse_depths, run_bench
     from runtimes.base import BenchSpec
 
-    spec = BenchSpec(prompt_tokens, new_tokens, warmup, repeats, threads, depths=parse_depths(depths))
+    spec = BenchSpec(prompt_tokens, new_tokens, warmup, repeats, threads, depths=parse_depths(depths), adapter=adapter)
     result = run_bench(bundle, spec, _device(**device), timeout_s, keep, log=None if quiet else log_to_stderr, fmt=fmt)
     click.echo(json.dumps(result, indent=2) if as_json else bench_table(result))
 

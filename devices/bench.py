@@ -18,7 +18,7 @@ from compiler.bundle import MANIFEST, read_manifest
 from compiler.errors import EdgecError, UsageError
 from devices.base import PROFILES, Device
 from devices.local import LocalDevice
-from runtimes.base import FILL_CHUNK, BenchSpec, sha256_file
+from runtimes.base import FILL_CHUNK, BenchSpec, bundle_adapters, sha256_file
 from runtimes.base import parse_depths as parse_depth_list
 from runtimes.registry import RUNTIMES
 MIN_PYTHON = (3, 8)
@@ -175,8 +175,12 @@ def run_bench(bundle: Path, spec: BenchSpec, device: Device | None = None, timeo
                          f"but the model's context is {context}; lower the depths or token counts")
     if device.threads and spec.threads and spec.threads != device.threads:
         raise UsageError(f"--threads {spec.threads}: {device.name} sets {device.threads} threads")
+    if spec.adapter is not None and spec.adapter not in bundle_adapters(manifest, artifact["format"]):
+        known = ", ".join(bundle_adapters(manifest, artifact["format"])) or "none: built with --lora merge"
+        raise UsageError(f"--adapter {spec.adapter}: not an adapter of {bundle}'s {artifact['format']} artifact "
+                         f"(adapters: {known})")
     spec = BenchSpec(spec.prompt_tokens, spec.new_tokens, spec.warmup, spec.repeats,
-                     spec.threads or device.threads, spec.seed, spec.depths)
+                     spec.threads or device.threads, spec.seed, spec.depths, spec.adapter)
     runtime = RUNTIMES[artifact["format"]].module
     run = run_agent(bundle, manifest, artifact, device, runtime, spec.to_args(), spec, timeout_s, keep, log)
     result = run.result

@@ -53,16 +53,18 @@ class OrtRuntime(Runtime):
         self.output_names = [o.name for o in self.session.get_outputs()]
         vocab = self.session.get_outputs()[0].shape[-1]
         self.vocab_size = vocab if isinstance(vocab, int) else 1000
-        self.run_options = None  # holds the active runtime LoRA adapter
+        self.adapter_feeds = {}  # the active runtime LoRA adapter's parameters by input name
         self._loaded_adapters = {}
 
     def set_adapter(self, name: str | None, file: str | Path | None = None) -> None:
-        """Activate a runtime LoRA adapter of the bundle (an .onnx_adapter file, loaded once and kept); `file`
-        for one the manifest does not list yet (during a build)."""
+        """Activate a runtime LoRA adapter of the bundle (an .onnx_adapter file, read once and kept); `file`
+        for one the manifest does not list yet (during a build). Its parameters are fed by name, as
+        onnxruntime-genai feeds them: onnxruntime's RunOptions.add_active_adapter is ignored by
+        run_with_iobinding (onnxruntime 1.32), which the shared-buffer KV cache needs."""
         import onnxruntime as ort
 
         if name is None:
-            self.adapter, self.run_options = None, None
+            self.adapter, self.adapter_feeds = None, {}
             return
         if name not in self._loaded_adapters:
             if file is None:
@@ -70,12 +72,8 @@ class OrtRuntime(Runtime):
                 if name not in entries:
                     raise ValueError(f"adapter {name}: not in {self.bundle_dir} (adapters: {', '.join(entries) or 'none'})")
                 file = self.bundle_dir / entries[name]["file"]
-            adapter = ort.LoraAdapter()
-            adapter.Load(str(file))
-            self._loaded_adapters[name] = adapter
-        self.run_options = ort.RunOptions()
-        self.run_options.add_active_adapter(self._loaded_adapters[name])
-        self.adapter = name
+            self._loaded_adapters[name] = ort.AdapterFormat.read_adapter(str(file)).get_parameters()
+        self.adapter, self.adapter_feeds = name, self._loaded_adapters[name]
 
     def _kv_dims(self) -> tuple[int, int]:
         """KV heads and head size; from genai_config.json for models whose cache dims are symbolic."""
@@ -103,7 +101,7 @@ class OrtRuntime(Runtime):
         feeds = self._position_feeds(input_ids, past_len)
         for value, tensor in zip(self.past_inputs, past):
             feeds[value.name] = tensor
-        outputs = self.session.run(self.output_names, feeds, self.run_options)
+        outputs = self.session.run(self.output_names, {**feeds, **self.adapter_feeds})
         return outputs[0], outputs[1:]
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
@@ -150,10 +148,12 @@ class OrtRuntime(Runtime):
                 binding.bind_cpu_input(name, np.ascontiguousarray(array))
             for value, buffer in zip(self.past_inputs, buffers):
                 binding.bind_ortvalue_input(value.name, buffer)
+            for name, value in self.adapter_feeds.items():
+                binding.bind_ortvalue_input(name, value)
             binding.bind_output("logits")  # first: get_outputs() follows the binding order
             for name, buffer in zip(presents, buffers):
                 binding.bind_ortvalue_output(name, buffer)
-            self.session.run_with_iobinding(binding, self.run_options)
+            self.session.run_with_iobinding(binding)
             return binding.get_outputs()[0].numpy()[0, -1]
 
         return step

@@ -1,0 +1,162 @@
+"""Runtime LoRA (--lora runtime): one base, one .onnx_adapter per adapter, switched at run time in
+onnxruntime-genai (its own Adapters API) and edgec's runner, each against transformers + PEFT."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from compiler.cli import main
+from compiler.tiny_models import ALL_PROJECTIONS, make_adapter, make_model
+from runtimes.ort import OrtRuntime
+
+PROMPT = [1, 17, 42, 99, 7, 250]
+NEW_TOKENS = 12
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def hf_greedy(base_dir, adapter_dir, prompt, new_tokens, eos=None):
+    """transformers (+ PEFT when adapter_dir) greedy tokens, EOS masked as min_length does in genai."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            if eos is not None:
+                logits[eos] = -float("inf")
+            out.append(int(logits.argmax()))
+            ids.append(out[-1])
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_setup(llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runtime-lora")
+    a = make_adapter(llama_dir, root / "adapter-a", target_modules=["q_proj", "v_proj"], r=4, alpha=8, seed=3)
+    b = make_adapter(llama_dir, root / "adapter-b", target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "up_proj"],
+                     r=8, alpha=4, seed=4, use_rslora=True)
+    out = root / "bundle"
+    result = run("build", "--model", llama_dir, "--adapter", f"a={a}", "--adapter", f"b={b}", "--lora", "runtime",
+                 "--out", out, "--quiet", "--lora-targets", "down_proj")
+    assert result.exit_code == 0, result.output
+    return {"root": root, "a": a, "b": b, "bundle": out}
+
+
+def test_two_unlike_adapters_switch_in_genai_like_peft(llama_dir, lora_setup):
+    pytest.importorskip("onnxruntime_genai")
+    from runtimes.genai import GenaiRuntime
+
+    bundle = lora_setup["bundle"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    entries = {e["name"]: e for e in manifest["artifacts"][0]["lora"]["adapters"]}
+    assert entries["a"]["ranks"] == [4] and entries["a"]["targets"] == ["q_proj", "v_proj"]
+    assert entries["b"]["ranks"] == [8] and len(entries["b"]["targets"]) == 5
+    slotted = {m.rsplit(".", 1)[1] for m in manifest["artifacts"][0]["lora"]["slots"]["modules"]}
+    assert slotted == {"q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"}  # down_proj: --lora-targets
+    for name in ("a", "b"):
+        assert entries[name]["file_sha256"] == sha256(bundle / entries[name]["file"])
+        assert manifest["files"][entries[name]["file"]]["sha256"] == entries[name]["file_sha256"]
+        assert entries[name]["validation"]["passed"]
+        assert entries[name]["validation"]["metrics"]["genai_greedy_match"] == 1.0
+        assert entries[name]["validation"]["lora_retention"]["total"] > 0.99
+    expected = {"a": hf_greedy(llama_dir, lora_setup["a"], PROMPT, NEW_TOKENS, eos=2),
+                "b": hf_greedy(llama_dir, lora_setup["b"], PROMPT, NEW_TOKENS, eos=2),
+                None: hf_greedy(llama_dir, None, PROMPT, NEW_TOKENS, eos=2)}
+    assert len({tuple(v) for v in expected.values()}) == 3  # the adapters change the greedy tokens
+
+    genai = GenaiRuntime(bundle)  # one process, one model: a, b, none, a
+    for name in ("a", "b", None, "a"):
+        genai.set_adapter(name)
+        assert genai.generate(PROMPT, NEW_TOKENS, stop_at_eos=False) == expected[name], name
+
+    ours = OrtRuntime(bundle)
+    for name in ("b", None, "a"):
+        ours.set_adapter(name)
+        assert ours.generate(PROMPT, NEW_TOKENS) == hf_greedy(llama_dir, lora_setup.get(name), PROMPT, NEW_TOKENS), name
+
+
+def test_no_adapter_is_the_base_exactly(llama_dir, lora_setup, tmp_path):
+    """The slots' empty defaults add exact zeros: the base alone equals a plain build bit for bit."""
+    plain = tmp_path / "plain"
+    assert run("build", "--model", llama_dir, "--out", plain, "--quiet", "--no-validate").exit_code == 0
+    ids = np.array([PROMPT], dtype=np.int64)
+    slotted = OrtRuntime(lora_setup["bundle"]).logits(ids)
+    assert np.array_equal(slotted, OrtRuntime(plain).logits(ids))
+
+
+def test_add_adapter_without_rebuilding_and_its_refusals(llama_dir, lora_setup, tmp_path):
+    root, bundle = lora_setup["root"], lora_setup["bundle"]
+    model_bytes = sha256(bundle / "model.onnx.data")
+    c = make_adapter(llama_dir, root / "adapter-c", target_modules=["q_proj", "down_proj"], r=2, seed=5)
+    result = run("add-adapter", bundle, "--adapter", f"c={c}", "--quiet")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    entry = next(e for e in manifest["artifacts"][0]["lora"]["adapters"] if e["name"] == "c")
+    assert entry["validation"]["passed"] and entry["validation"]["lora_retention"]["total"] > 0.99
+    assert "adapters/c.onnx_adapter" in manifest["files"] and sha256(bundle / "model.onnx.data") == model_bytes
+    runner = OrtRuntime(bundle)
+    runner.set_adapter("c")
+    assert runner.generate(PROMPT, 8) == hf_greedy(llama_dir, c, PROMPT, 8)
+
+    before = (bundle / "manifest.json").read_bytes()
+    no_slot = make_adapter(llama_dir, root / "no-slot", target_modules=["gate_proj"], r=2)
+    too_big = make_adapter(llama_dir, root / "too-big", target_modules=["q_proj"], r=16)
+    make_model(root / "narrow", "llama", tokenizer=False, hidden_size=32, intermediate_size=64)
+    other_base = make_adapter(root / "narrow", root / "other-base", target_modules=["q_proj"], r=2)
+    cases = [(f"x={no_slot}", "has no LoRA slot"), (f"y={too_big}", "above the bundle's LoRA slots' max rank 8"),
+             (f"c={c}", "already has an adapter named 'c'"), (f"z={other_base}", "another base")]
+    for spec, message in cases:
+        result = run("add-adapter", bundle, "--adapter", spec, "--quiet")
+        assert result.exit_code == 2 and message in result.output, (spec, result.output)
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert (bundle / "manifest.json").read_bytes() == before
+
+    merged = tmp_path / "merged"
+    assert run("build", "--model", llama_dir, "--adapter", c, "--out", merged, "--quiet", "--no-validate").exit_code == 0
+    result = run("add-adapter", merged, "--adapter", f"c={c}")
+    assert result.exit_code == 2 and "--lora runtime" in result.output
+
+
+def test_bench_with_an_adapter(lora_setup):
+    bundle = lora_setup["bundle"]
+    result = run("bench", bundle, "--adapter", "b", "--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "1",
+                 "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["runtime"]["adapter"] == "b" and data["runtime"]["adapter_load_s"] > 0
+    result = run("bench", bundle, "--adapter", "nope", "--quiet")
+    assert result.exit_code == 2 and "not an adapter" in result.output
+
+
+def test_int4_base_with_runtime_adapters_keeps_the_merged_builds_quality(trained_dir, tmp_path):
+    """int4 base + fp16 LoRA branches: each adapter's KL to its own reference is no worse than the same
+    adapter merged before int4 quantization (within noise)."""
+    adapter = make_adapter(trained_dir, tmp_path / "adapter", target_modules=ALL_PROJECTIONS, r=8, seed=7)
+    common = ["--model", trained_dir, "--quant", "int4", "--quiet", "--new-tokens", "8"]
+    assert run("build", *common, "--adapter", f"t={adapter}", "--lora", "runtime", "--out", tmp_path / "rt").exit_code == 0
+    assert run("build", *common, "--adapter", adapter, "--out", tmp_path / "merged").exit_code == 0
+    runtime = json.loads((tmp_path / "rt" / "manifest.json").read_text())["artifacts"][0]
+    merged = json.loads((tmp_path / "merged" / "manifest.json").read_text())["artifacts"][0]
+    entry = runtime["lora"]["adapters"][0]
+    assert runtime["lora"]["slots"]["dtype"] == "fp16"
+    assert entry["bytes"] <= 1.1 * entry["tensor_bytes"]  # the file is its fp16 A/B tensors, little else
+    assert entry["validation"]["passed"]
+    kl_runtime, kl_merged = entry["validation"]["metrics"]["kl_mean"], merged["validation"]["metrics"]["kl_mean"]
+    assert kl_runtime <= 1.2 * kl_merged + 1e-4, (kl_runtime, kl_merged)
