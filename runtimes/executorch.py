@@ -71,11 +71,49 @@ def _calling_thread_single_threaded():
         torch.set_num_threads(threads)
 
 
+def _artifact_data_files(artifact: dict, adapter: str | None) -> list[str]:
+    files = list(artifact.get("data_files", []))
+    adapters = artifact.get("adapters", {})
+    if adapter is not None:
+        if adapter not in adapters:
+            raise ValueError(f"no adapter '{adapter}' in the bundle (it has: {', '.join(sorted(adapters)) or 'none'})")
+        files.append(adapters[adapter])
+    elif artifact.get("base_adapter"):
+        files.append(artifact["base_adapter"])
+    return files
+
+
+def _merge_data_files(paths: list[Path], merged: Path) -> str:
+    """One .ptd holding every named tensor of these: ExecuTorch 1.5.1's Python bindings take a single data
+    file (`data_path`), where its C++ Module takes a list (`data_files`) and looks names up in each."""
+    from executorch.exir._serialize._cord import Cord
+    from executorch.exir._serialize.data_serializer import DataEntry, DataPayload
+    from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
+
+    serializer = FlatTensorSerializer()
+    buffers, named = [], {}
+    for path in paths:
+        payload = serializer.deserialize(Cord(path.read_bytes()))
+        for key, entry in payload.named_data.items():
+            if key in named:
+                raise ValueError(f"{path}: '{key}' is also in an earlier data file")
+            named[key] = DataEntry(len(buffers) + entry.buffer_index, 16, entry.tensor_layout)
+        buffers.extend(payload.buffers)
+    with merged.open("wb") as f:
+        serializer.serialize(DataPayload(buffers=buffers, named_data=named)).write_to_file(f)
+    return str(merged)
+
+
 class ExecutorchRuntime(Runtime):
     name = "executorch"
     format = "pte"
 
-    def __init__(self, bundle_dir: str | Path, artifact_path: str | Path | None = None, threads: int = 0):
+    def __init__(self, bundle_dir: str | Path, artifact_path: str | Path | None = None, threads: int = 0,
+                 data_files: list[str | Path] | None = None, adapter: str | None = None):
+        """data_files: the .ptd files the program reads its constants from (program-data separation), e.g.
+        the foundation and one LoRA adapter; by default those the manifest's pte artifact lists:
+        `data_files` (the foundation) and `adapters[adapter]` (or `base_adapter`, the all-zero one, when
+        no adapter is named)."""
         import torch
         from executorch import version as et_version
         from executorch.runtime import Runtime as EtRuntime
@@ -85,11 +123,24 @@ class ExecutorchRuntime(Runtime):
         self.bundle_dir = Path(bundle_dir)
         manifest_path = self.bundle_dir / "manifest.json"
         self.manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+        artifact = next((a for a in self.manifest["artifacts"] if a["format"] == "pte"), {}) if self.manifest else {}
         if artifact_path is None:
-            artifact_path = self.bundle_dir / next(a["path"] for a in self.manifest["artifacts"] if a["format"] == "pte")
+            artifact_path = self.bundle_dir / artifact["path"]
         self.program_path = Path(artifact_path)
+        if data_files is None:
+            data_files = _artifact_data_files(artifact, adapter)
+        elif adapter is not None:
+            raise ValueError("name an adapter or give data_files, not both")
+        self.data_files = [self.bundle_dir / f for f in data_files]
         started = time.perf_counter()
-        self.program = EtRuntime.get().load_program(self.program_path)
+        data_path = str(self.data_files[0]) if self.data_files else None
+        if len(self.data_files) > 1:
+            import tempfile
+
+            # Kept as long as the runtime: the program may read its data file after loading.
+            self._merged_dir = tempfile.TemporaryDirectory(prefix="edgec-ptd-")
+            data_path = _merge_data_files(self.data_files, Path(self._merged_dir.name) / "merged.ptd")
+        self.program = EtRuntime.get().load_program(self.program_path, data_path=data_path)
         self.method = self.program.load_method("forward")
         self.load_s = time.perf_counter() - started
         self.version = getattr(et_version, "__version__", "unknown")

@@ -17,7 +17,8 @@ import contextlib
 import copy
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -255,14 +256,19 @@ class PteExport:
     export_s: float
     lower_s: float
     layers: str = "every layer lowered"  # or how many were stitched from the template, or why not
+    data_files: dict[str, bytes] = field(default_factory=dict)  # tag -> .ptd bytes (with constant_tag)
 
 
-def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = True) -> PteExport:
+def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = True,
+               constant_tag: Callable[[str], str] | None = None) -> PteExport:
     """torch.export with a dynamic sequence length, one to_edge_transform_and_lower with XNNPACK.
 
     With `reuse_layers`, a model of four or more layers is lowered as a template of layers (0, 1, last)
     whose middle layer is stitched in for the others (`stitch`), and XNNPACK's passes run once per
-    distinct partition (`preprocess_cache`)."""
+    distinct partition (`preprocess_cache`). With `constant_tag` (a constant's placeholder name, such as
+    `p_layers_0_mlp_up_proj_weight`, -> the name of its data file), every constant goes into those data
+    files instead of the program (program-data separation), inside XNNPACK's partitions and outside; every
+    layer is lowered then (stitching rebuilds partitions without the tags)."""
     import time
 
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -272,6 +278,8 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = 
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
     load_op_libraries()
+    if constant_tag is not None:
+        reuse_layers = False
     reused: dict = {}
     logging.getLogger("torch._export").setLevel(logging.ERROR)
     seq = torch.export.Dim("seq_len", min=1, max=decoder.max_seq_len - 1)
@@ -289,8 +297,10 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = 
             exported = torch.export.export(traced.eval(), example, dynamic_shapes=({1: seq}, {0: 1}), strict=False)
             exported_s = time.perf_counter() - started
             with reuse_xnnpack_preprocessing(reused) if reuse_layers else contextlib.nullcontext():
-                edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()],
-                                                   compile_config=compile_config, constant_methods=metadata)
+                edge = to_edge_transform_and_lower(
+                    exported, partitioner=[XnnpackPartitioner()], compile_config=compile_config,
+                    constant_methods=metadata,
+                    transform_passes=[_constant_tagging_pass(constant_tag)] if constant_tag is not None else None)
                 if template:
                     whole = stitch_layers(edge.exported_program(), decoder, num_layers, _lower_partition)
                     edge = EdgeProgramManager(whole, metadata, compile_config)
@@ -308,10 +318,31 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = 
             do_quant_fusion_and_const_prop=True,
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
             sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+            # Constants XNNPACK did not take, by name: some are new by now (the quantized embedding's fused
+            # weights), without the tagging pass's tag.
+            external_constants=(lambda node: constant_tag(node.name)) if constant_tag is not None else False,
         ))
     delegated["reused_partitions"] = reused.get("reused", 0)
     layers = f"layers 0, 1, {num_layers - 1} lowered, {num_layers - 3} stitched from layer 1" if template else PteExport.layers
-    return PteExport(program.buffer, delegated, portable, exported_s, time.perf_counter() - started - exported_s, layers)
+    data_files = {name: bytes(cord) for name, cord in (program._tensor_data or {}).items()}  # no public getter in 1.5.1
+    return PteExport(program.buffer, delegated, portable, exported_s, time.perf_counter() - started - exported_s, layers,
+                     data_files)
+
+
+def _constant_tagging_pass(constant_tag: Callable[[str], str]):
+    """A pass naming each placeholder's data file, run on the edge program before partitioning (after
+    torchao's quantized weights are unwrapped into plain placeholders): XNNPACK's serializer reads the tag
+    (`delegate_constant_tag`) for the constants of its partitions, `external_constants` for the others
+    (constants only: the KV caches, mutable buffers, stay in the program's planned memory)."""
+    from executorch.exir.pass_base import PassResult
+
+    def tag(graph_module):
+        for node in graph_module.graph.nodes:
+            if node.op == "placeholder":
+                node.meta.setdefault("custom", {})["delegate_constant_tag"] = constant_tag(node.name)
+        return PassResult(graph_module, True)
+
+    return tag
 
 
 def _lower_partition(program, template):
