@@ -6,7 +6,7 @@ kept as MatMuls (`adapter_path`); alternating rounds, medians. Then what switchi
 adapter file, activating it and the first token; resident memory per extra loaded adapter; file size
 against the adapter's A/B tensors in fp16; each adapter's KL to its reference against the merged build's.
 
-    python -m benchmarks.runtime_lora [--work DIR] [--rounds N] [--only-measure]
+    python -m benchmarks.runtime_lora [--work DIR] [--rounds N] [--lora-dtype fp16|fp32] [--rebuild]
 """
 
 from __future__ import annotations
@@ -40,27 +40,37 @@ def adapters(work: Path, model: Path) -> dict[int, Path]:
     return made
 
 
-def builds(work: Path, model: Path, lora: dict[int, Path]) -> dict:
-    """The runtime bundle and the merged ones validated (their KL is a target); the builder's is not (it has no
-    validation)."""
-    built = {}
-    out = work / "edgec-int4-runtime-lora"
-    wall, rss = timed([EDGEC, "build", "--model", model, *[a for r in RANKS for a in ("--adapter", f"r{r}={lora[r]}")],
-                       "--lora", "runtime", "--quant", "int4", "--out", out, "--force", "--quiet", "--new-tokens", "8",
-                       "--gate", "kl_mean=100", "--gate", "top1_agreement=0", "--gate", "perplexity_ratio=100",
-                       "--gate", "lora_delta_retention=0"])
-    built["runtime"] = {"dir": str(out), "export_s": wall, "export_rss_mb": rss}
+GATES_OFF = ["--gate", "kl_mean=100", "--gate", "top1_agreement=0", "--gate", "perplexity_ratio=100",
+             "--gate", "lora_delta_retention=0"]  # random weights over 30 layers: KL is reported, not gated
+
+
+def builds(work: Path, model: Path, lora: dict[int, Path], lora_dtype: str, rebuild: bool) -> dict:
+    """The runtime bundle and the merged ones (validated: their KL is a figure here), and the builder's
+    (which has no validation). A bundle already in `work` is reused unless `rebuild`."""
+    record = work / "runtime_lora.json"
+    built = json.loads(record.read_text()) if record.exists() and not rebuild else {}
+
+    def build(key: str, out: Path, command: list) -> None:
+        if key in built and (out / ("genai_config.json")).exists():
+            return
+        shutil.rmtree(out, ignore_errors=True)
+        wall, rss = timed(command)
+        built[key] = {"dir": str(out), "export_s": wall, "export_rss_mb": rss}
+        record.write_text(json.dumps(built, indent=2))
+
+    out = work / f"edgec-int4-runtime-lora-{lora_dtype}"
+    build(f"runtime {lora_dtype}", out, [EDGEC, "build", "--model", model, "--lora", "runtime", "--lora-dtype", lora_dtype,
+                                         *[a for r in RANKS for a in ("--adapter", f"r{r}={lora[r]}")], "--quant", "int4",
+                                         "--out", out, "--quiet", "--new-tokens", "8", *GATES_OFF])
     for rank in RANKS:
         out = work / f"edgec-int4-merged-r{rank}"
-        wall, rss = timed([EDGEC, "build", "--model", model, "--adapter", lora[rank], "--quant", "int4", "--out", out,
-                           "--force", "--quiet", "--new-tokens", "8", "--gate", "kl_mean=100", "--gate",
-                           "top1_agreement=0", "--gate", "perplexity_ratio=100", "--gate", "lora_delta_retention=0"])
-        built[f"merged r{rank}"] = {"dir": str(out), "export_s": wall, "export_rss_mb": rss}
+        build(f"merged r{rank}", out, [EDGEC, "build", "--model", model, "--adapter", lora[rank], "--quant", "int4",
+                                       "--out", out, "--quiet", "--new-tokens", "8", *GATES_OFF])
     out = work / "builder-int4-adapter-r16"
-    shutil.rmtree(out, ignore_errors=True)
-    wall, rss = timed([BIN / "python", "-m", "onnxruntime_genai.models.builder", "-i", model, "-o", out, "-p", "int4",
-                       "-e", "cpu", "-c", work / "hf-cache", "--extra_options", f"adapter_path={lora[16]}"])
-    built["builder adapter_path r16"] = {"dir": str(out), "export_s": wall, "export_rss_mb": rss}
+    build("builder adapter_path r16", out, [BIN / "python", "-m", "onnxruntime_genai.models.builder", "-i", model, "-o",
+                                            out, "-p", "int4", "-e", "cpu", "-c", work / "hf-cache",
+                                            "--extra_options", f"adapter_path={lora[16]}"])
+    built["runtime"] = built[f"runtime {lora_dtype}"]
     return built
 
 
@@ -106,9 +116,13 @@ def first_token(name):
     generator.append_tokens(prompt)
     generator.generate_next_token()
     return int(generator.get_next_tokens()[0])
+def timed_first_token(name):
+    started = time.perf_counter()
+    first_token(name)
+    return 1000 * (time.perf_counter() - started)
 first_token(None)  # warm the session
 before = rss_mb()
-out = {"rss_base_mb": before, "switch_ms": {}, "load_ms": {}}
+out = {"rss_base_mb": before, "switch_ms": {}, "load_ms": {}, "first_token_ms": {}}
 for name, path in files.items():
     started = time.perf_counter()
     adapters.load(path, name)
@@ -117,6 +131,9 @@ for name, path in files.items():
     out["load_ms"][name] = 1000 * (loaded - started)
     out["switch_ms"][name] = 1000 * (time.perf_counter() - started)
 out["rss_per_adapter_mb"] = (rss_mb() - before) / len(files)
+# The same first token with the adapter already loaded, and with none: what switching adds to it.
+out["first_token_ms"] = {name: sorted(timed_first_token(name) for _ in range(5))[2] for name in files}
+out["first_token_ms"]["none"] = sorted(timed_first_token(None) for _ in range(5))[2]
 json.dump(out, sys.stdout)
 """
 
@@ -135,17 +152,16 @@ def main() -> None:
     parser = argument_parser(__doc__, __spec__.name)
     parser.add_argument("--work", type=Path, default=SMOLLM2_WORK)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only-measure", action="store_true", help="Reuse the bundles of the last run.")
+    parser.add_argument("--rebuild", action="store_true", help="Build every bundle again (default: reuse those in --work).")
+    parser.add_argument("--lora-dtype", choices=["fp16", "fp32"], default="fp16", help="The runtime bundle's adapters.")
     args = parser.parse_args()
-    record = args.work / "runtime_lora.json"
     model = smollm2_shaped(args.work)
     lora = adapters(args.work, model)
-    built = json.loads(record.read_text()) if args.only_measure and record.exists() else builds(args.work, model, lora)
-    record.write_text(json.dumps(built, indent=2))
+    built = builds(args.work, model, lora, args.lora_dtype, args.rebuild)
     speeds = speed(built, args.rounds)
     switch = switching(Path(built["runtime"]["dir"]))
 
-    print(f"\nSmolLM2-135M-shaped Llama, int4 base, LoRA on all seven projections, onnxruntime-genai, {os.cpu_count()} "
+    print(f"\nSmolLM2-135M-shaped Llama, int4 base, {args.lora_dtype} LoRA on all seven projections, onnxruntime-genai, {os.cpu_count()} "
           f"CPUs, medians of {args.rounds} alternating rounds\n")
     print_table(["artifact", f"prefill {PROMPT_TOKENS} tok (ms)", "decode (tok/s) [min-max]"],
                 [[n, f"{s['prefill_ms']:.1f}", f"{s['decode_tps']:.1f} [{s['decode_spread'][0]:.1f}-{s['decode_spread'][1]:.1f}]"]
@@ -167,10 +183,12 @@ def main() -> None:
         merged = json.loads((Path(built[f"merged r{rank}"]["dir"]) / "manifest.json").read_text())["validation"]
         rows.append([entry["name"], f"{entry['bytes'] / 1e6:.2f}", f"{entry['bytes'] / entry['tensor_bytes']:.3f}",
                      f"{switch['load_ms'][entry['name']]:.1f}", f"{switch['switch_ms'][entry['name']]:.1f}",
+                     f"{switch['first_token_ms'][entry['name']]:.1f}",
                      f"{entry['validation']['metrics']['kl_mean']:.4f}", f"{merged['metrics']['kl_mean']:.4f}"])
     print()
-    print_table(["adapter", "file (MB)", "file / fp16 A,B bytes", "load (ms)", "load + activate + first token (ms)",
-                 "KL to its reference", "merged bundle's KL"], rows)
+    print_table(["adapter", "file (MB)", "file / its A,B bytes", "load (ms)", "load + activate + first token (ms)",
+                 "first token, loaded (ms)", "KL to its reference", "merged bundle's KL"], rows)
+    print(f"(first token with no adapter: {switch['first_token_ms']['none']:.1f} ms; prompt of 16 tokens)")
     print(f"\nresident memory per loaded adapter: {switch['rss_per_adapter_mb']:.1f} MB "
           f"(model alone {switch['rss_base_mb']:.0f} MB); runtime bundle built in {built['runtime']['export_s']:.0f} s")
 

@@ -16,7 +16,7 @@ import torch
 from compiler.errors import UsageError
 from compiler.frontend.lora import AdapterSpec, LoraPairs, read_lora_pairs
 from compiler.models.decoder import CanonicalDecoder
-from runtimes.base import sha256_file
+from runtimes.base import ADAPTER_DIR, sha256_file
 from runtimes.validation import log_softmax
 
 
@@ -119,10 +119,16 @@ def add_adapter(bundle: Path, spec: AdapterSpec, model_dir: Path | None, validat
     for artifact in artifacts:
         LoraSlots.from_dict(artifact["lora"]["slots"]).check(pairs, str(spec.path))
     for artifact in artifacts:
-        if artifact["format"] != "onnx":
-            raise UsageError(f"{bundle}: adding an adapter to a {artifact['format']} artifact is not supported")
-        relative = adapter_path(name)
-        stats = write_onnx_adapter(bundle / relative, pairs, LoraSlots.from_dict(artifact["lora"]["slots"]))
+        if artifact["format"] == "onnx":
+            relative = adapter_path(name)
+            stats = write_onnx_adapter(bundle / relative, pairs, LoraSlots.from_dict(artifact["lora"]["slots"]))
+        else:
+            from compiler.executorch.lora import write_adapter_ptd
+
+            relative = f"{ADAPTER_DIR}/{name}.ptd"
+            slots = {m: tuple(v) for m, v in artifact["lora"]["pte_slots"].items()}
+            write_adapter_ptd(bundle / relative, slots, pairs.modules)
+            stats = pairs.tensor_stats()
         artifact["lora"]["adapters"].append(adapter_entry(bundle, relative, pairs, stats))
     if validate and (bundle / GOLDEN_FILE).exists():
         base_golden = load_golden(bundle / GOLDEN_FILE)

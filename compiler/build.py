@@ -12,6 +12,7 @@ from compiler.frontend.load import Checkpoint, build_decoder, read_checkpoint
 from compiler.frontend.lora import AdapterSpec, MergeRecord, merge_lora
 from compiler.models.decoder import CanonicalDecoder
 from compiler.report import BuildReport, markdown
+from runtimes.base import ADAPTER_DIR
 from runtimes.validation import GOLDEN_FILE, save_golden
 
 MODEL_FILE = "model.onnx"
@@ -159,9 +160,6 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
 
         check_pte_quant(config.export.quant)  # before the ONNX build of --format onnx,pte spends its time
     runtime_lora = config.lora.mode == "runtime"
-    if runtime_lora and "pte" in config.export.formats:
-        raise UsageError("--lora runtime: the .pte format does not carry runtime LoRA yet; use --format onnx "
-                         "or --lora merge")
     writer = BundleWriter(config.out, config.force)
     try:
         merged, kept_apart = ([], config.adapters) if runtime_lora else (config.adapters, [])
@@ -313,10 +311,17 @@ def _build_pte(config: BuildConfig, reference: Reference, writer: BundleWriter, 
         with report.stage("quantize_pte", "torchao, int8 dynamic activations"):
             counts = quantize_decoder(decoder, quant)
     metadata = runner_metadata(model.cfg, max_seq_len, model.cfg.bos_token_id, list(model.cfg.eos_token_ids))
-    with report.stage("export_pte", f"{model.cfg.num_layers} layers, torch.export + XNNPACK"):
-        exported = export_pte(decoder, metadata)
-        del decoder
-        (writer.staging / PTE_FILE).write_bytes(exported.program)
+    lora = None
+    if reference.slots is not None:
+        with report.stage("export_pte", f"{model.cfg.num_layers} layers with LoRA slots, lowered one by one, "
+                                        "weights in model.ptd"):
+            lora, exported = _export_pte_with_lora(decoder, metadata, reference, writer.staging)
+            del decoder
+    else:
+        with report.stage("export_pte", f"{model.cfg.num_layers} layers, torch.export + XNNPACK"):
+            exported = export_pte(decoder, metadata)
+            del decoder
+            (writer.staging / PTE_FILE).write_bytes(exported.program)
     unexpected = unexpected_portable_ops(exported.portable_ops)
     if unexpected:
         kept = ", ".join(f"{k} x{v}" for k, v in sorted(unexpected.items()))
@@ -332,9 +337,31 @@ def _build_pte(config: BuildConfig, reference: Reference, writer: BundleWriter, 
                        "outputs": ["logits [1, vocab] float32 (last position)"],
                        "kv_cache": {"in_program": True, "max_seq_len": max_seq_len, "num_layers": model.cfg.num_layers,
                                     "num_kv_heads": model.cfg.num_kv_heads, "head_dim": model.cfg.head_dim}}}
+    if lora is not None:
+        artifact["data_files"], artifact["lora"] = lora
     if config.validation.enabled:
         artifact["validation"] = _validate_artifact(writer.staging, artifact, reference, config, report)
     return artifact
+
+
+def _export_pte_with_lora(decoder, metadata: dict, reference: Reference, staging: Path):
+    """model.pte + model.ptd (the foundation), a .ptd per adapter and the all-zero one (the base):
+    (data files, the artifact's lora entry), the export."""
+    from compiler.adapters import adapter_entry
+    from compiler.executorch.lora import FOUNDATION_FILE, export_pte_with_lora, pte_slots, write_adapter_ptd
+    from runtimes.executorch import BASE_ADAPTER_NAME
+
+    lora_export = export_pte_with_lora(decoder, pte_slots(reference.slots), metadata, staging)
+    entries = []
+    for adapter in reference.runtime_adapters:
+        relative = f"{ADAPTER_DIR}/{adapter.name}.ptd"
+        write_adapter_ptd(staging / relative, lora_export.slots, adapter.modules)
+        entries.append(adapter_entry(staging, relative, adapter, adapter.tensor_stats()))
+    base = f"{ADAPTER_DIR}/{BASE_ADAPTER_NAME}.ptd"
+    write_adapter_ptd(staging / base, lora_export.slots, {})
+    lora = {"mode": "runtime", "slots": reference.slots.to_dict(),
+            "pte_slots": {m: list(v) for m, v in lora_export.slots.items()}, "base_adapter": base, "adapters": entries}
+    return ([FOUNDATION_FILE], lora), lora_export.export
 
 
 def _pte_scheme(counts: dict[str, int]) -> str:

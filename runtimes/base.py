@@ -21,6 +21,7 @@ BENCH_SCHEMA = "edgec.bench/1"
 # A context put in the KV cache before a timed run goes in chunks of this many tokens: its logits (chunk x
 # vocab floats) stay small, as an app's chunked prompt processing keeps them.
 FILL_CHUNK = 256
+ADAPTER_DIR = "adapters"  # runtime LoRA: the bundle's adapter files
 
 
 @dataclass(frozen=True)

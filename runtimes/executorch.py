@@ -21,7 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes.base import Runtime, bench_agent_main
+from runtimes.base import ADAPTER_DIR, Runtime, bench_agent_main, bundle_adapters
+
+# Runtime LoRA: the all-zero adapter's name; the program needs some adapter's data, and this one is the base.
+BASE_ADAPTER_NAME = "none"
 
 
 # torchao (imported by executorch) logs a warning per optional GPU kernel library it cannot load, and
@@ -71,18 +74,6 @@ def _calling_thread_single_threaded():
         torch.set_num_threads(threads)
 
 
-def _artifact_data_files(artifact: dict, adapter: str | None) -> list[str]:
-    files = list(artifact.get("data_files", []))
-    adapters = artifact.get("adapters", {})
-    if adapter is not None:
-        if adapter not in adapters:
-            raise ValueError(f"no adapter '{adapter}' in the bundle (it has: {', '.join(sorted(adapters)) or 'none'})")
-        files.append(adapters[adapter])
-    elif artifact.get("base_adapter"):
-        files.append(artifact["base_adapter"])
-    return files
-
-
 def _merge_data_files(paths: list[Path], merged: Path) -> str:
     """One .ptd holding every named tensor of these: ExecuTorch 1.5.1's Python bindings take a single data
     file (`data_path`), where its C++ Module takes a list (`data_files`) and looks names up in each."""
@@ -108,41 +99,30 @@ class ExecutorchRuntime(Runtime):
     name = "executorch"
     format = "pte"
 
-    def __init__(self, bundle_dir: str | Path, artifact_path: str | Path | None = None, threads: int = 0,
-                 data_files: list[str | Path] | None = None, adapter: str | None = None):
-        """data_files: the .ptd files the program reads its constants from (program-data separation), e.g.
-        the foundation and one LoRA adapter; by default those the manifest's pte artifact lists:
-        `data_files` (the foundation) and `adapters[adapter]` (or `base_adapter`, the all-zero one, when
-        no adapter is named)."""
+    def __init__(self, bundle_dir: str | Path, artifact_path: str | Path | None = None, threads: int = 0):
+        """Program-data separation: the program reads its weights from the foundation data file(s) the
+        manifest lists (`data_files`; during a build, `model.ptd` beside the program) and, with runtime LoRA,
+        its LoRA tensors from one adapter's .ptd (the all-zero `base_adapter` when none is active)."""
         import torch
         from executorch import version as et_version
-        from executorch.runtime import Runtime as EtRuntime
 
         load_op_libraries()
         self.torch = torch
         self.bundle_dir = Path(bundle_dir)
         manifest_path = self.bundle_dir / "manifest.json"
         self.manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
-        artifact = next((a for a in self.manifest["artifacts"] if a["format"] == "pte"), {}) if self.manifest else {}
+        self.artifact = next((a for a in self.manifest["artifacts"] if a["format"] == "pte"), {}) if self.manifest else {}
         if artifact_path is None:
-            artifact_path = self.bundle_dir / artifact["path"]
+            artifact_path = self.bundle_dir / self.artifact["path"]
         self.program_path = Path(artifact_path)
-        if data_files is None:
-            data_files = _artifact_data_files(artifact, adapter)
-        elif adapter is not None:
-            raise ValueError("name an adapter or give data_files, not both")
-        self.data_files = [self.bundle_dir / f for f in data_files]
-        started = time.perf_counter()
-        data_path = str(self.data_files[0]) if self.data_files else None
-        if len(self.data_files) > 1:
-            import tempfile
-
-            # Kept as long as the runtime: the program may read its data file after loading.
-            self._merged_dir = tempfile.TemporaryDirectory(prefix="edgec-ptd-")
-            data_path = _merge_data_files(self.data_files, Path(self._merged_dir.name) / "merged.ptd")
-        self.program = EtRuntime.get().load_program(self.program_path, data_path=data_path)
-        self.method = self.program.load_method("forward")
-        self.load_s = time.perf_counter() - started
+        beside = self.program_path.with_suffix(".ptd")
+        self.foundation = ([self.bundle_dir / f for f in self.artifact["data_files"]] if "data_files" in self.artifact
+                           else [beside] if beside.exists() else [])
+        lora = self.artifact.get("lora") or {}
+        base_adapter = self.bundle_dir / lora.get("base_adapter", f"{ADAPTER_DIR}/{BASE_ADAPTER_NAME}.ptd")
+        self.base_adapter = base_adapter if base_adapter.exists() else None
+        self.adapter_file = None
+        self._load(self.base_adapter)
         self.version = getattr(et_version, "__version__", "unknown")
         self.max_seq_len = self.max_positions = self.metadata("get_max_seq_len")
         self.vocab_size = self.metadata("get_vocab_size")
@@ -157,6 +137,39 @@ class ExecutorchRuntime(Runtime):
             from executorch.extension.pybindings import portable_lib
 
             portable_lib._unsafe_reset_threadpool(threads)
+
+    def _load(self, adapter_file: Path | None) -> None:
+        """(Re)load the program over the foundation and this adapter file: the Python bindings take one data
+        file, so more than one are merged into a temporary file that lives as long as the program."""
+        from executorch.runtime import Runtime as EtRuntime
+
+        started = time.perf_counter()
+        self.data_files = self.foundation + ([adapter_file] if adapter_file else [])
+        data_path = str(self.data_files[0]) if self.data_files else None
+        if len(self.data_files) > 1:
+            import tempfile
+
+            self._merged_dir = tempfile.TemporaryDirectory(prefix="edgec-ptd-")
+            data_path = _merge_data_files(self.data_files, Path(self._merged_dir.name) / "merged.ptd")
+        self.program = EtRuntime.get().load_program(self.program_path, data_path=data_path)
+        self.method = self.program.load_method("forward")
+        self.adapter_file = adapter_file
+        self.load_s = time.perf_counter() - started
+
+    def set_adapter(self, name: str | None, file: str | Path | None = None) -> None:
+        """Activate a runtime LoRA adapter (its .ptd beside the foundation; None: the all-zero one, the base):
+        the program is loaded again over the new data."""
+        if name is not None and file is None:
+            entries = bundle_adapters(self.manifest, self.format)
+            if name not in entries:
+                raise ValueError(f"adapter {name}: not in {self.bundle_dir} (adapters: {', '.join(entries) or 'none'})")
+            file = self.bundle_dir / entries[name]["file"]
+        if name is not None and self.base_adapter is None:
+            raise ValueError(f"adapter {name}: {self.program_path} has no runtime LoRA slots")
+        target = Path(file) if name is not None else self.base_adapter
+        if target != self.adapter_file:
+            self._load(target)
+        self.adapter = name
 
     def metadata(self, name: str):
         return self.program.load_method(name).execute([])[0]

@@ -1,5 +1,6 @@
-"""Runtime LoRA (--lora runtime): one base, one .onnx_adapter per adapter, switched at run time in
-onnxruntime-genai (its own Adapters API) and edgec's runner, each against transformers + PEFT."""
+"""Runtime LoRA (--lora runtime): one base, one file per adapter (.onnx_adapter, and a .ptd beside the .pte's
+foundation .ptd), switched at run time in onnxruntime-genai (its own Adapters API), edgec's runner and
+ExecuTorch's runtime, each against transformers + PEFT."""
 
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def lora_setup(llama_dir, tmp_path_factory):
                      r=8, alpha=4, seed=4, use_rslora=True)
     out = root / "bundle"
     result = run("build", "--model", llama_dir, "--adapter", f"a={a}", "--adapter", f"b={b}", "--lora", "runtime",
-                 "--out", out, "--quiet", "--lora-targets", "down_proj")
+                 "--out", out, "--quiet", "--lora-targets", "down_proj", "--format", "onnx,pte", "--max-seq-len", 64)
     assert result.exit_code == 0, result.output
     return {"root": root, "a": a, "b": b, "bundle": out}
 
@@ -92,6 +93,30 @@ def test_two_unlike_adapters_switch_in_genai_like_peft(llama_dir, lora_setup):
         assert ours.generate(PROMPT, NEW_TOKENS) == hf_greedy(llama_dir, lora_setup.get(name), PROMPT, NEW_TOKENS), name
 
 
+def test_pte_foundation_and_adapter_files_switch_like_peft(llama_dir, lora_setup, tmp_path):
+    """One program and foundation model.ptd; an adapter is its own .ptd (the all-zero one is the base)."""
+    from compiler.executorch.export import ExecutorchDecoder, runner_metadata
+    from compiler.executorch.lora import export_pte_with_lora
+    from compiler.frontend.load import build_decoder, read_checkpoint
+    from runtimes.executorch import ExecutorchRuntime
+
+    bundle = lora_setup["bundle"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    pte = next(a for a in manifest["artifacts"] if a["format"] == "pte")
+    assert pte["data_files"] == ["model.ptd"] and pte["lora"]["base_adapter"] == "adapters/none.ptd"
+    assert all(e["validation"]["passed"] for e in pte["lora"]["adapters"])
+    runtime = ExecutorchRuntime(bundle)
+    for name in ("a", "b", None, "a"):
+        runtime.set_adapter(name)
+        assert runtime.generate(PROMPT, 8) == hf_greedy(llama_dir, lora_setup.get(name), PROMPT, 8), name
+    # The foundation holds the base only: another set of slots gives the same bytes.
+    model = build_decoder(read_checkpoint(llama_dir))
+    metadata = runner_metadata(model.cfg, 64, model.cfg.bos_token_id, list(model.cfg.eos_token_ids))
+    export_pte_with_lora(ExecutorchDecoder(model, 64), {"model.layers.1.mlp.down_proj": (128, 64, 2)}, metadata, tmp_path)
+    assert (tmp_path / "model.ptd").read_bytes() == (bundle / "model.ptd").read_bytes()
+    assert (bundle / "model.pte").stat().st_size < (bundle / "model.ptd").stat().st_size / 4
+
+
 def test_no_adapter_is_the_base_exactly(llama_dir, lora_setup, tmp_path):
     """The slots' empty defaults add exact zeros: the base alone equals a plain build bit for bit."""
     plain = tmp_path / "plain"
@@ -111,6 +136,9 @@ def test_add_adapter_without_rebuilding_and_its_refusals(llama_dir, lora_setup, 
     entry = next(e for e in manifest["artifacts"][0]["lora"]["adapters"] if e["name"] == "c")
     assert entry["validation"]["passed"] and entry["validation"]["lora_retention"]["total"] > 0.99
     assert "adapters/c.onnx_adapter" in manifest["files"] and sha256(bundle / "model.onnx.data") == model_bytes
+    pte_entry = next(e for a in manifest["artifacts"] if a["format"] == "pte" for e in a["lora"]["adapters"]
+                     if e["name"] == "c")
+    assert pte_entry["file"] == "adapters/c.ptd" and pte_entry["validation"]["passed"]
     runner = OrtRuntime(bundle)
     runner.set_adapter("c")
     assert runner.generate(PROMPT, 8) == hf_greedy(llama_dir, c, PROMPT, 8)

@@ -42,6 +42,11 @@ Slots = dict[str, tuple[int, int, int]]  # canonical module path -> (in_features
 Adapter = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A [r, in], B [out, r], scale in B)
 
 
+def pte_slots(slots) -> Slots:
+    """The build's LoraSlots (compiler.models.lora_slots) as this module's slots: every slot at the max rank."""
+    return {m: (fan_in, fan_out, slots.max_rank) for m, (fan_in, fan_out) in slots.modules.items()}
+
+
 def slots_for(adapters: list[Adapter]) -> Slots:
     """The slots that hold every one of these adapters: the union of their targets at their largest rank."""
     slots: Slots = {}

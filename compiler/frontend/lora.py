@@ -285,6 +285,11 @@ class LoraPairs:
         a, b = self.modules[module]
         return b @ a
 
+    def tensor_stats(self) -> dict:
+        """Parameters of its pairs and their bytes in fp32."""
+        count = sum(a.numel() + b.numel() for a, b in self.modules.values())
+        return {"parameters": count, "tensor_bytes": 4 * count}
+
     def describe(self) -> dict:
         ranks = sorted(set(self.ranks().values()))
         projections = sorted({m.rsplit(".", 1)[-1] for m in self.modules})

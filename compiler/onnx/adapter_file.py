@@ -11,8 +11,7 @@ import numpy as np
 from compiler.frontend.lora import LoraPairs
 from compiler.models.lora_slots import LoraSlots
 from compiler.onnx.passes.lora_slots import IR_DTYPES, input_names
-
-ADAPTER_DIR = "adapters"
+from runtimes.base import ADAPTER_DIR
 ADAPTER_SUFFIX = ".onnx_adapter"
 
 
