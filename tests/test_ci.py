@@ -143,6 +143,17 @@ def test_changed_adapter_changes_the_key(llama_dir, llama_adapter, tmp_path):
         target_key(llama_dir, [str(llama_adapter)], options, None)
 
 
+def test_recipe_keeps_runtime_adapter_names(llama_dir, llama_adapter, tmp_path):
+    from compiler.ci.recipe import load
+
+    (tmp_path / "lora").symlink_to(llama_adapter)
+    path = tmp_path / "recipe.toml"
+    path.write_text(f'[[model]]\nname = "m"\npath = "{llama_dir}"\nadapters = ["a=lora", "b=lora:0.5", "lora"]\n'
+                    '[[target]]\nname = "t"\nlora = "runtime"\n')
+    model = load(path).models[0]
+    assert model.adapters == [f"a={tmp_path / 'lora'}", f"b={tmp_path / 'lora'}:0.5", str(tmp_path / "lora")]
+
+
 def test_gate_failure_fails_the_run_and_the_others_still_build(llama_dir, llama_adapter, tmp_path):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(f'[[model]]\nname = "tiny"\npath = "{llama_dir}"\nadapters = ["{llama_adapter}"]\n'

@@ -36,7 +36,7 @@ def target_key(model_dir: Path, adapters: list[str], options: dict, calibration:
         # the exporters' and quantizers' versions decide the bundle's bytes as much as edgec's own
         "libraries": library_versions(),
         "model": tree_hashes(model_dir),
-        "adapters": [{"weight": s.weight, "files": tree_hashes(s.path)} for s in specs],
+        "adapters": [{"name": s.name, "weight": s.weight, "files": tree_hashes(s.path)} for s in specs],
         "calibration": sha256_file(calibration) if calibration else None,
         # the calibration path itself is not an input, its content is (above)
         "options": {k: v for k, v in options.items() if k != "calibration"},

@@ -22,7 +22,7 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 class Model:
     name: str
     path: Path
-    adapters: list[str]  # DIR or DIR:WEIGHT, DIR resolved against the recipe's folder
+    adapters: list[str]  # [NAME=]DIR[:WEIGHT], DIR resolved against the recipe's folder
 
 
 @dataclass
@@ -171,16 +171,21 @@ def _model(where: _Locator, index: int, table: dict, base: Path) -> Model:
         raise where.error(header, index, "path", f"{model_path}: no such folder")
     adapters = table.get("adapters", [])
     if not isinstance(adapters, list) or not all(isinstance(a, str) for a in adapters):
-        raise where.error(header, index, "adapters", "expected a list of DIR or DIR:WEIGHT strings")
+        raise where.error(header, index, "adapters", "expected a list of [NAME=]DIR[:WEIGHT] strings")
     from compiler.frontend.lora import AdapterSpec
 
     resolved = []
     for text in adapters:
-        spec = AdapterSpec.parse(text)
+        try:
+            spec = AdapterSpec.parse(text)
+        except UsageError as e:
+            raise where.error(header, index, "adapters", str(e)) from None
         adapter_dir = base / spec.path
         if not adapter_dir.is_dir():
             raise where.error(header, index, "adapters", f"{adapter_dir}: no such folder")
-        resolved.append(str(adapter_dir) if text == str(spec.path) else f"{adapter_dir}:{spec.weight}")
+        named = f"{spec.name}=" if spec.name else ""
+        weighted = text.removeprefix(named) != str(spec.path)
+        resolved.append(named + (f"{adapter_dir}:{spec.weight}" if weighted else str(adapter_dir)))
     return Model(name, model_path, resolved)
 
 
