@@ -1,20 +1,23 @@
 """`edgec demo` end to end, offline, into a temporary cache directory."""
 
+import json
+
 from click.testing import CliRunner
 
 from compiler.cli import main
 
 
-def test_demo_builds_validates_benchmarks_and_prints_a_summary(tmp_path):
+def test_demo_builds_both_int4_artifacts_validates_benchmarks_and_summarises(tmp_path):
     result = CliRunner().invoke(main, ["demo", "--cache-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     summary = result.stdout
-    assert "edgec demo summary" in summary
-    assert any(line.startswith("validation") and line.rstrip().endswith("PASSED") for line in summary.splitlines())
-    for row in ("logits max-abs error", "greedy tokens identical", "prefill", "decode", "peak RSS while running"):
-        assert row in summary
+    assert "edgec demo summary: validation PASSED" in summary
+    header = next(line for line in summary.splitlines() if "ONNX int4" in line)
+    assert ".pte int4 (ExecuTorch)" in header
+    for row in ("KL to fp32 reference", "LoRA delta retained", "prefill", "decode", "peak RSS while running"):
+        line = next(line for line in summary.splitlines() if line.startswith(row))
+        assert len([cell for cell in line.split("|")[1:] if cell.strip()]) == 2, line  # a value per artifact
     bundle = tmp_path / "demo-0.1.0" / "bundle"
-    assert (bundle / "manifest.json").exists() and (bundle / "model.onnx").exists()
-    # A second run reuses the cached model and replaces its own bundle.
-    again = CliRunner().invoke(main, ["demo", "--cache-dir", str(tmp_path)])
-    assert again.exit_code == 0, again.output
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert [a["format"] for a in manifest["artifacts"]] == ["onnx", "pte"]
+    assert all(a["validation"]["passed"] and a["precision"] == "int4" for a in manifest["artifacts"])

@@ -124,6 +124,22 @@ def test_keep_fp32_keep_int8_and_an_int8_lm_head_in_the_pte(trained_dir, tmp_pat
     assert pte["quant"]["scheme"] == "8da4w+8da8w+fp32" and pte["validation"]["passed"]
 
 
+def test_a_linear_whose_int4_group_xnnpack_refuses_is_int8_instead(tmp_path):
+    """K = 80: the largest power-of-two block dividing it is 16, which XNNPACK's int4 linear refuses (groups
+    must be multiples of 32): that linear is 8-bit per channel instead of failing the export."""
+    from compiler.config import QuantConfig
+    from compiler.executorch.export import ExecutorchDecoder
+    from compiler.executorch.quantize import quantize_decoder
+    from compiler.frontend.load import build_decoder, read_checkpoint
+    from compiler.tiny_models import make_model
+
+    make_model(tmp_path / "m", "llama", tokenizer=False, intermediate_size=80)
+    decoder = ExecutorchDecoder(build_decoder(read_checkpoint(tmp_path / "m")), 32)
+    counts = quantize_decoder(decoder, QuantConfig(algo="rtn", block_size=32))
+    assert counts["linear_8da8w_channel"] == 2  # each layer's down_proj (K = 80)
+    assert counts["linear_8da4w_group32"] == 2 * 4 + 1  # qkv, o, gate, up per layer, and the lm_head
+
+
 def test_layers_quantized_differently_are_lowered_without_stitching(tmp_path):
     """Stitched copies reuse layer 1's lowered program (which holds the next layer's q/k/v), so layers
     1 .. n-2 must be laid out alike, and the last one in its q/k/v; layer 0 is lowered on its own."""

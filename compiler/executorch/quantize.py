@@ -27,6 +27,9 @@ from compiler.errors import UsageError
 from compiler.quant.blocks import largest_dividing_block
 
 
+XNNPACK_GROUP_MULTIPLE = 32  # its blockwise int4 linear takes groups that are multiples of 32
+
+
 def group_for(k: int, block_size: int) -> int:
     """The block along K for a linear of K inputs: the configured one, or the largest power-of-two
     fraction of it that divides K (torchao's per-group quantization needs whole groups)."""
@@ -62,6 +65,8 @@ def quantize_decoder(decoder: nn.Module, quant: QuantConfig) -> dict[str, int]:
         if isinstance(module, nn.Linear):
             bits = module_bits(name, quant)
             group = group_for(module.in_features, quant.block_size) if bits == 4 else 0
+            if bits == 4 and group % XNNPACK_GROUP_MULTIPLE:
+                bits, group = 8, 0  # XNNPACK's blockwise int4 GEMM refuses this K: int8 per channel instead
             by_scheme.setdefault((bits, group), []).append(name)
     counts: dict[str, int] = {}
     for (bits, group), names in by_scheme.items():
