@@ -11,6 +11,7 @@ from compiler.errors import CheckFailed, UsageError
 from compiler.frontend.load import Checkpoint, build_decoder, read_checkpoint
 from compiler.frontend.lora import AdapterSpec, MergeRecord, merge_lora
 from compiler.models.decoder import CanonicalDecoder
+from compiler.models.families import SWITCHED_ROPE_TYPES
 from compiler.report import BuildReport, markdown
 from runtimes.validation import GOLDEN_FILE, save_golden
 
@@ -45,6 +46,11 @@ def load_reference(model_dir: Path, adapters: list[AdapterSpec], report: BuildRe
         checkpoint = read_checkpoint(model_dir)
         source_hashes = checkpoint.source_hashes()
     cfg = checkpoint.config
+    claimed = int(getattr(checkpoint.hf_config, "max_position_embeddings", cfg.max_sequence_length))
+    if cfg.rope_type in SWITCHED_ROPE_TYPES and cfg.max_sequence_length < claimed:
+        report.warn(f"{model_dir}: {cfg.rope_type} rope switches to its long-context table past "
+                    f"{cfg.max_sequence_length} positions; the bundle's context is capped there (the model claims "
+                    f"{claimed})")
     prompts = prompt_ids(model_dir, cfg.vocab_size, cfg.bos_token_id)
     records: list[MergeRecord] = []
     lora = None

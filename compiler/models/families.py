@@ -18,6 +18,9 @@ SUPPORTED_ARCHITECTURES = {
 MODEL_TYPE_FAMILY = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
 # Rope variants whose frequencies do not depend on the sequence length, so one traced graph is exact.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# Rope variants that switch frequency tables past the original context (Phi-3.5 / Phi-4-mini's longrope):
+# exact with the short table up to the original context, where edgec caps the model's context.
+SWITCHED_ROPE_TYPES = ("longrope",)
 
 
 def supported_list() -> str:
@@ -27,10 +30,9 @@ def supported_list() -> str:
 def _rope(hf_config, head_dim: int, where: str) -> tuple[str, tuple[float, ...], float, int]:
     params = dict(getattr(hf_config, "rope_parameters", None) or {})
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in STATIC_ROPE_TYPES:
-        raise UsageError(
-            f"{where}: rope type '{rope_type}' is not supported (supported: {', '.join(STATIC_ROPE_TYPES)})"
-        )
+    if rope_type not in STATIC_ROPE_TYPES + SWITCHED_ROPE_TYPES:
+        raise UsageError(f"{where}: rope type '{rope_type}' is not supported (supported: "
+                         f"{', '.join(STATIC_ROPE_TYPES + SWITCHED_ROPE_TYPES)})")
     partial = float(params.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0)))
     rotary_dim = int(head_dim * partial)
     if rope_type == "default":
@@ -41,6 +43,8 @@ def _rope(hf_config, head_dim: int, where: str) -> tuple[str, tuple[float, ...],
         # transformers' own frequency functions are the reference; reuse them rather than re-deriving.
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+        # longrope without a sequence length: the short-factor table, transformers' choice up to the
+        # original context (decoder_config caps the context there).
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
     return rope_type, tuple(float(v) for v in inv_freq.tolist()), float(scaling), rotary_dim
 
@@ -54,6 +58,11 @@ def decoder_config(hf_config, family: str, where: str, generation_config: dict |
     rope_type, inv_freq, scaling, rotary_dim = _rope(hf_config, head_dim, where)
 
     max_len = int(getattr(hf_config, "max_position_embeddings", 2048))
+    if rope_type in SWITCHED_ROPE_TYPES:
+        params = dict(getattr(hf_config, "rope_parameters", None) or {})
+        original = int(params.get("original_max_position_embeddings")
+                       or getattr(hf_config, "original_max_position_embeddings", None) or max_len)
+        max_len = min(max_len, original)  # the build warns (compiler.build.load_reference)
     window = getattr(hf_config, "sliding_window", None)
     window_is_opt_in = family in ("qwen2", "qwen3")  # their configs name a window use_sliding_window turns on
     uses_window = window is not None and (not window_is_opt_in or getattr(hf_config, "use_sliding_window", False))
