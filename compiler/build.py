@@ -155,7 +155,7 @@ def headline_validation(artifacts: list[dict]) -> dict | None:
 def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter, report: BuildReport) -> dict:
     from compiler.onnx.export import export_onnx, io_for, save_onnx
     from compiler.onnx.genai_config import genai_config
-    from compiler.onnx.passes import build_pipeline, op_counts, run_passes
+    from compiler.onnx.passes import attention_by_layer, build_pipeline, op_counts, run_passes
 
     model = reference.model
     precomputed = None
@@ -177,7 +177,9 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
         with report.stage("onnx_passes", f"pipeline '{pipeline}', {len(passes)} passes"):
             onnx_model, report.passes = run_passes(onnx_model, passes, config.export.dump_dir)
     ops = op_counts(onnx_model)
-    shares_buffer = "GroupQueryAttention" in ops
+    # One buffer for past and present only when every layer's attention is GroupQueryAttention (a layer
+    # without rope, SmolLM3's, keeps its concat and needs past and present apart).
+    shares_buffer = ops.get("GroupQueryAttention", 0) == model.cfg.num_layers
     with report.stage("write_bundle"):
         save_onnx(onnx_model, writer.staging / MODEL_FILE)
         report.export = {
@@ -186,6 +188,7 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
             "nodes_traced": traced_nodes,
             "nodes": len(onnx_model.graph),
             "op_counts": ops,
+            "attention_by_layer": attention_by_layer(onnx_model, model.cfg.num_layers),
         }
         del onnx_model
         writer.write_json("genai_config.json", genai_config(model.cfg, MODEL_FILE, shares_buffer))

@@ -110,7 +110,7 @@ def _name_dims(model: ir.Model) -> None:
 
 def one_layer_view(model: CanonicalDecoder) -> CanonicalDecoder:
     """A 1-layer decoder sharing the model's embedding, layer 0, norm and head tensors (no copies)."""
-    cfg = dataclasses.replace(model.cfg, num_layers=1)
+    cfg = dataclasses.replace(model.cfg, num_layers=1, layer_rope=model.cfg.layer_rope[:1])
     with torch.device("meta"):
         view = CanonicalDecoder(cfg)
     state = {k: v for k, v in model.state_dict().items()
@@ -119,11 +119,18 @@ def one_layer_view(model: CanonicalDecoder) -> CanonicalDecoder:
     if cfg.tie_word_embeddings:
         view.lm_head.weight = view.model.embed_tokens.weight
     view.rope_inv_freq = model.rope_inv_freq
+    view.local_rope_inv_freq = model.local_rope_inv_freq
     return view.eval()
 
 
 def export_onnx(model: CanonicalDecoder, layer_template: bool = True) -> ir.Model:
     """Trace to ONNX; with layer_template, trace one layer and stamp it (see layer_template.py)."""
+    if layer_template and len(set(model.cfg.layer_rope)) > 1:
+        # Layer 0's copies would rotate every layer as layer 0 does (the rope tables are not layer weights,
+        # so stamping's checks cannot see it): layers of SmolLM3 (no rope) or Gemma 3 (local/global) differ.
+        logging.getLogger("edgec").info("tracing every layer: layers use different rope (%s)",
+                                        ", ".join(sorted(set(model.cfg.layer_rope))))
+        layer_template = False
     if layer_template and model.cfg.num_layers > 1:
         onnx_model = _trace(one_layer_view(model))
         try:
