@@ -51,6 +51,11 @@ def load_reference(model_dir: Path, adapters: list[AdapterSpec], report: BuildRe
         report.warn(f"{model_dir}: {cfg.rope_type} rope switches to its long-context table past "
                     f"{cfg.max_sequence_length} positions; the bundle's context is capped there (the model claims "
                     f"{claimed})")
+    elif cfg.max_sequence_length < claimed:
+        # families.decoder_config caps a sliding-window model at its window, where it equals full attention.
+        report.warn(f"{model_dir}: sliding-window attention (window {cfg.max_sequence_length}) is built as full "
+                    f"attention, exact within the window; the bundle's context is capped there (the model claims "
+                    f"{claimed})")
     prompts = prompt_ids(model_dir, cfg.vocab_size, cfg.bos_token_id)
     records: list[MergeRecord] = []
     lora = None

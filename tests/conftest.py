@@ -37,6 +37,11 @@ MODEL_VARIANTS = {
     "phi4_longrope": ("phi3", dict(partial_rotary_factor=0.75, rope_scaling=PHI4_LONGROPE, original_max_position_embeddings=64,
                                    tie_word_embeddings=True)),
     "mistral": ("mistral", dict(tie_word_embeddings=False)),
+    # No rope on every 2nd layer (layer 1 of 2).
+    "smollm3": ("smollm3", dict(no_rope_layer_interval=2)),
+    # A sliding (local rope, base 10000) then a global layer (base 1e6, linear scaling), window 64.
+    "gemma3": ("gemma3_text", dict(sliding_window_pattern=2, sliding_window=64,
+                                   rope_scaling={"rope_type": "linear", "factor": 4.0})),
 }
 
 
