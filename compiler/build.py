@@ -182,8 +182,8 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
         with report.stage("onnx_passes", f"pipeline '{pipeline}', {len(passes)} passes"):
             onnx_model, report.passes = run_passes(onnx_model, passes, config.export.dump_dir)
     ops = op_counts(onnx_model)
-    # One buffer for past and present only when every layer's attention is GroupQueryAttention (a layer
-    # without rope, SmolLM3's, keeps its concat and needs past and present apart).
+    # One buffer for past and present only when every layer's attention is GroupQueryAttention (one left as
+    # MultiHeadAttention keeps its KV concat and needs past and present apart).
     shares_buffer = ops.get("GroupQueryAttention", 0) == model.cfg.num_layers
     with report.stage("write_bundle"):
         save_onnx(onnx_model, writer.staging / MODEL_FILE)

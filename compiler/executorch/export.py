@@ -95,8 +95,10 @@ class ExecutorchDecoder(nn.Module):
         start = input_pos[0].item()
         torch._check_is_size(start)
         torch._check(start + seq <= self.max_seq_len)
-        ropes = {kind: LinearRope.at(getattr(self, _rope_buffer(kind, "cos")), getattr(self, _rope_buffer(kind, "sin")),
-                                     self.rope_rotate, self.rope_heads, start, seq) for kind in self.rope_kinds}
+        ropes = {"none": None}
+        for kind in self.rope_kinds:
+            ropes[kind] = LinearRope.at(getattr(self, _rope_buffer(kind, "cos")), getattr(self, _rope_buffer(kind, "sin")),
+                                        self.rope_rotate, self.rope_heads, start, seq)
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, ropes, InProgramKVCache(getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}"), start))

@@ -210,7 +210,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x, ropes, cache):
         """The one layer forward of every export: `ropes` (by kind, see DecoderConfig.layer_rope) and `cache`
         are the export's (see Attention)."""
-        rope = None if self.rope == "none" else ropes[self.rope]
+        rope = ropes[self.rope]
         x = x + self.attention_output_norm(self.self_attn(self.input_layernorm(x), rope, cache))
         return x + self.mlp_output_norm(self.mlp(self.post_attention_layernorm(x)))
 
@@ -242,6 +242,8 @@ class CanonicalDecoder(nn.Module):
     `attention_mask` is [batch, past_len + seq] with 1 for real tokens, as onnxruntime-genai feeds it.
     """
 
+    none_rope_as_identity = False  # see layer_inputs; the ONNX export sets it
+
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.cfg = cfg
@@ -261,11 +263,15 @@ class CanonicalDecoder(nn.Module):
         return [torch.zeros(shape) for _ in range(2 * self.cfg.num_layers)]
 
     def layer_inputs(self, input_ids, attention_mask, position_ids, past_len):
-        """(embeddings, {rope kind: Rope} for the kinds the layers use, additive mask) that every layer reads."""
+        """(embeddings, {rope kind: Rope} for the kinds the layers use, additive mask) that every layer reads.
+        "none" is None (no rotation), or with `none_rope_as_identity` a rope of angle 0: cos 1 and sin 0 rotate
+        exactly nothing, and the ONNX fusions then take those layers like any other (GroupQueryAttention)."""
         seq = input_ids.shape[1]
         x = self.model.embed_tokens(input_ids)
-        kinds = set(self.cfg.layer_rope or ("global",)) - {"none"}
-        ropes = {}
+        kinds = set(self.cfg.layer_rope or ("global",))
+        ropes = {"none": None}
+        if "none" in kinds and self.none_rope_as_identity:
+            ropes["none"] = self._rope(torch.zeros_like(self.rope_inv_freq), 1.0, position_ids)
         if "global" in kinds:
             ropes["global"] = self._rope(self.rope_inv_freq, self.cfg.rope_attention_scaling, position_ids)
         if "local" in kinds:

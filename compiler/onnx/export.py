@@ -156,19 +156,25 @@ def _trace(model: CanonicalDecoder) -> ir.Model:
         {0: batch, 1: seq},
         tuple({0: batch, 2: past} for _ in range(n_cache)),
     )
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            model,
-            _example_inputs(model),
-            dynamo=True,
-            dynamic_shapes=dynamic_shapes,
-            input_names=io.input_names,
-            output_names=io.output_names,
-            optimize=True,
-            verbose=False,
-            report=False,
-        )
+    # A layer without rope (SmolLM3) rotates by angle 0, exactly nothing, so that it fuses to
+    # GroupQueryAttention as the others do and every layer's cache can be one shared buffer.
+    model.none_rope_as_identity = True
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model,
+                _example_inputs(model),
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes,
+                input_names=io.input_names,
+                output_names=io.output_names,
+                optimize=True,
+                verbose=False,
+                report=False,
+            )
+    finally:
+        del model.none_rope_as_identity  # the reference keeps skipping rotation
     onnx_model = program.model
     _name_dims(onnx_model)
     onnx_model.producer_name = "edgec"

@@ -8,8 +8,9 @@ length shared by past and present (onnxruntime-genai's past_present_share_buffer
 one position per token instead of copying the whole cache.
 
 onnxscript's GQA rule drops the SDPA's scale, so the pass sets it again (Gemma 3's query_pre_attn_scalar is
-not head_dim). An SDPA that the GQA rule does not take (a layer without rope: SmolLM3's) becomes
-com.microsoft MultiHeadAttention over the expanded heads, its KV concat kept.
+not head_dim). An SDPA that the GQA rule does not take (attention without a RotaryEmbedding; the export gives SmolLM3's
+layers without rope one of angle 0) becomes com.microsoft MultiHeadAttention over the expanded heads, its KV
+concat kept.
 """
 
 import onnx_ir as ir
