@@ -11,6 +11,7 @@ from compiler.errors import CheckFailed, UsageError
 from compiler.frontend.load import Checkpoint, build_decoder, read_checkpoint
 from compiler.frontend.lora import AdapterSpec, MergeRecord, merge_lora
 from compiler.models.decoder import CanonicalDecoder
+from compiler.models.families import SWITCHED_ROPE_TYPES
 from compiler.report import BuildReport, markdown
 from runtimes.base import ADAPTER_DIR
 from runtimes.validation import GOLDEN_FILE, save_golden
@@ -62,6 +63,16 @@ def load_reference(model_dir: Path, adapters: list[AdapterSpec], report: BuildRe
         checkpoint = read_checkpoint(model_dir)
         source_hashes = checkpoint.source_hashes()
     cfg = checkpoint.config
+    claimed = int(getattr(checkpoint.hf_config, "max_position_embeddings", cfg.max_sequence_length))
+    if cfg.rope_type in SWITCHED_ROPE_TYPES and cfg.max_sequence_length < claimed:
+        report.warn(f"{model_dir}: {cfg.rope_type} rope switches to its long-context table past "
+                    f"{cfg.max_sequence_length} positions; the bundle's context is capped there (the model claims "
+                    f"{claimed})")
+    elif cfg.max_sequence_length < claimed:
+        # families.decoder_config caps a sliding-window model at its window, where it equals full attention.
+        report.warn(f"{model_dir}: sliding-window attention (window {cfg.max_sequence_length}) is built as full "
+                    f"attention, exact within the window; the bundle's context is capped there (the model claims "
+                    f"{claimed})")
     prompts = prompt_ids(model_dir, cfg.vocab_size, cfg.bos_token_id)
     records: list[MergeRecord] = []
     lora = None
@@ -235,7 +246,7 @@ def headline_validation(artifacts: list[dict]) -> dict | None:
 def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter, report: BuildReport) -> dict:
     from compiler.onnx.export import export_onnx, io_for, save_onnx
     from compiler.onnx.genai_config import genai_config
-    from compiler.onnx.passes import build_pipeline, op_counts, run_passes
+    from compiler.onnx.passes import attention_by_layer, build_pipeline, op_counts, run_passes
 
     model = reference.model
     precomputed = None
@@ -257,7 +268,9 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
         with report.stage("onnx_passes", f"pipeline '{pipeline}', {len(passes)} passes"):
             onnx_model, report.passes = run_passes(onnx_model, passes, config.export.dump_dir)
     ops = op_counts(onnx_model)
-    shares_buffer = "GroupQueryAttention" in ops
+    # One buffer for past and present only when every layer's attention is GroupQueryAttention (one left as
+    # MultiHeadAttention keeps its KV concat and needs past and present apart).
+    shares_buffer = ops.get("GroupQueryAttention", 0) == model.cfg.num_layers
     with report.stage("write_bundle"):
         save_onnx(onnx_model, writer.staging / MODEL_FILE)
         report.export = {
@@ -266,6 +279,7 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
             "nodes_traced": traced_nodes,
             "nodes": len(onnx_model.graph),
             "op_counts": ops,
+            "attention_by_layer": attention_by_layer(onnx_model, model.cfg.num_layers),
         }
         del onnx_model
         writer.write_json("genai_config.json", genai_config(model.cfg, MODEL_FILE, shares_buffer))

@@ -23,6 +23,9 @@ FAMILY_CONFIGS = {
     "qwen3": dict(architectures=["Qwen3ForCausalLM"]),
     "phi3": dict(architectures=["Phi3ForCausalLM"]),
     "mistral": dict(architectures=["MistralForCausalLM"]),
+    "smollm3": dict(architectures=["SmolLM3ForCausalLM"]),
+    # head_dim and query_pre_attn_scalar default to 256 whatever hidden_size is: set to the tiny shape.
+    "gemma3_text": dict(architectures=["Gemma3ForCausalLM"], head_dim=16, query_pre_attn_scalar=24),
 }
 
 # A SmolLM2-135M-shaped Llama (random weights), the size the acceptance figures use.

@@ -21,6 +21,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
 
+# Phi-4-mini's rope: partial rotary (0.75), longrope with short and long factor tables switched at the
+# original context.
+PHI4_LONGROPE = {"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                 "long_factor": [1.0, 2.0, 4.0, 8.0, 16.0, 32.0], "original_max_position_embeddings": 64}
+
 # name -> (family, config overrides): each family, tied and untied, the rope and bias variants.
 MODEL_VARIANTS = {
     "llama": ("llama", dict(tie_word_embeddings=False)),
@@ -29,7 +34,14 @@ MODEL_VARIANTS = {
     "qwen3": ("qwen3", dict(tie_word_embeddings=True)),
     "phi3": ("phi3", dict(tie_word_embeddings=False)),
     "phi3_partial_rotary": ("phi3", dict(partial_rotary_factor=0.5)),
+    "phi4_longrope": ("phi3", dict(partial_rotary_factor=0.75, rope_scaling=PHI4_LONGROPE, original_max_position_embeddings=64,
+                                   tie_word_embeddings=True)),
     "mistral": ("mistral", dict(tie_word_embeddings=False)),
+    # No rope on every 2nd layer (layer 1 of 2).
+    "smollm3": ("smollm3", dict(no_rope_layer_interval=2)),
+    # A sliding (local rope, base 10000) then a global layer (base 1e6, linear scaling), window 64.
+    "gemma3": ("gemma3_text", dict(sliding_window_pattern=2, sliding_window=64,
+                                   rope_scaling={"rope_type": "linear", "factor": 4.0})),
 }
 
 

@@ -205,10 +205,12 @@ def test_onnxruntime_genai_runs_the_bundle_as_is(bundle):
     assert tokens == ours and len(tokens) >= 1
 
 
-@pytest.mark.parametrize("variant", ["llama3_tied", "qwen2", "phi3_partial_rotary"])
+@pytest.mark.parametrize("variant", ["llama3_tied", "qwen2", "phi3_partial_rotary", "phi4_longrope"])
 def test_each_family_builds_and_passes_its_gates(model_dir, variant, tmp_path):
     result = run("build", "--model", model_dir(variant), "--out", tmp_path / "b", "--quiet", "--new-tokens", "8")
     assert result.exit_code == 0, result.output
+    if variant == "phi4_longrope":
+        assert "capped there (the model claims 256)" in result.output
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["validation"]["passed"] and manifest["validation"]["metrics"]["max_abs_logits"] < 1e-4
 

@@ -44,6 +44,14 @@ def test_family_details_are_read(model_dir):
     assert phi3.rotary_dim == phi3.head_dim // 2
 
 
+def test_longrope_is_capped_at_its_original_context(model_dir):
+    """Past the original context transformers switches to the long-factor table for every position; edgec
+    builds the short table and caps the context there (the build warns), so it is never silently wrong."""
+    cfg = read_checkpoint(model_dir("phi4_longrope")).config
+    assert cfg.rope_type == "longrope" and cfg.max_sequence_length == 64 and cfg.rotary_dim == 12
+    assert cfg.rope_attention_scaling > 1.0  # longrope's attention factor, applied to cos and sin
+
+
 def test_sharded_checkpoint_loads(llama_dir, tmp_path):
     sharded = tmp_path / "sharded"
     shutil.copytree(llama_dir, sharded)

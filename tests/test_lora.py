@@ -22,6 +22,9 @@ ADAPTER_CASES = {
                                      alpha_pattern={"v_proj": 3.0})),
     "fan_in_fan_out": ("mistral", dict(target_modules=["q_proj", "up_proj"], fan_in_fan_out=True)),
     "qwen3_qk_norm": ("qwen3", dict(target_modules=["q_proj", "k_proj", "o_proj"])),
+    "smollm3_no_rope_layers": ("smollm3", dict(target_modules=ALL_PROJECTIONS)),
+    # Gemma's embedding is scaled after the lookup, merged rows included; its norms are (1 + w) in the checkpoint.
+    "gemma3_scaled_embedding": ("gemma3", dict(target_modules=[*ALL_PROJECTIONS, "embed_tokens"])),
 }
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -50,23 +51,20 @@ class ExecutorchDecoder(nn.Module):
         self.lm_head = copy.deepcopy(model.lm_head, shared)
         for layer in self.layers:
             layer.self_attn = PackedAttention(layer.self_attn)
-        # Rope tables over the whole head: dimensions past a partial rotary_dim get cos 1, sin 0.
         head_dim, rotary = cfg.head_dim, cfg.rotary_dim or cfg.head_dim
         half = rotary // 2
-        positions = torch.arange(max_seq_len, dtype=torch.float32)
-        freqs = positions[:, None] * model.rope_inv_freq[None, :]  # fp32 angles, as the reference computes them
-        # cos/sin in float64 by numpy, rounded once: tables correctly rounded whatever torch's vector-math
-        # library does (its fp32 cos is up to 1 ulp off, and see models/vector_math for worse).
-        angles = torch.cat((freqs, freqs), dim=-1).double().numpy()
-        scaling = cfg.rope_attention_scaling
-        cos, sin = torch.ones(max_seq_len, head_dim), torch.zeros(max_seq_len, head_dim)
-        cos[:, :rotary] = torch.from_numpy(np.cos(angles) * scaling).float()
-        sin[:, :rotary] = torch.from_numpy(np.sin(angles) * scaling).float()
+        # One pair of tables per rope the layers use: "global" (rope_cos/rope_sin), Gemma 3's "local"
+        # (rope_local_cos/rope_local_sin); SmolLM3's "none" layers read none.
+        self.rope_kinds = sorted(set(cfg.layer_rope or ("global",)) - {"none"})
+        for kind in self.rope_kinds:
+            inv_freq, scaling = ((model.rope_inv_freq, cfg.rope_attention_scaling) if kind == "global"
+                                 else (model.local_rope_inv_freq, cfg.local_rope_attention_scaling))
+            cos, sin = _rope_tables(inv_freq, scaling, max_seq_len, head_dim, rotary)
+            self.register_buffer(_rope_buffer(kind, "cos"), cos, persistent=False)
+            self.register_buffer(_rope_buffer(kind, "sin"), sin, persistent=False)
         rotate = torch.zeros(head_dim, head_dim)
         rotate[torch.arange(half), torch.arange(half) + half] = -1.0
         rotate[torch.arange(half) + half, torch.arange(half)] = 1.0
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
         self.register_buffer("rope_rotate", rotate, persistent=False)
         # Which of the packed q/k/v heads rope rotates: v's pass through.
         heads = cfg.num_heads + 2 * cfg.num_kv_heads
@@ -74,6 +72,9 @@ class ExecutorchDecoder(nn.Module):
                              persistent=False)
         self.mean_of_squares = nn.ModuleList()
         _compute_norms_with_linear_means(self)
+        for layer in self.layers:
+            if isinstance(layer.mlp.act, nn.GELU) and layer.mlp.act.approximate == "tanh":
+                layer.mlp.act = TanhGelu()
         shape = (1, max_seq_len, cfg.num_kv_heads, cfg.head_dim)
         for i in range(cfg.num_layers):
             self.register_buffer(f"k_cache_{i}", torch.zeros(shape), persistent=False)
@@ -95,11 +96,31 @@ class ExecutorchDecoder(nn.Module):
         start = input_pos[0].item()
         torch._check_is_size(start)
         torch._check(start + seq <= self.max_seq_len)
-        rope = LinearRope.at(self.rope_cos, self.rope_sin, self.rope_rotate, self.rope_heads, start, seq)
+        ropes = {"none": None}
+        for kind in self.rope_kinds:
+            ropes[kind] = LinearRope.at(getattr(self, _rope_buffer(kind, "cos")), getattr(self, _rope_buffer(kind, "sin")),
+                                        self.rope_rotate, self.rope_heads, start, seq)
         x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, InProgramKVCache(getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}"), start))
+            x = layer(x, ropes, InProgramKVCache(getattr(self, f"k_cache_{i}"), getattr(self, f"v_cache_{i}"), start))
         return self.lm_head(self.norm(x[:, -1, :]))
+
+
+def _rope_buffer(kind: str, which: str) -> str:
+    return f"rope_{which}" if kind == "global" else f"rope_{kind}_{which}"
+
+
+def _rope_tables(inv_freq, scaling, max_seq_len, head_dim, rotary):
+    """cos and sin [max_seq_len, head_dim]: dimensions past a partial rotary_dim get cos 1, sin 0."""
+    positions = torch.arange(max_seq_len, dtype=torch.float32)
+    freqs = positions[:, None] * inv_freq[None, :]  # fp32 angles, as the reference computes them
+    # cos/sin in float64 by numpy, rounded once: tables correctly rounded whatever torch's vector-math
+    # library does (its fp32 cos is up to 1 ulp off, and see models/vector_math for worse).
+    angles = torch.cat((freqs, freqs), dim=-1).double().numpy()
+    cos, sin = torch.ones(max_seq_len, head_dim), torch.zeros(max_seq_len, head_dim)
+    cos[:, :rotary] = torch.from_numpy(np.cos(angles) * scaling).float()
+    sin[:, :rotary] = torch.from_numpy(np.sin(angles) * scaling).float()
+    return cos, sin
 
 
 class PackedAttention(Attention):
@@ -229,6 +250,15 @@ class LinearMeanRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.weight * (x * torch.rsqrt(self._mean_of_squares[0](x)))
+
+
+class TanhGelu(nn.Module):
+    """gelu(x, approximate="tanh") written out: ExecuTorch 1.5's XNNPACK partitioner takes aten.gelu whatever its
+    `approximate` and serializes the exact (erf) GELU, 2e-3 off Gemma 3's logits; tanh and the arithmetic
+    lower to XNNPACK as they are."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
 
 
 def runner_metadata(cfg, max_seq_len: int, bos_id: int | None, eos_ids: list[int]) -> dict:

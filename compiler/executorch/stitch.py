@@ -44,6 +44,9 @@ def check_uniform_layers(decoder: torch.nn.Module) -> None:
     """Copies of layer 1 stand for layers 1 .. n-2, and the copied partition holds the next layer's norm and
     q/k/v: those layers must be laid out as layer 1 is (kind, shapes, dtypes, quantization scheme)."""
     layers = list(decoder.layers)
+    if len({layer.rope for layer in layers[1:]}) > 1:
+        # The copied partition rotates the next layer's q/k as the last layer's: one rope for layers 1 .. n-1.
+        raise StitchError("layers use different rope (no rope or local/global tables)")
     in_next_partition = ("input_layernorm.", "self_attn.qkv_proj.")
     if any(_layout(layer) != _layout(layers[1]) for layer in layers[2:-1]) or \
             _layout(layers[-1], in_next_partition) != _layout(layers[1], in_next_partition):

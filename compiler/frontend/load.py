@@ -174,6 +174,7 @@ def build_decoder(checkpoint: Checkpoint, keep_state: bool = False) -> Canonical
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rope_inv_freq = torch.tensor(cfg.rope_inv_freq, dtype=torch.float32)
+    model.local_rope_inv_freq = torch.tensor(cfg.local_rope_inv_freq, dtype=torch.float32)
     if not keep_state:
         checkpoint.state = {}  # the model owns the tensors now
     return model.eval()

@@ -1,13 +1,15 @@
-"""The canonical decoder: one export-friendly torch definition of the Llama, Qwen2, Qwen3 and Phi-3 families.
+"""The canonical decoder: one export-friendly torch definition of the Llama, Mistral, Qwen2, Qwen3, Phi-3,
+SmolLM3 and Gemma 3 (text) families.
 
 It is what edgec traces for every format. Parameter names follow the Hugging Face Llama layout
 (`model.layers.N.self_attn.q_proj.weight`, ...) so that most checkpoints load by name; family
-differences (biases, per-head q/k norms, fused projections, partial rotary) are settled by
+differences (biases, per-head q/k norms, fused projections, partial rotary, layers without rope or with a
+second rope table, norms after attention and MLP, the MLP's activation) are settled by
 `compiler.models.families`. The forward takes the KV cache as explicit tensors and returns the grown cache,
 so the traced graph has `past_key_values.N.key/value` inputs and `present.N.key/value` outputs.
 
 A layer's forward is the same for every export: what an export changes (the ExecuTorch program: its cache,
-rope and head layout) it passes in as the `rope` and `cache` of each call or swaps in as modules.
+rope and head layout) it passes in as the `ropes` and `cache` of each call or swaps in as modules.
 """
 
 from __future__ import annotations
@@ -35,13 +37,22 @@ class DecoderConfig:
     rms_norm_eps: float
     tie_word_embeddings: bool
     qkv_bias: bool = False
-    qk_norm: bool = False  # RMSNorm over head_dim of q and k after projection, before rope (Qwen3)
+    qk_norm: bool = False  # RMSNorm over head_dim of q and k after projection, before rope (Qwen3, Gemma 3)
     o_bias: bool = False
     mlp_bias: bool = False
     rotary_dim: int = 0
     rope_type: str = "default"
     rope_inv_freq: tuple[float, ...] = field(default=(), repr=False)
     rope_attention_scaling: float = 1.0
+    # Per layer: "global" (rope_inv_freq), "local" (local_rope_inv_freq: Gemma 3's sliding layers) or "none"
+    # (SmolLM3's no-rope layers); empty means every layer "global".
+    layer_rope: tuple[str, ...] = ()
+    local_rope_inv_freq: tuple[float, ...] = field(default=(), repr=False)
+    local_rope_attention_scaling: float = 1.0
+    attention_scale: float | None = None  # None: head_dim ** -0.5 (Gemma 3: query_pre_attn_scalar ** -0.5)
+    sandwich_norms: bool = False  # RMSNorm on the attention and MLP outputs too, before the residual add (Gemma 3)
+    hidden_act: str = "silu"  # or "gelu_pytorch_tanh" (Gemma 3)
+    embed_scale: float = 1.0  # embeddings times this (Gemma 3: sqrt(hidden_size) rounded to fp32)
     max_sequence_length: int = 2048
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -50,8 +61,13 @@ class DecoderConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("rope_inv_freq")
+        d.pop("local_rope_inv_freq")
         d["eos_token_ids"] = list(self.eos_token_ids)
+        d["layer_rope"] = list(self.layer_rope)
         return d
+
+    def rope_of(self, layer: int) -> str:
+        return self.layer_rope[layer] if self.layer_rope else "global"
 
 
 class RMSNorm(nn.Module):
@@ -110,16 +126,17 @@ class ConcatKVCache:
 
 
 class Attention(nn.Module):
-    """Projections to heads, per-head q/k norms where the family has them (Qwen3), rope, attention over the
-    cache, o_proj. An export changes how heads are laid out (`heads`, `rotated_heads`, `merge_heads`), how
-    they are rotated (the `rope` it passes) and attended (the `cache` it passes), never these steps' order."""
+    """Projections to heads, per-head q/k norms where the family has them (Qwen3, Gemma 3), rope (None for a
+    layer without rope: SmolLM3's), attention over the cache, o_proj. An export changes how heads are laid out
+    (`heads`, `rotated_heads`, `merge_heads`), how they are rotated (the `rope` it passes) and attended (the
+    `cache` it passes), never these steps' order."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
-        self.scale = cfg.head_dim**-0.5
+        self.scale = cfg.attention_scale if cfg.attention_scale is not None else cfg.head_dim**-0.5
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
@@ -134,9 +151,10 @@ class Attention(nn.Module):
     def project(self, x, rope):
         """q, k and v heads of x, q and k normalized per head (where the family does) and rotated."""
         if self.q_norm is None:
-            return self.rotated_heads(x, rope)
+            return self.heads(x) if rope is None else self.rotated_heads(x, rope)
         q, k, v = self.heads(x)
-        return rope(self.q_norm(q)), rope(self.k_norm(k)), v
+        q, k = self.q_norm(q), self.k_norm(k)
+        return (q, k, v) if rope is None else (rope(q), rope(k), v)
 
     def heads(self, x):
         """q [batch, heads, seq, head_dim], k and v [batch, kv_heads, seq, head_dim]."""
@@ -158,35 +176,62 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """down(act(gate(x)) * up(x)); `act` is a module so that an export can swap in its own form of it."""
+
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
+        self.act = nn.GELU(approximate="tanh") if cfg.hidden_act == "gelu_pytorch_tanh" else nn.SiLU()
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig):
+    """input_layernorm before attention, post_attention_layernorm before the MLP (Llama's names); with
+    sandwich norms also attention_output_norm and mlp_output_norm on what the residual adds (Gemma 3's
+    post_attention_layernorm and post_feedforward_layernorm; its pre_feedforward_layernorm is the MLP's)."""
+
+    def __init__(self, cfg: DecoderConfig, index: int = 0):
         super().__init__()
+        self.rope = cfg.rope_of(index)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        if cfg.sandwich_norms:
+            self.attention_output_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.mlp_output_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        else:
+            self.attention_output_norm = self.mlp_output_norm = nn.Identity()
 
-    def forward(self, x, rope, cache):
-        """The one layer forward of every export: `rope` and `cache` are the export's (see Attention)."""
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, ropes, cache):
+        """The one layer forward of every export: `ropes` (by kind, see DecoderConfig.layer_rope) and `cache`
+        are the export's (see Attention)."""
+        rope = ropes[self.rope]
+        x = x + self.attention_output_norm(self.self_attn(self.input_layernorm(x), rope, cache))
+        return x + self.mlp_output_norm(self.mlp(self.post_attention_layernorm(x)))
+
+
+class ScaledEmbedding(nn.Embedding):
+    """An embedding whose rows are multiplied by `scale` (Gemma 3's sqrt(hidden_size)); 1.0 adds no op."""
+
+    def __init__(self, num: int, dim: int, scale: float = 1.0):
+        super().__init__(num, dim)
+        self.scale = scale
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = super().forward(ids)
+        return x if self.scale == 1.0 else x * self.scale
 
 
 class DecoderBody(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.embed_tokens = ScaledEmbedding(cfg.vocab_size, cfg.hidden_size, cfg.embed_scale)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -196,6 +241,8 @@ class CanonicalDecoder(nn.Module):
     `past` is flat: key0, value0, key1, value1, ... each [batch, kv_heads, past_len, head_dim].
     `attention_mask` is [batch, past_len + seq] with 1 for real tokens, as onnxruntime-genai feeds it.
     """
+
+    none_rope_as_identity = False  # see layer_inputs; the ONNX export sets it
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -207,25 +254,28 @@ class CanonicalDecoder(nn.Module):
         self.register_buffer(
             "rope_inv_freq", torch.tensor(cfg.rope_inv_freq, dtype=torch.float32), persistent=False
         )
+        self.register_buffer(
+            "local_rope_inv_freq", torch.tensor(cfg.local_rope_inv_freq, dtype=torch.float32), persistent=False
+        )
 
     def empty_cache(self, batch: int = 1) -> list[torch.Tensor]:
         shape = (batch, self.cfg.num_kv_heads, 0, self.cfg.head_dim)
         return [torch.zeros(shape) for _ in range(2 * self.cfg.num_layers)]
 
     def layer_inputs(self, input_ids, attention_mask, position_ids, past_len):
-        """(embeddings, Rope, additive mask) that every layer reads."""
+        """(embeddings, {rope kind: Rope} for the kinds the layers use, additive mask) that every layer reads.
+        "none" is None (no rotation), or with `none_rope_as_identity` a rope of angle 0: cos 1 and sin 0 rotate
+        exactly nothing, and the ONNX fusions then take those layers like any other (GroupQueryAttention)."""
         seq = input_ids.shape[1]
         x = self.model.embed_tokens(input_ids)
-
-        # Rope and mask are written the way transformers writes them, so that the exported graph has
-        # the shapes onnxscript's ORT fusions (RotaryEmbedding, cos/sin cache, GroupQueryAttention) match.
-        inv_freq = self.rope_inv_freq[None, :, None].expand(position_ids.shape[0], -1, 1)
-        freqs = torch.matmul(inv_freq, position_ids[:, None, :].float()).transpose(1, 2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos(), emb.sin()
-        if self.cfg.rope_attention_scaling != 1.0:
-            cos, sin = cos * self.cfg.rope_attention_scaling, sin * self.cfg.rope_attention_scaling
-        cos, sin = cos[:, None], sin[:, None]
+        kinds = set(self.cfg.layer_rope or ("global",))
+        ropes = {"none": None}
+        if "none" in kinds and self.none_rope_as_identity:
+            ropes["none"] = self._rope(torch.zeros_like(self.rope_inv_freq), 1.0, position_ids)
+        if "global" in kinds:
+            ropes["global"] = self._rope(self.rope_inv_freq, self.cfg.rope_attention_scaling, position_ids)
+        if "local" in kinds:
+            ropes["local"] = self._rope(self.local_rope_inv_freq, self.cfg.local_rope_attention_scaling, position_ids)
 
         # Additive mask [batch, 1, seq, total]: causal over absolute positions, then the padding mask.
         total = past_len + seq
@@ -236,14 +286,25 @@ class CanonicalDecoder(nn.Module):
         causal = causal[None, None].expand(input_ids.shape[0], 1, -1, -1)
         padded = (causal + attention_mask[:, None, None, :].to(causal.dtype)) == 0
         mask = causal.masked_fill(padded, min_value)
-        return x, Rope(cos, sin, self.cfg.rotary_dim), mask
+        return x, ropes, mask
+
+    def _rope(self, inv_freq, attention_scaling, position_ids) -> Rope:
+        # Rope and mask are written the way transformers writes them, so that the exported graph has
+        # the shapes onnxscript's ORT fusions (RotaryEmbedding, cos/sin cache, GroupQueryAttention) match.
+        inv_freq = inv_freq[None, :, None].expand(position_ids.shape[0], -1, 1)
+        freqs = torch.matmul(inv_freq, position_ids[:, None, :].float()).transpose(1, 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        if attention_scaling != 1.0:
+            cos, sin = cos * attention_scaling, sin * attention_scaling
+        return Rope(cos[:, None], sin[:, None], self.cfg.rotary_dim)
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
-        x, rope, mask = self.layer_inputs(input_ids, attention_mask, position_ids, past[0].shape[2])
+        x, ropes, mask = self.layer_inputs(input_ids, attention_mask, position_ids, past[0].shape[2])
         presents = []
         for i, layer in enumerate(self.model.layers):
             cache = ConcatKVCache(past[2 * i], past[2 * i + 1], mask)
-            x = layer(x, rope, cache)
+            x = layer(x, ropes, cache)
             presents += [cache.key, cache.value]
         logits = self.lm_head(self.model.norm(x))
         return (logits, *presents)

@@ -110,7 +110,7 @@ def _name_dims(model: ir.Model) -> None:
 
 def one_layer_view(model: CanonicalDecoder) -> CanonicalDecoder:
     """A 1-layer decoder sharing the model's embedding, layer 0, norm and head tensors (no copies)."""
-    cfg = dataclasses.replace(model.cfg, num_layers=1)
+    cfg = dataclasses.replace(model.cfg, num_layers=1, layer_rope=model.cfg.layer_rope[:1])
     with torch.device("meta"):
         view = CanonicalDecoder(cfg)
     state = {k: v for k, v in model.state_dict().items()
@@ -119,11 +119,18 @@ def one_layer_view(model: CanonicalDecoder) -> CanonicalDecoder:
     if cfg.tie_word_embeddings:
         view.lm_head.weight = view.model.embed_tokens.weight
     view.rope_inv_freq = model.rope_inv_freq
+    view.local_rope_inv_freq = model.local_rope_inv_freq
     return view.eval()
 
 
 def export_onnx(model: CanonicalDecoder, layer_template: bool = True) -> ir.Model:
     """Trace to ONNX; with layer_template, trace one layer and stamp it (see layer_template.py)."""
+    if layer_template and len(set(model.cfg.layer_rope)) > 1:
+        # Layer 0's copies would rotate every layer as layer 0 does (the rope tables are not layer weights,
+        # so stamping's checks cannot see it): layers of SmolLM3 (no rope) or Gemma 3 (local/global) differ.
+        logging.getLogger("edgec").info("tracing every layer: layers use different rope (%s)",
+                                        ", ".join(sorted(set(model.cfg.layer_rope))))
+        layer_template = False
     if layer_template and model.cfg.num_layers > 1:
         onnx_model = _trace(one_layer_view(model))
         try:
@@ -149,19 +156,25 @@ def _trace(model: CanonicalDecoder) -> ir.Model:
         {0: batch, 1: seq},
         tuple({0: batch, 2: past} for _ in range(n_cache)),
     )
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            model,
-            _example_inputs(model),
-            dynamo=True,
-            dynamic_shapes=dynamic_shapes,
-            input_names=io.input_names,
-            output_names=io.output_names,
-            optimize=True,
-            verbose=False,
-            report=False,
-        )
+    # A layer without rope (SmolLM3) rotates by angle 0, exactly nothing, so that it fuses to
+    # GroupQueryAttention as the others do and every layer's cache can be one shared buffer.
+    model.none_rope_as_identity = True
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model,
+                _example_inputs(model),
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes,
+                input_names=io.input_names,
+                output_names=io.output_names,
+                optimize=True,
+                verbose=False,
+                report=False,
+            )
+    finally:
+        del model.none_rope_as_identity  # the reference keeps skipping rotation
     onnx_model = program.model
     _name_dims(onnx_model)
     onnx_model.producer_name = "edgec"

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from compiler.models.decoder import DecoderConfig
 
-GENAI_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
+# onnxruntime-genai's model types (its builder writes the same for these architectures).
+GENAI_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "smollm3": "smollm3",
+              "gemma3_text": "gemma3_text"}
 
 
 def genai_config(cfg: DecoderConfig, model_file: str, shares_buffer: bool = False) -> dict:

@@ -160,7 +160,7 @@ def gptq_blocks(model: CanonicalDecoder, sequences: list[list[int]], bits: int, 
     with torch.no_grad():
         ids = torch.tensor(sequences)
         positions = torch.arange(ids.shape[1])[None].expand_as(ids)
-        x, rope, mask = model.layer_inputs(ids, torch.ones_like(ids), positions, 0)
+        x, ropes, mask = model.layer_inputs(ids, torch.ones_like(ids), positions, 0)
         empty = model.empty_cache(x.shape[0])[0]
         for window in _windows(model, leaders):
             hessians = _HessianAccumulator()
@@ -169,7 +169,7 @@ def gptq_blocks(model: CanonicalDecoder, sequences: list[list[int]], bits: int, 
                 hessians.hook(modules[leader.name], leader.name)
             try:
                 for i in window:
-                    x = model.model.layers[i](x, rope, ConcatKVCache(empty, empty, mask))
+                    x = model.model.layers[i](x, ropes, ConcatKVCache(empty, empty, mask))
             finally:
                 hessians.remove_hooks()
             if window[-1] == model.cfg.num_layers - 1 and by_layer[None]:

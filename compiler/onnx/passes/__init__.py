@@ -59,6 +59,25 @@ def op_counts(model: ir.Model) -> dict[str, int]:
     return dict(Counter(node.op_type for node in model.graph).most_common())
 
 
+def attention_by_layer(model: ir.Model, num_layers: int) -> list[str]:
+    """Per layer, what its attention runs as: GroupQueryAttention, MultiHeadAttention, or MatMul (unfused),
+    found from the node writing its present key and the nodes reading that (the KV concat's head expansion)."""
+    producers = {v.name: v.producer() for v in model.graph.outputs}
+    kinds = []
+    for i in range(num_layers):
+        node = producers.get(f"present.{i}.key")
+        found, frontier = "MatMul", [node] if node is not None else []
+        for _ in range(8):  # Concat -> Unsqueeze -> Expand -> Reshape -> (Transpose -> Reshape) -> attention
+            if found != "MatMul" or not frontier:
+                break
+            for n in frontier:
+                if n.op_type in ("GroupQueryAttention", "MultiHeadAttention") and n.domain == "com.microsoft":
+                    found = n.op_type
+            frontier = [use.node for n in frontier for v in n.outputs for use in v.uses()]
+        kinds.append(found)
+    return kinds
+
+
 def run_passes(model: ir.Model, passes: list[CountingPass], dump_dir: Path | None = None) -> tuple[ir.Model, list[dict]]:
     records = []
     for index, p in enumerate(passes):
