@@ -98,9 +98,11 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
         if config.validation.enabled:
             with report.stage("reference", "fp32 PyTorch logits and greedy tokens on the validation prompts"):
                 save_golden(writer.staging / GOLDEN_FILE, reference.golden_data(config.validation.new_tokens))
+        precomputed = _plan_auto(config, reference, report) if config.export.quant and \
+            config.export.quant.max_kl is not None and not config.export.quant.plan else None
         artifacts, runners = [], {}
         if "onnx" in config.export.formats:
-            artifacts.append(_build_onnx(config, reference, writer, report))
+            artifacts.append(_build_onnx(config, reference, writer, report, precomputed))
             runners["onnxruntime-genai"] = "genai_config.json"
         if "pte" in config.export.formats:
             artifacts.append(_build_pte(config, reference, writer, report))
@@ -133,6 +135,19 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
     return out, manifest
 
 
+def _plan_auto(config: BuildConfig, reference: Reference, report: BuildReport) -> dict | None:
+    """--quant auto: choose each module's precision, record the plan in the config (so in the manifest)
+    and the sensitivities in the report; returns GPTQ's codes at the plan's blocks for the ONNX pass."""
+    from compiler.quant.auto import plan_auto
+
+    quant = config.export.quant
+    with report.stage("quant_auto", f"per-module precision for KL <= {quant.max_kl:g} on calibration text"):
+        result = plan_auto(reference.model, config.model.path, quant, report.note)
+    config.export.quant = result.quant
+    report.quant_auto = result.summary
+    return result.precomputed
+
+
 def headline_validation(artifacts: list[dict]) -> dict | None:
     """The bundle's validation: the first artifact's metrics (each artifact carries its own), failed
     when any artifact failed, with every artifact's failures (named by format when there are several)."""
@@ -146,15 +161,15 @@ def headline_validation(artifacts: list[dict]) -> dict | None:
     return headline
 
 
-def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter, report: BuildReport) -> dict:
+def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter, report: BuildReport,
+                precomputed: dict | None = None) -> dict:
     from compiler.onnx.export import export_onnx, io_for, save_onnx
     from compiler.onnx.genai_config import genai_config
     from compiler.onnx.passes import build_pipeline, op_counts, run_passes
 
     model = reference.model
-    precomputed = None
     quant = config.export.quant
-    if quant and quant.algo == "gptq":
+    if quant and quant.algo == "gptq" and precomputed is None:
         from compiler.quant.gptq import calibration_sequences, gptq_blocks
 
         sequences = calibration_sequences(config.model.path, quant.calibration, model.cfg.vocab_size)

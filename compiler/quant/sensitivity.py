@@ -126,7 +126,10 @@ class Probe:
             self.inputs = [x]
             for layer in model.model.layers:
                 self.inputs.append(self._layer(layer, self.inputs[-1]))
-            self.reference = torch.log_softmax(model.lm_head(model.model.norm(self.inputs[-1])), -1)
+            reference = torch.log_softmax(model.lm_head(model.model.norm(self.inputs[-1])), -1)
+            # KL(p || q) = sum p log p - sum p z + logsumexp(z) for q = softmax(z): one pass over the logits.
+            self.p = reference.exp()
+            self.sum_p_log_p = (self.p * reference).sum(-1)
 
     def _layer(self, layer, x):
         return layer(x, self.rope, ConcatKVCache(self.empty, self.empty, self.mask))
@@ -149,8 +152,8 @@ class Probe:
                     x = self.model.model.embed_tokens(self.ids) if start == 0 else self.inputs[start]
                     for layer in self.model.model.layers[start:]:
                         x = self._layer(layer, x)
-                logp = torch.log_softmax(self.model.lm_head(self.model.model.norm(x)), -1)
-                return float((self.reference.exp() * (self.reference - logp)).sum(-1).mean())
+                z = self.model.lm_head(self.model.model.norm(x))
+                return float((self.sum_p_log_p - (self.p * z).sum(-1) + torch.logsumexp(z, -1)).mean())
         finally:
             for hook in hooks:
                 hook.remove()
