@@ -11,14 +11,16 @@ the layers from that unit's layer on are run again. With `--accuracy-level 4` (i
 onnxruntime's kernel) the swapped linears also round their inputs to int8 per block as MLAS does, so the
 figure is the artifact's rather than weight error alone.
 
-Measuring every unit at every scheme costs one partial forward each; `estimate` measures one scheme (the
-coarsest int4) and scales it to the others by the ratio of the unit's output error on the same tokens,
-||X (W_s - W)^T||^2, which costs one matmul per unit and scheme. Its rank agreement with the one-at-a-time
-measurement on a real model is in the quant-auto report (issue 17).
+Measuring every unit costs one partial forward each (about 2.5 full forwards per layer); `sensitivities`
+measures one KL per layer instead and splits it among the layer's units by the residual error each makes
+(see there), at int4 block 128, and scales to the other schemes by the ratio of the unit's output error
+||X_s W_s^T - X W^T||^2 (one matmul per unit and scheme). Its rank agreement with the one-at-a-time
+measurement on SmolLM2-135M-Instruct is in the quant-auto report (issue 17).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,9 +136,10 @@ class Probe:
     def _layer(self, layer, x):
         return layer(x, self.rope, ConcatKVCache(self.empty, self.empty, self.mask))
 
-    def kl(self, weights: dict[str, tuple[torch.Tensor, int, int]], start: int | None) -> float:
-        """Mean KL(fp32 || swapped) per token, with `weights` (module name -> (weight, bits, block)) in place,
-        running from layer `start` (0 with the embedding swapped; None: the lm_head only)."""
+    @contextmanager
+    def swapped(self, weights: dict[str, tuple[torch.Tensor, int, int]]):
+        """`weights` (module name -> (weight, bits, block)) in place, inputs int8-rounded where the kernel
+        rounds them; everything restored after."""
         saved, hooks = {}, []
         try:
             for name, (w, bits, block) in weights.items():
@@ -146,14 +149,7 @@ class Probe:
                 if bits and self.accuracy_level == 4 and isinstance(module, nn.Linear):
                     hooks.append(module.register_forward_pre_hook(lambda _m, inputs, b=block: (act_quant(inputs[0], b),)))
             with torch.no_grad():
-                if start is None:
-                    x = self.inputs[-1]
-                else:
-                    x = self.model.model.embed_tokens(self.ids) if start == 0 else self.inputs[start]
-                    for layer in self.model.model.layers[start:]:
-                        x = self._layer(layer, x)
-                z = self.model.lm_head(self.model.model.norm(x))
-                return float((self.sum_p_log_p - (self.p * z).sum(-1) + torch.logsumexp(z, -1)).mean())
+                yield
         finally:
             for hook in hooks:
                 hook.remove()
@@ -161,6 +157,25 @@ class Probe:
                 self.modules[name].weight = w
             if self.model.cfg.tie_word_embeddings:  # a swap of either re-ties nothing: restore the tie
                 self.model.lm_head.weight = self.model.model.embed_tokens.weight
+
+    def kl(self, weights: dict[str, tuple[torch.Tensor, int, int]], start: int | None) -> float:
+        """Mean KL(fp32 || swapped) per token with `weights` swapped in, running from layer `start` (0 with
+        the embedding swapped; None: the lm_head only)."""
+        with self.swapped(weights):
+            if start is None:
+                x = self.inputs[-1]
+            else:
+                x = self.model.model.embed_tokens(self.ids) if start == 0 else self.inputs[start]
+                for layer in self.model.model.layers[start:]:
+                    x = self._layer(layer, x)
+            z = self.model.lm_head(self.model.model.norm(x))
+            return float((self.sum_p_log_p - (self.p * z).sum(-1) + torch.logsumexp(z, -1)).mean())
+
+    def layer_error(self, weights: dict[str, tuple[torch.Tensor, int, int]], layer: int) -> float:
+        """||layer(x) - fp32 layer(x)||^2 on the residual stream, with `weights` (of that layer) swapped in."""
+        with self.swapped(weights):
+            return float(((self._layer(self.model.model.layers[layer], self.inputs[layer])
+                           - self.inputs[layer + 1]) ** 2).sum())
 
     def output_errors(self, unit: Unit, quantized: dict[Scheme, dict[str, torch.Tensor]]) -> dict[Scheme, float]:
         """||X_s W_s^T - X W^T||^2 summed over the unit's members, per scheme, on the probe's tokens
@@ -202,11 +217,6 @@ def _swaps(unit: Unit, weights: dict[str, torch.Tensor], scheme: Scheme) -> dict
     return {m: (w, scheme[0], unit.block(scheme[1])) for m, w in weights.items()}
 
 
-def measure(probe: Probe, unit: Unit, weights: dict[str, torch.Tensor], scheme: Scheme) -> float:
-    """The unit's KL to fp32 when it alone holds `weights` (at `scheme`)."""
-    return probe.kl(_swaps(unit, weights, scheme), unit.layer)
-
-
 def mixed_kl(probe: Probe, plan: dict[str, Scheme], all_units: list[Unit], weights_of) -> float:
     """The whole model's KL to fp32 with every unit at its planned scheme (`weights_of(unit, scheme)`:
     its members' dequantized weights)."""
@@ -218,17 +228,36 @@ def mixed_kl(probe: Probe, plan: dict[str, Scheme], all_units: list[Unit], weigh
     return probe.kl(swapped, 0)
 
 
-def sensitivities(model: CanonicalDecoder, probe: Probe, gptq: dict[int, dict]) -> dict[str, dict[Scheme, float]]:
-    """Unit path -> scheme -> estimated KL to fp32 with that unit alone quantized so: measured at int4
-    block 128, scaled to the other schemes by the ratio of the unit's output error."""
+def sensitivities(model: CanonicalDecoder, probe: Probe, gptq: dict[int, dict],
+                  measured: bool = False) -> dict[str, dict[Scheme, float]]:
+    """Unit path -> scheme -> estimated KL to fp32 with that unit alone quantized so.
+
+    At int4 block 128: a layer's units are quantized together once and the KL that adds is measured
+    (re-running the layers after it), giving the layer's gain from squared error on the residual stream
+    to KL; each unit's KL is that gain times the residual error it alone makes in its layer (one layer's
+    forward). The embedding and lm_head are measured. `measured` measures every unit instead (one partial
+    forward each: about 5x the cost; the reference the estimate is checked against). Other schemes are
+    scaled by the ratio of the unit's output error."""
     coarse = (4, INT4_BLOCKS[0])
-    out = {}
+    by_layer: dict[int | None, list[Unit]] = {}
     for unit in units(model):
-        quantized = {s: quantized_weights(model, unit, s, gptq) for s in SCHEMES if s != FP32}
-        errors = probe.output_errors(unit, quantized)
-        measured = measure(probe, unit, quantized[coarse], coarse)
-        out[unit.path] = {s: measured * errors[s] / errors[coarse] if errors[coarse] else 0.0 for s in quantized}
-        out[unit.path][FP32] = 0.0
+        by_layer.setdefault(unit.layer if unit.path.startswith("model.layers.") else None, []).append(unit)
+    out = {}
+    for layer, layer_units in by_layer.items():
+        quantized = {u.path: {s: quantized_weights(model, u, s, gptq) for s in SCHEMES if s != FP32}
+                     for u in layer_units}
+        swaps = {u.path: _swaps(u, quantized[u.path][coarse], coarse) for u in layer_units}
+        if layer is None or measured:
+            at_coarse = {u.path: probe.kl(swaps[u.path], u.layer) for u in layer_units}
+        else:
+            together = {name: w for s in swaps.values() for name, w in s.items()}
+            gain = probe.kl(together, layer) / max(probe.layer_error(together, layer), 1e-30)
+            at_coarse = {path: gain * probe.layer_error(s, layer) for path, s in swaps.items()}
+        for unit in layer_units:
+            errors = probe.output_errors(unit, quantized[unit.path])
+            out[unit.path] = {s: at_coarse[unit.path] * errors[s] / errors[coarse] if errors[coarse] else 0.0
+                              for s in errors}
+            out[unit.path][FP32] = 0.0
     return out
 
 
