@@ -131,8 +131,20 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
     if writer.moved_aside:
         report.moved_aside = str(writer.moved_aside)
     if validation is not None and not validation["passed"]:
-        raise CheckFailed(f"{out}: validation failed: " + "; ".join(validation["failures"]))
+        raise CheckFailed(f"{out}: validation failed: " + "; ".join(validation["failures"]) + _advice(config))
     return out, manifest
+
+
+def _advice(config: BuildConfig) -> str:
+    """What to try when a quantized build fails its gates."""
+    quant = config.export.quant
+    if not quant:
+        return ""
+    if quant.max_kl is None:
+        return ("; for per-module precision that meets a KL target, build with --quant auto --max-kl 0.1 "
+                "(the build report lists the most sensitive modules)")
+    return (f"; the plan met KL {quant.max_kl} on calibration text: lower --max-kl, or pass --calibration "
+            "text like your prompts")
 
 
 def _plan_auto(config: BuildConfig, reference: Reference, report: BuildReport) -> dict | None:

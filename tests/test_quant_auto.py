@@ -100,3 +100,9 @@ def test_pte_quantization_follows_the_plan(trained_dir):
 def test_bad_max_kl_is_a_one_line_usage_error(trained_dir, tmp_path, args, fragments):
     result = CliRunner().invoke(main, ["build", "--model", str(trained_dir), "--out", str(tmp_path / "o"), *args])
     assert_one_line_error(result, 2, *fragments)
+
+
+def test_failed_int4_build_says_to_try_quant_auto(trained_dir, tmp_path):
+    result = CliRunner().invoke(main, ["build", "--model", str(trained_dir), "--out", str(tmp_path / "o"), "--quiet",
+                                       "--quant", "int4", "--algo", "rtn", "--gate", "kl_mean=1e-9"])
+    assert_one_line_error(result, 1, "kl_mean", "--quant auto --max-kl")
