@@ -157,6 +157,9 @@ def _plan_auto(config: BuildConfig, reference: Reference, report: BuildReport) -
         result = plan_auto(reference.model, config.model.path, quant, report.note)
     config.export.quant = result.quant
     report.quant_auto = result.summary
+    if not result.summary["met"]:
+        report.warn(f"--max-kl {quant.max_kl:g}: no plan met it on calibration text (nearest: KL "
+                    f"{result.summary['kl_calibration']:.4g}); the build keeps that plan")
     return result.precomputed
 
 

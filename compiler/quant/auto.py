@@ -19,7 +19,7 @@ from compiler.models.decoder import CanonicalDecoder
 from compiler.quant.sensitivity import (FP32, INT4_BLOCKS, INT8, SCHEMES, Probe, Scheme, Unit, mixed_kl,
                                        quantized_weights, sensitivities, units)
 
-SENSITIVITY_WINDOWS = 4  # of 128 tokens: one partial forward per unit each costs about as much as the rest
+SENSITIVITY_WINDOWS = 4  # of 128 tokens; the sensitivity and verification forwards grow linearly with it
 VERIFY_ROUNDS = 4
 
 
@@ -55,6 +55,7 @@ def greedy(all_units: list[Unit], kl: dict[str, dict[Scheme, float]], target: fl
 
 
 def plan_auto(model: CanonicalDecoder, model_dir: Path, quant: QuantConfig, log=lambda _: None) -> AutoResult:
+    """The plan for `quant.max_kl` on `model` (adapters merged), its GPTQ codes and its summary."""
     from compiler.quant.gptq import calibration_sequences, gptq_blocks
 
     vocab = model.cfg.vocab_size
@@ -120,6 +121,7 @@ def plan_auto(model: CanonicalDecoder, model_dir: Path, quant: QuantConfig, log=
         "most_sensitive": [{"module": p, "kl_int4_block128": round(kl[p][(4, 128)], 5),
                             "kl_int4_block32": round(kl[p][(4, 32)], 5), "chosen": _name(plan[p])}
                            for p in ranked[:10]],
+        "sensitivity_int4_block128": {p: round(kl[p][(4, 128)], 6) for p in ranked},
     }
     return AutoResult(planned, precomputed, summary)
 
