@@ -76,9 +76,10 @@ def plan_auto(model: CanonicalDecoder, model_dir: Path, quant: QuantConfig, log=
         bits = quant.bits_for(unit.path, 4)
         if bits != 4:
             fixed[unit.path] = FP32 if bits == 0 else INT8
-    # Measure, then move the greedy loop's target by the ratio of measured to wanted KL; keep the
-    # smallest plan that met the target (or, if none did, the one nearest to it).
-    target, tried = quant.max_kl, []
+    # Measure, then move the greedy loop's target: by the ratio of wanted to measured KL until one plan
+    # met it and one did not, then halfway between those two targets. Keep the smallest plan that met
+    # it (or, if none did, the one nearest to it).
+    target, tried, met_at, missed_at = quant.max_kl, [], None, None
     for _ in range(VERIFY_ROUNDS):
         plan = greedy(all_units, kl, target, fixed)
         if any(p == plan for p, _ in tried):
@@ -86,9 +87,16 @@ def plan_auto(model: CanonicalDecoder, model_dir: Path, quant: QuantConfig, log=
         measured = mixed_kl(probe, plan, all_units, lambda u, s: quantized_weights(model, u, s, gptq))
         tried.append((plan, measured))
         log(f"plan for estimated KL {target:.4g}: {_size(all_units, plan) / 1e6:.1f} MB, measured KL {measured:.4g}")
+        if measured <= quant.max_kl:
+            met_at = max(met_at or 0.0, target)
+        else:
+            missed_at = min(missed_at or float("inf"), target)
         if measured <= 0:
             break
-        target *= (quant.max_kl / measured) * (0.95 if measured > quant.max_kl else 1.0)
+        if met_at is not None and missed_at is not None:
+            target = (met_at + missed_at) / 2
+        else:
+            target *= (quant.max_kl / measured) * (0.95 if measured > quant.max_kl else 1.0)
     met = [(p, m) for p, m in tried if m <= quant.max_kl]
     plan, measured = min(met, key=lambda t: _size(all_units, t[0])) if met else min(tried, key=lambda t: t[1])
     entries = []
