@@ -32,7 +32,8 @@ class AutoResult:
 
 def greedy(all_units: list[Unit], kl: dict[str, dict[Scheme, float]], target: float,
            fixed: dict[str, Scheme]) -> dict[str, Scheme]:
-    """The smallest choice everywhere, then the best KL-saved-per-byte upgrade until the sum meets `target`."""
+    """The smallest choice everywhere, then the best KL-saved-per-byte upgrade until the sum meets `target`,
+    then the upgrades that overshoot made unneeded given back."""
     plan = {u.path: fixed.get(u.path) or min(SCHEMES, key=u.nbytes) for u in all_units}
     total = sum(kl[u.path][plan[u.path]] for u in all_units)
     while total > target:
@@ -51,7 +52,22 @@ def greedy(all_units: list[Unit], kl: dict[str, dict[Scheme, float]], target: fl
         unit, scheme = best
         total -= kl[unit.path][plan[unit.path]] - kl[unit.path][scheme]
         plan[unit.path] = scheme
-    return plan
+    # The last upgrade may be a large one (a tied table to int8) that overshoots the target by far:
+    # give back, most bytes freed per KL added first, the upgrades the target no longer needs.
+    while True:
+        best, best_gain = None, 0.0
+        for unit in all_units:
+            now = plan[unit.path]
+            for scheme in () if unit.path in fixed else SCHEMES:
+                freed = unit.nbytes(now) - unit.nbytes(scheme)
+                added = kl[unit.path][scheme] - kl[unit.path][now]
+                if freed > 0 and total + added <= target and freed / max(added, 1e-12) > best_gain:
+                    best, best_gain = (unit, scheme, added), freed / max(added, 1e-12)
+        if best is None:
+            return plan
+        unit, scheme, added = best
+        total += added
+        plan[unit.path] = scheme
 
 
 def plan_auto(model: CanonicalDecoder, model_dir: Path, quant: QuantConfig, log=lambda _: None) -> AutoResult:
