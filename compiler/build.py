@@ -179,14 +179,16 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
             _prepare_runtime_lora(config, reference, report)
         model, records, source_hashes = reference.model, reference.records, reference.source_hashes
         checkpoint = reference.checkpoint
-        report.adapters = [r.to_dict() for r in records]
+        report.adapters = [r.to_dict() for r in records] + [a.describe() for a in reference.runtime_adapters]
         writer.copy_in(checkpoint.tokenizer_files + ([checkpoint.generation_config] if checkpoint.generation_config else []))
         if config.validation.enabled:
             with report.stage("reference", "fp32 PyTorch logits and greedy tokens on the validation prompts"):
                 save_golden(writer.staging / GOLDEN_FILE, reference.golden_data(config.validation.new_tokens))
+        precomputed = _plan_auto(config, reference, report) if config.export.quant and \
+            config.export.quant.max_kl is not None and not config.export.quant.plan else None
         artifacts, runners = [], {}
         if "onnx" in config.export.formats:
-            artifacts.append(_build_onnx(config, reference, writer, report))
+            artifacts.append(_build_onnx(config, reference, writer, report, precomputed))
             runners["onnxruntime-genai"] = "genai_config.json"
         if "pte" in config.export.formats:
             artifacts.append(_build_pte(config, reference, writer, report))
@@ -217,7 +219,7 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
     if writer.moved_aside:
         report.moved_aside = str(writer.moved_aside)
     if validation is not None and not validation["passed"]:
-        raise CheckFailed(f"{out}: validation failed: " + "; ".join(validation["failures"]))
+        raise CheckFailed(f"{out}: validation failed: " + "; ".join(validation["failures"]) + _advice(config))
     return out, manifest
 
 
@@ -227,7 +229,34 @@ def _prepare_runtime_lora(config: BuildConfig, reference: Reference, report: Bui
     dtype = config.lora.slot_dtype(config.export.quant is not None)
     reference.slots = LoraSlots.for_adapters(reference.model.cfg, reference.runtime_adapters, dtype,
                                              config.lora.max_rank, config.lora.targets)
-    report.adapters = [a.describe() for a in reference.runtime_adapters]
+
+
+def _advice(config: BuildConfig) -> str:
+    """What to try when a quantized build fails its gates."""
+    quant = config.export.quant
+    if not quant:
+        return ""
+    if quant.max_kl is None:
+        return ("; for per-module precision that meets a KL target, build with --quant auto --max-kl 0.1 "
+                "(the build report lists the most sensitive modules)")
+    return (f"; the plan met KL {quant.max_kl} on calibration text: lower --max-kl, or pass --calibration "
+            "text like your prompts")
+
+
+def _plan_auto(config: BuildConfig, reference: Reference, report: BuildReport) -> dict | None:
+    """--quant auto: choose each module's precision, record the plan in the config (so in the manifest)
+    and the sensitivities in the report; returns GPTQ's codes at the plan's blocks for the ONNX pass."""
+    from compiler.quant.auto import plan_auto
+
+    quant = config.export.quant
+    with report.stage("quant_auto", f"per-module precision for KL <= {quant.max_kl:g} on calibration text"):
+        result = plan_auto(reference.model, config.model.path, quant, report.note)
+    config.export.quant = result.quant
+    report.quant_auto = result.summary
+    if not result.summary["met"]:
+        report.warn(f"--max-kl {quant.max_kl:g}: no plan met it on calibration text (nearest: KL "
+                    f"{result.summary['kl_calibration']:.4g}); the build keeps that plan")
+    return result.precomputed
 
 
 def headline_validation(artifacts: list[dict]) -> dict | None:
@@ -243,15 +272,15 @@ def headline_validation(artifacts: list[dict]) -> dict | None:
     return headline
 
 
-def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter, report: BuildReport) -> dict:
+def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter, report: BuildReport,
+                precomputed: dict | None = None) -> dict:
     from compiler.onnx.export import export_onnx, io_for, save_onnx
     from compiler.onnx.genai_config import genai_config
     from compiler.onnx.passes import attention_by_layer, build_pipeline, op_counts, run_passes
 
     model = reference.model
-    precomputed = None
     quant = config.export.quant
-    if quant and quant.algo == "gptq":
+    if quant and quant.algo == "gptq" and precomputed is None:
         from compiler.quant.gptq import calibration_sequences, gptq_blocks
 
         sequences = calibration_sequences(config.model.path, quant.calibration, model.cfg.vocab_size)

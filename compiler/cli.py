@@ -95,8 +95,10 @@ def _parse_adapters(values: tuple[str, ...]):
 @click.option("--optimize", type=click.Choice(["none", "fuse"]), default="fuse", show_default=True,
               help="ONNX pass pipeline: none (the traced graph) or fuse (ONNX Runtime fused operators).")
 @click.option("--dump-dir", type=click.Path(path_type=Path), help="Save the ONNX model after each pass here.")
-@click.option("--quant", type=click.Choice(["none", "int4"]), default="none", show_default=True,
-              help="Weight quantization: int4 MatMulNBits blocks, embedding and lm_head included.")
+@click.option("--quant", type=click.Choice(["none", "int4", "auto"]), default="none", show_default=True,
+              help="Weight quantization: int4 MatMulNBits blocks, embedding and lm_head included; auto: per "
+                   "module int4 (block 32/64/128), int8 or fp32, the smallest that meets --max-kl.")
+@click.option("--max-kl", type=float, help="--quant auto: KL to fp32 on calibration text to meet [0.1].")
 @click.option("--block-size", type=int, default=128, show_default=True,
               help="int4 block size, 16 to 256 (larger: faster prefill, smaller file).")
 @click.option("--algo", type=click.Choice(["rtn", "clip", "gptq"]), default="gptq", show_default=True,
@@ -116,7 +118,8 @@ def _parse_adapters(values: tuple[str, ...]):
 @click.option("--no-validate", is_flag=True, help="Skip validation (the manifest records that).")
 @click.option("--force", is_flag=True, help="Move a non-bundle --out directory aside instead of refusing.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
-def build(model_dir, adapters, lora_mode, lora_dtype, lora_max_rank, lora_targets, out, formats, optimize, dump_dir, quant, block_size, algo, asymmetric, accuracy_level,
+def build(model_dir, adapters, lora_mode, lora_dtype, lora_max_rank, lora_targets, out, formats, optimize, dump_dir,
+          quant, max_kl, block_size, algo, asymmetric, accuracy_level,
           embedding_bits, lm_head_bits, keep_fp32, keep_int8, calibration, max_seq_len, gates, new_tokens, no_validate,
           force, quiet):
     """Build a bundle: load, merge LoRA, export, validate."""
@@ -127,10 +130,13 @@ def build(model_dir, adapters, lora_mode, lora_dtype, lora_max_rank, lora_target
     targets = tuple(t.strip() for t in (lora_targets or "").split(",") if t.strip())
     lora = LoraConfig(lora_mode, lora_dtype, lora_max_rank, targets)
     quant_config = None
-    if quant == "int4":
+    if max_kl is not None and quant != "auto":
+        raise UsageError(f"--max-kl {max_kl}: only with --quant auto (add it, or drop --max-kl)")
+    if quant in ("int4", "auto"):
         quant_config = QuantConfig(4, block_size, not asymmetric, accuracy_level, algo, int(embedding_bits),
                                    int(lm_head_bits), tuple(keep_fp32), tuple(keep_int8),
-                                   str(calibration) if calibration else None)
+                                   str(calibration) if calibration else None,
+                                   (0.1 if max_kl is None else max_kl) if quant == "auto" else None)
 
     config = BuildConfig(
         model=ModelConfig(model_dir),
@@ -443,6 +449,11 @@ def inspect(bundle, as_json):
         if quant:
             detail += (f", {quant['algo']} block {quant['block_size']} "
                        f"{'symmetric' if quant['symmetric'] else 'asymmetric'}, accuracy level {quant['accuracy_level']}")
+            if quant.get("plan"):  # --quant auto: the per-module choice overrides the block above
+                from collections import Counter
+
+                schemes = Counter("fp32" if bits == 0 else f"int{bits}/{block}" for _, bits, block in quant["plan"])
+                detail += f", auto for KL <= {quant['max_kl']:g}: " + " ".join(f"{k} x{v}" for k, v in schemes.items())
         if artifact["format"] == "pte":
             lines.append(f"artifact: {artifact['path']} (pte, {artifact['precision']}"
                          f"{', ' + quant['scheme'] + ' block ' + str(quant['block_size']) if quant else ''}; "

@@ -65,6 +65,8 @@ class QuantConfig:
     keep_fp32: tuple[str, ...] = ()  # module-path regexes
     keep_int8: tuple[str, ...] = ()
     calibration: str | None = None  # text file for gptq; None: a small built-in text
+    max_kl: float | None = None  # --quant auto: the KL to fp32 on calibration text the plan must meet
+    plan: tuple[tuple[str, int, int], ...] = ()  # --quant auto's choice: (module path, bits, block), bits 0 = fp32
 
     def __post_init__(self):
         if self.block_size < 16 or self.block_size > 256 or self.block_size & (self.block_size - 1):
@@ -76,6 +78,13 @@ class QuantConfig:
                 raise UsageError(f"{name} {bits}: must be 0 (fp32), 4 or 8")
         if self.calibration is not None and not Path(self.calibration).is_file():
             raise UsageError(f"--calibration {self.calibration}: file not found; pass a UTF-8 text file")
+        if self.max_kl is not None and not (0 < self.max_kl < float("inf")):
+            raise UsageError(f"--max-kl {self.max_kl}: must be a KL divergence above 0, e.g. 0.1")
+        if self.max_kl is not None and not self.symmetric:
+            raise UsageError("--quant auto plans symmetric blocks only; drop --asymmetric")
+        for path, bits, block in self.plan:
+            if bits not in (0, 4, 8) or (bits and (block < 16 or block > 256 or block & (block - 1))):
+                raise UsageError(f"quant plan entry {path}: {bits} bits, block {block} is not a supported choice")
         for pattern in self.keep_fp32 + self.keep_int8:
             try:
                 re.compile(pattern)
@@ -83,16 +92,24 @@ class QuantConfig:
                 raise UsageError(f"--keep-fp32/--keep-int8 '{pattern}': not a valid regex ({e})") from None
 
     def bits_for(self, module_path: str, default: int) -> int:
-        """Bits for the module at this torch module path: --keep-fp32 first, then --keep-int8, else `default`."""
+        """Bits for the module at this torch module path: the auto plan's, --keep-fp32, --keep-int8, else `default`."""
+        for path, bits, _ in self.plan:
+            if path == module_path:
+                return bits
         if any(re.search(p, module_path) for p in self.keep_fp32):
             return 0
         if any(re.search(p, module_path) for p in self.keep_int8):
             return 8
         return default
 
+    def block_for(self, module_path: str) -> int:
+        """The block of the module at this path: the auto plan's, else --block-size."""
+        return next((block for path, bits, block in self.plan if path == module_path and bits), self.block_size)
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["keep_fp32"], d["keep_int8"] = list(self.keep_fp32), list(self.keep_int8)
+        d["plan"] = [list(entry) for entry in self.plan]
         return d
 
 
@@ -200,4 +217,5 @@ def _quant_from_dict(data: dict | None) -> QuantConfig | None:
         return None
     data = dict(data)
     data["keep_fp32"], data["keep_int8"] = tuple(data.get("keep_fp32", ())), tuple(data.get("keep_int8", ()))
+    data["plan"] = tuple(tuple(entry) for entry in data.get("plan", ()))
     return QuantConfig(**data)

@@ -20,6 +20,7 @@ class BuildReport:
     passes: list[dict] = field(default_factory=list)
     validation: dict | None = None
     moved_aside: str | None = None
+    quant_auto: dict = field(default_factory=dict)  # --quant auto: the plan's summary and the sensitivities
     warnings: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
@@ -34,6 +35,11 @@ class BuildReport:
         self.stages.append({"stage": name, "seconds": round(seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1)})
         if not self.quiet:
             print(f"  {name} done in {seconds:.1f} s", file=sys.stderr, flush=True)
+
+    def note(self, message: str) -> None:
+        """A progress line within a stage (not with --quiet)."""
+        if not self.quiet:
+            print(f"    {message}", file=sys.stderr, flush=True)
 
     def warn(self, message: str) -> None:
         """A warning the user sees even with --quiet, kept in the report."""
@@ -50,6 +56,7 @@ class BuildReport:
             "export_pte": self.export_pte,
             "passes": self.passes,
             "validation": self.validation,
+            "quant_auto": self.quant_auto,
             "warnings": self.warnings,
         }
 
@@ -86,6 +93,17 @@ def markdown(report: dict) -> str:
         for p in report["passes"]:
             rewrites = ", ".join(f"{k} {v}" for k, v in p["rewrites"].items()) or "-"
             lines.append(f"| {p['pass']} | {p['seconds']:.2f} | {p['nodes_before']} | {p['nodes_after']} | {rewrites} |")
+    auto = report.get("quant_auto")
+    if auto:
+        lines += ["", "## Quantization plan (--quant auto)", "",
+                  f"- KL to fp32 on calibration text {auto['kl_calibration']:.4g} (target {auto['max_kl']:g}, "
+                  f"{'met' if auto['met'] else 'NOT met'}); weights {auto['weight_mb']:.1f} MB "
+                  f"(all int4 block 128: {auto['int4_block128_mb']:.1f} MB)",
+                  "- modules: " + ", ".join(f"{k} {v}" for k, v in auto["modules"].items()),
+                  "", "Most sensitive modules (KL to fp32 with the module alone quantized):", "",
+                  "| module | int4 block 128 | int4 block 32 (est.) | chosen |", "|---|---:|---:|---|"]
+        lines += [f"| {m['module']} | {m['kl_int4_block128']:.4g} | {m['kl_int4_block32']:.4g} | {m['chosen']} |"
+                  for m in auto["most_sensitive"]]
     validation = report.get("validation")
     if validation:
         lines += ["", "## Validation", "", f"**{'PASSED' if validation['passed'] else 'FAILED'}**", ""]

@@ -10,7 +10,8 @@ the embedding's table layout), which costs one extra copy of the table at `--lm-
 `--keep-int8` / `--lm-head-bits 8` linears are 8da8w (int8 weights per output channel: XNNPACK's int8
 GEMM takes no blocks), `--keep-fp32` ones stay fp32; the patterns match the ONNX path's module paths
 (`model.layers.0.self_attn.qkv_proj`, `model.embed_tokens`, `lm_head`) and decide over `--lm-head-bits`
-and `--embedding-bits`, as there. Weight-only int4/int8 linears (fp32 activations,
+and `--embedding-bits`, as there. A `--quant auto` plan sets each module's bits and int4 group (its int8
+linears are per channel here, in blocks of 128 on the ONNX path). Weight-only int4/int8 linears (fp32 activations,
 `--accuracy-level` below 4) are refused: ExecuTorch's XNNPACK backend has no such GEMM and folds their
 dequantized weights into fp32 constants, so the file would not be quantized at all.
 """
@@ -64,7 +65,7 @@ def quantize_decoder(decoder: nn.Module, quant: QuantConfig) -> dict[str, int]:
     for name, module in decoder.named_modules():
         if isinstance(module, nn.Linear):
             bits = module_bits(name, quant)
-            group = group_for(module.in_features, quant.block_size) if bits == 4 else 0
+            group = group_for(module.in_features, quant.block_for(_module_path(name))) if bits == 4 else 0
             if bits == 4 and group % XNNPACK_GROUP_MULTIPLE:
                 bits, group = 8, 0  # XNNPACK's blockwise int4 GEMM refuses this K: int8 per channel instead
             by_scheme.setdefault((bits, group), []).append(name)
@@ -81,7 +82,8 @@ def quantize_decoder(decoder: nn.Module, quant: QuantConfig) -> dict[str, int]:
     embedding_bits = module_bits("embed_tokens", quant)
     if embedding_bits:
         hidden = decoder.embed_tokens.embedding_dim
-        granularity = PerAxis(0) if embedding_bits == 8 else PerGroup(group_for(hidden, quant.block_size))
+        block = quant.block_for("model.embed_tokens")
+        granularity = PerAxis(0) if embedding_bits == 8 else PerGroup(group_for(hidden, block))
         dtype = torch.int8 if embedding_bits == 8 else torch.int4
         quantize_(decoder, IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity),
                   filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))

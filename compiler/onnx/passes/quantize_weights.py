@@ -6,7 +6,8 @@
 
 Blocks run along the input dimension K (compiler/quant/blocks.py: rtn and clip; GPTQ's blocks arrive
 precomputed). Modules named in `keep_fp32`/`keep_int8` (regexes over the torch module path
-that the exporter records on each node) stay fp32 or use 8 bits. Weights are quantized one at a time and
+that the exporter records on each node) stay fp32 or use 8 bits; a `--quant auto` plan gives each module its
+own bits and block (QuantConfig.bits_for / block_for). Weights are quantized one at a time and
 the fp32 initializer is dropped as soon as nothing else reads it.
 
 The block arithmetic lives in compiler/quant/blocks.py (own numpy code rather than onnxruntime's
@@ -69,7 +70,7 @@ class QuantizeWeightsPass(CountingPass):
         for node in graph:
             if node.op_type == "Transpose" and node.inputs[0] is not None and id(node.inputs[0]) in gathered:
                 if any(use.node.op_type == "MatMul" for use in node.outputs[0].uses()):
-                    block = largest_dividing_block(node.inputs[0].const_value.shape[1], self.config.block_size)
+                    block = largest_dividing_block(node.inputs[0].const_value.shape[1], self.config.block_for("lm_head"))
                     return (node.inputs[0], block) if block else (None, 0)
         return None, 0
 
@@ -110,7 +111,8 @@ class QuantizeWeightsPass(CountingPass):
         n, k = w_nk.shape
         values = reuse
         if values is None:
-            values = self._tensors(f"{module or node.name}.weight", w_nk, bits, embedding=False, module=module)
+            values = self._tensors(f"{module or node.name}.weight", w_nk, bits, embedding=False, module=module,
+                                   block=block)
             self._register(graph, values)
         inputs = [node.inputs[0], *values]
         attributes = {"K": k, "N": n, "bits": bits, "block_size": block or cfg.block_size,
@@ -120,10 +122,11 @@ class QuantizeWeightsPass(CountingPass):
     def _replace_gather(self, graph, node, table, bits, shared: list[ir.Value] | None, table_block: int = 0):
         cfg = self.config
         if shared is None:
-            values = self._tensors("model.embed_tokens.weight", table, bits, embedding=True)
+            block = cfg.block_for("model.embed_tokens")
+            values = self._tensors("model.embed_tokens.weight", table, bits, embedding=True, block=block)
             self._register(graph, values)
             inputs = [values[0], node.inputs[1], values[1]] + (values[2:] if not cfg.symmetric else [])
-            attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": cfg.block_size, "bits": bits}
+            attributes = {"gather_axis": 0, "quantize_axis": 1, "block_size": block, "bits": bits}
             _swap_node(graph, node, "GatherBlockQuantized", inputs, attributes)
             return
         # Tied embeddings: gather from the lm_head's own [V, blocks, bytes] table, one block per row
@@ -179,11 +182,12 @@ class QuantizeWeightsPass(CountingPass):
                 bits = self.config.bits_for(module, default)
                 reuse = shared_values if transposed_source is not None and shared_table is not None \
                     and transposed_source.inputs[0] is shared_table else None
-                if bits == 0 or (reuse is None and w_nk.shape[1] < cfg.block_size):
+                block = cfg.block_for(module)
+                if bits == 0 or (reuse is None and w_nk.shape[1] < block):
                     count("matmul_kept_fp32")
                     continue
                 self._replace_matmul(graph, node, w_nk.astype(np.float32, copy=False), bits, module, reuse,
-                                     table_block if reuse is not None else None)
+                                     table_block if reuse is not None else block)
                 if reuse is not None:
                     count("lm_head_shares_embedding_table")
                 count(f"{'lm_head' if is_head else 'matmul'}_int{bits}")
@@ -204,7 +208,7 @@ class QuantizeWeightsPass(CountingPass):
                 if source is shared_table and bits == self.config.bits_for("lm_head", cfg.lm_head_bits):
                     shared_values = self._tensors("lm_head.weight", table.astype(np.float32, copy=False), bits,
                                                   embedding=False, module="lm_head", block=table_block)
-                    if table_block != cfg.block_size:
+                    if table_block != cfg.block_for("lm_head"):
                         self.counts[f"shared_table_block_{table_block}"] = 1
                     self._register(graph, shared_values)
                     self._replace_gather(graph, node, table, bits, shared_values, table_block)
