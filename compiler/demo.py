@@ -85,7 +85,7 @@ def run_demo(cache_dir: Path | None = None, real: bool = False) -> tuple[str, bo
                                                 fmt=artifact["format"])
     text = summary(model_dir, adapter_dir, out, manifest, report.to_dict(), results)
     if real:
-        text += "\n\n" + chat(out, REAL_QUESTION)
+        text += "\n\n" + chat(out, REAL_QUESTION, reference=(model_dir, adapter_dir))
     return text, bool(manifest["validation"]["passed"])
 
 
@@ -104,8 +104,9 @@ def demo_quant(real: bool):
     return QuantConfig(block_size=32)
 
 
-def chat(bundle: Path, question: str, new_tokens: int = 32) -> str:
-    """One question through each artifact of the bundle, with the model's chat template."""
+def chat(bundle: Path, question: str, new_tokens: int = 32, reference: tuple[Path, Path] | None = None) -> str:
+    """One question through each artifact of the bundle, with the model's chat template; `reference` (model,
+    adapter): the fp32 PyTorch answer first, to compare with."""
     from transformers import AutoTokenizer
 
     from runtimes.executorch import ExecutorchRuntime
@@ -115,7 +116,17 @@ def chat(bundle: Path, question: str, new_tokens: int = 32) -> str:
     ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     eos = tuple(t for t in [tokenizer.eos_token_id] if t is not None)
-    answers = {"ONNX in onnxruntime-genai": GenaiRuntime(bundle).generate(ids, new_tokens),
+    answers = {}
+    if reference is not None:
+        from compiler.frontend.load import build_decoder, read_checkpoint
+        from compiler.frontend.lora import AdapterSpec, merge_lora
+        from compiler.validate import torch_greedy
+
+        checkpoint = read_checkpoint(reference[0])
+        merge_lora(checkpoint, [AdapterSpec(reference[1])])
+        tokens = torch_greedy(build_decoder(checkpoint), ids, new_tokens)
+        answers["PyTorch fp32 (the reference)"] = tokens[: tokens.index(eos[0]) if eos and eos[0] in tokens else None]
+    answers |= {"ONNX in onnxruntime-genai": GenaiRuntime(bundle).generate(ids, new_tokens),
                ".pte in ExecuTorch": ExecutorchRuntime(bundle).generate(ids, new_tokens, eos_ids=eos)}
     lines = [f"chat: {question}"]
     for name, tokens in answers.items():
@@ -140,7 +151,7 @@ def summary(model_dir: Path, adapter_dir: Path, out: Path, manifest: dict, build
     rows = [
         row("weights file", weights_mb),
         row("scheme", lambda a, _: (f"{a['quant']['algo']}, block {a['quant']['block_size']}"
-                                    + (", MLP int8" if a["quant"].get("keep_int8") else "") if a["format"] == "onnx"
+                                    + (", int8" if a["quant"].get("keep_int8") else "") if a["format"] == "onnx"
                                     else a["quant"]["scheme"])),
         row("validation", lambda a, _: "PASSED" if a["validation"]["passed"] else "FAILED"),
         row("  KL to fp32 reference", lambda a, _: f"{a['validation']['metrics']['kl_mean']:.4f}"),
