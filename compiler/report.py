@@ -68,6 +68,11 @@ def markdown(report: dict) -> str:
     if report["adapters"]:
         lines += ["", "## Adapters", ""]
         for a in report["adapters"]:
+            if "modules_merged" not in a:  # runtime LoRA: kept apart, in its own file
+                lines += [f"### {a['name']}: {a['path']} (weight {a['weight']})", "",
+                          f"Runtime LoRA: rank {'/'.join(map(str, a['ranks']))} on {', '.join(a['targets'])}, "
+                          f"{a['modules']} modules, kept apart from the base.", ""]
+                continue
             lines += [f"### {a['path']} (weight {a['weight']})", "", f"{a['modules_merged']} modules merged.", ""]
             lines += ["| module | rank | scale |", "|---|---:|---:|"]
             lines += [f"| {m['module']} | {m['rank']} | {m['scale']:.4g} |" for m in a["modules"]]
