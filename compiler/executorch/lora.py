@@ -47,20 +47,6 @@ def pte_slots(slots) -> Slots:
     return {m: (fan_in, fan_out, slots.max_rank) for m, (fan_in, fan_out) in slots.modules.items()}
 
 
-def slots_for(adapters: list[Adapter]) -> Slots:
-    """The slots that hold every one of these adapters: the union of their targets at their largest rank."""
-    slots: Slots = {}
-    for adapter in adapters:
-        for module, (a, b) in adapter.items():
-            in_features, out_features, rank = a.shape[1], b.shape[0], a.shape[0]
-            _, _, known = slots.setdefault(module, (in_features, out_features, rank))
-            if slots[module][:2] != (in_features, out_features) or b.shape[1] != rank:
-                raise UsageError(f"LoRA pair for '{module}': A {tuple(a.shape)} and B {tuple(b.shape)} do not fit "
-                                 f"the slot {slots[module][:2]}")
-            slots[module] = (in_features, out_features, max(known, rank))
-    return dict(sorted(slots.items()))
-
-
 def _groups(slots: Slots) -> dict[str, list[str]]:
     """The .pte decoder's module path of each branch -> the canonical modules it stacks, in output order."""
     groups: dict[str, list[str]] = {}
