@@ -184,14 +184,16 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
         if config.validation.enabled:
             with report.stage("reference", "fp32 PyTorch logits and greedy tokens on the validation prompts"):
                 save_golden(writer.staging / GOLDEN_FILE, reference.golden_data(config.validation.new_tokens))
-        precomputed = _plan_auto(config, reference, report) if config.export.quant and \
-            config.export.quant.max_kl is not None and not config.export.quant.plan else None
+        quant = config.export.quant
+        grids = [grid for fmt, grid in (("onnx", "onnx"), ("pte", "xnnpack")) if fmt in config.export.formats]
+        precomputed = (_plan_auto(config, reference, report, grids) if quant.max_kl is not None and not quant.plan
+                       else _gptq(config, reference, report, grids)) if quant else {}
         artifacts, runners = [], {}
         if "onnx" in config.export.formats:
-            artifacts.append(_build_onnx(config, reference, writer, report, precomputed))
+            artifacts.append(_build_onnx(config, reference, writer, report, precomputed.get("onnx")))
             runners["onnxruntime-genai"] = "genai_config.json"
         if "pte" in config.export.formats:
-            artifacts.append(_build_pte(config, reference, writer, report))
+            artifacts.append(_build_pte(config, reference, writer, report, precomputed.get("xnnpack")))
             runners["executorch-llm-runner"] = artifacts[-1]["path"]
         validation = headline_validation(artifacts)
         report.validation = validation
@@ -243,14 +245,30 @@ def _advice(config: BuildConfig) -> str:
             "text like your prompts")
 
 
-def _plan_auto(config: BuildConfig, reference: Reference, report: BuildReport) -> dict | None:
+def _gptq(config: BuildConfig, reference: Reference, report: BuildReport, grids: list[str]) -> dict[str, dict]:
+    """--algo gptq: GPTQ's codes per grid (onnx for the ONNX pass, xnnpack for the .pte), one calibration
+    pass for both; {} for other algorithms."""
+    from compiler.quant.gptq import calibration_sequences, gptq_codes
+
+    quant, model = config.export.quant, reference.model
+    if quant.algo != "gptq":
+        return {}
+    sequences = calibration_sequences(config.model.path, quant.calibration, model.cfg.vocab_size)
+    # Not overlapped with the export in a thread: both are dispatch-bound, and the two OpenMP
+    # thread teams slowed the pair down (22 s + 8 s side by side vs 11 s + 8 s in turn here).
+    with report.stage("calibrate_gptq", f"{len(sequences)} sequences, grids {', '.join(grids)}"):
+        codes = gptq_codes(model, sequences, quant.bits, [(quant.block_size, g) for g in grids], quant.symmetric)
+    return {grid: codes[(quant.block_size, grid)] for grid in grids}
+
+
+def _plan_auto(config: BuildConfig, reference: Reference, report: BuildReport, grids: list[str]) -> dict[str, dict]:
     """--quant auto: choose each module's precision, record the plan in the config (so in the manifest)
-    and the sensitivities in the report; returns GPTQ's codes at the plan's blocks for the ONNX pass."""
+    and the sensitivities in the report; returns GPTQ's codes at the plan's blocks per grid."""
     from compiler.quant.auto import plan_auto
 
     quant = config.export.quant
     with report.stage("quant_auto", f"per-module precision for KL <= {quant.max_kl:g} on calibration text"):
-        result = plan_auto(reference.model, config.model.path, quant, report.note)
+        result = plan_auto(reference.model, config.model.path, quant, report.note, grids)
     config.export.quant = result.quant
     report.quant_auto = result.summary
     if not result.summary["met"]:
@@ -280,14 +298,6 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
 
     model = reference.model
     quant = config.export.quant
-    if quant and quant.algo == "gptq" and precomputed is None:
-        from compiler.quant.gptq import calibration_sequences, gptq_blocks
-
-        sequences = calibration_sequences(config.model.path, quant.calibration, model.cfg.vocab_size)
-        # Not overlapped with the export in a thread: both are dispatch-bound, and the two OpenMP
-        # thread teams slowed the pair down (22 s + 8 s side by side vs 11 s + 8 s in turn here).
-        with report.stage("calibrate_gptq", f"{len(sequences)} sequences"):
-            precomputed = gptq_blocks(model, sequences, quant.bits, quant.block_size, quant.symmetric)
     with report.stage("export_onnx", f"{model.cfg.num_layers} layers, torch.export + dynamo exporter"):
         onnx_model = export_onnx(model)
     traced_nodes = len(onnx_model.graph)
@@ -334,7 +344,8 @@ def _write_onnx_adapters(staging: Path, reference: Reference, report: BuildRepor
     return {"mode": "runtime", "slots": reference.slots.to_dict(), "adapters": entries}
 
 
-def _build_pte(config: BuildConfig, reference: Reference, writer: BundleWriter, report: BuildReport) -> dict:
+def _build_pte(config: BuildConfig, reference: Reference, writer: BundleWriter, report: BuildReport,
+               precomputed: dict | None = None) -> dict:
     from compiler.executorch.export import (PTE_FILE, ExecutorchDecoder, export_pte, runner_metadata,
                                             unexpected_portable_ops)
     from compiler.executorch.quantize import quantize_decoder, unmatched_patterns
@@ -352,7 +363,7 @@ def _build_pte(config: BuildConfig, reference: Reference, writer: BundleWriter, 
             report.warn(f"--keep-fp32/--keep-int8 '{pattern}' names no module of the .pte's decoder "
                         "(its paths: model.layers.N.self_attn.qkv_proj, ...mlp.down_proj, lm_head)")
         with report.stage("quantize_pte", "torchao, int8 dynamic activations"):
-            counts = quantize_decoder(decoder, quant)
+            counts = quantize_decoder(decoder, quant, precomputed)
     metadata = runner_metadata(model.cfg, max_seq_len, model.cfg.bos_token_id, list(model.cfg.eos_token_ids))
     lora = None
     if reference.slots is not None:
@@ -373,8 +384,8 @@ def _build_pte(config: BuildConfig, reference: Reference, writer: BundleWriter, 
                          "layers": exported.layers, "quantized": counts, "delegated": exported.delegated_ops,
                          "portable_ops": exported.portable_ops}
     artifact = {"format": "pte", "path": PTE_FILE, "precision": config.export.precision,
-                # torchao rounds to nearest: GPTQ's rounding (ONNX path) is not carried over.
-                "quant": {**quant.to_dict(), "algo": "rtn", "scheme": _pte_scheme(counts)} if quant else None,
+                "quant": {**quant.to_dict(), "algo": quant.algo if counts.get("int4_gptq") else "rtn",
+                          "scheme": _pte_scheme(counts)} if quant else None,
                 "max_seq_len": max_seq_len, "metadata": metadata,
                 "io": {"inputs": ["tokens [1, seq] int64", "input_pos [1] int64"],
                        "outputs": ["logits [1, vocab] float32 (last position)"],

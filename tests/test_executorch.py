@@ -98,9 +98,11 @@ def test_int4_pte_passes_the_int4_gates(trained_dir, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     (pte,) = manifest["artifacts"]
     assert pte["quant"]["scheme"] == "8da4w" and pte["validation"]["passed"]
+    assert pte["quant"]["algo"] == "gptq"
     assert {g["metric"] for g in pte["validation"]["gates"]} == {"kl_mean", "top1_agreement", "perplexity_ratio"}
     report = json.loads((out / "report.json").read_text())
-    assert report["export_pte"]["quantized"] == {"linear_8da4w_group32": 5 * 2 + 1, "embedding_int8": 1}
+    assert report["export_pte"]["quantized"] == {"linear_8da4w_group32": 5 * 2 + 1, "int4_gptq": 5 * 2 + 1,
+                                                 "embedding_int8": 1}
     fp32_bytes = sum(4 * n for n in [128 * 512, 2 * (3 * 128 * 128 + 2 * 128 * 64 + 3 * 128 * 256)])
     assert (out / "model.pte").stat().st_size < 0.45 * fp32_bytes
 
@@ -118,10 +120,38 @@ def test_keep_fp32_keep_int8_and_an_int8_lm_head_in_the_pte(trained_dir, tmp_pat
     assert "warning: --keep-fp32/--keep-int8 'self_attn\\.q_proj' names no module" in result.output
     report = json.loads((out / "report.json").read_text())
     assert report["export_pte"]["quantized"] == {"linear_fp32": 2, "linear_8da8w_channel": 3,
-                                                 "linear_8da4w_group32": 6, "embedding_int8": 1}
+                                                 "linear_8da4w_group32": 6, "int4_gptq": 6, "embedding_int8": 1}
     assert report["export_pte"]["delegated"]["xnnpack_partitions"] == 4
     (pte,) = json.loads((out / "manifest.json").read_text())["artifacts"]
     assert pte["quant"]["scheme"] == "8da4w+8da8w+fp32" and pte["validation"]["passed"]
+
+
+def test_gptq_codes_on_the_xnnpack_grid_are_what_the_pte_linears_hold(trained_dir):
+    """GPTQ's codes and scales reach torchao's int4 weights as they are (positive scales, which XNNPACK
+    requires, already bfloat16 values, which it stores), q/k/v stacked into the packed qkv_proj."""
+    import torch
+
+    from compiler.config import QuantConfig
+    from compiler.executorch.export import ExecutorchDecoder
+    from compiler.executorch.quantize import quantize_decoder
+    from compiler.frontend.load import build_decoder, read_checkpoint
+    from compiler.quant.gptq import calibration_sequences, codes_for, gptq_codes
+
+    model = build_decoder(read_checkpoint(trained_dir))
+    sequences = calibration_sequences(trained_dir, None, model.cfg.vocab_size, count=2)
+    codes = gptq_codes(model, sequences, 4, [(32, "onnx"), (32, "xnnpack")], True)
+    onnx_codes, pte_codes = codes[(32, "onnx")], codes[(32, "xnnpack")]
+    assert set(onnx_codes) == set(pte_codes) and all(s.min() > 0 for _, s, _ in pte_codes.values())
+    assert any(s.min() < 0 for _, s, _ in onnx_codes.values())  # MLAS's grid: the signed maximum maps to -8
+    decoder = ExecutorchDecoder(model, 32)
+    counts = quantize_decoder(decoder, QuantConfig(block_size=32), pte_codes)
+    assert counts["int4_gptq"] == counts["linear_8da4w_group32"] == 5 * 2 + 1
+    for name in ("layers.1.self_attn.qkv_proj", "layers.0.mlp.down_proj", "lm_head"):
+        weight = decoder.get_submodule(name).weight
+        q, scales, _ = codes_for(pte_codes, name if name == "lm_head" else f"model.{name}")
+        assert torch.equal(weight.scale, torch.from_numpy(scales))
+        assert torch.equal(weight.scale.to(torch.bfloat16).float(), weight.scale)
+        assert torch.equal(weight.qdata.int() + 8, torch.from_numpy(q.reshape(weight.qdata.shape)).int())
 
 
 def test_a_linear_whose_int4_group_xnnpack_refuses_is_int8_instead(tmp_path):

@@ -11,8 +11,9 @@ the embedding's table layout), which costs one extra copy of the table at `--lm-
 GEMM takes no blocks), `--keep-fp32` ones stay fp32; the patterns match the ONNX path's module paths
 (`model.layers.0.self_attn.qkv_proj`, `model.embed_tokens`, `lm_head`) and decide over `--lm-head-bits`
 and `--embedding-bits`, as there. A `--quant auto` plan sets each module's bits and int4 group (its int8
-linears are per channel here, in blocks of 128 on the ONNX path). Weight-only int4/int8 linears (fp32 activations,
-`--accuracy-level` below 4) are refused: ExecuTorch's XNNPACK backend has no such GEMM and folds their
+linears are per channel here, in blocks of 128 on the ONNX path). With --algo gptq the int4 linears take
+GPTQ's codes, computed on the grid XNNPACK can hold (compiler/quant/blocks.py). Weight-only int4/int8
+linears (fp32 activations, `--accuracy-level` below 4) are refused: ExecuTorch's XNNPACK backend has no such GEMM and folds their
 dequantized weights into fp32 constants, so the file would not be quantized at all.
 """
 
@@ -20,12 +21,14 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import torch
 from torch import nn
 
 from compiler.config import QuantConfig
 from compiler.errors import UsageError
 from compiler.quant.blocks import largest_dividing_block
+from compiler.quant.gptq import codes_for
 
 
 XNNPACK_GROUP_MULTIPLE = 32  # its blockwise int4 linear takes groups that are multiples of 32
@@ -44,18 +47,20 @@ def group_for(k: int, block_size: int) -> int:
 def check_pte_quant(quant: QuantConfig) -> None:
     """The quantization options a .pte cannot carry, refused before any work is done."""
     if quant.bits != 4 or not quant.symmetric or quant.algo == "clip":
-        raise UsageError("--format pte supports --quant int4 with symmetric blocks and --algo rtn or gptq "
-                         "(GPTQ's rounding is not carried into torchao); drop --asymmetric/--algo clip")
+        raise UsageError("--format pte supports --quant int4 with symmetric blocks and --algo rtn or gptq; "
+                         "drop --asymmetric/--algo clip")
     if quant.accuracy_level != 4:
         raise UsageError(f"--accuracy-level {quant.accuracy_level}: --format pte computes with int8 activations "
                          "(level 4) only; ExecuTorch's XNNPACK backend has no weight-only int4/int8 linear (it "
                          "would store those weights as fp32)")
 
 
-def quantize_decoder(decoder: nn.Module, quant: QuantConfig) -> dict[str, int]:
+def quantize_decoder(decoder: nn.Module, quant: QuantConfig, precomputed: dict[str, tuple] | None = None) -> dict[str, int]:
     """Quantize in place; returns counts per scheme for the build report: linears 8da4w at 4 bits,
     8da8w (int8 weights per output channel, int8 activations per token: XNNPACK's QD8-F32-QC8W) at 8,
-    fp32 at 0; the embedding weight-only. `quant` has passed check_pte_quant (build does it first)."""
+    fp32 at 0; the embedding weight-only. `quant` has passed check_pte_quant (build does it first).
+    `precomputed`: GPTQ's codes on the xnnpack grid (compiler/quant/blocks.py) by module path; the int4
+    linears whose group they match take them instead of torchao's rounding (counted as `int4_gptq`)."""
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
 
@@ -79,6 +84,11 @@ def quantize_decoder(decoder: nn.Module, quant: QuantConfig) -> dict[str, int]:
             if bits == 4 else Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
         quantize_(decoder, config, filter_fn=lambda m, fqn: fqn in wanted)
         counts[f"linear_8da4w_group{group}" if bits == 4 else "linear_8da8w_channel"] = len(names)
+        if bits == 4 and precomputed:
+            carried = sum(_take_codes(decoder.get_submodule(name).weight, codes_for(precomputed, _module_path(name)), group)
+                          for name in names)
+            if carried:
+                counts["int4_gptq"] = counts.get("int4_gptq", 0) + carried
     embedding_bits = module_bits("embed_tokens", quant)
     if embedding_bits:
         hidden = decoder.embed_tokens.embedding_dim
@@ -89,6 +99,22 @@ def quantize_decoder(decoder: nn.Module, quant: QuantConfig) -> dict[str, int]:
                   filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
         counts[f"embedding_int{embedding_bits}"] = 1
     return counts
+
+
+def _take_codes(weight, codes: tuple | None, group: int) -> bool:
+    """Put precomputed codes (q uint8 [N, nb, group] around zero point 2^3, scales [N, nb]) into a torchao
+    int4 weight when their blocks are its groups; False (torchao's rounding kept) otherwise."""
+    if codes is None:
+        return False
+    q, scales, _ = codes
+    n, k = weight.qdata.shape
+    if q.shape != (n, k // group, group):
+        return False
+    with torch.no_grad():
+        weight.qdata.copy_(torch.from_numpy(q.reshape(n, k).astype(np.int16) - 8).to(torch.int8))
+        weight.scale.copy_(torch.from_numpy(scales))
+        weight.zero_point.zero_()
+    return True
 
 
 def module_bits(name: str, quant: QuantConfig) -> int:

@@ -26,7 +26,7 @@ VERIFY_ROUNDS = 4
 @dataclass
 class AutoResult:
     quant: QuantConfig  # with its plan
-    precomputed: dict | None  # GPTQ's codes per torch module at the plan's block, for the quantize pass
+    precomputed: dict[str, dict]  # grid -> GPTQ's codes per torch module at the plan's block ({}: none)
     summary: dict  # for the build report and the manifest
 
 
@@ -70,17 +70,20 @@ def greedy(all_units: list[Unit], kl: dict[str, dict[Scheme, float]], target: fl
         plan[unit.path] = scheme
 
 
-def plan_auto(model: CanonicalDecoder, model_dir: Path, quant: QuantConfig, log=lambda _: None) -> AutoResult:
-    """The plan for `quant.max_kl` on `model` (adapters merged), its GPTQ codes and its summary."""
-    from compiler.quant.gptq import calibration_sequences, gptq_blocks
+def plan_auto(model: CanonicalDecoder, model_dir: Path, quant: QuantConfig, log=lambda _: None,
+              grids: list[str] = ("onnx",)) -> AutoResult:
+    """The plan for `quant.max_kl` on `model` (adapters merged), its GPTQ codes per grid and its summary."""
+    from compiler.quant.gptq import calibration_sequences, gptq_codes
 
     vocab = model.cfg.vocab_size
-    gptq: dict[int, dict] = {}
+    gptq: dict[int, dict] = {}  # block -> codes on onnxruntime's grid, what the sensitivities measure
+    codes: dict[tuple[int, str], dict] = {}
     if quant.algo == "gptq":
         sequences = calibration_sequences(model_dir, quant.calibration, vocab)
-        for block in INT4_BLOCKS:
-            log(f"GPTQ at block {block}")
-            gptq[block] = gptq_blocks(model, sequences, 4, block, True)
+        log(f"GPTQ at blocks {', '.join(map(str, INT4_BLOCKS))}, grids {', '.join(grids)}")
+        wanted = [(block, grid) for block in INT4_BLOCKS for grid in dict.fromkeys(["onnx", *grids])]
+        codes = gptq_codes(model, sequences, 4, wanted, True)
+        gptq = {block: codes[(block, "onnx")] for block in INT4_BLOCKS}
     probe_sequences = calibration_sequences(model_dir, quant.calibration, vocab, count=SENSITIVITY_WINDOWS) \
         if (model_dir / "tokenizer.json").exists() else _token_windows(vocab)
     probe = Probe(model, probe_sequences, quant.accuracy_level)
@@ -121,14 +124,13 @@ def plan_auto(model: CanonicalDecoder, model_dir: Path, quant: QuantConfig, log=
         bits, block = plan[unit.path]
         entries += [(p, bits, unit.block(block) if bits else 0) for p in paths]
     planned = replace(quant, plan=tuple(entries))
-    precomputed = None
-    if gptq:
-        precomputed = {}
+    precomputed: dict[str, dict] = {grid: {} for grid in grids} if codes else {}
+    for grid, chosen in precomputed.items():
         for unit in all_units:
             bits, block = plan[unit.path]
             for member in unit.members if bits == 4 else ():
-                if member in gptq[block]:  # an untied embedding is rounded to nearest by the pass
-                    precomputed[member] = gptq[block][member]
+                if member in codes[(block, grid)]:  # an untied embedding is rounded to nearest by the pass
+                    chosen[member] = codes[(block, grid)][member]
     ranked = sorted(kl, key=lambda p: -kl[p][(4, INT4_BLOCKS[0])])
     counts: dict[str, int] = {}
     for scheme in plan.values():

@@ -4,6 +4,11 @@ Blocks run along the input dimension K of a weight [N, K], one scale (and, asymm
 block. Symmetric blocks map the signed absolute maximum to -2^(bits-1), as onnxruntime's MLAS does, so
 `rtn` here equals onnxruntime's (and the GenAI builder's) rounding. `clip` searches, per block, the
 clipping ratio of the range that minimises the block's squared reconstruction error.
+
+The `xnnpack` grid is the symmetric one ExecuTorch's XNNPACK int4 linear can hold: it refuses negative
+scales (so the signed maximum cannot always land on -2^(bits-1)) and stores them as bfloat16, so the
+scale is the smallest positive one covering [min, max] with codes -2^(bits-1)..2^(bits-1)-1, rounded up
+to bfloat16 (rounding up keeps the range covered).
 """
 
 from __future__ import annotations
@@ -13,10 +18,19 @@ import numpy as np
 CLIP_RATIOS = np.linspace(1.0, 0.6, 17, dtype=np.float32)
 
 
-def block_scales_and_zeros(blocks: np.ndarray, bits: int, symmetric: bool, ratio: np.ndarray | float = 1.0):
+GRIDS = ("onnx", "xnnpack")
+
+
+def block_scales_and_zeros(blocks: np.ndarray, bits: int, symmetric: bool, ratio: np.ndarray | float = 1.0,
+                           grid: str = "onnx"):
     """Per-block scale and zero point for blocks [N, nb, bs]."""
     half = 2 ** (bits - 1)
-    if symmetric:
+    if grid == "xnnpack":
+        lo = -np.minimum(blocks.min(axis=-1), 0.0) / half
+        hi = np.maximum(blocks.max(axis=-1), 0.0) / (half - 1)
+        scale = _bfloat16_ceil(np.maximum(lo, hi).astype(np.float32) * np.float32(ratio))
+        zero = np.full(scale.shape, half, dtype=np.float32)
+    elif symmetric:
         # Signed absolute maximum mapped to -half, as onnxruntime's MLAS does: the full range is used.
         idx = np.abs(blocks).argmax(axis=-1)[..., None]
         signed_max = np.take_along_axis(blocks, idx, axis=-1)[..., 0] * ratio
@@ -29,6 +43,13 @@ def block_scales_and_zeros(blocks: np.ndarray, bits: int, symmetric: bool, ratio
         safe = np.where(scale == 0, 1.0, scale)
         zero = np.clip(np.round(-lo / safe), 0, 2**bits - 1)
     return scale.astype(np.float32), zero.astype(np.float32)
+
+
+def _bfloat16_ceil(x: np.ndarray) -> np.ndarray:
+    """Positive fp32 values rounded up to the nearest bfloat16 (the upper 16 bits of fp32)."""
+    bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    up = (bits & 0xFFFF) != 0
+    return ((bits & np.uint32(0xFFFF0000)) + np.where(up, np.uint32(0x10000), np.uint32(0))).view(np.float32)
 
 
 def _quantize(blocks, scale, zero, bits):

@@ -150,33 +150,55 @@ def _windows(model: CanonicalDecoder, leaders: list[_Leader]) -> list[list[int]]
 def gptq_blocks(model: CanonicalDecoder, sequences: list[list[int]], bits: int, block_size: int,
                 symmetric: bool, skip: tuple[str, ...] = ()) -> dict[str, tuple]:
     """Module path -> precomputed (q [N, nb, bs], scales [N, nb], zero points [N, nb]) for every Linear
-    (those named in `skip` excepted; a tied lm_head at its shared table's block)."""
-    leaders = _leaders(model, block_size, symmetric, skip)
+    (those named in `skip` excepted; a tied lm_head at its shared table's block), on onnxruntime's grid."""
+    return gptq_codes(model, sequences, bits, [(block_size, "onnx")], symmetric, skip)[(block_size, "onnx")]
+
+
+def gptq_codes(model: CanonicalDecoder, sequences: list[list[int]], bits: int, wanted: list[tuple[int, str]],
+               symmetric: bool, skip: tuple[str, ...] = ()) -> dict[tuple[int, str], dict[str, tuple]]:
+    """gptq_blocks for several (block, grid) pairs (grids: compiler/quant/blocks.py) from one pass of the
+    calibration text: the Hessians do not depend on the block or grid, only the column loops do."""
+    leaders = {key: _leaders(model, key[0], symmetric, skip) for key in wanted}
     modules = dict(model.named_modules())
-    by_layer = defaultdict(list)
-    for leader in leaders:
-        by_layer[_layer_of(leader.name)].append(leader)
-    out: dict[str, tuple] = {}
+    by_layer = {key: defaultdict(list) for key in wanted}
+    for key, listed in leaders.items():
+        for leader in listed:
+            by_layer[key][_layer_of(leader.name)].append(leader)
+    hooked = {leader.name: leader for listed in leaders.values() for leader in listed}
+    out: dict[tuple[int, str], dict[str, tuple]] = {key: {} for key in wanted}
     with torch.no_grad():
         ids = torch.tensor(sequences)
         positions = torch.arange(ids.shape[1])[None].expand_as(ids)
         x, ropes, mask = model.layer_inputs(ids, torch.ones_like(ids), positions, 0)
         empty = model.empty_cache(x.shape[0])[0]
-        for window in _windows(model, leaders):
+        for window in _windows(model, list(hooked.values())):
             hessians = _HessianAccumulator()
-            in_window = [leader for i in window for leader in by_layer[i]]
-            for leader in in_window:
-                hessians.hook(modules[leader.name], leader.name)
+            for name, leader in hooked.items():
+                if _layer_of(name) in window:
+                    hessians.hook(modules[name], name)
             try:
                 for i in window:
                     x = model.model.layers[i](x, ropes, ConcatKVCache(empty, empty, mask))
             finally:
                 hessians.remove_hooks()
-            if window[-1] == model.cfg.num_layers - 1 and by_layer[None]:
+            last = window[-1] == model.cfg.num_layers - 1
+            if last and "lm_head" in hooked:
                 hessians.add("lm_head", model.model.norm(x))
-                in_window += by_layer[None]
-            out.update(_quantize_leaders(in_window, hessians.hessians, bits, symmetric))
+            for key in wanted:
+                in_window = [leader for i in window for leader in by_layer[key][i]] + (by_layer[key][None] if last else [])
+                out[key].update(_quantize_leaders(in_window, dict(hessians.hessians), bits, symmetric, grid=key[1]))
     return out
+
+
+def codes_for(precomputed: dict[str, tuple], module: str) -> tuple | None:
+    """A module's precomputed codes; a packed qkv_proj's are q's, k's and v's stacked by rows."""
+    if module in precomputed:
+        return precomputed[module]
+    if module.endswith(".qkv_proj"):
+        parts = [precomputed.get(module.replace("qkv_proj", p)) for p in ("q_proj", "k_proj", "v_proj")]
+        if all(p is not None for p in parts):
+            return tuple(np.concatenate(arrays, axis=0) for arrays in zip(*parts))
+    return None
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, block_size: int, symmetric: bool):
@@ -186,7 +208,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, block_
 
 
 def _quantize_leaders(leaders: list[_Leader], hessians: dict[str, torch.Tensor], bits: int, symmetric: bool,
-                      damp: float = 0.01) -> dict[str, tuple]:
+                      damp: float = 0.01, grid: str = "onnx") -> dict[str, tuple]:
     """Cuts the leaders into row jobs, runs jobs of equal shape in batches, and splits the results back
     per member. Pops the Hessians it has used."""
     jobs = defaultdict(list)  # (rows, padded K, block) -> [(leader, start, stop)]
@@ -216,7 +238,7 @@ def _quantize_leaders(leaders: list[_Leader], hessians: dict[str, torch.Tensor],
                 w[j, :k] = leader.rows(start, stop).T
                 w[j, factors[leader.name][1]] = 0
             hinv = torch.stack([factors[leader.name][0] for leader, _, _ in batch])
-            q, scales, zeros = _gptq_columns(w, hinv, bits, block, symmetric)
+            q, scales, zeros = _gptq_columns(w, hinv, bits, block, symmetric, grid=grid)
             del w, hinv
             for j, (leader, start, _) in enumerate(batch):
                 results[(leader.name, start)] = (q[j], scales[j], zeros[j])
@@ -253,7 +275,8 @@ def _inverse_hessian_factor(hessian: torch.Tensor, k: int, damp: float) -> tuple
     return torch.linalg.solve_triangular(upper, torch.eye(k), upper=True), dead
 
 
-def _gptq_columns(w: torch.Tensor, hinv: torch.Tensor, bits: int, block_size: int, symmetric: bool, lazy: int = 32):
+def _gptq_columns(w: torch.Tensor, hinv: torch.Tensor, bits: int, block_size: int, symmetric: bool, lazy: int = 32,
+                  grid: str = "onnx"):
     """The GPTQ column loop over a batch: w [B, K, N] (updated in place), hinv [B, K, K] upper factors.
     Returns numpy (q uint8 [B, N, nb, bs], scales [B, N, nb], zero points uint8 [B, N, nb]).
 
@@ -277,7 +300,7 @@ def _gptq_columns(w: torch.Tensor, hinv: torch.Tensor, bits: int, block_size: in
             if col % block_size == 0:
                 # Same rule as the RTN path, on the block as updated so far (blocks along K: axis 1 here).
                 block = w[:, col : col + block_size].transpose(1, 2).numpy()
-                scale, zero = (torch.from_numpy(a) for a in block_scales_and_zeros(block, bits, symmetric))
+                scale, zero = (torch.from_numpy(a) for a in block_scales_and_zeros(block, bits, symmetric, grid=grid))
                 scales[:, col // block_size], zeros[:, col // block_size] = scale, zero
                 inv_scale = 1 / torch.where(scale == 0, 1.0, scale)
                 zero_scaled = zero * scale

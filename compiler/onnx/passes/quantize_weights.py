@@ -25,6 +25,7 @@ from compiler.config import QuantConfig
 from compiler.onnx.passes.base import CountingPass
 from compiler.onnx.scopes import module_path
 from compiler.quant.blocks import largest_dividing_block, pack, quantize_blocks
+from compiler.quant.gptq import codes_for
 
 def _const(value: ir.Value | None) -> np.ndarray | None:
     if value is None or value.const_value is None:
@@ -50,13 +51,7 @@ class QuantizeWeightsPass(CountingPass):
     def _precomputed(self, module: str, bits: int):
         if bits != self.config.bits or not self.precomputed:
             return None
-        if module in self.precomputed:
-            return self.precomputed[module]
-        if module.endswith(".qkv_proj"):
-            parts = [self.precomputed.get(module.replace("qkv_proj", p)) for p in ("q_proj", "k_proj", "v_proj")]
-            if all(p is not None for p in parts):
-                return tuple(np.concatenate(arrays, axis=0) for arrays in zip(*parts))
-        return None
+        return codes_for(self.precomputed, module)
 
     def _tied_table(self, graph: ir.Graph) -> tuple[ir.Value | None, int]:
         """The [V, H] table read both by the embedding Gather and, transposed, by the lm_head MatMul
