@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,11 +145,12 @@ class LoraPteExport:
     export: PteExport  # op counts, timings
 
 
-def export_pte_with_lora(decoder: ExecutorchDecoder, slots: Slots, metadata: dict, out_dir: str | Path) -> LoraPteExport:
+def export_pte_with_lora(decoder: ExecutorchDecoder, slots: Slots, metadata: dict, out_dir: str | Path,
+                         progress: Callable[[int, int], None] = lambda done, total: None) -> LoraPteExport:
     """Write `model.pte` (the program) and `model.ptd` (the foundation: every base constant) into out_dir for
     a decoder with LoRA branches at `slots`. The decoder is quantized already (its linears 8da4w, the
     branches added here stay fp32), or not; its modules are shared, not changed. Adapters' files come from
-    write_adapter_ptd with the slots returned (complete_slots)."""
+    write_adapter_ptd with the slots returned (complete_slots). progress: export_pte's."""
     out_dir = Path(out_dir)
     slots = complete_slots(decoder, slots)
     lora_decoder = _with_branches(decoder, slots)
@@ -157,7 +159,8 @@ def export_pte_with_lora(decoder: ExecutorchDecoder, slots: Slots, metadata: dic
         for tensor in _branch_tensors(slots, group, members, None):
             placeholders[_data_key(tensor)] = group
     exported = export_pte(lora_decoder, metadata, reuse_layers=False,
-                          constant_tag=lambda name: LORA_TAG if name.endswith(("_lora_a", "_lora_b")) else FOUNDATION_TAG)
+                          constant_tag=lambda name: LORA_TAG if name.endswith(("_lora_a", "_lora_b")) else FOUNDATION_TAG,
+                          progress=progress)
     files = exported.data_files
     lora_keys = set(_read_ptd(files[LORA_TAG])) if LORA_TAG in files else set()
     if lora_keys != set(placeholders) or set(files) != {LORA_TAG, FOUNDATION_TAG}:

@@ -16,6 +16,7 @@ than arithmetic, so 30 layers batched cost little more than one.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,9 +149,12 @@ def _windows(model: CanonicalDecoder, leaders: list[_Leader]) -> list[list[int]]
 
 
 def gptq_blocks(model: CanonicalDecoder, sequences: list[list[int]], bits: int, block_size: int,
-                symmetric: bool, skip: tuple[str, ...] = ()) -> dict[str, tuple]:
+                symmetric: bool, skip: tuple[str, ...] = (),
+                progress: Callable[[int, int], None] = lambda done, total: None) -> dict[str, tuple]:
     """Module path -> precomputed (q [N, nb, bs], scales [N, nb], zero points [N, nb]) for every Linear
-    (those named in `skip` excepted; a tied lm_head at its shared table's block)."""
+    (those named in `skip` excepted; a tied lm_head at its shared table's block).
+
+    progress(done, total): layers quantized, after each window of layers."""
     leaders = _leaders(model, block_size, symmetric, skip)
     modules = dict(model.named_modules())
     by_layer = defaultdict(list)
@@ -176,6 +180,7 @@ def gptq_blocks(model: CanonicalDecoder, sequences: list[list[int]], bits: int, 
                 hessians.add("lm_head", model.model.norm(x))
                 in_window += by_layer[None]
             out.update(_quantize_leaders(in_window, hessians.hessians, bits, symmetric))
+            progress(window[-1] + 1, model.cfg.num_layers)
     return out
 
 
