@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes.base import ADAPTER_DIR, Runtime, bench_agent_main, bundle_adapters
+from runtimes.base import ADAPTER_DIR, Runtime, bench_agent_main, bundle_adapter_file
 
 # Runtime LoRA: the all-zero adapter's name; the program needs some adapter's data, and this one is the base.
 BASE_ADAPTER_NAME = "none"
@@ -160,10 +160,7 @@ class ExecutorchRuntime(Runtime):
         """Activate a runtime LoRA adapter (its .ptd beside the foundation; None: the all-zero one, the base):
         the program is loaded again over the new data."""
         if name is not None and file is None:
-            entries = bundle_adapters(self.manifest, self.format)
-            if name not in entries:
-                raise ValueError(f"adapter {name}: not in {self.bundle_dir} (adapters: {', '.join(entries) or 'none'})")
-            file = self.bundle_dir / entries[name]["file"]
+            file = bundle_adapter_file(self.bundle_dir, self.manifest, self.format, name)
         if name is not None and self.base_adapter is None:
             raise ValueError(f"adapter {name}: {self.program_path} has no runtime LoRA slots")
         target = Path(file) if name is not None else self.base_adapter
