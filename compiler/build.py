@@ -121,17 +121,19 @@ def _validate_artifact(directory: Path, artifact: dict, reference: Reference, co
     if not entries:
         return result
     artifact["validation"] = result
-    _genai_check(directory, artifact, None, reference.golden_data(new_tokens), result, gates)
+    genai = _genai_runtime(directory, artifact)  # one model for the base and every adapter
+    _genai_check(genai, artifact, None, reference.golden_data(new_tokens), result, gates)
     for entry in entries:
-        validate_adapter(directory, artifact, entry, reference, config, report, runner)
+        validate_adapter(directory, artifact, entry, reference, config, report, runner, genai)
     runner.set_adapter(None)
     return result
 
 
 def validate_adapter(directory: Path, artifact: dict, entry: dict, reference: Reference, config: BuildConfig,
-                     report: BuildReport, runner=None) -> None:
+                     report: BuildReport, runner=None, genai=None) -> None:
     """Validate one runtime LoRA adapter of an artifact against the base with it merged; record it in the
-    adapter's entry and fold its failures, named by adapter, into the artifact's validation."""
+    adapter's entry and fold its failures, named by adapter, into the artifact's validation. runner and
+    genai: the artifact's runtimes, opened here when not given."""
     from compiler.validate import validate
     from runtimes.registry import open_runtime
 
@@ -145,24 +147,35 @@ def validate_adapter(directory: Path, artifact: dict, entry: dict, reference: Re
         runner.set_adapter(entry["name"], directory / entry["file"])
         with report.progress("prompts", unit="prompt") as progress:
             entry["validation"] = validate(runner, golden_data, gates, lora, progress)
-        _genai_check(directory, artifact, entry["name"], golden_data, entry["validation"], gates)
+        _genai_check(genai or _genai_runtime(directory, artifact), artifact, entry["name"], golden_data,
+                     entry["validation"], gates)
     result = artifact["validation"]
     result["passed"] = result["passed"] and entry["validation"]["passed"]
     result["failures"] += [f"adapter {entry['name']}: {f}" for f in entry["validation"]["failures"]]
 
 
-def _genai_check(directory: Path, artifact: dict, adapter: str | None, golden_data: dict, result: dict,
-                 gates: dict) -> None:
-    """onnxruntime-genai's greedy tokens through its own Adapters API, where it is installed."""
+def _genai_runtime(directory: Path, artifact: dict):
+    """onnxruntime-genai on an ONNX artifact with runtime LoRA, where it is installed (else None)."""
     from importlib.util import find_spec
 
+    if artifact["format"] != "onnx" or find_spec("onnxruntime_genai") is None:
+        return None
+    from runtimes.genai import GenaiRuntime
+
+    return GenaiRuntime(directory)
+
+
+def _genai_check(genai, artifact: dict, adapter: str | None, golden_data: dict, result: dict, gates: dict) -> None:
+    """onnxruntime-genai's greedy tokens through its own Adapters API (genai: a GenaiRuntime, or None where
+    there is none to check with)."""
     from compiler.adapters import genai_greedy_match
     from compiler.validate import gate_results
 
-    if artifact["format"] != "onnx" or find_spec("onnxruntime_genai") is None:
+    if genai is None:
         return
-    file = directory / next(a["file"] for a in artifact["lora"]["adapters"] if a["name"] == adapter) if adapter else None
-    result["metrics"]["genai_greedy_match"] = genai_greedy_match(directory, golden_data, adapter, file)
+    file = genai.bundle_dir / next(a["file"] for a in artifact["lora"]["adapters"] if a["name"] == adapter) \
+        if adapter else None
+    result["metrics"]["genai_greedy_match"] = genai_greedy_match(genai, golden_data, adapter, file)
     verdict = gate_results(result["metrics"], gates)
     for key in ("passed", "gates", "failures", "summary"):
         result[key] = verdict[key]
