@@ -65,12 +65,10 @@ def adapter_golden(model: CanonicalDecoder, prompts, new_tokens: int, adapter: L
     return data, lora
 
 
-def genai_greedy_match(bundle: Path, golden_data: dict, adapter: str | None, adapter_file: Path | None = None) -> float:
-    """Share of the prompts whose greedy tokens onnxruntime-genai (through its Adapters API) makes equal
-    to the reference's."""
-    from runtimes.genai import GenaiRuntime
-
-    runtime = GenaiRuntime(bundle, adapter, adapter_file)
+def genai_greedy_match(runtime, golden_data: dict, adapter: str | None, adapter_file: Path | None = None) -> float:
+    """Share of the prompts whose greedy tokens onnxruntime-genai (a runtimes.genai.GenaiRuntime, the adapter
+    activated through its Adapters API) makes equal to the reference's."""
+    runtime.set_adapter(adapter, adapter_file)
     matches = [runtime.generate(list(p), len(t), stop_at_eos=False) == list(t)
                for p, t in zip(golden_data["prompts"], golden_data["tokens"])]
     return float(np.mean(matches))

@@ -60,7 +60,8 @@ def load_reference(model_dir: Path, adapters: list[AdapterSpec], report: BuildRe
     from compiler.validate import prompt_ids, torch_logprobs
 
     with report.stage("load", str(model_dir)):
-        checkpoint = read_checkpoint(model_dir)
+        with report.progress("weights", unit="B", unit_scale=True) as progress:
+            checkpoint = read_checkpoint(model_dir, progress)
         source_hashes = checkpoint.source_hashes()
     cfg = checkpoint.config
     claimed = int(getattr(checkpoint.hf_config, "max_position_embeddings", cfg.max_sequence_length))
@@ -85,7 +86,8 @@ def load_reference(model_dir: Path, adapters: list[AdapterSpec], report: BuildRe
                 after = lambda i: steps.append(torch_logprobs(build_decoder(checkpoint, keep_state=True), prompts))  # noqa: E731
             else:
                 after = None
-            records = merge_lora(checkpoint, adapters, after_each=after)
+            with report.progress("modules", unit="module") as progress:
+                records = merge_lora(checkpoint, adapters, after_each=after, progress=progress)
             if steps:
                 lora = {
                     "base": steps[0],
@@ -113,22 +115,25 @@ def _validate_artifact(directory: Path, artifact: dict, reference: Reference, co
     stage = "validate" if artifact["format"] == "onnx" else f"validate_{artifact['format']}"
     with report.stage(stage, f"{runtime_for(artifact['format']).name} vs PyTorch reference"):
         runner = open_runtime(directory, artifact)
-        result = validate(runner, reference.golden_data(new_tokens), gates, reference.lora)
+        with report.progress("prompts", unit="prompt") as progress:
+            result = validate(runner, reference.golden_data(new_tokens), gates, reference.lora, progress)
     entries = (artifact.get("lora") or {}).get("adapters", [])
     if not entries:
         return result
     artifact["validation"] = result
-    _genai_check(directory, artifact, None, reference.golden_data(new_tokens), result, gates)
+    genai = _genai_runtime(directory, artifact)  # one model for the base and every adapter
+    _genai_check(genai, artifact, None, reference.golden_data(new_tokens), result, gates)
     for entry in entries:
-        validate_adapter(directory, artifact, entry, reference, config, report, runner)
+        validate_adapter(directory, artifact, entry, reference, config, report, runner, genai)
     runner.set_adapter(None)
     return result
 
 
 def validate_adapter(directory: Path, artifact: dict, entry: dict, reference: Reference, config: BuildConfig,
-                     report: BuildReport, runner=None) -> None:
+                     report: BuildReport, runner=None, genai=None) -> None:
     """Validate one runtime LoRA adapter of an artifact against the base with it merged; record it in the
-    adapter's entry and fold its failures, named by adapter, into the artifact's validation."""
+    adapter's entry and fold its failures, named by adapter, into the artifact's validation. runner and
+    genai: the artifact's runtimes, opened here when not given."""
     from compiler.validate import validate
     from runtimes.registry import open_runtime
 
@@ -140,25 +145,37 @@ def validate_adapter(directory: Path, artifact: dict, entry: dict, reference: Re
         golden_data, lora = reference.adapter_reference(adapter, new_tokens)
         runner = runner or open_runtime(directory, artifact)
         runner.set_adapter(entry["name"], directory / entry["file"])
-        entry["validation"] = validate(runner, golden_data, gates, lora)
-        _genai_check(directory, artifact, entry["name"], golden_data, entry["validation"], gates)
+        with report.progress("prompts", unit="prompt") as progress:
+            entry["validation"] = validate(runner, golden_data, gates, lora, progress)
+        _genai_check(genai or _genai_runtime(directory, artifact), artifact, entry["name"], golden_data,
+                     entry["validation"], gates)
     result = artifact["validation"]
     result["passed"] = result["passed"] and entry["validation"]["passed"]
     result["failures"] += [f"adapter {entry['name']}: {f}" for f in entry["validation"]["failures"]]
 
 
-def _genai_check(directory: Path, artifact: dict, adapter: str | None, golden_data: dict, result: dict,
-                 gates: dict) -> None:
-    """onnxruntime-genai's greedy tokens through its own Adapters API, where it is installed."""
+def _genai_runtime(directory: Path, artifact: dict):
+    """onnxruntime-genai on an ONNX artifact with runtime LoRA, where it is installed (else None)."""
     from importlib.util import find_spec
 
+    if artifact["format"] != "onnx" or find_spec("onnxruntime_genai") is None:
+        return None
+    from runtimes.genai import GenaiRuntime
+
+    return GenaiRuntime(directory)
+
+
+def _genai_check(genai, artifact: dict, adapter: str | None, golden_data: dict, result: dict, gates: dict) -> None:
+    """onnxruntime-genai's greedy tokens through its own Adapters API (genai: a GenaiRuntime, or None where
+    there is none to check with)."""
     from compiler.adapters import genai_greedy_match
     from compiler.validate import gate_results
 
-    if artifact["format"] != "onnx" or find_spec("onnxruntime_genai") is None:
+    if genai is None:
         return
-    file = directory / next(a["file"] for a in artifact["lora"]["adapters"] if a["name"] == adapter) if adapter else None
-    result["metrics"]["genai_greedy_match"] = genai_greedy_match(directory, golden_data, adapter, file)
+    file = genai.bundle_dir / next(a["file"] for a in artifact["lora"]["adapters"] if a["name"] == adapter) \
+        if adapter else None
+    result["metrics"]["genai_greedy_match"] = genai_greedy_match(genai, golden_data, adapter, file)
     verdict = gate_results(result["metrics"], gates)
     for key in ("passed", "gates", "failures", "summary"):
         result[key] = verdict[key]
@@ -257,7 +274,9 @@ def _gptq(config: BuildConfig, reference: Reference, report: BuildReport, grids:
     # Not overlapped with the export in a thread: both are dispatch-bound, and the two OpenMP
     # thread teams slowed the pair down (22 s + 8 s side by side vs 11 s + 8 s in turn here).
     with report.stage("calibrate_gptq", f"{len(sequences)} sequences, grids {', '.join(grids)}"):
-        codes = gptq_codes(model, sequences, quant.bits, [(quant.block_size, g) for g in grids], quant.symmetric)
+        with report.progress("layers", unit="layer") as progress:
+            codes = gptq_codes(model, sequences, quant.bits, [(quant.block_size, g) for g in grids], quant.symmetric,
+                               progress=progress)
     return {grid: codes[(quant.block_size, grid)] for grid in grids}
 
 
@@ -305,7 +324,8 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
     passes = build_pipeline(pipeline, model.cfg, quant, precomputed, reference.slots)
     if passes:
         with report.stage("onnx_passes", f"pipeline '{pipeline}', {len(passes)} passes"):
-            onnx_model, report.passes = run_passes(onnx_model, passes, config.export.dump_dir)
+            with report.progress("passes", unit="pass") as progress:
+                onnx_model, report.passes = run_passes(onnx_model, passes, config.export.dump_dir, progress)
     ops = op_counts(onnx_model)
     # One buffer for past and present only when every layer's attention is GroupQueryAttention (one left as
     # MultiHeadAttention keeps its KV concat and needs past and present apart).
@@ -369,11 +389,13 @@ def _build_pte(config: BuildConfig, reference: Reference, writer: BundleWriter, 
     if reference.slots is not None:
         with report.stage("export_pte", f"{model.cfg.num_layers} layers with LoRA slots, lowered one by one, "
                                         "weights in model.ptd"):
-            lora, exported = _export_pte_with_lora(decoder, metadata, reference, writer.staging)
+            with report.progress("lowering", unit="step") as progress:
+                lora, exported = _export_pte_with_lora(decoder, metadata, reference, writer.staging, progress)
             del decoder
     else:
         with report.stage("export_pte", f"{model.cfg.num_layers} layers, torch.export + XNNPACK"):
-            exported = export_pte(decoder, metadata)
+            with report.progress("lowering", unit="step") as progress:
+                exported = export_pte(decoder, metadata, progress=progress)
             del decoder
             (writer.staging / PTE_FILE).write_bytes(exported.program)
     unexpected = unexpected_portable_ops(exported.portable_ops)
@@ -398,14 +420,14 @@ def _build_pte(config: BuildConfig, reference: Reference, writer: BundleWriter, 
     return artifact
 
 
-def _export_pte_with_lora(decoder, metadata: dict, reference: Reference, staging: Path):
+def _export_pte_with_lora(decoder, metadata: dict, reference: Reference, staging: Path, progress):
     """model.pte + model.ptd (the foundation), a .ptd per adapter and the all-zero one (the base):
     (data files, the artifact's lora entry), the export."""
     from compiler.adapters import adapter_entry
     from compiler.executorch.lora import FOUNDATION_FILE, export_pte_with_lora, pte_slots, write_adapter_ptd
     from runtimes.executorch import BASE_ADAPTER_NAME
 
-    lora_export = export_pte_with_lora(decoder, pte_slots(reference.slots), metadata, staging)
+    lora_export = export_pte_with_lora(decoder, pte_slots(reference.slots), metadata, staging, progress)
     entries = []
     for adapter in reference.runtime_adapters:
         relative = f"{ADAPTER_DIR}/{adapter.name}.ptd"

@@ -1,13 +1,21 @@
-"""The build report: timed stages with progress lines, adapters merged, export facts, validation (JSON + Markdown)."""
+"""The build report: timed stages with progress lines and bars, adapters merged, export facts, validation
+(JSON + Markdown)."""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from tqdm import tqdm
+
 from runtimes.base import peak_rss_mb
+
+# What a stage's loop reports to: progress(done, total), absolute counts, so that a loop whose total is
+# known only as it goes (bytes of the shards read so far) reports as easily as one counting steps.
+Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -35,6 +43,27 @@ class BuildReport:
         self.stages.append({"stage": name, "seconds": round(seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1)})
         if not self.quiet:
             print(f"  {name} done in {seconds:.1f} s", file=sys.stderr, flush=True)
+
+    @contextmanager
+    def progress(self, name: str, unit: str = "it", unit_scale: bool = False) -> Iterator[Progress]:
+        """A progress bar on stderr for a loop within a stage; yields the Progress the loop calls.
+
+        Only on a terminal: a pipe or a CI log keeps the plain stage lines, without carriage-return
+        redraws. The bar is cleared when it closes, so the stage's "done in" line follows the start line."""
+        bar = tqdm(desc=f"    {name}", unit=unit, unit_scale=unit_scale, unit_divisor=1024 if unit == "B" else 1000,
+                   file=sys.stderr, leave=False, dynamic_ncols=True,
+                   disable=self.quiet or not sys.stderr.isatty())
+
+        def advance(done: int, total: int) -> None:
+            if bar.total != total:
+                bar.total = total
+                bar.refresh()  # the percentage from the first step on, not after tqdm's next redraw
+            bar.update(done - bar.n)
+
+        try:
+            yield advance
+        finally:
+            bar.close()
 
     def note(self, message: str) -> None:
         """A progress line within a stage (not with --quiet)."""

@@ -7,6 +7,7 @@ the gates turn those metrics into a verdict.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,9 +145,11 @@ def gate_results(metrics: dict, gates: dict[str, tuple[str, float]]) -> dict:
     }
 
 
-def validate(runner, golden_data: dict, gates: dict[str, tuple[str, float]], lora_reference: dict | None = None) -> dict:
-    """Compare `runner` (a runtimes.base.Runtime) with the reference's golden data, then the gates."""
-    per_prompt, worst, artifact_logprobs = compare(runner, golden_data)
+def validate(runner, golden_data: dict, gates: dict[str, tuple[str, float]], lora_reference: dict | None = None,
+             progress: Callable[[int, int], None] = lambda done, total: None) -> dict:
+    """Compare `runner` (a runtimes.base.Runtime) with the reference's golden data, then the gates.
+    progress(done, total): prompts compared."""
+    per_prompt, worst, artifact_logprobs = compare(runner, golden_data, progress)
     retention = None
     if lora_reference is not None:
         retention = lora_retention(artifact_logprobs, lora_reference)

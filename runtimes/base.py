@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 BENCH_SCHEMA = "edgec.bench/1"
 # A context put in the KV cache before a timed run goes in chunks of this many tokens: its logits (chunk x
@@ -290,6 +291,15 @@ def bundle_adapters(manifest: dict | None, fmt: str) -> dict:
     return {}
 
 
+def bundle_adapter_file(bundle_dir: str | Path, manifest: dict | None, fmt: str, name: str) -> Path:
+    """The file of the runtime LoRA adapter `name` of a bundle's artifact of that format; a ValueError
+    listing the adapters there when it has none of that name."""
+    entries = bundle_adapters(manifest, fmt)
+    if name not in entries:
+        raise ValueError(f"adapter {name}: not in {bundle_dir} (adapters: {', '.join(entries) or 'none'})")
+    return Path(bundle_dir) / entries[name]["file"]
+
+
 def greedy(step, prompt: list, new_tokens: int, eos_ids: tuple = (), timings: list | None = None,
            context: list | None = None) -> list:
     """Greedy decoding with a model's `step(ids [1, seq] int64 array, start) -> logits of the last position`
@@ -408,8 +418,6 @@ def bench_depths(spec: BenchSpec, generate, tokens: list) -> list:
 
 def bench_result(runtime: dict, bundle_dir, fmt: str, spec: BenchSpec, load_s: float, by_depth: list) -> BenchResult:
     """The shared result of a runtime's bench: the first depth's medians at the top level."""
-    from pathlib import Path
-
     bundle_dir = Path(bundle_dir)
     manifest = bundle_dir / "manifest.json"
     first = by_depth[0]

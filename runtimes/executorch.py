@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes.base import ADAPTER_DIR, Runtime, bench_agent_main, bundle_adapters
+from runtimes.base import ADAPTER_DIR, Runtime, bench_agent_main, bundle_adapter_file
 
 # Runtime LoRA: the all-zero adapter's name; the program needs some adapter's data, and this one is the base.
 BASE_ADAPTER_NAME = "none"
@@ -74,17 +74,24 @@ def _calling_thread_single_threaded():
         torch.set_num_threads(threads)
 
 
-def _merge_data_files(paths: list[Path], merged: Path) -> str:
-    """One .ptd holding every named tensor of these: ExecuTorch 1.5.1's Python bindings take a single data
-    file (`data_path`), where its C++ Module takes a list (`data_files`) and looks names up in each."""
+def _read_data_file(path: Path):
+    """A .ptd's tensors (an ExecuTorch DataPayload: buffers and named entries)."""
     from executorch.exir._serialize._cord import Cord
+    from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
+
+    return FlatTensorSerializer().deserialize(Cord(path.read_bytes()))
+
+
+def _merge_data_files(payloads: dict[Path, object], merged: Path) -> str:
+    """One .ptd holding every named tensor of these (path -> its _read_data_file): ExecuTorch 1.5.1's Python
+    bindings take a single data file (`data_path`), where its C++ Module takes a list (`data_files`) and
+    looks names up in each."""
     from executorch.exir._serialize.data_serializer import DataEntry, DataPayload
     from executorch.extension.flat_tensor.serialize.serialize import FlatTensorSerializer
 
     serializer = FlatTensorSerializer()
     buffers, named = [], {}
-    for path in paths:
-        payload = serializer.deserialize(Cord(path.read_bytes()))
+    for path, payload in payloads.items():
         for key, entry in payload.named_data.items():
             if key in named:
                 raise ValueError(f"{path}: '{key}' is also in an earlier data file")
@@ -122,6 +129,9 @@ class ExecutorchRuntime(Runtime):
         base_adapter = self.bundle_dir / lora.get("base_adapter", f"{ADAPTER_DIR}/{BASE_ADAPTER_NAME}.ptd")
         self.base_adapter = base_adapter if base_adapter.exists() else None
         self.adapter_file = None
+        # Data files parsed once: an adapter switch then reads only the adapter's file, not the foundation
+        # again (the whole model's weights). Held as bytes for the runtime's life, a foundation's size.
+        self._parsed_data: dict[Path, object] = {}
         self._load(self.base_adapter)
         self.version = getattr(et_version, "__version__", "unknown")
         self.max_seq_len = self.max_positions = self.metadata("get_max_seq_len")
@@ -150,7 +160,11 @@ class ExecutorchRuntime(Runtime):
             import tempfile
 
             self._merged_dir = tempfile.TemporaryDirectory(prefix="edgec-ptd-")
-            data_path = _merge_data_files(self.data_files, Path(self._merged_dir.name) / "merged.ptd")
+            for path in self.data_files:
+                if path not in self._parsed_data:
+                    self._parsed_data[path] = _read_data_file(path)
+            data_path = _merge_data_files({p: self._parsed_data[p] for p in self.data_files},
+                                          Path(self._merged_dir.name) / "merged.ptd")
         self.program = EtRuntime.get().load_program(self.program_path, data_path=data_path)
         self.method = self.program.load_method("forward")
         self.adapter_file = adapter_file
@@ -160,10 +174,7 @@ class ExecutorchRuntime(Runtime):
         """Activate a runtime LoRA adapter (its .ptd beside the foundation; None: the all-zero one, the base):
         the program is loaded again over the new data."""
         if name is not None and file is None:
-            entries = bundle_adapters(self.manifest, self.format)
-            if name not in entries:
-                raise ValueError(f"adapter {name}: not in {self.bundle_dir} (adapters: {', '.join(entries) or 'none'})")
-            file = self.bundle_dir / entries[name]["file"]
+            file = bundle_adapter_file(self.bundle_dir, self.manifest, self.format, name)
         if name is not None and self.base_adapter is None:
             raise ValueError(f"adapter {name}: {self.program_path} has no runtime LoRA slots")
         target = Path(file) if name is not None else self.base_adapter

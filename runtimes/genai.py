@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes.base import bundle_adapters
+from runtimes.base import bundle_adapter_file
 
 
 class GenaiRuntime:
@@ -34,10 +34,8 @@ class GenaiRuntime:
             return
         if file is None:
             manifest_path = self.bundle_dir / "manifest.json"
-            entries = bundle_adapters(json.loads(manifest_path.read_text()) if manifest_path.exists() else None, "onnx")
-            if name not in entries:
-                raise ValueError(f"adapter {name}: not in {self.bundle_dir} (adapters: {', '.join(entries) or 'none'})")
-            file = self.bundle_dir / entries[name]["file"]
+            manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else None
+            file = bundle_adapter_file(self.bundle_dir, manifest, "onnx", name)
         if self.adapters is None:
             self.adapters = self._og.Adapters(self.model)
         self.adapters.load(str(file), name)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes.base import Runtime, bench_agent_main, bundle_adapters
+from runtimes.base import Runtime, bench_agent_main, bundle_adapter_file
 
 
 def _artifact(manifest: dict, fmt: str = "onnx") -> dict:
@@ -68,10 +68,7 @@ class OrtRuntime(Runtime):
             return
         if name not in self._loaded_adapters:
             if file is None:
-                entries = bundle_adapters(self.manifest, self.format)
-                if name not in entries:
-                    raise ValueError(f"adapter {name}: not in {self.bundle_dir} (adapters: {', '.join(entries) or 'none'})")
-                file = self.bundle_dir / entries[name]["file"]
+                file = bundle_adapter_file(self.bundle_dir, self.manifest, self.format, name)
             self._loaded_adapters[name] = ort.AdapterFormat.read_adapter(str(file)).get_parameters()
         self.adapter, self.adapter_feeds = name, self._loaded_adapters[name]
 

@@ -14,6 +14,7 @@ prefill and a continuation on the KV cache), so the cache path is checked as wel
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import numpy as np
 
@@ -55,9 +56,10 @@ def first_divergence(a: list, b: list):
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def compare(runner, golden: dict) -> tuple:
+def compare(runner, golden: dict, progress: Callable[[int, int], None] = lambda done, total: None) -> tuple:
     """(per-prompt metrics, the worst of each over the prompts with the prompts' perplexities, the
-    artifact's log-probabilities per prompt). `golden`: prompts, logits and greedy tokens of the reference."""
+    artifact's log-probabilities per prompt). `golden`: prompts, logits and greedy tokens of the reference.
+    progress(done, total): prompts compared."""
     per_prompt, artifact_logprobs = [], []
     for ids, ref, ref_tokens in zip(golden["prompts"], golden["logits"], golden["tokens"]):
         split = max(1, len(ids) // 2)
@@ -71,6 +73,7 @@ def compare(runner, golden: dict) -> tuple:
         metrics.update(prompt_tokens=len(ids), greedy_tokens=len(ref_tokens), greedy_first_divergence=divergence,
                        greedy_match=1.0 if divergence is None else divergence / len(ref_tokens))
         per_prompt.append(metrics)
+        progress(len(per_prompt), len(golden["prompts"]))
     worst = {}
     for key in ("max_abs_logits", "max_abs_last_logits", "rel_l2_logits", "rel_l2_last_logits", "kl_mean", "kl_max"):
         worst[key] = max(p[key] for p in per_prompt)

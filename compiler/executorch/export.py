@@ -290,7 +290,8 @@ class PteExport:
 
 
 def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = True,
-               constant_tag: Callable[[str], str] | None = None) -> PteExport:
+               constant_tag: Callable[[str], str] | None = None,
+               progress: Callable[[int, int], None] = lambda done, total: None) -> PteExport:
     """torch.export with a dynamic sequence length, one to_edge_transform_and_lower with XNNPACK.
 
     With `reuse_layers`, a model of four or more layers is lowered as a template of layers (0, 1, last)
@@ -298,7 +299,9 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = 
     distinct partition (`preprocess_cache`). With `constant_tag` (a constant's placeholder name, such as
     `p_layers_0_mlp_up_proj_weight`, -> the name of its data file), every constant goes into those data
     files instead of the program (program-data separation), inside XNNPACK's partitions and outside; every
-    layer is lowered then (stitching rebuilds partitions without the tags)."""
+    layer is lowered then (stitching rebuilds partitions without the tags).
+
+    progress(done, total): steps done of torch.export, the lowering, each stitched layer, to_executorch."""
     import time
 
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -319,6 +322,7 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = 
         warnings.simplefilter("ignore")
         num_layers = decoder.cfg.num_layers
         template = template_layers(num_layers) if reuse_layers else None
+        steps = 3 + (num_layers - 2 if template else 0)  # stitching lowers layers 1 .. n-2 again, one by one
         compile_config = EdgeCompileConfig(_check_ir_validity=False, _skip_dim_order=True)
         try:
             if template:
@@ -326,17 +330,20 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = 
             traced = decoder.with_layers(template) if template else decoder
             exported = torch.export.export(traced.eval(), example, dynamic_shapes=({1: seq}, {0: 1}), strict=False)
             exported_s = time.perf_counter() - started
+            progress(1, steps)
             with reuse_xnnpack_preprocessing(reused) if reuse_layers else contextlib.nullcontext():
                 edge = to_edge_transform_and_lower(
                     exported, partitioner=[XnnpackPartitioner()], compile_config=compile_config,
                     constant_methods=metadata,
                     transform_passes=[_constant_tagging_pass(constant_tag)] if constant_tag is not None else None)
+                progress(2, steps)
                 if template:
-                    whole = stitch_layers(edge.exported_program(), decoder, num_layers, _lower_partition)
+                    whole = stitch_layers(edge.exported_program(), decoder, num_layers, _lower_partition,
+                                          lambda done, _: progress(2 + done, steps))
                     edge = EdgeProgramManager(whole, metadata, compile_config)
         except StitchError as exc:
             # Outside the reuse context: the fallback is the plain lowering of every layer.
-            whole_export = export_pte(decoder, metadata, reuse_layers=False)
+            whole_export = export_pte(decoder, metadata, reuse_layers=False, progress=progress)
             whole_export.layers = f"every layer lowered: stitching not possible ({exc})"
             return whole_export
         # As ExecuTorch's LLM export does: leftover linears as op_linear (not transpose + mm), and the
@@ -352,6 +359,7 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = 
             # weights), without the tagging pass's tag.
             external_constants=(lambda node: constant_tag(node.name)) if constant_tag is not None else False,
         ))
+    progress(steps, steps)
     delegated["reused_partitions"] = reused.get("reused", 0)
     layers = f"layers 0, 1, {num_layers - 1} lowered, {num_layers - 3} stitched from layer 1" if template else PteExport.layers
     data_files = {name: bytes(cord) for name, cord in (program._tensor_data or {}).items()}  # no public getter in 1.5.1

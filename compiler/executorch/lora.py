@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from torch import nn
 
 from compiler.errors import UsageError
 from compiler.executorch.export import PTE_FILE, ExecutorchDecoder, PteExport, export_pte
+from compiler.models.lora_slots import projection_dims
 
 FOUNDATION_FILE = "model.ptd"
 FOUNDATION_TAG = "model"  # to_executorch names a data file after its tag
@@ -57,7 +59,7 @@ def _groups(slots: Slots) -> dict[str, list[str]]:
             missing = [m for m in members if m not in slots]
             if missing:
                 raise UsageError(f"LoRA slots lack '{missing[0]}': q, k and v are one packed linear in the .pte, "
-                                 "so use the slots export_pte_with_lora returns (rank 0 where no adapter acts)")
+                                 "so slot them together (LoraSlots.for_adapters does)")
             groups[f"{prefix}.qkv_proj".removeprefix("model.")] = members
         else:
             groups[module.removeprefix("model.")] = [module]
@@ -110,54 +112,45 @@ class LoraLinear(nn.Module):
         return self.base(x) + nn.functional.linear(nn.functional.linear(x, self.lora_a), self.lora_b)
 
 
-def complete_slots(decoder: ExecutorchDecoder, slots: Slots) -> Slots:
-    """The slots with q, k and v of a layer all present once one is (rank 0 for the others: their rows of the
-    packed branch are zeros), checked against the decoder's linears."""
+def checked_slots(decoder: ExecutorchDecoder, slots: Slots) -> Slots:
+    """The slots, in module order, checked against the decoder's linears. q, k and v come slotted together
+    from LoraSlots (compiler.models.lora_slots, the one place that completes them); `_groups` refuses
+    slots that are not."""
     cfg = decoder.cfg
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    hidden, shapes = cfg.hidden_size, {}
-    for i in range(cfg.num_layers):
-        prefix = f"model.layers.{i}"
-        shapes.update({f"{prefix}.self_attn.q_proj": (hidden, q), f"{prefix}.self_attn.k_proj": (hidden, kv),
-                       f"{prefix}.self_attn.v_proj": (hidden, kv), f"{prefix}.self_attn.o_proj": (q, hidden),
-                       f"{prefix}.mlp.gate_proj": (hidden, cfg.intermediate_size),
-                       f"{prefix}.mlp.up_proj": (hidden, cfg.intermediate_size),
-                       f"{prefix}.mlp.down_proj": (cfg.intermediate_size, hidden)})
+    shapes = {f"model.layers.{i}.{projection}": dims for i in range(cfg.num_layers)
+              for projection, dims in projection_dims(cfg).items()}
     shapes["lm_head"] = (cfg.hidden_size, cfg.vocab_size)
-    full = dict(slots)
     for module, (in_features, out_features, _) in slots.items():
         if shapes.get(module) != (in_features, out_features):
             raise UsageError(f"LoRA slot '{module}' ({in_features} -> {out_features}) is not a linear of this model"
                              + (f" (it is {shapes[module][0]} -> {shapes[module][1]})" if module in shapes else ""))
-        prefix, _, leaf = module.rpartition(".")
-        if leaf in ("q_proj", "k_proj", "v_proj"):
-            for sibling in ("q_proj", "k_proj", "v_proj"):
-                full.setdefault(f"{prefix}.{sibling}", (*shapes[f"{prefix}.{sibling}"], 0))
-    return dict(sorted(full.items()))
+    return dict(sorted(slots.items()))
 
 
 @dataclass
 class LoraPteExport:
-    slots: Slots  # as completed by complete_slots: what write_adapter_ptd takes
+    slots: Slots  # as checked_slots returns them: what write_adapter_ptd takes
     foundation_bytes: int
     pte_bytes: int
     export: PteExport  # op counts, timings
 
 
-def export_pte_with_lora(decoder: ExecutorchDecoder, slots: Slots, metadata: dict, out_dir: str | Path) -> LoraPteExport:
+def export_pte_with_lora(decoder: ExecutorchDecoder, slots: Slots, metadata: dict, out_dir: str | Path,
+                         progress: Callable[[int, int], None] = lambda done, total: None) -> LoraPteExport:
     """Write `model.pte` (the program) and `model.ptd` (the foundation: every base constant) into out_dir for
     a decoder with LoRA branches at `slots`. The decoder is quantized already (its linears 8da4w, the
     branches added here stay fp32), or not; its modules are shared, not changed. Adapters' files come from
-    write_adapter_ptd with the slots returned (complete_slots)."""
+    write_adapter_ptd with the slots returned. progress: export_pte's."""
     out_dir = Path(out_dir)
-    slots = complete_slots(decoder, slots)
+    slots = checked_slots(decoder, slots)
     lora_decoder = _with_branches(decoder, slots)
     placeholders = {}
     for group, members in _groups(slots).items():
         for tensor in _branch_tensors(slots, group, members, None):
             placeholders[_data_key(tensor)] = group
     exported = export_pte(lora_decoder, metadata, reuse_layers=False,
-                          constant_tag=lambda name: LORA_TAG if name.endswith(("_lora_a", "_lora_b")) else FOUNDATION_TAG)
+                          constant_tag=lambda name: LORA_TAG if name.endswith(("_lora_a", "_lora_b")) else FOUNDATION_TAG,
+                          progress=progress)
     files = exported.data_files
     lora_keys = set(_read_ptd(files[LORA_TAG])) if LORA_TAG in files else set()
     if lora_keys != set(placeholders) or set(files) != {LORA_TAG, FOUNDATION_TAG}:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import operator
 import re
+from collections.abc import Callable
 
 import torch
 from torch.export import ExportedProgram
@@ -152,10 +153,12 @@ def _flat_nodes(node: torch.fx.Node) -> list[torch.fx.Node]:
     return found
 
 
-def stitch_layers(edge: ExportedProgram, decoder: torch.nn.Module, num_layers: int, lower_partition) -> ExportedProgram:
+def stitch_layers(edge: ExportedProgram, decoder: torch.nn.Module, num_layers: int, lower_partition,
+                  progress: Callable[[int, int], None] = lambda done, total: None) -> ExportedProgram:
     """The edge program of `decoder` (num_layers) from `edge`, the lowered template whose layers 0, 1, 2
     are the decoder's `template_layers(num_layers)`. `lower_partition(program, template)` serializes one
-    partition program with its weights (XNNPACK preprocess) into a lowered module like `template`."""
+    partition program with its weights (XNNPACK preprocess) into a lowered module like `template`.
+    progress(done, total): copies of layer 1's partition lowered."""
     from executorch.exir.lowered_backend_module import LoweredBackendModule
 
     last = num_layers - 1
@@ -250,6 +253,7 @@ def stitch_layers(edge: ExportedProgram, decoder: torch.nn.Module, num_layers: i
                 else:
                     local[node] = new_graph.node_copy(node, lookup)
             copy_envs[j] = local
+            progress(j, last - 1)
 
     gm_new_attrs: dict[str, torch.nn.Module] = {}
     emitted = False

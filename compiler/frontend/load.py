@@ -6,6 +6,7 @@ Only safetensors are read; pickle checkpoints are refused, never unpickled.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,23 +96,29 @@ def _weight_files(directory: Path) -> list[Path]:
     raise UsageError(f"{directory}: no *.safetensors weights found")
 
 
-def read_safetensors(path: Path, what: str = "weights") -> dict[str, torch.Tensor]:
-    """All tensors of one file as fp32; a truncated or corrupt file is a UsageError naming it."""
+def read_safetensors(path: Path, what: str = "weights",
+                     bytes_read: Callable[[int], None] = lambda n: None) -> dict[str, torch.Tensor]:
+    """All tensors of one file as fp32; a truncated or corrupt file is a UsageError naming it.
+
+    bytes_read(n): the stored bytes of the tensors read so far, after each tensor."""
     from safetensors import SafetensorError, safe_open
 
     try:
-        out = {}
+        out, read = {}, 0
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
                 t = f.get_tensor(key)
+                read += t.nbytes
                 out[key] = t.float() if t.is_floating_point() else t
+                bytes_read(read)
         return out
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(f"{path}: corrupt or truncated safetensors {what} ({reason}); re-download or re-save it") from None
 
 
-def read_checkpoint(directory: str | Path) -> Checkpoint:
+def read_checkpoint(directory: str | Path, progress: Callable[[int, int], None] = lambda done, total: None) -> Checkpoint:
+    """progress(done, total): bytes of the weight files read, as the tensors come in."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UsageError(f"{directory}: model directory does not exist")
@@ -135,8 +142,12 @@ def read_checkpoint(directory: str | Path) -> Checkpoint:
     config = decoder_config(hf_config, family, str(config_path), gen)
 
     state: dict[str, torch.Tensor] = {}
-    for path in weight_files:
-        state.update(read_safetensors(path))
+    sizes = [path.stat().st_size for path in weight_files]
+    total = sum(sizes)
+    for index, path in enumerate(weight_files):
+        before = sum(sizes[:index])
+        state.update(read_safetensors(path, bytes_read=lambda n: progress(before + n, total)))
+        progress(before + sizes[index], total)  # the file's header too
     tokenizer_files = [directory / n for n in TOKENIZER_FILES if (directory / n).exists()]
     return Checkpoint(
         directory=directory,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,21 +200,27 @@ def _checked_pair(module: str, parts: dict, config: dict, base: torch.Tensor, we
     return a, b, rank, scale
 
 
-def merge_lora(checkpoint: Checkpoint, adapters: list[AdapterSpec], after_each=None) -> list[MergeRecord]:
+def merge_lora(checkpoint: Checkpoint, adapters: list[AdapterSpec], after_each=None,
+               progress: Callable[[int, int], None] = lambda done, total: None) -> list[MergeRecord]:
     """Merge each adapter into the checkpoint's tensors in place; returns one record per adapter.
 
-    after_each(index) runs after each adapter is merged (the build takes a reference there)."""
+    after_each(index) runs after each adapter is merged (the build takes a reference there).
+    progress(done, total): modules merged or replaced, over all adapters."""
     records = []
     state = checkpoint.state
     tied_embeddings = checkpoint.config.tie_word_embeddings
+    # Every adapter read first (they are small beside the base): the total of modules is known up front.
+    read = []
     for spec in adapters:
         config, tensors, hashes = _read_adapter(spec)
+        read.append((spec, config, hashes, *_group(tensors, spec.path / ADAPTER_WEIGHTS)))
+    total, done = sum(len(pairs) + len(replacements) for *_, pairs, replacements in read), 0
+    for spec, config, hashes, pairs, replacements in read:
         weights_path = spec.path / ADAPTER_WEIGHTS
         modules = _module_names(state)
         if tied_embeddings:
             modules.add("lm_head")
         _check_targets(config, modules, spec.path / "adapter_config.json")
-        pairs, replacements = _group(tensors, weights_path)
         record = MergeRecord(str(spec.path), spec.weight, hashes)
         if config.get("fan_in_fan_out"):
             # PEFT resets fan_in_fan_out to False for nn.Linear targets, which is every target here.
@@ -229,6 +236,8 @@ def merge_lora(checkpoint: Checkpoint, adapters: list[AdapterSpec], after_each=N
                 )
             state[name] = tensor.float().clone()
             record.replaced.append(name.rsplit(".", 1)[0])
+            done += 1
+            progress(done, total)
 
         use_rslora = bool(config.get("use_rslora"))
         for module, parts in sorted(pairs.items()):
@@ -251,6 +260,8 @@ def merge_lora(checkpoint: Checkpoint, adapters: list[AdapterSpec], after_each=N
             # only the pages merged into are copied (the file itself is never written; a test checks).
             state[key].add_(delta, alpha=scale * spec.weight)
             record.modules.append({"module": module, "rank": rank, "scale": scale * spec.weight})
+            done += 1
+            progress(done, total)
         records.append(record)
         if tied_embeddings and "lm_head.weight" in state:
             # A saved lm_head in a tied model: PEFT's merged model then has its own head, so untie.

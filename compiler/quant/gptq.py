@@ -16,6 +16,7 @@ than arithmetic, so 30 layers batched cost little more than one.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,14 +149,17 @@ def _windows(model: CanonicalDecoder, leaders: list[_Leader]) -> list[list[int]]
 
 
 def gptq_blocks(model: CanonicalDecoder, sequences: list[list[int]], bits: int, block_size: int,
-                symmetric: bool, skip: tuple[str, ...] = ()) -> dict[str, tuple]:
+                symmetric: bool, skip: tuple[str, ...] = (),
+                progress: Callable[[int, int], None] = lambda done, total: None) -> dict[str, tuple]:
     """Module path -> precomputed (q [N, nb, bs], scales [N, nb], zero points [N, nb]) for every Linear
-    (those named in `skip` excepted; a tied lm_head at its shared table's block), on onnxruntime's grid."""
-    return gptq_codes(model, sequences, bits, [(block_size, "onnx")], symmetric, skip)[(block_size, "onnx")]
+    (those named in `skip` excepted; a tied lm_head at its shared table's block), on onnxruntime's grid.
+    progress(done, total): layers quantized, after each window of layers."""
+    return gptq_codes(model, sequences, bits, [(block_size, "onnx")], symmetric, skip, progress)[(block_size, "onnx")]
 
 
 def gptq_codes(model: CanonicalDecoder, sequences: list[list[int]], bits: int, wanted: list[tuple[int, str]],
-               symmetric: bool, skip: tuple[str, ...] = ()) -> dict[tuple[int, str], dict[str, tuple]]:
+               symmetric: bool, skip: tuple[str, ...] = (),
+               progress: Callable[[int, int], None] = lambda done, total: None) -> dict[tuple[int, str], dict[str, tuple]]:
     """gptq_blocks for several (block, grid) pairs (grids: compiler/quant/blocks.py) from one pass of the
     calibration text: the Hessians do not depend on the block or grid, only the column loops do."""
     leaders = {key: _leaders(model, key[0], symmetric, skip) for key in wanted}
@@ -187,6 +191,7 @@ def gptq_codes(model: CanonicalDecoder, sequences: list[list[int]], bits: int, w
             for key in wanted:
                 in_window = [leader for i in window for leader in by_layer[key][i]] + (by_layer[key][None] if last else [])
                 out[key].update(_quantize_leaders(in_window, dict(hessians.hessians), bits, symmetric, grid=key[1]))
+            progress(window[-1] + 1, model.cfg.num_layers)
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import onnx_ir as ir
@@ -78,7 +79,9 @@ def attention_by_layer(model: ir.Model, num_layers: int) -> list[str]:
     return kinds
 
 
-def run_passes(model: ir.Model, passes: list[CountingPass], dump_dir: Path | None = None) -> tuple[ir.Model, list[dict]]:
+def run_passes(model: ir.Model, passes: list[CountingPass], dump_dir: Path | None = None,
+               progress: Callable[[int, int], None] = lambda done, total: None) -> tuple[ir.Model, list[dict]]:
+    """progress(done, total): passes run."""
     records = []
     for index, p in enumerate(passes):
         name = type(p).__name__
@@ -101,4 +104,5 @@ def run_passes(model: ir.Model, passes: list[CountingPass], dump_dir: Path | Non
             dump_dir.mkdir(parents=True, exist_ok=True)
             path = dump_dir / f"{index + 1:02d}-{name}.onnx"
             ir.save(model, str(path), external_data=path.name + ".data")
+        progress(index + 1, len(passes))
     return model, records
