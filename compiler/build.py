@@ -238,7 +238,8 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
     if writer.moved_aside:
         report.moved_aside = str(writer.moved_aside)
     if validation is not None and not validation["passed"]:
-        raise CheckFailed(f"{out}: validation failed: " + "; ".join(validation["failures"]) + _advice(config))
+        raise CheckFailed(f"{out}: validation failed: " + "; ".join(validation["failures"])
+                          + _advice(config, reference.model, precomputed.get("onnx") or precomputed.get("xnnpack")))
     return out, manifest
 
 
@@ -250,14 +251,21 @@ def _prepare_runtime_lora(config: BuildConfig, reference: Reference, report: Bui
                                              config.lora.max_rank, config.lora.targets)
 
 
-def _advice(config: BuildConfig) -> str:
+def _advice(config: BuildConfig, model, gptq: dict | None) -> str:
     """What to try when a quantized build fails its gates."""
+    from compiler.quant.auto import probe_sequences
+    from compiler.quant.sensitivity import largest_int4_errors, units
+
     quant = config.export.quant
     if not quant:
         return ""
     if quant.max_kl is None:
+        sequences = probe_sequences(model, config.model.path, quant.calibration, count=2)
+        blocks = {u.path: quant.block_for(u.path) for u in units(model)
+                  if quant.bits_for(u.path, quant.lm_head_bits if u.path == "lm_head" else 4) == 4}
+        worst = largest_int4_errors(model, sequences, blocks, {quant.block_size: gptq or {}})
         return ("; for per-module precision that meets a KL target, build with --quant auto --max-kl 0.1 "
-                "(the build report lists the most sensitive modules)")
+                f"(largest int4 errors on calibration text: {', '.join(worst)})")
     return (f"; the plan met KL {quant.max_kl} on calibration text: lower --max-kl, or pass --calibration "
             "text like your prompts")
 

@@ -99,8 +99,8 @@ def _parse_adapters(values: tuple[str, ...]):
               help="Weight quantization: int4 MatMulNBits blocks, embedding and lm_head included; auto: per "
                    "module int4 (block 32/64/128), int8 or fp32, the smallest that meets --max-kl.")
 @click.option("--max-kl", type=float, help="--quant auto: KL to fp32 on calibration text to meet [0.1].")
-@click.option("--block-size", type=int, default=128, show_default=True,
-              help="int4 block size, 16 to 256 (larger: faster prefill, smaller file).")
+@click.option("--block-size", type=int, default=32, show_default=True,
+              help="int4 block size, 16 to 256 (larger: smaller file, faster prefill, lower quality).")
 @click.option("--algo", type=click.Choice(["rtn", "clip", "gptq"]), default="gptq", show_default=True,
               help="gptq: calibrated on text (needs tokenizer.json); rtn: round to nearest; clip: data-free "
                    "per-block clipping search.")

@@ -56,7 +56,7 @@ class QuantConfig:
     """Weight-only quantization of the ONNX model (MatMulNBits / GatherBlockQuantized)."""
 
     bits: int = 4
-    block_size: int = 128
+    block_size: int = 32
     symmetric: bool = True
     accuracy_level: int = 4  # onnxruntime: 4 = int8 activations in the kernel, 0/1 = fp32
     algo: str = "gptq"

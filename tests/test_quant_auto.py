@@ -105,4 +105,7 @@ def test_bad_max_kl_is_a_one_line_usage_error(trained_dir, tmp_path, args, fragm
 def test_failed_int4_build_says_to_try_quant_auto(trained_dir, tmp_path):
     result = CliRunner().invoke(main, ["build", "--model", str(trained_dir), "--out", str(tmp_path / "o"), "--quiet",
                                        "--quant", "int4", "--algo", "rtn", "--gate", "kl_mean=1e-9"])
-    assert_one_line_error(result, 1, "kl_mean", "--quant auto --max-kl")
+    assert_one_line_error(result, 1, "kl_mean", "--quant auto --max-kl", "largest int4 errors on calibration text: ")
+    named = result.output.split("largest int4 errors on calibration text: ")[1].rstrip(")\n").split(", ")
+    modules = {u.path for u in units(build_decoder(read_checkpoint(trained_dir)))}
+    assert len(named) == 3 and set(named) <= modules, named

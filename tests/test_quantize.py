@@ -138,7 +138,7 @@ def test_int4_build_passes_its_gates_and_runs_in_onnxruntime_genai(trained_dir, 
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["artifacts"][0]["precision"] == "int4" and manifest["artifacts"][0]["pipeline"] == "fuse+int4"
     quant = manifest["artifacts"][0]["quant"]
-    assert quant["block_size"] == 128 and quant["algo"] == "gptq" and quant["calibration"] is None  # the defaults
+    assert quant["block_size"] == 32 and quant["algo"] == "gptq" and quant["calibration"] is None  # the defaults
     assert {g["metric"] for g in manifest["validation"]["gates"]} == {"kl_mean", "top1_agreement", "perplexity_ratio"}
     assert manifest["validation"]["metrics"]["perplexity_artifact"] > 1
     pytest.importorskip("onnxruntime_genai")

@@ -84,9 +84,7 @@ def plan_auto(model: CanonicalDecoder, model_dir: Path, quant: QuantConfig, log=
         wanted = [(block, grid) for block in INT4_BLOCKS for grid in dict.fromkeys(["onnx", *grids])]
         codes = gptq_codes(model, sequences, 4, wanted, True)
         gptq = {block: codes[(block, "onnx")] for block in INT4_BLOCKS}
-    probe_sequences = calibration_sequences(model_dir, quant.calibration, vocab, count=SENSITIVITY_WINDOWS) \
-        if (model_dir / "tokenizer.json").exists() else _token_windows(vocab)
-    probe = Probe(model, probe_sequences, quant.accuracy_level)
+    probe = Probe(model, probe_sequences(model, model_dir, quant.calibration), quant.accuracy_level)
     all_units = units(model)
     log(f"sensitivity of {len(all_units)} modules")
     kl = sensitivities(model, probe, gptq)
@@ -158,6 +156,16 @@ def _size(all_units: list[Unit], plan: dict[str, Scheme]) -> int:
 
 def _name(scheme: Scheme) -> str:
     return "fp32" if scheme == FP32 else f"int{scheme[0]} block {scheme[1]}"
+
+
+def probe_sequences(model: CanonicalDecoder, model_dir: Path, calibration: str | None,
+                    count: int = SENSITIVITY_WINDOWS) -> list[list[int]]:
+    """Calibration windows to measure on: the calibration text, or without a tokenizer fixed token windows."""
+    from compiler.quant.gptq import calibration_sequences
+
+    if (model_dir / "tokenizer.json").exists():
+        return calibration_sequences(model_dir, calibration, model.cfg.vocab_size, count=count)
+    return _token_windows(model.cfg.vocab_size, count)
 
 
 def _token_windows(vocab: int, count: int = SENSITIVITY_WINDOWS, length: int = 128) -> list[list[int]]:

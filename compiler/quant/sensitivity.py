@@ -196,6 +196,17 @@ class Probe:
                 errors[scheme] = total
         return errors
 
+    def relative_output_error(self, unit: Unit, weights: dict[str, torch.Tensor], scheme: Scheme) -> float:
+        """output_errors over ||X W^T||^2 (the embedding: over its rows' squared norms)."""
+        inputs = self._unit_inputs(unit)
+        energy = 0.0
+        with torch.no_grad():
+            for member in weights:
+                original = self.modules[member].weight.detach()
+                out = original[self.ids] if member == "model.embed_tokens" else inputs[member] @ original.T
+                energy += float((out ** 2).sum())
+        return self.output_errors(unit, {scheme: weights})[scheme] / max(energy, 1e-30)
+
     def _unit_inputs(self, unit: Unit) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             if unit.layer is None or unit.members[-1] == "lm_head":
@@ -265,3 +276,18 @@ def spearman(a: list[float], b: list[float]) -> float:
     """Rank correlation of two equally long lists (no tie correction: KLs are continuous)."""
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def largest_int4_errors(model: CanonicalDecoder, sequences: list[list[int]], blocks: dict[str, int],
+                        gptq: dict[int, dict], count: int = 3) -> list[str]:
+    """Of the units in `blocks` (path -> its int4 block), the `count` whose codes (GPTQ's where `gptq` has
+    them) make the largest relative output error on `sequences`: the cheap half of the sensitivity
+    estimate, for a failed build's advice."""
+    probe = Probe(model, sequences)
+    errors = {}
+    for unit in units(model):
+        if unit.path in blocks:
+            scheme = (4, blocks[unit.path])
+            weights = quantized_weights(model, unit, scheme, gptq)
+            errors[unit.path] = probe.relative_output_error(unit, weights, scheme)
+    return sorted(errors, key=lambda path: -errors[path])[:count]
