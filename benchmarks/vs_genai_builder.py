@@ -112,30 +112,43 @@ def llama_cpp_tree(cache: Path) -> Path:
     return root
 
 
-def llama_cpp_rows(work: Path, merged: Path, threads: int, repeats: int) -> dict[str, dict]:
-    """Q4_0 and Q4_K_M of the PEFT-merged model through llama-bench (its own runner, -t = our threads)."""
-    import subprocess
-
+def llama_cpp_ggufs(work: Path, merged: Path, qtypes: tuple[str, ...]) -> dict[str, dict]:
+    """The PEFT-merged model converted to GGUF f16 and quantized to each qtype: qtype -> its file and export cost."""
     root = llama_cpp_tree(CACHE / "llama.cpp")
     f16 = work / "llama-f16.gguf"
     convert_s, convert_rss = timed([BIN / "python", "-c", CONVERT, str(root), str(merged), "--outtype", "f16",
                                     "--outfile", str(f16)])
-    rows = {}
+    out = {}
+    for qtype in qtypes:
+        gguf = work / f"llama-{qtype}.gguf"
+        quant_s, quant_rss = timed([str(root / "build" / "bin" / "llama-quantize"), str(f16), str(gguf), qtype])
+        out[qtype] = {"dir": gguf, "size_mb": gguf.stat().st_size / 1e6, "export_s": convert_s + quant_s,
+                      "export_rss_mb": max(convert_rss, quant_rss)}
+    return out
+
+
+def llama_bench(gguf: Path, threads: int, repeats: int) -> tuple[float, float, float]:
+    """llama-bench's (prefill ms for PROMPT_TOKENS, decode tokens/s for NEW_TOKENS, decode's stddev)."""
+    import subprocess
+
+    root = llama_cpp_tree(CACHE / "llama.cpp")
     env = {**os.environ, "LD_LIBRARY_PATH": str(root / "build" / "bin")}
-    for qtype in ("Q4_0", "Q4_K_M"):
-        out = work / f"llama-{qtype}.gguf"
-        quant_s, quant_rss = timed([str(root / "build" / "bin" / "llama-quantize"), str(f16), str(out), qtype])
-        proc = subprocess.run([str(root / "build" / "bin" / "llama-bench"), "-m", str(out), "-p", str(PROMPT_TOKENS),
-                               "-n", str(NEW_TOKENS), "-t", str(threads), "-r", str(repeats), "-o", "json"],
-                              capture_output=True, text=True, env=env, check=True)
-        results = json.loads(proc.stdout)
-        prefill = next(r for r in results if r["n_prompt"] == PROMPT_TOKENS and r["n_gen"] == 0)
-        decode = next(r for r in results if r["n_gen"] == NEW_TOKENS and r["n_prompt"] == 0)
-        rows[f"llama.cpp {qtype} (llama-bench)"] = {
-            "dir": out, "prefill_ms": 1000 * PROMPT_TOKENS / prefill["avg_ts"], "decode_tps": decode["avg_ts"],
-            "decode_spread": (decode["avg_ts"] - decode["stddev_ts"], decode["avg_ts"] + decode["stddev_ts"]),
-            "size_mb": out.stat().st_size / 1e6, "export_s": convert_s + quant_s,
-            "export_rss_mb": max(convert_rss, quant_rss)}
+    proc = subprocess.run([str(root / "build" / "bin" / "llama-bench"), "-m", str(gguf), "-p", str(PROMPT_TOKENS),
+                           "-n", str(NEW_TOKENS), "-t", str(threads), "-r", str(repeats), "-o", "json"],
+                          capture_output=True, text=True, env=env, check=True)
+    results = json.loads(proc.stdout)
+    prefill = next(r for r in results if r["n_prompt"] == PROMPT_TOKENS and r["n_gen"] == 0)
+    decode = next(r for r in results if r["n_gen"] == NEW_TOKENS and r["n_prompt"] == 0)
+    return 1000 * PROMPT_TOKENS / prefill["avg_ts"], decode["avg_ts"], decode["stddev_ts"]
+
+
+def llama_cpp_rows(work: Path, merged: Path, threads: int, repeats: int) -> dict[str, dict]:
+    """Q4_0 and Q4_K_M of the PEFT-merged model through llama-bench (its own runner, -t = our threads)."""
+    rows = {}
+    for qtype, built in llama_cpp_ggufs(work, merged, ("Q4_0", "Q4_K_M")).items():
+        prefill_ms, decode_tps, stddev = llama_bench(built["dir"], threads, repeats)
+        rows[f"llama.cpp {qtype} (llama-bench)"] = {**built, "prefill_ms": prefill_ms, "decode_tps": decode_tps,
+                                                    "decode_spread": (decode_tps - stddev, decode_tps + stddev)}
     return rows
 
 
