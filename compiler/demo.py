@@ -94,14 +94,14 @@ REAL_MAX_SEQ_LEN = 512
 
 
 def demo_quant(real: bool):
-    """int4 in blocks of 32 (GPTQ in the ONNX artifact). The real model's int4 builds miss the KL gate on
+    """int4 in blocks of 32 (GPTQ in both artifacts). The real model's int4 builds miss the KL gate on
     the short validation prompts whatever the plan (README, int4 on a real model), so its demo is 8-bit:
     every linear, the embedding and the head."""
     from compiler.config import QuantConfig
 
     if real:
-        return QuantConfig(block_size=32, keep_int8=(".",), embedding_bits=8, lm_head_bits=8)
-    return QuantConfig(block_size=32)
+        return QuantConfig(keep_int8=(".",), embedding_bits=8, lm_head_bits=8)
+    return QuantConfig()
 
 
 def chat(bundle: Path, question: str, new_tokens: int = 32, reference: tuple[Path, Path] | None = None) -> str:
