@@ -174,17 +174,38 @@ def test_bench_with_an_adapter(lora_setup):
 
 
 def test_int4_base_with_runtime_adapters_keeps_the_merged_builds_quality(trained_dir, tmp_path):
-    """int4 base + fp16 LoRA branches: each adapter's KL to its own reference is no worse than the same
-    adapter merged before int4 quantization (within noise)."""
+    """int4 base + fp16 LoRA branches: the adapter's KL to its own reference (the fp32 base with it merged),
+    on 4 windows of 128 tokens of calibration text (the 3 short validation prompts are too few to compare
+    two int4 builds), is within 1.5x of the same adapter merged before int4 quantization (whose GPTQ also
+    saw the adapter's activations)."""
+    from compiler.build import load_reference
+    from compiler.frontend.lora import AdapterSpec
+    from compiler.quant.gptq import calibration_sequences
+    from compiler.report import BuildReport
+
     adapter = make_adapter(trained_dir, tmp_path / "adapter", target_modules=ALL_PROJECTIONS, r=8, seed=7)
     common = ["--model", trained_dir, "--quant", "int4", "--quiet", "--new-tokens", "8"]
     assert run("build", *common, "--adapter", f"t={adapter}", "--lora", "runtime", "--out", tmp_path / "rt").exit_code == 0
     assert run("build", *common, "--adapter", adapter, "--out", tmp_path / "merged").exit_code == 0
     runtime = json.loads((tmp_path / "rt" / "manifest.json").read_text())["artifacts"][0]
-    merged = json.loads((tmp_path / "merged" / "manifest.json").read_text())["artifacts"][0]
     entry = runtime["lora"]["adapters"][0]
     assert runtime["lora"]["slots"]["dtype"] == "fp16"
     assert entry["bytes"] <= 1.1 * entry["tensor_bytes"]  # the file is its fp16 A/B tensors, little else
     assert entry["validation"]["passed"]
-    kl_runtime, kl_merged = entry["validation"]["metrics"]["kl_mean"], merged["validation"]["metrics"]["kl_mean"]
-    assert kl_runtime <= 1.2 * kl_merged + 1e-4, (kl_runtime, kl_merged)
+    reference = load_reference(trained_dir, [AdapterSpec(adapter)], BuildReport(quiet=True), with_lora_reference=False).model
+    windows = calibration_sequences(trained_dir, None, reference.cfg.vocab_size, count=4)
+    with_adapter = OrtRuntime(tmp_path / "rt")
+    with_adapter.set_adapter("t", tmp_path / "rt" / entry["file"])
+    kl = {}
+    for name, runner in (("runtime", with_adapter), ("merged", OrtRuntime(tmp_path / "merged"))):
+        values = []
+        for window in windows:
+            ids = np.array([window], dtype=np.int64)
+            logits, _ = runner.forward(ids, runner.empty_cache(), 0)
+            with torch.no_grad():
+                ref = torch.log_softmax(reference(torch.tensor(ids), torch.ones_like(torch.tensor(ids)),
+                                                  torch.arange(ids.shape[1])[None], *reference.empty_cache())[0], -1)
+            art = torch.log_softmax(torch.from_numpy(np.asarray(logits, np.float32)), -1)
+            values.append(float((ref.exp() * (ref - art)).sum(-1).mean()))
+        kl[name] = float(np.mean(values))
+    assert kl["runtime"] <= 1.5 * kl["merged"] + 1e-4, kl
