@@ -10,6 +10,7 @@ from compiler.config import BuildConfig
 from compiler.errors import CheckFailed, UsageError
 from compiler.frontend.load import Checkpoint, build_decoder, read_checkpoint
 from compiler.frontend.lora import AdapterSpec, MergeRecord, merge_lora
+from compiler.memory import release_module_pages
 from compiler.models.decoder import CanonicalDecoder
 from compiler.models.families import SWITCHED_ROPE_TYPES
 from compiler.report import BuildReport, markdown
@@ -201,6 +202,7 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
         if config.validation.enabled:
             with report.stage("reference", "fp32 PyTorch logits and greedy tokens on the validation prompts"):
                 save_golden(writer.staging / GOLDEN_FILE, reference.golden_data(config.validation.new_tokens))
+            release_module_pages(model)  # each later stage reads back what it needs (see release_pages)
         quant = config.export.quant
         grids = [grid for fmt, grid in (("onnx", "onnx"), ("pte", "xnnpack")) if fmt in config.export.formats]
         precomputed = (_plan_auto(config, reference, report, grids) if quant.max_kl is not None and not quant.plan
@@ -327,6 +329,7 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
     quant = config.export.quant
     with report.stage("export_onnx", f"{model.cfg.num_layers} layers, torch.export + dynamo exporter"):
         onnx_model = export_onnx(model)
+        release_module_pages(model)  # the template's checks read layer 0 and the tables
     traced_nodes = len(onnx_model.graph)
     pipeline = config.export.pipeline
     passes = build_pipeline(pipeline, model.cfg, quant, precomputed, reference.slots)
@@ -340,6 +343,7 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
     shares_buffer = ops.get("GroupQueryAttention", 0) == model.cfg.num_layers
     with report.stage("write_bundle"):
         save_onnx(onnx_model, writer.staging / MODEL_FILE)
+        release_module_pages(model)  # the fp32 initializers (views of the weights) were read to be written
         report.export = {
             "exporter": "torch.onnx.export(dynamo=True)",
             "pipeline": pipeline,
@@ -392,6 +396,7 @@ def _build_pte(config: BuildConfig, reference: Reference, writer: BundleWriter, 
                         "(its paths: model.layers.N.self_attn.qkv_proj, ...mlp.down_proj, lm_head)")
         with report.stage("quantize_pte", "torchao, int8 dynamic activations"):
             counts = quantize_decoder(decoder, quant, precomputed)
+            release_module_pages(model)  # torchao holds its own int8 copies now
     metadata = runner_metadata(model.cfg, max_seq_len, model.cfg.bos_token_id, list(model.cfg.eos_token_ids))
     lora = None
     if reference.slots is not None:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from compiler.errors import UsageError
+from compiler.memory import release_module_pages
 from compiler.models.decoder import CanonicalDecoder, ConcatKVCache
 from compiler.quant.blocks import block_scales_and_zeros, largest_dividing_block
 
@@ -191,7 +192,10 @@ def gptq_codes(model: CanonicalDecoder, sequences: list[list[int]], bits: int, w
             for key in wanted:
                 in_window = [leader for i in window for leader in by_layer[key][i]] + (by_layer[key][None] if last else [])
                 out[key].update(_quantize_leaders(in_window, dict(hessians.hessians), bits, symmetric, grid=key[1]))
+            for i in window:  # done with until the export: their pages go back (see release_pages)
+                release_module_pages(model.model.layers[i])
             progress(window[-1] + 1, model.cfg.num_layers)
+    release_module_pages(model)  # the lm_head's
     return out
 
 
