@@ -31,6 +31,7 @@ class BuildReport:
     validation: dict | None = None
     moved_aside: str | None = None
     quant_auto: dict = field(default_factory=dict)  # --quant auto: the plan's summary and the sensitivities
+    memory: dict = field(default_factory=dict)  # the peak RSS estimated at the start beside the measured one
     warnings: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
@@ -91,12 +92,17 @@ class BuildReport:
             "passes": self.passes,
             "validation": self.validation,
             "quant_auto": self.quant_auto,
+            "memory": self.memory,
             "warnings": self.warnings,
         }
 
 
 def markdown(report: dict) -> str:
     lines = ["# edgec build report", "", f"Wall time {report['wall_s']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB.", ""]
+    memory = report.get("memory")
+    if memory:
+        budget = f", budget {memory['budget_mb']:.0f} MB" if memory["budget_mb"] else ""
+        lines[-1:-1] = [f"Peak RSS estimated at the start: {memory['estimate_mb']} MB ({memory['estimate_stage']}){budget}."]
     lines += ["## Stages", "", "| stage | seconds | peak RSS so far MB | RSS at its end MB |", "|---|---:|---:|---:|"]
     lines += [f"| {s['stage']} | {s['seconds']:.2f} | {s['peak_rss_mb']:.0f} | {s.get('rss_mb', 0):.0f} |"
               for s in report["stages"]]
