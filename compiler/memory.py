@@ -36,6 +36,9 @@ PASSES_MB = 175.0  # the ONNX passes' own working set
 TABLE_COPIES = 1.35
 GPTQ_FACTOR_COPIES = 7  # K x K temporaries alive while GPTQ factors the largest Hessian (see _inverse_hessian_factor)
 GPTQ_BATCH_COPIES = 3  # BATCH_ELEMENTS-sized tensors of one batched column loop (weights, errors, codes)
+# The lm_head's rows in flight, in table-sized fp32 units: its row jobs' results and their concatenation into
+# codes, and what the allocator keeps from the layers' windows (fitted on the 1B shape's GPTQ).
+GPTQ_HEAD_COPIES = 1.55
 GPTQ_MB = 110.0  # the calibration forward's activations and what the allocator keeps
 ORT_MB = 146.0  # an onnxruntime session's own memory (fitted on the tiny and 135M builds only)
 ORT_INT4_COPIES = 4.6  # onnxruntime's memory per byte of int4 weights (file data, prepacked blocks, arenas)
@@ -164,7 +167,7 @@ def estimate(facts: WeightFacts, formats: tuple[str, ...], quant, validate: bool
         work = GPTQ_FACTOR_COPIES * facts.largest_k ** 2 * 4 / MB + batch
         window = layers * (facts.layer_hessians_bytes / MB + facts.layer_fp32_mb) + work
         largest = facts.embedding_elements * 4 / MB
-        head = largest + GPTQ_BATCH_COPIES * min(BATCH_ELEMENTS * 4 / MB, largest)  # the lm_head's jobs
+        head = (1 + GPTQ_HEAD_COPIES) * largest + GPTQ_BATCH_COPIES * min(BATCH_ELEMENTS * 4 / MB, largest)
         stages["calibrate_gptq"] = base + held + codes + max(window, head) + GPTQ_MB
     else:
         gptq_hessian_bytes = None
