@@ -18,6 +18,7 @@ BIN = Path(sys.executable).parent  # this environment's scripts: python, pip, ed
 EDGEC = BIN / "edgec"
 CACHE = Path.home() / ".cache" / "edgec"
 SMOLLM2_WORK = CACHE / "bench-smollm2"  # the SmolLM2-shaped benchmarks' default --work
+ONE_B_WORK = CACHE / "bench-1b"  # the Llama-3.2-1B-shaped benchmarks' default --work
 PROMPT_TOKENS = 128  # the comparisons' workload: prefill of a 128-token prompt, then 128 new tokens
 NEW_TOKENS = 128
 CHILD_LOG = Path("/tmp/edgec-bench-child.log")
@@ -115,12 +116,24 @@ def print_ratios(ours: dict, ref: dict, targets: dict[str, str | None]) -> None:
 
 def smollm2_shaped(work: Path) -> Path:
     """The SmolLM2-135M shape with random weights, made once in `work`/model."""
-    from compiler.tiny_models import SMOLLM2_135M, make_model
+    from compiler.tiny_models import SMOLLM2_135M
 
-    model = work / "model"
+    return _shaped(work / "model", "SmolLM2-135M", SMOLLM2_135M)
+
+
+def llama1b_shaped(work: Path) -> Path:
+    """The Llama-3.2-1B shape with random weights (fp32, about 5 GB), made once in `work`/model."""
+    from compiler.tiny_models import LLAMA32_1B
+
+    return _shaped(work / "model", "Llama-3.2-1B", LLAMA32_1B)
+
+
+def _shaped(model: Path, name: str, shape: dict) -> Path:
+    from compiler.tiny_models import make_model
+
     if not (model / "config.json").exists():
-        print("making the SmolLM2-135M-shaped model ...", flush=True)
-        make_model(model, "llama", **SMOLLM2_135M)
+        print(f"making the {name}-shaped model ...", flush=True)
+        make_model(model, "llama", **shape)
     return model
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 from compiler.bundle import BundleWriter, build_machine, read_manifest, write_manifest
 from compiler.config import BuildConfig
 from compiler.errors import CheckFailed, UsageError
-from compiler.frontend.load import Checkpoint, build_decoder, read_checkpoint
+from compiler.frontend.load import Checkpoint, ModelFiles, build_decoder, read_checkpoint, read_model_files
 from compiler.frontend.lora import AdapterSpec, MergeRecord, merge_lora
+from compiler.memory import MemoryEstimate, WeightFacts, plan, release_module_pages
 from compiler.models.decoder import CanonicalDecoder
 from compiler.models.families import SWITCHED_ROPE_TYPES
 from compiler.report import BuildReport, markdown
@@ -54,14 +55,15 @@ class Reference:
 
 
 def load_reference(model_dir: Path, adapters: list[AdapterSpec], report: BuildReport, with_lora_reference: bool = True,
-                   runtime_adapters: list[AdapterSpec] = ()):
-    """adapters are merged; runtime_adapters (--lora runtime) are read and checked against the base, kept apart."""
+                   runtime_adapters: list[AdapterSpec] = (), files: ModelFiles | None = None):
+    """adapters are merged; runtime_adapters (--lora runtime) are read and checked against the base, kept apart.
+    files: the model directory's read_model_files, when already read."""
     from compiler.adapters import read_runtime_adapters
     from compiler.validate import prompt_ids, torch_logprobs
 
     with report.stage("load", str(model_dir)):
         with report.progress("weights", unit="B", unit_scale=True) as progress:
-            checkpoint = read_checkpoint(model_dir, progress)
+            checkpoint = read_checkpoint(model_dir, progress, files)
         source_hashes = checkpoint.source_hashes()
     cfg = checkpoint.config
     claimed = int(getattr(checkpoint.hf_config, "max_position_embeddings", cfg.max_sequence_length))
@@ -187,11 +189,13 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
         from compiler.executorch.quantize import check_pte_quant
 
         check_pte_quant(config.export.quant)  # before the ONNX build of --format onnx,pte spends its time
+    files = read_model_files(config.model.path)
+    memory = plan(WeightFacts.of(files.config, files.weight_files), config)  # refuses before a weight is read
     runtime_lora = config.lora.mode == "runtime"
     writer = BundleWriter(config.out, config.force)
     try:
         merged, kept_apart = ([], config.adapters) if runtime_lora else (config.adapters, [])
-        reference = load_reference(config.model.path, merged, report, config.validation.enabled, kept_apart)
+        reference = load_reference(config.model.path, merged, report, config.validation.enabled, kept_apart, files)
         if runtime_lora:
             _prepare_runtime_lora(config, reference, report)
         model, records, source_hashes = reference.model, reference.records, reference.source_hashes
@@ -201,10 +205,11 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
         if config.validation.enabled:
             with report.stage("reference", "fp32 PyTorch logits and greedy tokens on the validation prompts"):
                 save_golden(writer.staging / GOLDEN_FILE, reference.golden_data(config.validation.new_tokens))
+            release_module_pages(model)  # each later stage reads back what it needs (see release_pages)
         quant = config.export.quant
         grids = [grid for fmt, grid in (("onnx", "onnx"), ("pte", "xnnpack")) if fmt in config.export.formats]
         precomputed = (_plan_auto(config, reference, report, grids) if quant.max_kl is not None and not quant.plan
-                       else _gptq(config, reference, report, grids)) if quant else {}
+                       else _gptq(config, reference, report, grids, memory)) if quant else {}
         artifacts, runners = [], {}
         if "onnx" in config.export.formats:
             artifacts.append(_build_onnx(config, reference, writer, report, precomputed.get("onnx")))
@@ -214,6 +219,7 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
             runners["executorch-llm-runner"] = artifacts[-1]["path"]
         validation = headline_validation(artifacts)
         report.validation = validation
+        report.memory = memory.record(report.stages, report.to_dict()["peak_rss_mb"])
         report_dict = report.to_dict()
         writer.write_json("report.json", report_dict)
         (writer.staging / "report.md").write_text(markdown(report_dict))
@@ -230,6 +236,7 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
             "artifacts": artifacts,
             "runners": runners,
             "validation": validation,
+            "memory": report.memory,
         }
         out, manifest = writer.finish(manifest)
     except BaseException:
@@ -270,10 +277,11 @@ def _advice(config: BuildConfig, model, gptq: dict | None) -> str:
             "text like your prompts")
 
 
-def _gptq(config: BuildConfig, reference: Reference, report: BuildReport, grids: list[str]) -> dict[str, dict]:
+def _gptq(config: BuildConfig, reference: Reference, report: BuildReport, grids: list[str],
+          memory: MemoryEstimate) -> dict[str, dict]:
     """--algo gptq: GPTQ's codes per grid (onnx for the ONNX pass, xnnpack for the .pte), one calibration
-    pass for both; {} for other algorithms."""
-    from compiler.quant.gptq import calibration_sequences, gptq_codes
+    pass for both, in the windows of layers the memory plan chose; {} for other algorithms."""
+    from compiler.quant.gptq import HESSIAN_BUDGET_BYTES, calibration_sequences, gptq_codes
 
     quant, model = config.export.quant, reference.model
     if quant.algo != "gptq":
@@ -284,7 +292,7 @@ def _gptq(config: BuildConfig, reference: Reference, report: BuildReport, grids:
     with report.stage("calibrate_gptq", f"{len(sequences)} sequences, grids {', '.join(grids)}"):
         with report.progress("layers", unit="layer") as progress:
             codes = gptq_codes(model, sequences, quant.bits, [(quant.block_size, g) for g in grids], quant.symmetric,
-                               progress=progress)
+                               progress=progress, hessian_budget=memory.gptq_hessian_bytes or HESSIAN_BUDGET_BYTES)
     return {grid: codes[(quant.block_size, grid)] for grid in grids}
 
 
@@ -327,6 +335,7 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
     quant = config.export.quant
     with report.stage("export_onnx", f"{model.cfg.num_layers} layers, torch.export + dynamo exporter"):
         onnx_model = export_onnx(model)
+        release_module_pages(model)  # the template's checks read layer 0 and the tables
     traced_nodes = len(onnx_model.graph)
     pipeline = config.export.pipeline
     passes = build_pipeline(pipeline, model.cfg, quant, precomputed, reference.slots)
@@ -340,6 +349,7 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
     shares_buffer = ops.get("GroupQueryAttention", 0) == model.cfg.num_layers
     with report.stage("write_bundle"):
         save_onnx(onnx_model, writer.staging / MODEL_FILE)
+        release_module_pages(model)  # the fp32 initializers (views of the weights) were read to be written
         report.export = {
             "exporter": "torch.onnx.export(dynamo=True)",
             "pipeline": pipeline,
@@ -392,6 +402,7 @@ def _build_pte(config: BuildConfig, reference: Reference, writer: BundleWriter, 
                         "(its paths: model.layers.N.self_attn.qkv_proj, ...mlp.down_proj, lm_head)")
         with report.stage("quantize_pte", "torchao, int8 dynamic activations"):
             counts = quantize_decoder(decoder, quant, precomputed)
+            release_module_pages(model)  # torchao holds its own int8 copies now
     metadata = runner_metadata(model.cfg, max_seq_len, model.cfg.bos_token_id, list(model.cfg.eos_token_ids))
     lora = None
     if reference.slots is not None:

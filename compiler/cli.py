@@ -116,15 +116,18 @@ def _parse_adapters(values: tuple[str, ...]):
 @click.option("--gate", "gates", multiple=True, metavar="METRIC=VALUE", help="Override a validation gate.")
 @click.option("--new-tokens", type=POSITIVE, default=16, show_default=True, help="Greedy tokens compared in validation.")
 @click.option("--no-validate", is_flag=True, help="Skip validation (the manifest records that).")
+@click.option("--memory-budget", metavar="SIZE",
+              help="Peak memory the build may use (6GB, 6000MB): it plans to fit or refuses at the start.")
 @click.option("--force", is_flag=True, help="Move a non-bundle --out directory aside instead of refusing.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def build(model_dir, adapters, lora_mode, lora_dtype, lora_max_rank, lora_targets, out, formats, optimize, dump_dir,
           quant, max_kl, block_size, algo, asymmetric, accuracy_level,
           embedding_bits, lm_head_bits, keep_fp32, keep_int8, calibration, max_seq_len, gates, new_tokens, no_validate,
-          force, quiet):
+          memory_budget, force, quiet):
     """Build a bundle: load, merge LoRA, export, validate."""
     from compiler.build import build as run_build
     from compiler.config import BuildConfig, ExportConfig, LoraConfig, ModelConfig, QuantConfig, ValidationConfig
+    from compiler.memory import parse_budget
     from compiler.report import BuildReport
 
     targets = tuple(t.strip() for t in (lora_targets or "").split(",") if t.strip())
@@ -146,6 +149,7 @@ def build(model_dir, adapters, lora_mode, lora_dtype, lora_max_rank, lora_target
         validation=ValidationConfig(enabled=not no_validate, new_tokens=new_tokens, gate_overrides=_parse_gates(gates)),
         force=force,
         lora=lora,
+        memory_budget_mb=parse_budget(memory_budget) if memory_budget else None,
     )
     config.validation.gates(config.export.precision)  # unknown gate names fail before the build
     report = BuildReport(quiet=quiet)

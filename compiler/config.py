@@ -184,6 +184,7 @@ class BuildConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     force: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
+    memory_budget_mb: float | None = None  # --memory-budget: the build plans to fit it or refuses at the start
 
     def to_dict(self) -> dict:
         return {
@@ -195,6 +196,7 @@ class BuildConfig:
                        "quant": self.export.quant.to_dict() if self.export.quant else None},
             "validation": asdict(self.validation),
             "lora": self.lora.to_dict(),
+            "memory_budget_mb": self.memory_budget_mb,
         }
 
     @classmethod
@@ -209,6 +211,7 @@ class BuildConfig:
                                 _quant_from_dict(data["export"].get("quant")), data["export"].get("max_seq_len")),
             validation=ValidationConfig(**data.get("validation", {})),
             lora=LoraConfig(**{**data.get("lora", {}), "targets": tuple(data.get("lora", {}).get("targets", ()))}),
+            memory_budget_mb=data.get("memory_budget_mb"),
         )
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from runtimes.agent import rss_mb
 from runtimes.base import peak_rss_mb
 
 # What a stage's loop reports to: progress(done, total), absolute counts, so that a loop whose total is
@@ -29,6 +31,7 @@ class BuildReport:
     validation: dict | None = None
     moved_aside: str | None = None
     quant_auto: dict = field(default_factory=dict)  # --quant auto: the plan's summary and the sensitivities
+    memory: dict = field(default_factory=dict)  # the peak RSS estimated at the start beside the measured one
     warnings: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
 
@@ -40,7 +43,10 @@ class BuildReport:
         started = time.perf_counter()
         yield
         seconds = time.perf_counter() - started
-        self.stages.append({"stage": name, "seconds": round(seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1)})
+        # peak_rss_mb: the process's peak so far (the stage where it jumps is where memory peaks); rss_mb: what
+        # is still held when the stage ends.
+        self.stages.append({"stage": name, "seconds": round(seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
+                            "rss_mb": round(rss_mb(os.getpid()) or 0.0, 1)})
         if not self.quiet:
             print(f"  {name} done in {seconds:.1f} s", file=sys.stderr, flush=True)
 
@@ -86,14 +92,20 @@ class BuildReport:
             "passes": self.passes,
             "validation": self.validation,
             "quant_auto": self.quant_auto,
+            "memory": self.memory,
             "warnings": self.warnings,
         }
 
 
 def markdown(report: dict) -> str:
     lines = ["# edgec build report", "", f"Wall time {report['wall_s']:.1f} s, peak RSS {report['peak_rss_mb']:.0f} MB.", ""]
-    lines += ["## Stages", "", "| stage | seconds | peak RSS MB |", "|---|---:|---:|"]
-    lines += [f"| {s['stage']} | {s['seconds']:.2f} | {s['peak_rss_mb']:.0f} |" for s in report["stages"]]
+    memory = report.get("memory")
+    if memory:
+        budget = f", budget {memory['budget_mb']:.0f} MB" if memory["budget_mb"] else ""
+        lines[-1:-1] = [f"Peak RSS estimated at the start: {memory['estimate_mb']} MB ({memory['estimate_stage']}){budget}."]
+    lines += ["## Stages", "", "| stage | seconds | peak RSS so far MB | RSS at its end MB |", "|---|---:|---:|---:|"]
+    lines += [f"| {s['stage']} | {s['seconds']:.2f} | {s['peak_rss_mb']:.0f} | {s.get('rss_mb', 0):.0f} |"
+              for s in report["stages"]]
     if report["adapters"]:
         lines += ["", "## Adapters", ""]
         for a in report["adapters"]:

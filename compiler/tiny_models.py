@@ -42,6 +42,22 @@ SMOLLM2_135M = dict(
     rope_theta=100000.0,
 )
 
+# The Llama-3.2-1B shape (random weights) that issue 18's memory and export-cost figures use; its llama3
+# rope_scaling is left out (it changes the rope tables, not the memory or the work).
+LLAMA32_1B = dict(
+    hidden_size=2048,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    vocab_size=128256,
+    tie_word_embeddings=True,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+)
+
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

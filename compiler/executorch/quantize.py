@@ -27,6 +27,7 @@ from torch import nn
 
 from compiler.config import QuantConfig
 from compiler.errors import UsageError
+from compiler.memory import release_pages
 from compiler.quant.blocks import largest_dividing_block
 from compiler.quant.gptq import codes_for
 
@@ -65,7 +66,9 @@ def quantize_decoder(decoder: nn.Module, quant: QuantConfig, precomputed: dict[s
     from torchao.quantization.granularity import PerAxis, PerGroup
 
     if decoder.lm_head.weight is decoder.embed_tokens.weight and module_bits("lm_head", quant):
-        decoder.lm_head.weight = nn.Parameter(decoder.lm_head.weight.detach().clone(), requires_grad=False)
+        # A parameter of its own, so that quantizing the head leaves the embedding alone; over the same
+        # tensor (torchao replaces a weight, never writes it): no fp32 copy of the table.
+        decoder.lm_head.weight = nn.Parameter(decoder.lm_head.weight.detach(), requires_grad=False)
     by_scheme: dict[tuple[int, int], list[str]] = {}  # (bits, group) -> decoder module names
     for name, module in decoder.named_modules():
         if isinstance(module, nn.Linear):
@@ -79,10 +82,12 @@ def quantize_decoder(decoder: nn.Module, quant: QuantConfig, precomputed: dict[s
         if bits == 0:
             counts["linear_fp32"] = len(names)
             continue
-        wanted = set(names)
         config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group)) \
             if bits == 4 else Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
-        quantize_(decoder, config, filter_fn=lambda m, fqn: fqn in wanted)
+        for name in names:  # one at a time, each fp32 source's mapped pages handed back once quantized
+            source = decoder.get_submodule(name).weight
+            quantize_(decoder, config, filter_fn=lambda m, fqn, name=name: fqn == name)
+            release_pages(source)
         counts[f"linear_8da4w_group{group}" if bits == 4 else "linear_8da8w_channel"] = len(names)
         if bits == 4 and precomputed:
             carried = sum(_take_codes(decoder.get_submodule(name).weight, codes_for(precomputed, _module_path(name)), group)

@@ -117,8 +117,18 @@ def read_safetensors(path: Path, what: str = "weights",
         raise UsageError(f"{path}: corrupt or truncated safetensors {what} ({reason}); re-download or re-save it") from None
 
 
-def read_checkpoint(directory: str | Path, progress: Callable[[int, int], None] = lambda done, total: None) -> Checkpoint:
-    """progress(done, total): bytes of the weight files read, as the tensors come in."""
+@dataclass
+class ModelFiles:
+    """A model directory's configuration and weight files, read without reading any weight."""
+
+    directory: Path
+    hf_config: object
+    config: DecoderConfig
+    weight_files: list[Path]
+    generation_config: Path | None
+
+
+def read_model_files(directory: str | Path) -> ModelFiles:
     directory = Path(directory)
     if not directory.is_dir():
         raise UsageError(f"{directory}: model directory does not exist")
@@ -140,7 +150,15 @@ def read_checkpoint(directory: str | Path, progress: Callable[[int, int], None] 
     gen_path = directory / "generation_config.json"
     gen = _read_json(gen_path) if gen_path.exists() else None
     config = decoder_config(hf_config, family, str(config_path), gen)
+    return ModelFiles(directory, hf_config, config, weight_files, gen_path if gen_path.exists() else None)
 
+
+def read_checkpoint(directory: str | Path, progress: Callable[[int, int], None] = lambda done, total: None,
+                    files: ModelFiles | None = None) -> Checkpoint:
+    """progress(done, total): bytes of the weight files read, as the tensors come in. files: the directory's
+    read_model_files, when already read."""
+    files = files or read_model_files(directory)
+    directory, weight_files = files.directory, files.weight_files
     state: dict[str, torch.Tensor] = {}
     sizes = [path.stat().st_size for path in weight_files]
     total = sum(sizes)
@@ -151,12 +169,12 @@ def read_checkpoint(directory: str | Path, progress: Callable[[int, int], None] 
     tokenizer_files = [directory / n for n in TOKENIZER_FILES if (directory / n).exists()]
     return Checkpoint(
         directory=directory,
-        hf_config=hf_config,
-        config=config,
+        hf_config=files.hf_config,
+        config=files.config,
         state=state,
         weight_files=weight_files,
         tokenizer_files=tokenizer_files,
-        generation_config=gen_path if gen_path.exists() else None,
+        generation_config=files.generation_config,
     )
 
 

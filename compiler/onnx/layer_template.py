@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from compiler.memory import release_pages
 from compiler.models.decoder import CanonicalDecoder
 from compiler.onnx.scopes import module_path, renamed_scopes, scopes
 
@@ -67,8 +68,14 @@ def _layer_tensor(params: dict[str, torch.Tensor], name: str, layer: int, transp
         return ir.tensor(tensor.numpy(), name=layer_name)  # a view of the parameter, no copy
     # Transposed on demand (when a pass or the writer reads it), so the model never holds a transposed
     # copy of every weight at once: quantization reads each once and keeps only the int4 blocks.
-    return ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(tensor.numpy().T)), ir.DataType.FLOAT,
-                         ir.Shape(tensor.shape[::-1]), name=f"{layer_name}.T")
+    return ir.LazyTensor(lambda: _transposed(tensor), ir.DataType.FLOAT, ir.Shape(tensor.shape[::-1]),
+                         name=f"{layer_name}.T")
+
+
+def _transposed(tensor: torch.Tensor) -> ir.TensorProtocol:
+    copy = ir.tensor(np.ascontiguousarray(tensor.numpy().T))
+    release_pages(tensor)  # read into the copy: the source's mapped pages go back (see release_pages)
+    return copy
 
 
 def _copy_value(value: ir.Value, name: str) -> ir.Value:

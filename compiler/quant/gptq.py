@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from compiler.errors import UsageError
+from compiler.memory import release_module_pages
 from compiler.models.decoder import CanonicalDecoder, ConcatKVCache
 from compiler.quant.blocks import block_scales_and_zeros, largest_dividing_block
 
@@ -132,14 +133,14 @@ def _layer_of(name: str) -> int | None:
     return int(parts[2]) if len(parts) > 2 and parts[1] == "layers" else None
 
 
-def _windows(model: CanonicalDecoder, leaders: list[_Leader]) -> list[list[int]]:
-    """Consecutive layers whose Hessians together fit HESSIAN_BUDGET_BYTES (at least one layer each)."""
+def _windows(model: CanonicalDecoder, leaders: list[_Leader], budget: int = HESSIAN_BUDGET_BYTES) -> list[list[int]]:
+    """Consecutive layers whose Hessians together fit `budget` bytes (at least one layer each)."""
     per_layer = defaultdict(int)
     for leader in leaders:
         per_layer[_layer_of(leader.name)] += leader.shape[1] ** 2 * 4
     windows, current, held = [], [], 0
     for i in range(model.cfg.num_layers):
-        if current and held + per_layer[i] > HESSIAN_BUDGET_BYTES:
+        if current and held + per_layer[i] > budget:
             windows.append(current)
             current, held = [], 0
         current.append(i)
@@ -159,9 +160,11 @@ def gptq_blocks(model: CanonicalDecoder, sequences: list[list[int]], bits: int, 
 
 def gptq_codes(model: CanonicalDecoder, sequences: list[list[int]], bits: int, wanted: list[tuple[int, str]],
                symmetric: bool, skip: tuple[str, ...] = (),
-               progress: Callable[[int, int], None] = lambda done, total: None) -> dict[tuple[int, str], dict[str, tuple]]:
+               progress: Callable[[int, int], None] = lambda done, total: None,
+               hessian_budget: int = HESSIAN_BUDGET_BYTES) -> dict[tuple[int, str], dict[str, tuple]]:
     """gptq_blocks for several (block, grid) pairs (grids: compiler/quant/blocks.py) from one pass of the
-    calibration text: the Hessians do not depend on the block or grid, only the column loops do."""
+    calibration text: the Hessians do not depend on the block or grid, only the column loops do.
+    hessian_budget: the Hessians held at once, which sets how many layers one window takes."""
     leaders = {key: _leaders(model, key[0], symmetric, skip) for key in wanted}
     modules = dict(model.named_modules())
     by_layer = {key: defaultdict(list) for key in wanted}
@@ -175,7 +178,7 @@ def gptq_codes(model: CanonicalDecoder, sequences: list[list[int]], bits: int, w
         positions = torch.arange(ids.shape[1])[None].expand_as(ids)
         x, ropes, mask = model.layer_inputs(ids, torch.ones_like(ids), positions, 0)
         empty = model.empty_cache(x.shape[0])[0]
-        for window in _windows(model, list(hooked.values())):
+        for window in _windows(model, list(hooked.values()), hessian_budget):
             hessians = _HessianAccumulator()
             for name, leader in hooked.items():
                 if _layer_of(name) in window:
@@ -191,7 +194,10 @@ def gptq_codes(model: CanonicalDecoder, sequences: list[list[int]], bits: int, w
             for key in wanted:
                 in_window = [leader for i in window for leader in by_layer[key][i]] + (by_layer[key][None] if last else [])
                 out[key].update(_quantize_leaders(in_window, dict(hessians.hessians), bits, symmetric, grid=key[1]))
+            for i in window:  # done with until the export: their pages go back (see release_pages)
+                release_module_pages(model.model.layers[i])
             progress(window[-1] + 1, model.cfg.num_layers)
+    release_module_pages(model)  # the lm_head's
     return out
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from compiler.config import QuantConfig
+from compiler.memory import release_pages
 from compiler.onnx.passes.base import CountingPass
 from compiler.onnx.scopes import module_path
 from compiler.quant.blocks import largest_dividing_block, pack, quantize_blocks
@@ -183,6 +184,7 @@ class QuantizeWeightsPass(CountingPass):
                     continue
                 self._replace_matmul(graph, node, w_nk.astype(np.float32, copy=False), bits, module, reuse,
                                      table_block if reuse is not None else block)
+                release_pages(w_nk)  # the fp32 source's mapped pages, no longer needed (see release_pages)
                 if reuse is not None:
                     count("lm_head_shares_embedding_table")
                 count(f"{'lm_head' if is_head else 'matmul'}_int{bits}")
@@ -209,6 +211,7 @@ class QuantizeWeightsPass(CountingPass):
                     self._replace_gather(graph, node, table, bits, shared_values, table_block)
                 else:
                     self._replace_gather(graph, node, table.astype(np.float32, copy=False), bits, None)
+                release_pages(table)
                 count(f"embedding_int{bits}")
                 self._drop_if_unused(graph, source)
         bytes_after = sum(v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None)

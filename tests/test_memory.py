@@ -1,0 +1,103 @@
+"""A build's memory: the estimate, --memory-budget (plan or refuse), and the checkpoint's pages handed back."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from compiler.cli import main
+from compiler.errors import UsageError
+from compiler.memory import WeightFacts, estimate, plan, release_pages
+
+
+def rss_file_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("RssFile:"))
+
+
+def test_release_pages_drops_clean_mapped_pages_only(tmp_path):
+    path = tmp_path / "model.safetensors"
+    save_file({"clean": torch.randn(2048, 1024), "merged": torch.randn(2048, 1024)}, str(path))  # 8 MiB each
+    with safe_open(str(path), framework="pt") as f:
+        clean, merged = f.get_tensor("clean"), f.get_tensor("merged")
+    expected_clean = clean.clone()
+    merged.add_(1.0)  # written in place, as a LoRA merge does: private pages that must survive
+    expected_merged = merged.clone()
+    own = torch.ones(2**20)  # anonymous memory, not from a file
+    clean.sum()  # its pages resident
+    before = rss_file_mb()
+    released = release_pages(clean, merged, own, clean.numpy().T)
+    assert 7.9 * 2**20 < released <= 8 * 2**20  # the clean tensor's whole pages, once, and nothing else
+    assert before - rss_file_mb() > 7
+    assert torch.equal(clean, expected_clean)  # read back from the file
+    assert torch.equal(merged, expected_merged)
+    assert torch.equal(own, torch.ones(2**20))
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_bad_memory_budget_is_a_usage_error(llama_dir, tmp_path):
+    line = one_line_error(run("build", "--model", llama_dir, "--out", tmp_path / "out", "--memory-budget", "6XB"))
+    assert "--memory-budget 6XB" in line and "2GB" in line
+
+
+def test_a_build_that_cannot_fit_refuses_at_the_start(llama_dir, tmp_path):
+    line = one_line_error(run("build", "--model", llama_dir, "--out", tmp_path / "out", "--quant", "int4",
+                              "--memory-budget", "100MB"))
+    needed = re.search(r"--memory-budget 100 MB: this build needs about (\d+) MB at its peak \((\w+)\)", line)
+    assert needed and int(needed.group(1)) > 100, line
+    assert not (tmp_path / "out").exists()  # refused before anything was loaded or written
+
+
+def test_a_tight_budget_takes_gptq_windows_of_fewer_layers():
+    from compiler.config import BuildConfig, ModelConfig, QuantConfig
+    from compiler.models.families import decoder_config
+    from compiler.quant.gptq import HESSIAN_BUDGET_BYTES
+    from compiler.tiny_models import SMOLLM2_135M, hf_config
+
+    # The 135M shape's facts come from its config alone: no weight is made or read.
+    facts = WeightFacts.of(decoder_config(hf_config("llama", **SMOLLM2_135M), "llama", "config.json", None), [])
+    config = BuildConfig(ModelConfig(Path("m")), Path("out"))
+    config.export.quant = QuantConfig()
+    default = plan(facts, config)
+    assert default.gptq_hessian_bytes == HESSIAN_BUDGET_BYTES and default.peak_stage == "calibrate_gptq"
+    config.memory_budget_mb = default.peak_mb - 60
+    tight = plan(facts, config)
+    assert facts.layer_hessians_bytes <= tight.gptq_hessian_bytes < HESSIAN_BUDGET_BYTES
+    assert tight.peak_mb <= config.memory_budget_mb
+    config.memory_budget_mb = estimate(facts, ("onnx",), config.export.quant, True, 1).peak_mb - 1
+    with pytest.raises(UsageError, match=r"\(calibrate_gptq\).* estimates with --algo rtn \d+ MB"):
+        plan(facts, config)  # even GPTQ windows of one layer do not fit: refused, saying what would
+
+
+def test_the_build_records_its_estimate_beside_the_measured_peak(llama_dir, tmp_path):
+    # A process of its own: the peak measured is the build's, not this test session's.
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "-m", "compiler.cli", "build", "--model", str(llama_dir), "--out", str(out),
+                    "--quant", "int4", "--algo", "rtn", "--no-validate", "--quiet", "--memory-budget", "2GB"],
+                   check=True, capture_output=True, cwd=Path(__file__).resolve().parent.parent)
+    report = json.loads((out / "report.json").read_text())
+    manifest = json.loads((out / "manifest.json").read_text())
+    memory = report["memory"]
+    assert manifest["memory"] == memory and manifest["build_config"]["memory_budget_mb"] == 2048
+    assert memory["budget_mb"] == 2048 and memory["measured_peak_mb"] == round(report["peak_rss_mb"])
+    assert abs(memory["measured_peak_mb"] / memory["estimate_mb"] - 1) < 0.25, memory
+    assert set(memory["stages"]) == {"load", "export_onnx", "onnx_passes"}
+    assert "estimated at the start" in (out / "report.md").read_text()
