@@ -1,0 +1,111 @@
+"""edgec's int4 builds of the Llama-3.2-1B shape (random weights, 4.9 GB fp32) against the GenAI builder's ONNX
+int4 and optimum-executorch's `.pte` (8da4w, embedding 8w): export wall time and peak RSS, size, prefill and
+decode, with issue 18's targets:
+
+    python -m benchmarks.vs_peers_1b [--work DIR] [--rounds N] [--only-measure] [--no-gptq]
+
+Every export is its own child process, one after another (wall time from the clock, peak RSS from wait4);
+edgec builds with --no-validate, as neither peer validates. Speed: each run its own process (speed_all's
+child: one load, one warm-up, a 128-token prefill, 128 greedy new tokens), artifacts in rotated order each
+round, medians. Both `.pte` programs hold a 2048-position KV cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from benchmarks.common import (BIN, EDGEC, ONE_B_WORK, argument_parser, llama1b_shaped, print_artifacts, print_ratios,
+                               timed)
+from benchmarks.speed_all import measure
+from benchmarks.vs_optimum_executorch import optimum_cli
+
+MAX_SEQ_LEN = 2048
+
+
+def edgec_build(model: Path, out: Path, *options: str) -> dict:
+    wall, rss = timed([EDGEC, "build", "--model", model, "--out", out, "--quant", "int4", "--force", "--quiet",
+                       "--no-validate", *options])
+    pte = out / "model.pte"
+    runner = {"kind": "executorch", "path": str(pte)} if pte.exists() else {"kind": "genai", "path": str(out)}
+    return {**runner, "export_s": wall, "export_rss_mb": rss}
+
+
+def builds(work: Path, gptq: bool) -> dict[str, dict]:
+    model = llama1b_shaped(work)
+    pte_options = ("--format", "pte", "--embedding-bits", "8", "--max-seq-len", str(MAX_SEQ_LEN))
+    built = {}
+    print("edgec ONNX int4, --algo rtn ...", flush=True)
+    built["edgec ONNX int4 rtn"] = edgec_build(model, work / "edgec-onnx-rtn", "--algo", "rtn")
+    if gptq:
+        print("edgec ONNX int4, GPTQ (default) ...", flush=True)
+        built["edgec ONNX int4 gptq"] = edgec_build(model, work / "edgec-onnx-gptq")
+
+    print("GenAI builder int4 ...", flush=True)
+    out = work / "builder-int4"
+    shutil.rmtree(out, ignore_errors=True)
+    wall, rss = timed([BIN / "python", "-m", "onnxruntime_genai.models.builder", "-i", model, "-o", out, "-p", "int4",
+                       "-e", "cpu", "-c", work / "hf-cache"])
+    built["builder ONNX int4"] = {"kind": "genai", "path": str(out), "export_s": wall, "export_rss_mb": rss}
+
+    print("edgec .pte int4, --algo rtn ...", flush=True)
+    built["edgec .pte 8da4w rtn"] = edgec_build(model, work / "edgec-pte-rtn", *pte_options, "--algo", "rtn")
+    if gptq:
+        print("edgec .pte int4, GPTQ (default) ...", flush=True)
+        built["edgec .pte 8da4w gptq"] = edgec_build(model, work / "edgec-pte-gptq", *pte_options)
+
+    print("optimum-executorch 8da4w ...", flush=True)
+    out = work / "optimum-pte"
+    shutil.rmtree(out, ignore_errors=True)
+    wall, rss = timed([optimum_cli(), "export", "executorch", "--model", model, "--task", "text-generation",
+                       "--recipe", "xnnpack", "--use_custom_sdpa", "--use_custom_kv_cache", "--qlinear", "8da4w",
+                       "--qembedding", "8w", "--max_seq_len", str(MAX_SEQ_LEN), "--output_dir", out])
+    built["optimum-executorch .pte 8da4w"] = {"kind": "executorch", "path": str(next(out.glob("*.pte"))),
+                                              "export_s": wall, "export_rss_mb": rss}
+    for a in built.values():
+        path = Path(a["path"])
+        files = [path] if path.is_file() else [f for f in path.iterdir() if f.suffix in (".onnx", ".data")]
+        a["size_mb"] = sum(f.stat().st_size for f in files) / 1e6
+    return built
+
+
+def main() -> None:
+    parser = argument_parser(__doc__, __spec__.name)
+    parser.add_argument("--work", type=Path, default=ONE_B_WORK)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--only-measure", action="store_true", help="Reuse the artifacts of the last run.")
+    parser.add_argument("--no-gptq", action="store_true", help="Skip edgec's GPTQ builds (the slow ones).")
+    args = parser.parse_args()
+    record = args.work / "vs_peers_1b.json"
+    artifacts = json.loads(record.read_text()) if args.only_measure and record.exists() else \
+        builds(args.work, not args.no_gptq)
+    record.write_text(json.dumps(artifacts, indent=2))
+    measure(artifacts, args.rounds)
+    record.write_text(json.dumps(artifacts, indent=2))
+
+    print(f"\nLlama-3.2-1B-shaped, random weights, int4, prompt 128, 128 new tokens, greedy, {os.cpu_count()} CPUs, "
+          f"each run its own process, medians of {args.rounds} rotated rounds\n")
+    print_artifacts(artifacts)
+    builder, optimum = artifacts["builder ONNX int4"], artifacts["optimum-executorch .pte 8da4w"]
+    targets = {
+        "edgec ONNX int4 rtn": (builder, {"export_rss_mb": "<= 0.60x", "export_s": "<= 1.00x",
+                                          "prefill_ms": "<= 1.00x", "decode_tps": ">= 1.00x"}),
+        "edgec ONNX int4 gptq": (builder, {"export_rss_mb": "<= 0.60x", "export_s": "<= 2.00x",
+                                           "prefill_ms": "<= 1.00x", "decode_tps": ">= 1.00x"}),
+        "edgec .pte 8da4w rtn": (optimum, {"export_rss_mb": "<= 0.50x", "export_s": "<= 0.25x",
+                                           "prefill_ms": "<= 1.00x", "decode_tps": ">= 1.00x"}),
+        "edgec .pte 8da4w gptq": (optimum, {"export_rss_mb": "<= 0.50x", "export_s": "<= 0.25x",
+                                            "prefill_ms": "<= 1.00x", "decode_tps": ">= 1.00x"}),
+    }
+    for name, (peer, wanted) in targets.items():
+        if name in artifacts:
+            peer_name = next(n for n, a in artifacts.items() if a is peer)
+            print(f"\n{name} vs {peer_name}:")
+            print_ratios(artifacts[name], peer, {"size_mb": None, **wanted})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
