@@ -5,7 +5,8 @@ on the SmolLM2-135M-shaped Llama + rank-16 LoRA (merged), with the ratios of iss
     python -m benchmarks.speed_all [--work DIR] [--rounds N] [--only-measure]
 
 Each measurement is its own child process (one load, one warm-up, one timed 128-token prefill and 128 greedy
-new tokens), the artifacts taking turns in a rotated order each round; medians over the rounds. Builds come
+new tokens), the artifacts taking turns in a rotated order each round; medians over the rounds. Every runner
+uses all the machine's cores (onnxruntime-genai through a config overlay: its default is half of them). Builds come
 from vs_genai_builder and vs_optimum_executorch (edgec with --no-validate) and llama.cpp's converter.
 """
 
@@ -50,7 +51,9 @@ def child(kind: str, path: str) -> dict:
     if kind == "genai":
         from runtimes.genai import GenaiRuntime
 
-        runtime = GenaiRuntime(path)
+        # genai's own default is half the logical cores: 1 of this machine's 2 (no SMT), while llama-bench,
+        # onnxruntime and ExecuTorch use all; every runner gets the machine's cores.
+        runtime = GenaiRuntime(path, threads=os.cpu_count() or 1)
         runtime.generate(prompt_ids()[:16], 8, stop_at_eos=False)  # warm-up
         timings: list[float] = []
         steps = len(runtime.generate(prompt_ids(), NEW_TOKENS, stop_at_eos=False, timings=timings))

@@ -113,6 +113,11 @@ def _parse_adapters(values: tuple[str, ...]):
 @click.option("--keep-fp32", multiple=True, metavar="REGEX", help="Modules kept fp32, e.g. 'layers\\.0\\.'.")
 @click.option("--keep-int8", multiple=True, metavar="REGEX", help="Modules quantized to 8 bits instead.")
 @click.option("--max-seq-len", type=POSITIVE, help="pte: positions of the in-program KV cache [min(model's, 2048)].")
+@click.option("--logits", type=click.Choice(["last", "all"]), default="last", show_default=True,
+              help="onnx: logits of the last position only (all a generator reads; faster prefill) or of all.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+              help="onnx: threads onnxruntime-genai runs the model with (genai_config.json); 0: genai's default, "
+                   "half the logical cores, which leaves cores idle on CPUs without SMT (phones, Pis).")
 @click.option("--gate", "gates", multiple=True, metavar="METRIC=VALUE", help="Override a validation gate.")
 @click.option("--new-tokens", type=POSITIVE, default=16, show_default=True, help="Greedy tokens compared in validation.")
 @click.option("--no-validate", is_flag=True, help="Skip validation (the manifest records that).")
@@ -122,8 +127,8 @@ def _parse_adapters(values: tuple[str, ...]):
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def build(model_dir, adapters, lora_mode, lora_dtype, lora_max_rank, lora_targets, out, formats, optimize, dump_dir,
           quant, max_kl, block_size, algo, asymmetric, accuracy_level,
-          embedding_bits, lm_head_bits, keep_fp32, keep_int8, calibration, max_seq_len, gates, new_tokens, no_validate,
-          memory_budget, force, quiet):
+          embedding_bits, lm_head_bits, keep_fp32, keep_int8, calibration, max_seq_len, logits, threads, gates, new_tokens,
+          no_validate, memory_budget, force, quiet):
     """Build a bundle: load, merge LoRA, export, validate."""
     from compiler.build import build as run_build
     from compiler.config import BuildConfig, ExportConfig, LoraConfig, ModelConfig, QuantConfig, ValidationConfig
@@ -145,7 +150,7 @@ def build(model_dir, adapters, lora_mode, lora_dtype, lora_max_rank, lora_target
         model=ModelConfig(model_dir),
         out=out,
         adapters=_parse_adapters(adapters),
-        export=ExportConfig(_parse_formats(formats), optimize, dump_dir, quant_config, max_seq_len),
+        export=ExportConfig(_parse_formats(formats), optimize, dump_dir, quant_config, max_seq_len, threads, logits),
         validation=ValidationConfig(enabled=not no_validate, new_tokens=new_tokens, gate_overrides=_parse_gates(gates)),
         force=force,
         lora=lora,

@@ -120,6 +120,8 @@ class ExportConfig:
     dump_dir: Path | None = None
     quant: QuantConfig | None = None
     max_seq_len: int | None = None  # pte: positions of the in-program KV cache (None: min(model's, 2048))
+    threads: int = 0  # onnx: onnxruntime-genai's intra-op threads in genai_config.json (0: genai's default)
+    logits: str = "last"  # onnx: "last" (the lm_head on the last position only) or "all" positions
 
     @property
     def precision(self) -> str:
@@ -193,6 +195,7 @@ class BuildConfig:
             "adapters": [a.to_dict() for a in self.adapters],
             "export": {"formats": list(self.export.formats), "precision": self.export.precision,
                        "optimize": self.export.optimize, "max_seq_len": self.export.max_seq_len,
+                       "threads": self.export.threads, "logits": self.export.logits,
                        "quant": self.export.quant.to_dict() if self.export.quant else None},
             "validation": asdict(self.validation),
             "lora": self.lora.to_dict(),
@@ -208,7 +211,8 @@ class BuildConfig:
             out=out,
             adapters=[AdapterSpec(Path(a["path"]), float(a["weight"]), a.get("name")) for a in data.get("adapters", [])],
             export=ExportConfig(tuple(data["export"]["formats"]), data["export"].get("optimize", "none"), None,
-                                _quant_from_dict(data["export"].get("quant")), data["export"].get("max_seq_len")),
+                                _quant_from_dict(data["export"].get("quant")), data["export"].get("max_seq_len"),
+                                data["export"].get("threads", 0), data["export"].get("logits", "all")),
             validation=ValidationConfig(**data.get("validation", {})),
             lora=LoraConfig(**{**data.get("lora", {}), "targets": tuple(data.get("lora", {}).get("targets", ()))}),
             memory_budget_mb=data.get("memory_budget_mb"),

@@ -16,12 +16,17 @@ class GenaiRuntime:
 
     name = "onnxruntime-genai"
 
-    def __init__(self, bundle_dir: str | Path, adapter: str | None = None, adapter_file: str | Path | None = None):
+    def __init__(self, bundle_dir: str | Path, adapter: str | None = None, adapter_file: str | Path | None = None,
+                 threads: int = 0):
+        """threads: intra-op threads instead of what genai_config.json says (0: as it says)."""
         import onnxruntime_genai as og
 
         self._og = og
         self.bundle_dir = Path(bundle_dir)
-        self.model = og.Model(str(bundle_dir))
+        config = og.Config(str(bundle_dir))
+        if threads:
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.model = og.Model(config)
         self.adapters = None  # og.Adapters, made when the first adapter is loaded
         self._loaded: set[str] = set()
         self.adapter = None

@@ -51,8 +51,9 @@ class OrtRuntime(Runtime):
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        vocab = self.session.get_outputs()[0].shape[-1]
-        self.vocab_size = vocab if isinstance(vocab, int) else 1000
+        logits_shape = self.session.get_outputs()[0].shape
+        self.vocab_size = logits_shape[-1] if isinstance(logits_shape[-1], int) else 1000
+        self.last_position_logits = logits_shape[1] == 1  # the build's --logits last
         self.adapter_feeds = {}  # the active runtime LoRA adapter's parameters by input name
         self._loaded_adapters = {}
 
@@ -94,7 +95,20 @@ class OrtRuntime(Runtime):
         return feeds
 
     def forward(self, input_ids: np.ndarray, past: list[np.ndarray], past_len: int):
-        """One decoder step over `input_ids` [batch, seq]; returns (logits, present)."""
+        """Logits at every position of `input_ids` [batch, seq] and the present cache after it. A model with
+        last-position logits gives the last from one run over the whole chunk (the prefill path, whose
+        present is returned) and the others from single-token steps on `past` (the decode path)."""
+        if not self.last_position_logits or input_ids.shape[1] == 1:
+            return self._run(input_ids, past, past_len)
+        rows, cache = [], past
+        for i in range(input_ids.shape[1] - 1):
+            logits, cache = self._run(input_ids[:, i : i + 1], cache, past_len + i)
+            rows.append(logits)
+        logits, present = self._run(input_ids, past, past_len)
+        return np.concatenate([*rows, logits], axis=1), present
+
+    def _run(self, input_ids: np.ndarray, past: list[np.ndarray], past_len: int):
+        """One session run over `input_ids` [batch, seq]; returns (logits, present)."""
         feeds = self._position_feeds(input_ids, past_len)
         for value, tensor in zip(self.past_inputs, past):
             feeds[value.name] = tensor
@@ -102,7 +116,7 @@ class OrtRuntime(Runtime):
         return outputs[0], outputs[1:]
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
-        """All-position logits of a prompt, in one prefill pass."""
+        """All-position logits of a prompt (one prefill pass, or as forward() gets them)."""
         logits, _ = self.forward(input_ids, self.empty_cache(input_ids.shape[0]), 0)
         return logits
 
@@ -122,7 +136,7 @@ class OrtRuntime(Runtime):
 
         def step(ids: np.ndarray, past_len: int) -> np.ndarray:
             nonlocal cache
-            logits, cache = self.forward(ids, cache, past_len)
+            logits, cache = self._run(ids, cache, past_len)
             return logits[0, -1]
 
         return step

@@ -8,7 +8,9 @@ Comparing needs only numpy and the artifact's runtime, so the same code runs in 
 Metrics per prompt: all-position and last-position logits max-abs error, relative L2 error, top-1
 agreement, KL divergence of the artifact's distribution from the reference's, next-token NLL, and greedy
 generation with the position of the first divergence. The artifact's prompt logits come from two chunks (a
-prefill and a continuation on the KV cache), so the cache path is checked as well as the prefill.
+prefill and a continuation on the KV cache), so the cache path is checked as well as the prefill; an
+artifact with last-position logits (a .pte, an ONNX build with --logits last) gives each chunk's last from
+its prefill and the other positions from single-token steps.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def test_onnx_graph_has_dynamic_kv_cache_io(bundle):
     assert dims["attention_mask"] == ["batch_size", "total_sequence_length"]
     assert dims["past_key_values.1.value"] == ["batch_size", 2, "past_sequence_length", 16]
     assert dims["present.0.key"] == ["batch_size", 2, "total_sequence_length", 16]
-    assert dims["logits"] == ["batch_size", "sequence_length", 512]
+    assert dims["logits"] == ["batch_size", 1, 512]  # --logits last, the default
     assert all(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer if init.dims and np.prod(init.dims) > 1024)
 
 
@@ -99,7 +99,7 @@ def test_same_inputs_give_byte_identical_model_files(bundle, llama_dir, llama_ad
 def test_interrupted_build_leaves_no_bundle(llama_dir, tmp_path, monkeypatch):
     import compiler.onnx.export as export
 
-    def interrupted(model):
+    def interrupted(model, **options):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(export, "export_onnx", interrupted)
@@ -141,7 +141,7 @@ def test_interrupted_rebuild_keeps_the_previous_bundle(bundle, llama_dir, tmp_pa
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
     before = {p.name: sha256(p) for p in copy.iterdir()}
-    monkeypatch.setattr(export, "export_onnx", lambda model: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(export, "export_onnx", lambda model, **options: (_ for _ in ()).throw(KeyboardInterrupt()))
     assert run("build", "--model", llama_dir, "--out", copy, "--quiet").exit_code == 130
     assert {p.name: sha256(p) for p in copy.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
@@ -203,6 +203,40 @@ def test_onnxruntime_genai_runs_the_bundle_as_is(bundle):
     tokens = genai.generate(prompt, 12)
     ours = OrtRuntime(bundle).generate(prompt, 12, eos_ids=(2,))
     assert tokens == ours and len(tokens) >= 1
+
+
+def test_last_position_logits_match_a_build_with_all_positions(bundle, llama_dir, llama_adapter, tmp_path):
+    """The default graph computes the lm_head on the last position only; the runner gives the other positions
+    from single-token steps, which agree with a --logits all build's single prefill."""
+    out = tmp_path / "all"
+    result = run("build", "--model", llama_dir, "--adapter", f"{llama_adapter}:0.8", "--out", out, "--logits", "all",
+                 "--no-validate", "--quiet")
+    assert result.exit_code == 0, result.output
+    every, last = OrtRuntime(out), OrtRuntime(bundle)
+    assert not every.last_position_logits and last.last_position_logits
+    ids = np.asarray([[1, 40, 41, 42, 43, 44, 45]])
+    logits, _ = last._run(ids, last.empty_cache(), 0)
+    assert logits.shape == (1, 1, 512)
+    np.testing.assert_allclose(last.logits(ids), every.logits(ids), atol=1e-4, rtol=0)
+    assert last.generate(ids[0].tolist(), 8, eos_ids=()) == every.generate(ids[0].tolist(), 8, eos_ids=())
+
+
+def test_threads_option_goes_into_genai_config(bundle, llama_dir, tmp_path):
+    """genai's default is half the logical cores; --threads N writes N for apps, and the runner can override."""
+    pytest.importorskip("onnxruntime_genai")
+    from runtimes.genai import GenaiRuntime
+
+    assert "intra_op_num_threads" not in json.loads((bundle / "genai_config.json").read_text())["model"]["decoder"][
+        "session_options"]
+    out = tmp_path / "b"
+    result = run("build", "--model", llama_dir, "--out", out, "--threads", "2", "--no-validate", "--quiet")
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 2
+    assert json.loads((out / "manifest.json").read_text())["build_config"]["export"]["threads"] == 2
+    prompt = [1, 40, 41, 42]
+    assert GenaiRuntime(out).generate(prompt, 8, stop_at_eos=False) == \
+        GenaiRuntime(out, threads=1).generate(prompt, 8, stop_at_eos=False)
 
 
 @pytest.mark.parametrize("variant", ["llama3_tied", "qwen2", "phi3_partial_rotary", "phi4_longrope"])

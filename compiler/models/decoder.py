@@ -243,6 +243,10 @@ class CanonicalDecoder(nn.Module):
     """
 
     none_rope_as_identity = False  # see layer_inputs; the ONNX export sets it
+    # The ONNX export may set it: the lm_head on the last position only, which is all a generator reads
+    # (onnxruntime-genai sees the static 1 and skips its own slicing); a prefill then skips seq - 1 rows of
+    # the largest matmul.
+    last_position_logits = False
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -306,5 +310,7 @@ class CanonicalDecoder(nn.Module):
             cache = ConcatKVCache(past[2 * i], past[2 * i + 1], mask)
             x = layer(x, ropes, cache)
             presents += [cache.key, cache.value]
-        logits = self.lm_head(self.model.norm(x))
-        return (logits, *presents)
+        x = self.model.norm(x)
+        if self.last_position_logits:
+            x = x[:, -1:]
+        return (self.lm_head(x), *presents)

@@ -1,7 +1,8 @@
 """Canonical decoder -> ONNX (torch.export through the dynamo ONNX exporter), KV cache as explicit I/O.
 
 Inputs: input_ids, attention_mask, position_ids, past_key_values.N.key/value;
-outputs: logits, present.N.key/value. Batch, sequence and past lengths are dynamic.
+outputs: logits (every position's, or with last_position_logits the last one's), present.N.key/value.
+Batch, sequence and past lengths are dynamic.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class OnnxIO:
     num_kv_heads: int
     head_dim: int
     vocab_size: int
+    last_position_logits: bool = False  # logits [batch, 1, vocab]: the lm_head on the last position only
 
     @property
     def past_names(self) -> list[str]:
@@ -54,7 +56,8 @@ class OnnxIO:
             {"name": "position_ids", "dtype": "int64", "shape": [BATCH, SEQUENCE]},
         ] + [{"name": n, "dtype": "float32", "shape": kv_shape} for n in self.past_names]
         present_shape = [BATCH, self.num_kv_heads, TOTAL, self.head_dim]
-        outputs = [{"name": "logits", "dtype": "float32", "shape": [BATCH, SEQUENCE, self.vocab_size]}] + [
+        positions = 1 if self.last_position_logits else SEQUENCE
+        outputs = [{"name": "logits", "dtype": "float32", "shape": [BATCH, positions, self.vocab_size]}] + [
             {"name": n, "dtype": "float32", "shape": present_shape} for n in self.present_names
         ]
         return {
@@ -77,9 +80,9 @@ class OnnxIO:
         }
 
 
-def io_for(model: CanonicalDecoder) -> OnnxIO:
+def io_for(model: CanonicalDecoder, last_position_logits: bool = False) -> OnnxIO:
     cfg = model.cfg
-    return OnnxIO(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
+    return OnnxIO(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, last_position_logits)
 
 
 def _example_inputs(model: CanonicalDecoder):
@@ -123,8 +126,9 @@ def one_layer_view(model: CanonicalDecoder) -> CanonicalDecoder:
     return view.eval()
 
 
-def export_onnx(model: CanonicalDecoder, layer_template: bool = True) -> ir.Model:
-    """Trace to ONNX; with layer_template, trace one layer and stamp it (see layer_template.py)."""
+def export_onnx(model: CanonicalDecoder, layer_template: bool = True, last_position_logits: bool = False) -> ir.Model:
+    """Trace to ONNX; with layer_template, trace one layer and stamp it (see layer_template.py);
+    last_position_logits: logits of the last position only."""
     if layer_template and len(set(model.cfg.layer_rope)) > 1:
         # Layer 0's copies would rotate every layer as layer 0 does (the rope tables are not layer weights,
         # so stamping's checks cannot see it): layers of SmolLM3 (no rope) or Gemma 3 (local/global) differ.
@@ -132,16 +136,16 @@ def export_onnx(model: CanonicalDecoder, layer_template: bool = True) -> ir.Mode
                                         ", ".join(sorted(set(model.cfg.layer_rope))))
         layer_template = False
     if layer_template and model.cfg.num_layers > 1:
-        onnx_model = _trace(one_layer_view(model))
+        onnx_model = _trace(one_layer_view(model), last_position_logits)
         try:
             stamp_layers(onnx_model, model)
             return onnx_model
         except TemplateMismatch as e:
             logging.getLogger("edgec").warning("tracing every layer: %s", e)
-    return _trace(model)
+    return _trace(model, last_position_logits)
 
 
-def _trace(model: CanonicalDecoder) -> ir.Model:
+def _trace(model: CanonicalDecoder, last_position_logits: bool = False) -> ir.Model:
     # The exporter logs a warning per missing optional library (torchvision); not the user's concern.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     io = io_for(model)
@@ -159,6 +163,7 @@ def _trace(model: CanonicalDecoder) -> ir.Model:
     # A layer without rope (SmolLM3) rotates by angle 0, exactly nothing, so that it fuses to
     # GroupQueryAttention as the others do and every layer's cache can be one shared buffer.
     model.none_rope_as_identity = True
+    model.last_position_logits = last_position_logits
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -175,6 +180,7 @@ def _trace(model: CanonicalDecoder) -> ir.Model:
             )
     finally:
         del model.none_rope_as_identity  # the reference keeps skipping rotation
+        del model.last_position_logits  # and computes every position
     onnx_model = program.model
     _name_dims(onnx_model)
     onnx_model.producer_name = "edgec"

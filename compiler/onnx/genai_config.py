@@ -14,15 +14,18 @@ GENAI_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3":
               "gemma3_text": "gemma3_text"}
 
 
-def genai_config(cfg: DecoderConfig, model_file: str, shares_buffer: bool = False) -> dict:
+def genai_config(cfg: DecoderConfig, model_file: str, shares_buffer: bool = False, threads: int = 0) -> dict:
     eos = list(cfg.eos_token_ids) or [0]
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else eos[0]
+    session_options = {"log_id": "onnxruntime-genai", "provider_options": []}
+    if threads:  # genai's default is half the logical cores (it assumes two hardware threads a core)
+        session_options["intra_op_num_threads"] = threads
     return {
         "model": {
             "bos_token_id": cfg.bos_token_id if cfg.bos_token_id is not None else eos[0],
             "context_length": cfg.max_sequence_length,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "session_options": session_options,
                 "filename": model_file,
                 "head_size": cfg.head_dim,
                 "hidden_size": cfg.hidden_size,

@@ -3,6 +3,7 @@ package org.edgec.demo
 import ai.onnxruntime.OnnxTensor
 import ai.onnxruntime.OrtEnvironment
 import ai.onnxruntime.OrtSession
+import ai.onnxruntime.TensorInfo
 import org.edgec.core.ChatEngine
 import org.edgec.core.Engine
 import org.edgec.core.GenerationStats
@@ -73,9 +74,15 @@ class OnnxEngine(path: String, manifest: Manifest, threads: Int) : Engine {
     override val name = "onnxruntime"
     override val version = OrtEnvironment.getEnvironment().version ?: "android"
 
-    override fun step(ids: LongArray, start: Int): FloatArray = forwardAll(ids, start).last()
+    // edgec's default ONNX graph (--logits last) returns the last position's logits [1, 1, vocab] only.
+    private val lastPositionOnly = (session.outputInfo["logits"]?.info as? TensorInfo)?.shape?.getOrNull(1) == 1L
 
-    override fun forwardAll(ids: LongArray, start: Int): Array<FloatArray> {
+    override fun step(ids: LongArray, start: Int): FloatArray = run(ids, start).last()
+
+    override fun forwardAll(ids: LongArray, start: Int): Array<FloatArray> =
+        if (lastPositionOnly) super.forwardAll(ids, start) else run(ids, start)
+
+    private fun run(ids: LongArray, start: Int): Array<FloatArray> {
         if (start == 0) reset()
         val seq = ids.size.toLong()
         val inputs = HashMap<String, OnnxTensor>(past)
@@ -88,7 +95,7 @@ class OnnxEngine(path: String, manifest: Manifest, threads: Int) : Engine {
             val logits = result.get("logits").get() as OnnxTensor
             val vocab = logits.info.shape[2].toInt()
             val flat = logits.floatBuffer
-            val rows = Array(ids.size) { FloatArray(vocab).also { row -> flat.get(row) } }
+            val rows = Array(logits.info.shape[1].toInt()) { FloatArray(vocab).also { row -> flat.get(row) } }
             val next = HashMap<String, OnnxTensor>()
             for (i in 0 until layers) for (kind in listOf("key", "value")) {
                 val present = result.get("present.$i.$kind").get() as OnnxTensor
