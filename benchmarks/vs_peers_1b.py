@@ -2,9 +2,10 @@
 int4 and optimum-executorch's `.pte` (8da4w, embedding 8w): export wall time and peak RSS, size, prefill and
 decode, with issue 18's targets:
 
-    python -m benchmarks.vs_peers_1b [--work DIR] [--rounds N] [--only-measure] [--no-gptq]
+    python -m benchmarks.vs_peers_1b [--work DIR] [--rounds N] [--only-measure] [--no-gptq] [--rebuild NAME,...]
 
-Every export is its own child process, one after another (wall time from the clock, peak RSS from wait4);
+Every export is its own child process, one after another, after one read of the weights into the page
+cache (wall time from the clock, peak RSS from wait4);
 edgec builds with --no-validate, as neither peer validates. Speed: each run its own process (speed_all's
 child: one load, one warm-up, a 128-token prefill, 128 greedy new tokens), artifacts in rotated order each
 round, medians. Both `.pte` programs hold a 2048-position KV cache.
@@ -34,42 +35,51 @@ def edgec_build(model: Path, out: Path, *options: str) -> dict:
     return {**runner, "export_s": wall, "export_rss_mb": rss}
 
 
-def builds(work: Path, gptq: bool) -> dict[str, dict]:
-    model = llama1b_shaped(work)
-    pte_options = ("--format", "pte", "--embedding-bits", "8", "--max-seq-len", str(MAX_SEQ_LEN))
-    built = {}
-    print("edgec ONNX int4, --algo rtn ...", flush=True)
-    built["edgec ONNX int4 rtn"] = edgec_build(model, work / "edgec-onnx-rtn", "--algo", "rtn")
-    if gptq:
-        print("edgec ONNX int4, GPTQ (default) ...", flush=True)
-        built["edgec ONNX int4 gptq"] = edgec_build(model, work / "edgec-onnx-gptq")
-
-    print("GenAI builder int4 ...", flush=True)
+def builder_int4(model: Path, work: Path) -> dict:
     out = work / "builder-int4"
     shutil.rmtree(out, ignore_errors=True)
     wall, rss = timed([BIN / "python", "-m", "onnxruntime_genai.models.builder", "-i", model, "-o", out, "-p", "int4",
                        "-e", "cpu", "-c", work / "hf-cache"])
-    built["builder ONNX int4"] = {"kind": "genai", "path": str(out), "export_s": wall, "export_rss_mb": rss}
+    return {"kind": "genai", "path": str(out), "export_s": wall, "export_rss_mb": rss}
 
-    print("edgec .pte int4, --algo rtn ...", flush=True)
-    built["edgec .pte 8da4w rtn"] = edgec_build(model, work / "edgec-pte-rtn", *pte_options, "--algo", "rtn")
-    if gptq:
-        print("edgec .pte int4, GPTQ (default) ...", flush=True)
-        built["edgec .pte 8da4w gptq"] = edgec_build(model, work / "edgec-pte-gptq", *pte_options)
 
-    print("optimum-executorch 8da4w ...", flush=True)
+def optimum_8da4w(model: Path, work: Path) -> dict:
     out = work / "optimum-pte"
     shutil.rmtree(out, ignore_errors=True)
     wall, rss = timed([optimum_cli(), "export", "executorch", "--model", model, "--task", "text-generation",
                        "--recipe", "xnnpack", "--use_custom_sdpa", "--use_custom_kv_cache", "--qlinear", "8da4w",
                        "--qembedding", "8w", "--max_seq_len", str(MAX_SEQ_LEN), "--output_dir", out])
-    built["optimum-executorch .pte 8da4w"] = {"kind": "executorch", "path": str(next(out.glob("*.pte"))),
-                                              "export_s": wall, "export_rss_mb": rss}
+    return {"kind": "executorch", "path": str(next(out.glob("*.pte"))), "export_s": wall, "export_rss_mb": rss}
+
+
+PTE = ("--format", "pte", "--embedding-bits", "8", "--max-seq-len", str(MAX_SEQ_LEN))
+# name -> how to make it from (model, work); in this order, peers after edgec's builds of their format
+BUILDS = {
+    "edgec ONNX int4 rtn": lambda model, work: edgec_build(model, work / "edgec-onnx-rtn", "--algo", "rtn"),
+    "edgec ONNX int4 gptq": lambda model, work: edgec_build(model, work / "edgec-onnx-gptq"),
+    "builder ONNX int4": builder_int4,
+    "edgec .pte 8da4w rtn": lambda model, work: edgec_build(model, work / "edgec-pte-rtn", *PTE, "--algo", "rtn"),
+    "edgec .pte 8da4w gptq": lambda model, work: edgec_build(model, work / "edgec-pte-gptq", *PTE),
+    "optimum-executorch .pte 8da4w": optimum_8da4w,
+}
+
+
+def builds(work: Path, names: list[str], built: dict[str, dict]) -> dict[str, dict]:
+    """Make each of `names` (others stay as `built` has them), timed; then every artifact's size."""
+    model = llama1b_shaped(work)
+    # Read once first, so that no export pays for a cold page cache and the next for a warm one.
+    for file in model.glob("*.safetensors"):
+        with open(file, "rb") as f:
+            while f.read(1 << 24):
+                pass
+    for name in names:
+        print(f"{name} ...", flush=True)
+        built[name] = BUILDS[name](model, work)
     for a in built.values():
         path = Path(a["path"])
         files = [path] if path.is_file() else [f for f in path.iterdir() if f.suffix in (".onnx", ".data")]
         a["size_mb"] = sum(f.stat().st_size for f in files) / 1e6
-    return built
+    return dict(sorted(built.items(), key=lambda item: list(BUILDS).index(item[0])))
 
 
 def main() -> None:
@@ -78,10 +88,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only-measure", action="store_true", help="Reuse the artifacts of the last run.")
     parser.add_argument("--no-gptq", action="store_true", help="Skip edgec's GPTQ builds (the slow ones).")
+    parser.add_argument("--rebuild", metavar="NAME,...",
+                        help="Make only these again, keeping the last run's other builds (names as in the table).")
     args = parser.parse_args()
     record = args.work / "vs_peers_1b.json"
-    artifacts = json.loads(record.read_text()) if args.only_measure and record.exists() else \
-        builds(args.work, not args.no_gptq)
+    last = json.loads(record.read_text()) if record.exists() else {}
+    if args.only_measure:
+        names = []
+    elif args.rebuild:
+        names = [n.strip() for n in args.rebuild.split(",")]
+        if unknown := [n for n in names if n not in BUILDS]:
+            parser.error(f"--rebuild: no build named {unknown[0]!r} (names: {', '.join(BUILDS)})")
+    else:
+        names, last = [n for n in BUILDS if not (args.no_gptq and n.endswith("gptq"))], {}
+    artifacts = builds(args.work, names, last)
     record.write_text(json.dumps(artifacts, indent=2))
     measure(artifacts, args.rounds)
     record.write_text(json.dumps(artifacts, indent=2))

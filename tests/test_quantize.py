@@ -194,11 +194,15 @@ def test_int4_build_reports_lora_delta_retention_per_adapter(trained_dir, tmp_pa
 
 
 def test_chunked_quantization_equals_whole_matrix(monkeypatch):
+    """Row chunks in threads (matrices from PARALLEL_FROM weights) give the whole matrix's codes exactly:
+    each row's arithmetic is elementwise, the same in any chunk."""
     import compiler.quant.blocks as qw
 
     w = np.random.default_rng(2).standard_normal((50, 64)).astype(np.float32)
     whole = qw.quantize_blocks(w, 4, 32, False, "clip")
     monkeypatch.setattr(qw, "ROWS_PER_CHUNK", 16)
+    monkeypatch.setattr(qw, "PARALLEL_FROM", 0)
+    monkeypatch.setattr(qw.os, "cpu_count", lambda: 3)
     for a, b in zip(whole, qw.quantize_blocks(w, 4, 32, False, "clip")):
         np.testing.assert_array_equal(a, b)
 

@@ -13,6 +13,9 @@ to bfloat16 (rounding up keeps the range covered).
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 CLIP_RATIOS = np.linspace(1.0, 0.6, 17, dtype=np.float32)
@@ -58,15 +61,22 @@ def _quantize(blocks, scale, zero, bits):
 
 
 ROWS_PER_CHUNK = 2048  # bounds the float temporaries to a few MB whatever the matrix size
+PARALLEL_FROM = 1 << 20  # weights; smaller matrices are quicker than a thread pool's start
 
 
 def quantize_blocks(w_nk: np.ndarray, bits: int, block_size: int, symmetric: bool, algo: str):
     """w_nk [N, K] fp32 -> (q uint8 [N, nb, bs], scales [N, nb], zero points uint8 [N, nb])."""
-    if w_nk.shape[0] > ROWS_PER_CHUNK:
-        parts = [_quantize_rows(w_nk[i : i + ROWS_PER_CHUNK], bits, block_size, symmetric, algo)
-                 for i in range(0, w_nk.shape[0], ROWS_PER_CHUNK)]
-        return tuple(np.concatenate(p, axis=0) for p in zip(*parts))
-    return _quantize_rows(w_nk, bits, block_size, symmetric, algo)
+    n, k = w_nk.shape
+    threads = os.cpu_count() or 1
+    if threads == 1 or n * k < PARALLEL_FROM:
+        return _quantize_rows(w_nk, bits, block_size, symmetric, algo)
+    # numpy lets go of the GIL inside its loops, so chunks in threads use every core; each row's result is
+    # the same whichever thread computes it.
+    rows = min(ROWS_PER_CHUNK, -(-n // threads))
+    with ThreadPoolExecutor(threads) as pool:
+        parts = list(pool.map(lambda i: _quantize_rows(w_nk[i : i + rows], bits, block_size, symmetric, algo),
+                              range(0, n, rows)))
+    return tuple(np.concatenate(p, axis=0) for p in zip(*parts))
 
 
 def _quantize_rows(w_nk: np.ndarray, bits: int, block_size: int, symmetric: bool, algo: str):
