@@ -19,6 +19,7 @@ EDGEC = BIN / "edgec"
 CACHE = Path.home() / ".cache" / "edgec"
 SMOLLM2_WORK = CACHE / "bench-smollm2"  # the SmolLM2-shaped benchmarks' default --work
 ONE_B_WORK = CACHE / "bench-1b"  # the Llama-3.2-1B-shaped benchmarks' default --work
+QWEN3_1_7B_WORK = CACHE / "bench-qwen3-1.7b"
 PROMPT_TOKENS = 128  # the comparisons' workload: prefill of a 128-token prompt, then 128 new tokens
 NEW_TOKENS = 128
 CHILD_LOG = Path("/tmp/edgec-bench-child.log")
@@ -128,12 +129,19 @@ def llama1b_shaped(work: Path) -> Path:
     return _shaped(work / "model", "Llama-3.2-1B", LLAMA32_1B)
 
 
-def _shaped(model: Path, name: str, shape: dict) -> Path:
+def qwen3_1_7b_shaped(work: Path) -> Path:
+    """The Qwen3-1.7B shape with random weights (fp32, about 6.9 GB), made once in `work`/model."""
+    from compiler.tiny_models import QWEN3_1_7B
+
+    return _shaped(work / "model", "Qwen3-1.7B", QWEN3_1_7B, "qwen3")
+
+
+def _shaped(model: Path, name: str, shape: dict, family: str = "llama") -> Path:
     from compiler.tiny_models import make_model
 
     if not (model / "config.json").exists():
         print(f"making the {name}-shaped model ...", flush=True)
-        make_model(model, "llama", **shape)
+        make_model(model, family, **shape)
     return model
 
 

@@ -1,8 +1,9 @@
-"""edgec's int4 builds of the Llama-3.2-1B shape (random weights, 4.9 GB fp32) against the GenAI builder's ONNX
+"""edgec's int4 builds of a 1B-class shape (the Llama-3.2-1B shape by default, random weights, 4.9 GB fp32)
 int4 and optimum-executorch's `.pte` (8da4w, embedding 8w): export wall time and peak RSS, size, prefill and
 decode, with issue 18's targets:
 
-    python -m benchmarks.vs_peers_1b [--work DIR] [--rounds N] [--only-measure] [--no-gptq] [--rebuild NAME,...]
+    python -m benchmarks.vs_peers_1b [--shape llama-1b|qwen3-1.7b] [--work DIR] [--rounds N] [--only-measure]
+                                     [--no-gptq] [--rebuild NAME,...] [--edgec-args ARGS]
 
 Every export is its own child process, one after another, after one read of the weights into the page
 cache (wall time from the clock, peak RSS from wait4);
@@ -19,17 +20,23 @@ import shutil
 import sys
 from pathlib import Path
 
-from benchmarks.common import (BIN, EDGEC, ONE_B_WORK, argument_parser, llama1b_shaped, print_artifacts, print_ratios,
-                               timed)
+from benchmarks.common import (BIN, EDGEC, ONE_B_WORK, QWEN3_1_7B_WORK, argument_parser, llama1b_shaped,
+                               print_artifacts, print_ratios, qwen3_1_7b_shaped, timed)
 from benchmarks.speed_all import measure
 from benchmarks.vs_optimum_executorch import optimum_cli
 
 MAX_SEQ_LEN = 2048
+# --shape -> (its name in the table, how to make it, default --work)
+SHAPES = {"llama-1b": ("Llama-3.2-1B", llama1b_shaped, ONE_B_WORK),
+          "qwen3-1.7b": ("Qwen3-1.7B", qwen3_1_7b_shaped, QWEN3_1_7B_WORK)}
+
+
+EDGEC_OPTIONS: list[str] = []  # --edgec-args
 
 
 def edgec_build(model: Path, out: Path, *options: str) -> dict:
     wall, rss = timed([EDGEC, "build", "--model", model, "--out", out, "--quant", "int4", "--force", "--quiet",
-                       "--no-validate", *options])
+                       "--no-validate", *options, *EDGEC_OPTIONS])
     pte = out / "model.pte"
     runner = {"kind": "executorch", "path": str(pte)} if pte.exists() else {"kind": "genai", "path": str(out)}
     return {**runner, "export_s": wall, "export_rss_mb": rss}
@@ -64,9 +71,8 @@ BUILDS = {
 }
 
 
-def builds(work: Path, names: list[str], built: dict[str, dict]) -> dict[str, dict]:
+def builds(model: Path, work: Path, names: list[str], built: dict[str, dict]) -> dict[str, dict]:
     """Make each of `names` (others stay as `built` has them), timed; then every artifact's size."""
-    model = llama1b_shaped(work)
     # Read once first, so that no export pays for a cold page cache and the next for a warm one.
     for file in model.glob("*.safetensors"):
         with open(file, "rb") as f:
@@ -84,13 +90,18 @@ def builds(work: Path, names: list[str], built: dict[str, dict]) -> dict[str, di
 
 def main() -> None:
     parser = argument_parser(__doc__, __spec__.name)
-    parser.add_argument("--work", type=Path, default=ONE_B_WORK)
+    parser.add_argument("--shape", choices=list(SHAPES), default="llama-1b")
+    parser.add_argument("--work", type=Path, help="Where the model and builds go [~/.cache/edgec/bench-SHAPE].")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--only-measure", action="store_true", help="Reuse the artifacts of the last run.")
     parser.add_argument("--no-gptq", action="store_true", help="Skip edgec's GPTQ builds (the slow ones).")
     parser.add_argument("--rebuild", metavar="NAME,...",
                         help="Make only these again, keeping the last run's other builds (names as in the table).")
+    parser.add_argument("--edgec-args", default="", help="More `edgec build` options, e.g. '--memory-budget 6GB'.")
     args = parser.parse_args()
+    EDGEC_OPTIONS[:] = args.edgec_args.split()
+    shape, make, work = SHAPES[args.shape]
+    args.work = args.work or work
     record = args.work / "vs_peers_1b.json"
     last = json.loads(record.read_text()) if record.exists() else {}
     if args.only_measure:
@@ -101,15 +112,15 @@ def main() -> None:
             parser.error(f"--rebuild: no build named {unknown[0]!r} (names: {', '.join(BUILDS)})")
     else:
         names, last = [n for n in BUILDS if not (args.no_gptq and n.endswith("gptq"))], {}
-    artifacts = builds(args.work, names, last)
+    artifacts = builds(make(args.work), args.work, names, last)
     record.write_text(json.dumps(artifacts, indent=2))
     measure(artifacts, args.rounds)
     record.write_text(json.dumps(artifacts, indent=2))
 
-    print(f"\nLlama-3.2-1B-shaped, random weights, int4, prompt 128, 128 new tokens, greedy, {os.cpu_count()} CPUs, "
+    print(f"\n{shape}-shaped, random weights, int4, prompt 128, 128 new tokens, greedy, {os.cpu_count()} CPUs, "
           f"each run its own process, medians of {args.rounds} rotated rounds\n")
     print_artifacts(artifacts)
-    builder, optimum = artifacts["builder ONNX int4"], artifacts["optimum-executorch .pte 8da4w"]
+    builder, optimum = artifacts.get("builder ONNX int4"), artifacts.get("optimum-executorch .pte 8da4w")
     targets = {
         "edgec ONNX int4 rtn": (builder, {"export_rss_mb": "<= 0.60x", "export_s": "<= 1.00x",
                                           "prefill_ms": "<= 1.00x", "decode_tps": ">= 1.00x"}),
@@ -121,7 +132,7 @@ def main() -> None:
                                             "prefill_ms": "<= 1.00x", "decode_tps": ">= 1.00x"}),
     }
     for name, (peer, wanted) in targets.items():
-        if name in artifacts:
+        if name in artifacts and peer is not None:
             peer_name = next(n for n, a in artifacts.items() if a is peer)
             print(f"\n{name} vs {peer_name}:")
             print_ratios(artifacts[name], peer, {"size_mb": None, **wanted})

@@ -58,6 +58,21 @@ LLAMA32_1B = dict(
     rope_theta=500000.0,
 )
 
+# The Qwen3-1.7B shape (random weights; q/k RMSNorm per head, head_dim 128), issue 18's second 1B-class model.
+QWEN3_1_7B = dict(
+    hidden_size=2048,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    intermediate_size=6144,
+    num_hidden_layers=28,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+    max_position_embeddings=40960,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+)
+
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
