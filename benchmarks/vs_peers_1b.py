@@ -1,5 +1,5 @@
 """edgec's int4 builds of a 1B-class shape (the Llama-3.2-1B shape by default, random weights, 4.9 GB fp32)
-int4 and optimum-executorch's `.pte` (8da4w, embedding 8w): export wall time and peak RSS, size, prefill and
+against the GenAI builder's ONNX int4 and optimum-executorch's `.pte` (8da4w, embedding 8w): export wall time and peak RSS, size, prefill and
 decode, with issue 18's targets:
 
     python -m benchmarks.vs_peers_1b [--shape llama-1b|qwen3-1.7b] [--work DIR] [--rounds N] [--only-measure]
