@@ -1,15 +1,15 @@
 """edgec's int4 builds of a 1B-class shape (the Llama-3.2-1B shape by default, random weights, 4.9 GB fp32)
-against the GenAI builder's ONNX int4 and optimum-executorch's `.pte` (8da4w, embedding 8w): export wall time and peak RSS, size, prefill and
-decode, with issue 18's targets:
+against the GenAI builder's ONNX int4 and optimum-executorch's `.pte` (8da4w, embedding 8w): export wall
+time and peak RSS, size, prefill and decode, with issue 18's targets:
 
     python -m benchmarks.vs_peers_1b [--shape llama-1b|qwen3-1.7b] [--work DIR] [--rounds N] [--only-measure]
                                      [--no-gptq] [--rebuild NAME,...] [--edgec-args ARGS]
 
 Every export is its own child process, one after another, after one read of the weights into the page
-cache (wall time from the clock, peak RSS from wait4);
-edgec builds with --no-validate, as neither peer validates. Speed: each run its own process (speed_all's
-child: one load, one warm-up, a 128-token prefill, 128 greedy new tokens), artifacts in rotated order each
-round, medians. Both `.pte` programs hold a 2048-position KV cache.
+cache (wall time from the clock, peak RSS from wait4); edgec builds with --no-validate, as neither peer
+validates. Speed: each run its own process (speed_all's child: one load, one warm-up, a 128-token prefill,
+128 greedy new tokens), artifacts in rotated order each round, medians. Both `.pte` programs hold a
+2048-position KV cache.
 """
 
 from __future__ import annotations
