@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import (BIN, EDGEC, ONE_B_WORK, QWEN3_1_7B_WORK, argument_parser, llama1b_shaped,
-                               print_artifacts, print_ratios, qwen3_1_7b_shaped, timed)
+                               print_artifacts, print_ratios, print_table, qwen3_1_7b_shaped, timed)
 from benchmarks.speed_all import measure
 from benchmarks.vs_optimum_executorch import optimum_cli
 
@@ -92,7 +92,7 @@ def main() -> None:
     parser = argument_parser(__doc__, __spec__.name)
     parser.add_argument("--shape", choices=list(SHAPES), default="llama-1b")
     parser.add_argument("--work", type=Path, help="Where the model and builds go [~/.cache/edgec/bench-SHAPE].")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="Speed rounds; 0: the exports alone.")
     parser.add_argument("--only-measure", action="store_true", help="Reuse the artifacts of the last run.")
     parser.add_argument("--no-gptq", action="store_true", help="Skip edgec's GPTQ builds (the slow ones).")
     parser.add_argument("--rebuild", metavar="NAME,...",
@@ -114,6 +114,11 @@ def main() -> None:
         names, last = [n for n in BUILDS if not (args.no_gptq and n.endswith("gptq"))], {}
     artifacts = builds(make(args.work), args.work, names, last)
     record.write_text(json.dumps(artifacts, indent=2))
+    if not args.rounds:
+        print_table(["artifact", "size (MB)", "export (s)", "export peak RSS (MB)"],
+                    [[n, f"{a['size_mb']:.1f}", f"{a['export_s']:.1f}", f"{a['export_rss_mb']:.0f}"]
+                     for n, a in artifacts.items()])
+        return
     measure(artifacts, args.rounds)
     record.write_text(json.dumps(artifacts, indent=2))
 
