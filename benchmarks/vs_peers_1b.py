@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import sys
 from pathlib import Path
 
 from benchmarks.common import (BIN, EDGEC, ONE_B_WORK, QWEN3_1_7B_WORK, argument_parser, llama1b_shaped,
-                               print_artifacts, print_ratios, print_table, qwen3_1_7b_shaped, timed)
+                               print_artifacts, print_ratios, print_table, qwen3_1_7b_shaped, rotations, timed)
 from benchmarks.speed_all import measure
 from benchmarks.vs_optimum_executorch import optimum_cli
 
@@ -71,16 +72,23 @@ BUILDS = {
 }
 
 
-def builds(model: Path, work: Path, names: list[str], built: dict[str, dict]) -> dict[str, dict]:
-    """Make each of `names` (others stay as `built` has them), timed; then every artifact's size."""
+def builds(model: Path, work: Path, names: list[str], built: dict[str, dict], rounds: int = 1) -> dict[str, dict]:
+    """Make each of `names` (others stay as `built` has them), timed, `rounds` times in rotated order (export
+    wall: the median; peak RSS: the largest); then every artifact's size."""
     # Read once first, so that no export pays for a cold page cache and the next for a warm one.
     for file in model.glob("*.safetensors"):
         with open(file, "rb") as f:
             while f.read(1 << 24):
                 pass
-    for name in names:
-        print(f"{name} ...", flush=True)
-        built[name] = BUILDS[name](model, work)
+    walls: dict[str, list[float]] = {name: [] for name in names}
+    for order in list(rotations(names, rounds))[1:] if rounds > 1 else [names]:
+        for name in order:
+            print(f"{name} ...", flush=True)
+            rss = built.get(name, {}).get("export_rss_mb", 0) if walls[name] else 0
+            built[name] = BUILDS[name](model, work)
+            walls[name].append(built[name]["export_s"])
+            built[name].update(export_s=statistics.median(walls[name]), export_walls_s=walls[name],
+                               export_rss_mb=max(rss, built[name]["export_rss_mb"]))
     for a in built.values():
         path = Path(a["path"])
         files = [path] if path.is_file() else [f for f in path.iterdir() if f.suffix in (".onnx", ".data")]
@@ -97,6 +105,8 @@ def main() -> None:
     parser.add_argument("--no-gptq", action="store_true", help="Skip edgec's GPTQ builds (the slow ones).")
     parser.add_argument("--rebuild", metavar="NAME,...",
                         help="Make only these again, keeping the last run's other builds (names as in the table).")
+    parser.add_argument("--export-rounds", type=int, default=1, help="Time each export this many times, "
+                        "alternating (median wall, largest RSS).")
     parser.add_argument("--edgec-args", default="", help="More `edgec build` options, e.g. '--memory-budget 6GB'.")
     args = parser.parse_args()
     EDGEC_OPTIONS[:] = args.edgec_args.split()
@@ -112,7 +122,7 @@ def main() -> None:
             parser.error(f"--rebuild: no build named {unknown[0]!r} (names: {', '.join(BUILDS)})")
     else:
         names, last = [n for n in BUILDS if not (args.no_gptq and n.endswith("gptq"))], {}
-    artifacts = builds(make(args.work), args.work, names, last)
+    artifacts = builds(make(args.work), args.work, names, last, args.export_rounds)
     record.write_text(json.dumps(artifacts, indent=2))
     if not args.rounds:
         print_table(["artifact", "size (MB)", "export (s)", "export peak RSS (MB)"],
