@@ -69,6 +69,20 @@ def quantize_decoder(decoder: nn.Module, quant: QuantConfig, precomputed: dict[s
         # A parameter of its own, so that quantizing the head leaves the embedding alone; over the same
         # tensor (torchao replaces a weight, never writes it): no fp32 copy of the table.
         decoder.lm_head.weight = nn.Parameter(decoder.lm_head.weight.detach(), requires_grad=False)
+    # The largest tables first (the embedding, then the lm_head), while no quantized layer is held yet: torchao's
+    # temporaries for a 128256-row table are what a 1B build's peak is made of.
+    counts: dict[str, int] = {}
+    embedding_bits = module_bits("embed_tokens", quant)
+    if embedding_bits:
+        hidden = decoder.embed_tokens.embedding_dim
+        block = quant.block_for("model.embed_tokens")
+        granularity = PerAxis(0) if embedding_bits == 8 else PerGroup(group_for(hidden, block))
+        dtype = torch.int8 if embedding_bits == 8 else torch.int4
+        source = decoder.embed_tokens.weight
+        quantize_(decoder, IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity),
+                  filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
+        release_pages(source)  # a tied lm_head still to quantize reads the table back from the file
+        counts[f"embedding_int{embedding_bits}"] = 1
     by_scheme: dict[tuple[int, int], list[str]] = {}  # (bits, group) -> decoder module names
     for name, module in decoder.named_modules():
         if isinstance(module, nn.Linear):
@@ -77,8 +91,8 @@ def quantize_decoder(decoder: nn.Module, quant: QuantConfig, precomputed: dict[s
             if bits == 4 and group % XNNPACK_GROUP_MULTIPLE:
                 bits, group = 8, 0  # XNNPACK's blockwise int4 GEMM refuses this K: int8 per channel instead
             by_scheme.setdefault((bits, group), []).append(name)
-    counts: dict[str, int] = {}
-    for (bits, group), names in by_scheme.items():
+    for (bits, group), names in sorted(by_scheme.items(), key=lambda item: "lm_head" not in item[1]):
+        names.sort(key=lambda name: name != "lm_head")
         if bits == 0:
             counts["linear_fp32"] = len(names)
             continue
@@ -94,15 +108,6 @@ def quantize_decoder(decoder: nn.Module, quant: QuantConfig, precomputed: dict[s
                           for name in names)
             if carried:
                 counts["int4_gptq"] = counts.get("int4_gptq", 0) + carried
-    embedding_bits = module_bits("embed_tokens", quant)
-    if embedding_bits:
-        hidden = decoder.embed_tokens.embedding_dim
-        block = quant.block_for("model.embed_tokens")
-        granularity = PerAxis(0) if embedding_bits == 8 else PerGroup(group_for(hidden, block))
-        dtype = torch.int8 if embedding_bits == 8 else torch.int4
-        quantize_(decoder, IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity),
-                  filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
-        counts[f"embedding_int{embedding_bits}"] = 1
     return counts
 
 
