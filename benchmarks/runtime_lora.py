@@ -28,6 +28,7 @@ from compiler.tiny_models import ALL_PROJECTIONS, SMOLLM2_135M, make_adapter
 from runtimes.genai import GenaiRuntime
 
 RANKS = (8, 16, 64)
+THREADS = os.cpu_count() or 1  # genai's own default is half the logical cores (one of this machine's two)
 
 
 def adapters(work: Path, model: Path) -> dict[int, Path]:
@@ -77,11 +78,11 @@ def builds(work: Path, model: Path, lora: dict[int, Path], lora_dtype: str, rebu
 def speed(built: dict, rounds: int) -> dict[str, dict]:
     """Prefill of a 128-token prompt and decode of 128 tokens in onnxruntime-genai, alternating; the runtime
     bundle is one model whose active adapter is set per generation, as an app does."""
-    runtime = GenaiRuntime(built["runtime"]["dir"])
+    runtime = GenaiRuntime(built["runtime"]["dir"], threads=THREADS)
     rows = {f"runtime r{r}": (runtime, f"r{r}") for r in RANKS}
     rows["runtime, no adapter"] = (runtime, None)
-    rows.update({f"merged r{r}": (GenaiRuntime(built[f"merged r{r}"]["dir"]), None) for r in RANKS})
-    rows["builder adapter_path r16"] = (GenaiRuntime(built["builder adapter_path r16"]["dir"]), None)
+    rows.update({f"merged r{r}": (GenaiRuntime(built[f"merged r{r}"]["dir"], threads=THREADS), None) for r in RANKS})
+    rows["builder adapter_path r16"] = (GenaiRuntime(built["builder adapter_path r16"]["dir"], threads=THREADS), None)
     prompt = np.random.default_rng(0).integers(3, SMOLLM2_135M["vocab_size"], PROMPT_TOKENS).tolist()
     samples = {name: {"prefill_s": [], "decode_tps": []} for name in rows}
     for round_index, order in enumerate(rotations(list(rows), rounds)):  # round 0 warms up

@@ -57,7 +57,8 @@ def size_mb(directory: Path) -> float:
 def measure(artifacts: dict[str, dict], rounds: int) -> None:
     """Every artifact in onnxruntime-genai, in this process, alternating: prefill time for a 128-token prompt
     and decode tokens/s for 128 new tokens (medians), and file size."""
-    runtimes = {name: GenaiRuntime(a["dir"]) for name, a in artifacts.items()}
+    # Every bundle on all cores: genai's own default is half the logical cores (one of this machine's two).
+    runtimes = {name: GenaiRuntime(a["dir"], threads=os.cpu_count() or 1) for name, a in artifacts.items()}
     prompt = np.random.default_rng(0).integers(3, SMOLLM2_135M["vocab_size"], PROMPT_TOKENS).tolist()
     samples = {name: {"prefill_s": [], "decode_tps": []} for name in artifacts}
     for round_index, order in enumerate(rotations(list(artifacts), rounds)):  # round 0 warms up
