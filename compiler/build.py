@@ -334,7 +334,7 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
     model = reference.model
     quant = config.export.quant
     with report.stage("export_onnx", f"{model.cfg.num_layers} layers, torch.export + dynamo exporter"):
-        onnx_model = export_onnx(model, last_position_logits=config.export.logits == "last")
+        onnx_model = export_onnx(model, last_position_logits=config.export.last_position_logits)
         release_module_pages(model)  # the template's checks read layer 0 and the tables
     traced_nodes = len(onnx_model.graph)
     pipeline = config.export.pipeline
@@ -361,8 +361,9 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
         del onnx_model
         writer.write_json("genai_config.json", genai_config(model.cfg, MODEL_FILE, shares_buffer,
                                                                config.export.threads))
+    io = io_for(model, config.export.last_position_logits).describe(shares_buffer)
     artifact = {"format": "onnx", "path": MODEL_FILE, "precision": config.export.precision, "pipeline": pipeline,
-                "quant": quant.to_dict() if quant else None, "io": io_for(model, config.export.logits == "last").describe(shares_buffer)}
+                "quant": quant.to_dict() if quant else None, "io": io}
     if reference.slots is not None:
         artifact["lora"] = _write_onnx_adapters(writer.staging, reference, report)
     if config.validation.enabled:

@@ -124,6 +124,10 @@ class ExportConfig:
     logits: str = "last"  # onnx: "last" (the lm_head on the last position only) or "all" positions
 
     @property
+    def last_position_logits(self) -> bool:
+        return self.logits == "last"
+
+    @property
     def precision(self) -> str:
         """What the validation gates hold the artifact to: the weights' precision."""
         return "int4" if self.quant else "fp32"
