@@ -34,8 +34,8 @@ PASSES_MB = 175.0  # the ONNX passes' own working set
 # Copies of the embedding table (fp32) at once: the ONNX int4 pass reads the whole table and its quantization
 # makes temporaries of its size.
 TABLE_COPIES = 1.35
-GPTQ_FACTOR_COPIES = 7  # K x K temporaries alive while GPTQ factors the largest Hessian (see _inverse_hessian_factor)
-GPTQ_BATCH_COPIES = 3  # BATCH_ELEMENTS-sized tensors of one batched column loop (weights, errors, codes)
+GPTQ_FACTOR_COPIES = 4  # K x K temporaries alive while GPTQ factors the largest Hessian (see _error_feedback_factor)
+GPTQ_BATCH_COPIES = 4  # BATCH_ELEMENTS-sized tensors of one batched column loop (weights, shifts, errors, codes)
 # The lm_head's rows in flight, in table-sized fp32 units: its row jobs' results and their concatenation into
 # codes, and what the allocator keeps from the layers' windows (fitted on the 1B shape's GPTQ).
 GPTQ_HEAD_COPIES = 1.55

@@ -4,8 +4,9 @@ For every Linear of the merged fp32 decoder, the Hessian proxy H = 2/n * sum(x x
 calibration text is collected (q/k/v and gate/up share their input and so their H, and are quantized as
 one stacked matrix). Each weight [N, K] is then quantized column by column in the exact block format of
 QuantizeWeightsPass (one scale per block of columns, set when the block starts, from the weights as
-updated so far), and each column's rounding error is spread over the remaining columns through the
-Cholesky factor of H^-1 (Frantar et al., 2022). The result is handed to the pass as precomputed blocks.
+updated so far), and each column's rounding error is spread over the remaining columns (Frantar et al.,
+2022), here through the Cholesky factor of H itself rather than of H^-1. The result is handed to the pass
+as precomputed blocks.
 
 Speed and memory: the calibration hidden states go through the decoder one window of layers at a time
 (logits are never computed), so only one window's Hessians are held. Within a window, all matrices of one
@@ -15,6 +16,7 @@ than arithmetic, so 30 layers batched cost little more than one.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +59,20 @@ def calibration_sequences(model_dir: Path, text_file: str | None, vocab_size: in
     return [ids[s : s + length] for s in range(0, len(ids) - length + 1, step)][:count]
 
 
+def gram(x: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """x^T x from the blocks on and below its diagonal, mirrored: about half a full product's work
+    (torch has no symmetric rank-k update, and down_proj's 8192-wide Hessians cost a full forward)."""
+    k = x.shape[1]
+    if k < 2 * block:
+        return x.T @ x
+    out = torch.empty(k, k, dtype=x.dtype)
+    for a in range(0, k, block):
+        b = min(a + block, k)
+        torch.mm(x[:, a:].T, x[:, a:b], out=out[a:, a:b])
+        out[a:b, b:] = out[b:, a:b].T
+    return out
+
+
 class _HessianAccumulator:
     """H = 2/n * sum(x x^T) per module path, fed by forward pre-hooks or directly."""
 
@@ -76,7 +92,7 @@ class _HessianAccumulator:
     def add(self, name: str, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         total = self.counts.get(name, 0) + x.shape[0]
-        update = x.T @ x
+        update = gram(x)
         h = self.hessians.get(name)
         self.hessians[name] = update * (2 / total) if h is None else h * (self.counts[name] / total) + update * (2 / total)
         self.counts[name] = total
@@ -241,16 +257,17 @@ def _quantize_leaders(leaders: list[_Leader], hessians: dict[str, torch.Tensor],
             batch = group[b0 : b0 + per_batch]
             for leader, _, _ in batch:
                 if leader.name not in factors:
-                    factors[leader.name] = _inverse_hessian_factor(hessians.pop(leader.name), padded, damp)
+                    factors[leader.name] = _error_feedback_factor(hessians.pop(leader.name), padded, damp)
             # Weights transposed to [B, K, N]: the loop reads and updates whole columns, contiguous so.
             w = torch.zeros(len(batch), padded, rows)
             for j, (leader, start, stop) in enumerate(batch):
                 k = leader.shape[1]
                 w[j, :k] = leader.rows(start, stop).T
                 w[j, factors[leader.name][1]] = 0
-            hinv = torch.stack([factors[leader.name][0] for leader, _, _ in batch])
-            q, scales, zeros = _gptq_columns(w, hinv, bits, block, symmetric, grid=grid)
-            del w, hinv
+            feedback = torch.stack([factors[leader.name][0] for leader, _, _ in batch]) if len(batch) > 1 \
+                else factors[batch[0][0].name][0][None]  # a view: 8192 columns' factor is 256 MiB
+            q, scales, zeros = _gptq_columns(w, feedback, bits, block, symmetric, grid=grid)
+            del w, feedback
             for j, (leader, start, _) in enumerate(batch):
                 results[(leader.name, start)] = (q[j], scales[j], zeros[j])
                 jobs_left[leader.name] -= 1
@@ -269,48 +286,60 @@ def _quantize_leaders(leaders: list[_Leader], hessians: dict[str, torch.Tensor],
     return out
 
 
-def _inverse_hessian_factor(hessian: torch.Tensor, k: int, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper triangular U with U^T U = H^-1, for H padded to k columns, and the mask of dead inputs.
+def _error_feedback_factor(hessian: torch.Tensor, k: int, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """F, upper triangular with unit diagonal, for H padded to k columns, and the mask of dead inputs.
 
-    With J the reversal permutation and J H J = L L^T, R = J L J is upper and H = R R^T, so
-    U = R^-1: one Cholesky and one triangular inverse (instead of Cholesky, inverse, Cholesky)."""
+    GPTQ's column loop with U the upper Cholesky factor of H^-1 ends with w - q = e U (e: the scaled
+    errors). With H = R R^T, R upper (one Cholesky of H reversed), U = R^-1, so e = (w - q) R, and the
+    value column i is rounded from is w_i + sum_{j<i} (w_j - q_j) R_ji / R_ii: F = R / diag(R) by
+    columns. The same result as with H^-1's factor, without inverting anything (a triangular inverse of
+    8192 columns costs three Cholesky factorizations)."""
     k_real = hessian.shape[0]
     h = torch.zeros(k, k)
     h[:k_real, :k_real] = hessian
-    dead = torch.diag(h) == 0
+    diagonal = h.diagonal()
+    dead = diagonal == 0
     # Padding columns and unused inputs have H_ii = 0: a unit diagonal keeps H invertible, and their
     # weights are zeroed, so they stay exactly zero.
-    h[dead, dead] = 1
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(k)
+    diagonal[dead] = 1
+    diagonal += damp * torch.mean(diagonal)
     upper = torch.linalg.cholesky(h.flip(0, 1)).flip(0, 1)
-    return torch.linalg.solve_triangular(upper, torch.eye(k), upper=True), dead
+    del h
+    return upper.div_(upper.diagonal().clone()), dead
 
 
-def _gptq_columns(w: torch.Tensor, hinv: torch.Tensor, bits: int, block_size: int, symmetric: bool, lazy: int = 32,
-                  grid: str = "onnx"):
-    """The GPTQ column loop over a batch: w [B, K, N] (updated in place), hinv [B, K, K] upper factors.
+def _gptq_columns(w: torch.Tensor, feedback: torch.Tensor, bits: int, block_size: int, symmetric: bool,
+                  lazy: int = 32, grid: str = "onnx"):
+    """The GPTQ column loop over a batch: w [B, K, N], feedback [B, K, K] (_error_feedback_factor).
     Returns numpy (q uint8 [B, N, nb, bs], scales [B, N, nb], zero points uint8 [B, N, nb]).
 
-    Each column's error goes to the rest of its `lazy` window at once (one fused multiply-add) and to the
-    columns after the window in one batched matrix product per window. The per-column steps are few,
-    in-place torch calls: at these sizes their dispatch, not their arithmetic, is the cost."""
+    Column i is rounded from w_i + sum_{j<i} (w_j - q_j) F_ji: each column's error goes to the rest of its
+    `lazy` window at once (one fused multiply-add) and to the columns after the window in one batched
+    matrix product per window, gathered in `shift` while w keeps the original weights. The per-column
+    steps are few, in-place torch calls: at these sizes their dispatch, not their arithmetic, is the cost."""
     b, k, n = w.shape
     nb = k // block_size
+    lazy = math.gcd(lazy, block_size)  # every block starts a window: its scale needs the shift complete
     q_all = torch.empty(b, k, n, dtype=torch.uint8)
     scales = torch.empty(b, nb, n)
     zeros = torch.empty(b, nb, n)
     qmax = 2**bits - 1
-    inv_diag = 1 / torch.diagonal(hinv, dim1=1, dim2=2)
+    shift = torch.zeros_like(w)
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
-        w1 = w[:, i1:i2]  # a view: updates land in w
+        w1 = w[:, i1:i2] + shift[:, i1:i2]  # the window's columns to round from, updated as it goes
         err1 = torch.empty_like(w1)
-        hinv1 = hinv[:, i1:i2, i1:i2]
+        feedback1 = feedback[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if col % block_size == 0:
-                # Same rule as the RTN path, on the block as updated so far (blocks along K: axis 1 here).
-                block = w[:, col : col + block_size].transpose(1, 2).numpy()
+                # Same rule as the RTN path, on the block as GPTQ has updated it so far (blocks along K:
+                # axis 1 here). The shift holds partial sums that are right only for the column being
+                # rounded; for the rest of the block the classic loop's values are w + F_bb^-T shift.
+                end = col + block_size
+                block = w[:, col:end] + torch.linalg.solve_triangular(
+                    feedback[:, col:end, col:end].transpose(1, 2), shift[:, col:end], upper=False, unitriangular=True)
+                block = block.transpose(1, 2).numpy()
                 scale, zero = (torch.from_numpy(a) for a in block_scales_and_zeros(block, bits, symmetric, grid=grid))
                 scales[:, col // block_size], zeros[:, col // block_size] = scale, zero
                 inv_scale = 1 / torch.where(scale == 0, 1.0, scale)
@@ -319,11 +348,10 @@ def _gptq_columns(w: torch.Tensor, hinv: torch.Tensor, bits: int, block_size: in
             q = torch.mul(column, inv_scale).round_().add_(zero).clamp_(0, qmax)
             q_all[:, col] = q
             err = err1[:, i]
-            torch.addcmul(column + zero_scaled, q, scale, value=-1, out=err)  # w - (q - zero) * scale
-            err.mul_(inv_diag[:, col, None])
-            w1[:, i + 1 :].addcmul_(hinv1[:, i, i + 1 :, None], err[:, None, :], value=-1)
+            torch.addcmul(w[:, col] + zero_scaled, q, scale, value=-1, out=err)  # w - (q - zero) * scale
+            w1[:, i + 1 :].addcmul_(feedback1[:, i, i + 1 :, None], err[:, None, :])
         if i2 < k:
-            w[:, i2:].baddbmm_(hinv[:, i1:i2, i2:].transpose(1, 2), err1, alpha=-1)
+            shift[:, i2:].baddbmm_(feedback[:, i1:i2, i2:].transpose(1, 2), err1)
     q = q_all.reshape(b, nb, block_size, n).permute(0, 3, 1, 2).contiguous().numpy()
     return (q, scales.transpose(1, 2).contiguous().numpy().astype(np.float32),
             zeros.transpose(1, 2).contiguous().numpy().astype(np.uint8))
