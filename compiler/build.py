@@ -214,6 +214,8 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
         if "onnx" in config.export.formats:
             artifacts.append(_build_onnx(config, reference, writer, report, precomputed.get("onnx")))
             runners["onnxruntime-genai"] = "genai_config.json"
+            if not config.validation.enabled:  # only a failed validation's advice reads codes again
+                precomputed.pop("onnx", None)
         if "pte" in config.export.formats:
             artifacts.append(_build_pte(config, reference, writer, report, precomputed.get("xnnpack")))
             runners["executorch-llm-runner"] = artifacts[-1]["path"]
@@ -405,6 +407,8 @@ def _build_pte(config: BuildConfig, reference: Reference, writer: BundleWriter, 
         with report.stage("quantize_pte", "torchao, int8 dynamic activations"):
             counts = quantize_decoder(decoder, quant, precomputed)
             release_module_pages(model)  # torchao holds its own int8 copies now
+            if precomputed and not config.validation.enabled:
+                precomputed.clear()  # torchao's tensors hold them now; only a failed validation's advice reads them
     metadata = runner_metadata(model.cfg, max_seq_len, model.cfg.bos_token_id, list(model.cfg.eos_token_ids))
     lora = None
     if reference.slots is not None:

@@ -43,7 +43,9 @@ GPTQ_MB = 110.0  # the calibration forward's activations and what the allocator 
 ORT_MB = 146.0  # an onnxruntime session's own memory (fitted on the tiny and 135M builds only)
 ORT_INT4_COPIES = 4.6  # onnxruntime's memory per byte of int4 weights (file data, prepacked blocks, arenas)
 PTE_INT8_BYTES = 1.0  # torchao's 8da4w weight: int8 codes, a byte per weight until lowering packs them
-PTE_TABLE_COPIES = 3.1  # fp32 table-sized tensors while torchao quantizes the lm_head and the embedding
+# fp32 table-sized memory while torchao quantizes the tables a chunk of rows at a time: the chunks' pages in
+# flight and what the allocator keeps (fitted on the 1B rtn build)
+PTE_TABLE_COPIES = 0.45
 PTE_LOWERED_BYTES = 1.42  # per weight, the lowered program (XNNPACK's packed weights, the .pte's buffer)
 PTE_LAYER_MB = 9.7  # per layer, what lowering and stitching keep
 
@@ -181,16 +183,18 @@ def estimate(facts: WeightFacts, formats: tuple[str, ...], quant, validate: bool
             stages["validate"] = base + held + codes + ORT_MB + (ORT_INT4_COPIES * int4 if quant else weights)
     if "pte" in formats:
         kv_cache = facts.kv_position_bytes * min(facts.max_positions, PTE_MAX_SEQ_LEN) / MB
-        pte_base = base + PTE_LIBS_MB + held + codes + kv_cache
+        # GPTQ's codes stay past the quantization only for a failed validation's advice.
+        pte_base = base + PTE_LIBS_MB + held + kv_cache
+        kept_codes = codes if validate else 0.0
         elements = facts.linear_elements + facts.embedding_elements  # a tied lm_head quantized apart here
         int8 = elements * (PTE_INT8_BYTES + 4 / block) / MB if quant else 0.0
         qkv = facts.qkv_elements * 4 / MB
-        stages["quantize_pte"] = (pte_base + qkv + int8 + PTE_TABLE_COPIES * largest if quant
+        stages["quantize_pte"] = (pte_base + codes + qkv + int8 + PTE_TABLE_COPIES * largest if quant
                                   else pte_base + qkv + weights)
         lowered = elements * PTE_LOWERED_BYTES / MB if quant else 2 * weights
-        stages["export_pte"] = pte_base + int8 + lowered + PTE_LAYER_MB * facts.num_layers
+        stages["export_pte"] = pte_base + kept_codes + int8 + lowered + PTE_LAYER_MB * facts.num_layers
         if validate:
-            stages["validate_pte"] = pte_base + (lowered if quant else 2 * weights)
+            stages["validate_pte"] = pte_base + kept_codes + (lowered if quant else 2 * weights)
     return MemoryEstimate(stages, gptq_hessian_bytes=gptq_hessian_bytes)
 
 

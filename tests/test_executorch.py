@@ -154,6 +154,40 @@ def test_gptq_codes_on_the_xnnpack_grid_are_what_the_pte_linears_hold(trained_di
         assert torch.equal(weight.qdata.int() + 8, torch.from_numpy(q.reshape(weight.qdata.shape)).int())
 
 
+@pytest.mark.parametrize("config_name", ["8da4w", "8da8w", "embedding int8", "embedding int4"])
+def test_quantizing_in_row_chunks_equals_torchao_on_the_whole_weight(monkeypatch, config_name):
+    """Tables are quantized a few rows at a time (their temporaries were a 1B build's peak): the same
+    tensor as torchao's quantize_ over the whole weight, here with chunks of 7 rows and a short last one."""
+    import torch
+    from torch import nn
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    import compiler.executorch.quantize as pte_quantize
+
+    config, make = {
+        "8da4w": (Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32)),
+                  lambda: nn.Linear(64, 30, bias=False)),
+        "8da8w": (Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
+                  lambda: nn.Linear(64, 30, bias=False)),
+        "embedding int8": (IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)), lambda: nn.Embedding(30, 64)),
+        "embedding int4": (IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)), lambda: nn.Embedding(30, 64)),
+    }[config_name]
+    torch.manual_seed(0)
+    whole, chunked = make(), make()
+    chunked.load_state_dict(whole.state_dict())
+    quantize_(whole, config, filter_fn=lambda m, fqn: True)
+    monkeypatch.setattr(pte_quantize, "ROWS_PER_CHUNK", 7)
+    pte_quantize._quantize_in_row_chunks(chunked, config)
+    assert type(chunked.weight) is type(whole.weight) and chunked.weight.shape == whole.weight.shape
+    for name in whole.weight.tensor_data_names:
+        assert torch.equal(getattr(chunked.weight, name), getattr(whole.weight, name)), name
+    for name in whole.weight.tensor_attribute_names:
+        assert getattr(chunked.weight, name) == getattr(whole.weight, name), name
+    x = torch.randint(0, 30, (5,)) if isinstance(whole, nn.Embedding) else torch.randn(5, 64)
+    assert torch.equal(chunked(x), whole(x))
+
+
 def test_a_linear_whose_int4_group_xnnpack_refuses_is_int8_instead(tmp_path):
     """K = 80: the largest power-of-two block dividing it is 16, which XNNPACK's int4 linear refuses (groups
     must be multiples of 32): that linear is 8-bit per channel instead of failing the export."""

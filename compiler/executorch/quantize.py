@@ -62,7 +62,7 @@ def quantize_decoder(decoder: nn.Module, quant: QuantConfig, precomputed: dict[s
     fp32 at 0; the embedding weight-only. `quant` has passed check_pte_quant (build does it first).
     `precomputed`: GPTQ's codes on the xnnpack grid (compiler/quant/blocks.py) by module path; the int4
     linears whose group they match take them instead of torchao's rounding (counted as `int4_gptq`)."""
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerAxis, PerGroup
 
     if decoder.lm_head.weight is decoder.embed_tokens.weight and module_bits("lm_head", quant):
@@ -78,10 +78,8 @@ def quantize_decoder(decoder: nn.Module, quant: QuantConfig, precomputed: dict[s
         block = quant.block_for("model.embed_tokens")
         granularity = PerAxis(0) if embedding_bits == 8 else PerGroup(group_for(hidden, block))
         dtype = torch.int8 if embedding_bits == 8 else torch.int4
-        source = decoder.embed_tokens.weight
-        quantize_(decoder, IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity),
-                  filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
-        release_pages(source)  # a tied lm_head still to quantize reads the table back from the file
+        # A tied lm_head still to quantize reads the table back from the file.
+        _quantize_in_row_chunks(decoder.embed_tokens, IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity))
         counts[f"embedding_int{embedding_bits}"] = 1
     by_scheme: dict[tuple[int, int], list[str]] = {}  # (bits, group) -> decoder module names
     for name, module in decoder.named_modules():
@@ -99,31 +97,59 @@ def quantize_decoder(decoder: nn.Module, quant: QuantConfig, precomputed: dict[s
         config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group)) \
             if bits == 4 else Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
         for name in names:  # one at a time, each fp32 source's mapped pages handed back once quantized
-            source = decoder.get_submodule(name).weight
-            quantize_(decoder, config, filter_fn=lambda m, fqn, name=name: fqn == name)
-            release_pages(source)
+            module = decoder.get_submodule(name)
+            source = module.weight
+            if bits == 4 and precomputed and _take_codes(module, codes_for(precomputed, _module_path(name)), group):
+                counts["int4_gptq"] = counts.get("int4_gptq", 0) + 1
+                release_pages(source)
+            else:
+                _quantize_in_row_chunks(module, config)
         counts[f"linear_8da4w_group{group}" if bits == 4 else "linear_8da8w_channel"] = len(names)
-        if bits == 4 and precomputed:
-            carried = sum(_take_codes(decoder.get_submodule(name).weight, codes_for(precomputed, _module_path(name)), group)
-                          for name in names)
-            if carried:
-                counts["int4_gptq"] = counts.get("int4_gptq", 0) + carried
     return counts
 
 
-def _take_codes(weight, codes: tuple | None, group: int) -> bool:
-    """Put precomputed codes (q uint8 [N, nb, group] around zero point 2^3, scales [N, nb]) into a torchao
-    int4 weight when their blocks are its groups; False (torchao's rounding kept) otherwise."""
+ROWS_PER_CHUNK = 4096
+
+
+def _quantize_in_row_chunks(module: nn.Module, config) -> None:
+    """torchao's quantize_ of one Linear or Embedding, `ROWS_PER_CHUNK` rows at a time (every scheme here
+    scales per row or per block of a row, so the chunks' results are the whole weight's), into one tensor
+    of the type torchao made. Its temporaries are a chunk's, not the table's (a 128256-row table's were a
+    1B build's peak), and each chunk's fp32 pages go back to the file once quantized."""
+    from torchao.quantization import quantize_
+
+    weight = module.weight.detach()
+    parts = []
+    for start in range(0, weight.shape[0], ROWS_PER_CHUNK):
+        rows = weight[start : start + ROWS_PER_CHUNK]
+        stand_in = (nn.Embedding if isinstance(module, nn.Embedding) else nn.Linear)(1, 1, device="meta")
+        stand_in.weight = nn.Parameter(rows, requires_grad=False)
+        quantize_(stand_in, config, filter_fn=lambda m, fqn: fqn == "")
+        parts.append(stand_in.weight)
+        release_pages(rows)
+    first = parts[0]
+    joined = type(first)(*(torch.cat([getattr(p, n) for p in parts]) for n in first.tensor_data_names),
+                         *(getattr(first, n) for n in first.tensor_attribute_names))
+    module.weight = nn.Parameter(joined, requires_grad=False)
+
+
+def _take_codes(linear: nn.Linear, codes: tuple | None, group: int) -> bool:
+    """Make the linear's int4 weight from precomputed codes (q uint8 [N, nb, group] around zero point 2^3,
+    scales [N, nb]) when their blocks are its groups: the tensor torchao's 8da4w config would make, holding
+    these values, without its rounding pass over the fp32 weight. False (the caller rounds) otherwise."""
+    from torchao.quantization.quantize_.workflows import IntxUnpackedToInt8Tensor
+
     if codes is None:
         return False
     q, scales, _ = codes
-    n, k = weight.qdata.shape
+    n, k = linear.weight.shape
     if q.shape != (n, k // group, group):
         return False
-    with torch.no_grad():
-        weight.qdata.copy_(torch.from_numpy(q.reshape(n, k).astype(np.int16) - 8).to(torch.int8))
-        weight.scale.copy_(torch.from_numpy(scales))
-        weight.zero_point.zero_()
+    qdata = torch.from_numpy(q.reshape(n, k)).to(torch.int8).sub_(8)
+    scale = torch.from_numpy(np.ascontiguousarray(scales)).to(linear.weight.dtype)
+    weight = IntxUnpackedToInt8Tensor(qdata, scale, torch.zeros(scale.shape, dtype=torch.int8), torch.int4, (1, group),
+                                      linear.weight.dtype, "int8_asym_per_token")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
     return True
 
 
