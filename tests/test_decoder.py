@@ -1,8 +1,10 @@
-"""A family feature written once in compiler/models reaches every export: Qwen3's per-head q/k RMSNorm, with
-no code for it on the ExecuTorch side, gives transformers' logits in the ONNX model (traced and fused) and
-in the .pte."""
+"""A family feature written once in compiler/models reaches every export: Qwen3's per-head q/k RMSNorm
+gives transformers' logits in the ONNX model (traced and fused) and in the .pte (where the norms run over
+the packed q/k/v heads, so that the layers can be stitched)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -62,6 +64,9 @@ def test_qk_norm_reaches_the_pte(qwen3, tmp_path):
                  "--no-validate", "--quiet")
     assert result.exit_code == 0, result.output
     assert "XNNPACK cannot take" not in result.output, result.output
+    # Normalized as packed heads, q, k and v leave one XNNPACK partition: the middle layers are stitched.
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["export_pte"]["layers"] == "layers 0, 1, 3 lowered, 1 stitched from layer 1"
     runtime = ExecutorchRuntime(tmp_path / "b")
     np.testing.assert_allclose(runtime._run(ids, 0), expected[-1], atol=1e-4, rtol=0)
     # The in-program cache: a prefill of 4 tokens, then single steps.

@@ -327,10 +327,11 @@ def test_rope_tables_are_the_correctly_rounded_cos_and_sin_of_the_reference_angl
         assert torch.equal(table[:, :rotary], torch.cat((half, half), dim=-1))
 
 
-@pytest.mark.parametrize("family, whole_by", [("llama", "flag"), ("qwen2", "fallback")])
+@pytest.mark.parametrize("family, whole_by", [("llama", "flag"), ("qwen2", "fallback"), ("qwen3", "flag")])
 def test_stitched_layers_compute_what_lowering_every_layer_computes(family, whole_by, tmp_path, monkeypatch):
     """A 4-layer model lowered as the template (0, 1, 3) with layers 1 and 2 stitched from its middle layer
-    gives, bit for bit, the logits of the program lowered layer by layer (qwen2: q/k/v biases per layer).
+    gives, bit for bit, the logits of the program lowered layer by layer (qwen2: q/k/v biases per layer;
+    qwen3: per-head q/k norms).
     The whole-model program comes from `reuse_layers=False`, or from the fallback a StitchError takes."""
     from compiler.build import load_reference
     from compiler.config import QuantConfig

@@ -132,9 +132,20 @@ class PackedAttention(Attention):
         nn.Module.__init__(self)
         self.__dict__.update({k: v for k, v in vars(attn).items() if not k.startswith("_")})  # head counts, scale
         for name, module in attn.named_children():
-            if name not in ("q_proj", "k_proj", "v_proj"):
+            if name not in ("q_proj", "k_proj", "v_proj", "q_norm", "k_norm"):
                 self.add_module(name, module)
         self.qkv_proj = _packed_linear(attn.q_proj, attn.k_proj, attn.v_proj)
+        self.q_norm = self.k_norm = None
+        self.qk_norm = PackedHeadNorm(attn.q_norm, attn.k_norm, self.num_heads, self.num_kv_heads) \
+            if attn.q_norm is not None else None
+
+    def project(self, x, rope):
+        if self.qk_norm is None:
+            return super().project(x, rope)
+        # Normalized and rotated as packed heads, split at the end: q, k and v then come from one XNNPACK
+        # partition, as without q/k norms (split first, they came from two, and the layer could not be stitched).
+        heads = self.qk_norm(self._packed_heads(x))
+        return self._split(heads if rope is None else rope.packed(heads))
 
     def heads(self, x):
         return self._split(self._packed_heads(x))
@@ -157,6 +168,28 @@ class PackedAttention(Attention):
         k = qkv[:, :, self.num_heads : self.num_heads + self.num_kv_heads]
         v = qkv[:, :, self.num_heads + self.num_kv_heads :]
         return q, k, v
+
+
+class PackedHeadNorm(nn.Module):
+    """Qwen3's and Gemma 3's per-head RMSNorms of q and k over the packed heads [1, seq, heads + 2 kv_heads,
+    head_dim]: each q head scaled by q_norm's weight, each k head by k_norm's, v heads kept as they are
+    (weight rows 0, `keep` 1), in elementwise ops and the shared MeanOfSquares that XNNPACK takes."""
+
+    def __init__(self, q_norm: RMSNorm, k_norm: RMSNorm, num_heads: int, num_kv_heads: int):
+        super().__init__()
+        if q_norm.eps != k_norm.eps:
+            raise ValueError(f"q_norm eps {q_norm.eps} != k_norm eps {k_norm.eps}")
+        self.size, self.eps = q_norm.weight.shape[-1], q_norm.eps
+        with torch.no_grad():
+            weight = torch.cat([q_norm.weight.expand(num_heads, -1), k_norm.weight.expand(num_kv_heads, -1),
+                                torch.zeros(num_kv_heads, self.size)])
+            keep = (torch.arange(num_heads + 2 * num_kv_heads) >= num_heads + num_kv_heads).float()[:, None]
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.keep = nn.Parameter(keep, requires_grad=False)
+        self._mean_of_squares: tuple[MeanOfSquares] | None = None  # set by _compute_norms_with_linear_means
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (self.weight * torch.rsqrt(self._mean_of_squares[0](x)) + self.keep)
 
 
 def _packed_linear(*projections: nn.Linear) -> nn.Linear:
@@ -228,14 +261,19 @@ def _compute_norms_with_linear_means(decoder: ExecutorchDecoder) -> None:
     """Every RMSNorm of the decoder, wherever the layers have one, as a LinearMeanRMSNorm; one MeanOfSquares
     per size and eps, kept in `decoder.mean_of_squares`."""
     by_size_eps: dict[tuple[int, float], MeanOfSquares] = {}
+
+    def shared(key: tuple[int, float]) -> MeanOfSquares:
+        if key not in by_size_eps:
+            by_size_eps[key] = MeanOfSquares(*key)
+            decoder.mean_of_squares.append(by_size_eps[key])
+        return by_size_eps[key]
+
     for parent in list(decoder.modules()):
         for name, norm in list(parent.named_children()):
             if isinstance(norm, RMSNorm):
-                key = (norm.weight.shape[-1], norm.eps)
-                if key not in by_size_eps:
-                    by_size_eps[key] = MeanOfSquares(*key)
-                    decoder.mean_of_squares.append(by_size_eps[key])
-                setattr(parent, name, LinearMeanRMSNorm(norm, by_size_eps[key]))
+                setattr(parent, name, LinearMeanRMSNorm(norm, shared((norm.weight.shape[-1], norm.eps))))
+            elif isinstance(norm, PackedHeadNorm):
+                norm._mean_of_squares = (shared((norm.size, norm.eps)),)
 
 
 class LinearMeanRMSNorm(nn.Module):

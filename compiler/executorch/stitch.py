@@ -48,7 +48,7 @@ def check_uniform_layers(decoder: torch.nn.Module) -> None:
     if len({layer.rope for layer in layers[1:]}) > 1:
         # The copied partition rotates the next layer's q/k as the last layer's: one rope for layers 1 .. n-1.
         raise StitchError("layers use different rope (no rope or local/global tables)")
-    in_next_partition = ("input_layernorm.", "self_attn.qkv_proj.")
+    in_next_partition = ("input_layernorm.", "self_attn.qkv_proj.", "self_attn.qk_norm.")
     if any(_layout(layer) != _layout(layers[1]) for layer in layers[2:-1]) or \
             _layout(layers[-1], in_next_partition) != _layout(layers[1], in_next_partition):
         raise StitchError("layers are quantized differently: --keep-fp32/--keep-int8")
