@@ -69,8 +69,8 @@ def quantize_decoder(decoder: nn.Module, quant: QuantConfig, precomputed: dict[s
         # A parameter of its own, so that quantizing the head leaves the embedding alone; over the same
         # tensor (torchao replaces a weight, never writes it): no fp32 copy of the table.
         decoder.lm_head.weight = nn.Parameter(decoder.lm_head.weight.detach(), requires_grad=False)
-    # The largest tables first (the embedding, then the lm_head), while no quantized layer is held yet: torchao's
-    # temporaries for a 128256-row table are what a 1B build's peak is made of.
+    # The largest tables first (the embedding, then the lm_head), while no quantized layer is held yet: what
+    # their quantization keeps in flight (chunks of rows, their mapped pages) then adds to the least.
     counts: dict[str, int] = {}
     embedding_bits = module_bits("embed_tokens", quant)
     if embedding_bits:
