@@ -47,7 +47,7 @@ PTE_INT8_BYTES = 1.0  # torchao's 8da4w weight: int8 codes, a byte per weight un
 # flight and what the allocator keeps (fitted on the 1B rtn build)
 PTE_TABLE_COPIES = 0.45
 PTE_LOWERED_BYTES = 1.42  # per weight, the lowered program (XNNPACK's packed weights, the .pte's buffer)
-PTE_LAYER_MB = 9.7  # per layer, what lowering and stitching keep
+PTE_LAYER_MB = 2.0  # per layer, what lowering and stitching keep (refitted with the tables in chunks)
 
 
 @dataclass(frozen=True)
