@@ -122,7 +122,8 @@ def _quantize_in_row_chunks(module: nn.Module, config) -> None:
     parts = []
     for start in range(0, weight.shape[0], ROWS_PER_CHUNK):
         rows = weight[start : start + ROWS_PER_CHUNK]
-        stand_in = (nn.Embedding if isinstance(module, nn.Embedding) else nn.Linear)(1, 1, device="meta")
+        stand_in = nn.Embedding(1, 1, device="meta") if isinstance(module, nn.Embedding) \
+            else nn.Linear(1, 1, bias=False, device="meta")  # the bias stays on the module
         stand_in.weight = nn.Parameter(rows, requires_grad=False)
         quantize_(stand_in, config, filter_fn=lambda m, fqn: fqn == "")
         parts.append(stand_in.weight)
