@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from compiler.bundle import BundleWriter, build_machine, read_manifest, write_manifest
@@ -207,6 +207,12 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
                 save_golden(writer.staging / GOLDEN_FILE, reference.golden_data(config.validation.new_tokens))
             release_module_pages(model)  # each later stage reads back what it needs (see release_pages)
         quant = config.export.quant
+        if quant and quant.smoothing and (runtime_lora or quant.algo != "gptq"):
+            # Smoothing comes with GPTQ's calibration pass. Runtime adapters read the linears' unsmoothed
+            # inputs: their files would need the same scales.
+            if runtime_lora and quant.algo == "gptq":
+                report.note("--smoothing: off with --lora-mode runtime")
+            quant = config.export.quant = replace(quant, smoothing=0.0)
         grids = [grid for fmt, grid in (("onnx", "onnx"), ("pte", "xnnpack")) if fmt in config.export.formats]
         precomputed = (_plan_auto(config, reference, report, grids) if quant.max_kl is not None and not quant.plan
                        else _gptq(config, reference, report, grids, memory)) if quant else {}
@@ -294,7 +300,8 @@ def _gptq(config: BuildConfig, reference: Reference, report: BuildReport, grids:
     with report.stage("calibrate_gptq", f"{len(sequences)} sequences, grids {', '.join(grids)}"):
         with report.progress("layers", unit="layer") as progress:
             codes = gptq_codes(model, sequences, quant.bits, [(quant.block_size, g) for g in grids], quant.symmetric,
-                               progress=progress, hessian_budget=memory.gptq_hessian_bytes or HESSIAN_BUDGET_BYTES)
+                               progress=progress, hessian_budget=memory.gptq_hessian_bytes or HESSIAN_BUDGET_BYTES,
+                               smoothing=quant.smoothing)
     return {grid: codes[(quant.block_size, grid)] for grid in grids}
 
 

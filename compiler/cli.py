@@ -105,6 +105,9 @@ def _parse_adapters(values: tuple[str, ...]):
               help="gptq: calibrated on text (needs tokenizer.json); rtn: round to nearest; clip: data-free "
                    "per-block clipping search.")
 @click.option("--calibration", type=click.Path(path_type=Path), help="Text file for --algo gptq (default: built-in).")
+@click.option("--smoothing", type=float, default=0.5, show_default=True, metavar="ALPHA",
+              help="--algo gptq: move activation outliers into the weights per channel, "
+                   "max|x|^ALPHA / max|W|^(1-ALPHA), folded into the norms (0: off).")
 @click.option("--asymmetric", is_flag=True, help="Blocks with zero points (default: symmetric).")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
               help="onnxruntime MatMulNBits compute: 4 = int8 activations, 1 = fp32.")
@@ -127,7 +130,7 @@ def _parse_adapters(values: tuple[str, ...]):
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def build(model_dir, adapters, lora_mode, lora_dtype, lora_max_rank, lora_targets, out, formats, optimize, dump_dir,
           quant, max_kl, block_size, algo, asymmetric, accuracy_level,
-          embedding_bits, lm_head_bits, keep_fp32, keep_int8, calibration, max_seq_len, logits, threads, gates, new_tokens,
+          embedding_bits, lm_head_bits, keep_fp32, keep_int8, calibration, smoothing, max_seq_len, logits, threads, gates, new_tokens,
           no_validate, memory_budget, force, quiet):
     """Build a bundle: load, merge LoRA, export, validate."""
     from compiler.build import build as run_build
@@ -144,7 +147,8 @@ def build(model_dir, adapters, lora_mode, lora_dtype, lora_max_rank, lora_target
         quant_config = QuantConfig(4, block_size, not asymmetric, accuracy_level, algo, int(embedding_bits),
                                    int(lm_head_bits), tuple(keep_fp32), tuple(keep_int8),
                                    str(calibration) if calibration else None,
-                                   (0.1 if max_kl is None else max_kl) if quant == "auto" else None)
+                                   (0.1 if max_kl is None else max_kl) if quant == "auto" else None,
+                                   smoothing=smoothing)
 
     config = BuildConfig(
         model=ModelConfig(model_dir),

@@ -67,6 +67,7 @@ class QuantConfig:
     calibration: str | None = None  # text file for gptq; None: a small built-in text
     max_kl: float | None = None  # --quant auto: the KL to fp32 on calibration text the plan must meet
     plan: tuple[tuple[str, int, int], ...] = ()  # --quant auto's choice: (module path, bits, block), bits 0 = fp32
+    smoothing: float = 0.5  # gptq: alpha of the channel smoothing (compiler/quant/smooth.py); 0 = none
 
     def __post_init__(self):
         if self.block_size < 16 or self.block_size > 256 or self.block_size & (self.block_size - 1):
@@ -80,6 +81,8 @@ class QuantConfig:
             raise UsageError(f"--calibration {self.calibration}: file not found; pass a UTF-8 text file")
         if self.max_kl is not None and not (0 < self.max_kl < float("inf")):
             raise UsageError(f"--max-kl {self.max_kl}: must be a KL divergence above 0, e.g. 0.1")
+        if not 0 <= self.smoothing <= 1:
+            raise UsageError(f"--smoothing {self.smoothing}: must be from 0 (none) to 1")
         if self.max_kl is not None and not self.symmetric:
             raise UsageError("--quant auto plans symmetric blocks only; drop --asymmetric")
         for path, bits, block in self.plan:
@@ -229,4 +232,5 @@ def _quant_from_dict(data: dict | None) -> QuantConfig | None:
     data = dict(data)
     data["keep_fp32"], data["keep_int8"] = tuple(data.get("keep_fp32", ())), tuple(data.get("keep_int8", ()))
     data["plan"] = tuple(tuple(entry) for entry in data.get("plan", ()))
+    data.setdefault("smoothing", 0.0)  # bundles built before it had none
     return QuantConfig(**data)

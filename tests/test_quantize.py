@@ -285,8 +285,13 @@ def test_gptq_equals_the_textbook_algorithm(block):
 
 
 def test_gptq_build_calibrates_every_projection(trained_dir, tmp_path):
+    from compiler.quant.gptq import BUILTIN_CALIBRATION
+
+    # Varied text, as a user's should be: one sentence repeated (tried first) calibrates GPTQ and the
+    # channel smoothing to a dozen tokens, and the build then fails its gates on other prompts.
+    text = BUILTIN_CALIBRATION.read_text()
     calibration = tmp_path / "calibration.txt"
-    calibration.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    calibration.write_text(text[len(text) // 2 :])
     out = tmp_path / "gptq"
     result = CliRunner().invoke(main, ["build", "--model", str(trained_dir), "--out", str(out), "--quant", "int4",
                                        "--algo", "gptq", "--calibration", str(calibration), "--quiet"])

@@ -85,7 +85,7 @@ def plan_auto(model: CanonicalDecoder, model_dir: Path, quant: QuantConfig, log=
         sequences = calibration_sequences(model_dir, quant.calibration, vocab)
         log(f"GPTQ at blocks {', '.join(map(str, INT4_BLOCKS))}, grids {', '.join(grids)}")
         wanted = [(block, grid) for block in INT4_BLOCKS for grid in grids]
-        codes = gptq_codes(model, sequences, 4, wanted, True)
+        codes = gptq_codes(model, sequences, 4, wanted, True, smoothing=quant.smoothing)
         # With a .pte among the formats the plan is measured as the .pte computes (its grid, per-token
         # activations, int8 per channel), its larger error, so that every artifact meets --max-kl.
         gptq = {block: codes[(block, measured_grid)] for block in INT4_BLOCKS}

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from compiler.errors import UsageError
-from compiler.memory import release_module_pages
+from compiler.memory import release_module_pages, release_pages
 from compiler.models.decoder import CanonicalDecoder, ConcatKVCache
 from compiler.quant.blocks import block_scales_and_zeros, largest_dividing_block
 
@@ -78,6 +78,7 @@ class _HessianAccumulator:
 
     def __init__(self):
         self.hessians: dict[str, torch.Tensor] = {}
+        self.amax: dict[str, torch.Tensor] = {}  # max |x| per input channel, for channel smoothing
         self.counts: dict[str, int] = {}
         self.handles: list = []
 
@@ -91,6 +92,8 @@ class _HessianAccumulator:
 
     def add(self, name: str, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
+        amax = x.abs().amax(0)
+        self.amax[name] = amax if name not in self.amax else torch.maximum(self.amax[name], amax)
         total = self.counts.get(name, 0) + x.shape[0]
         update = gram(x)
         h = self.hessians.get(name)
@@ -177,10 +180,13 @@ def gptq_blocks(model: CanonicalDecoder, sequences: list[list[int]], bits: int, 
 def gptq_codes(model: CanonicalDecoder, sequences: list[list[int]], bits: int, wanted: list[tuple[int, str]],
                symmetric: bool, skip: tuple[str, ...] = (),
                progress: Callable[[int, int], None] = lambda done, total: None,
-               hessian_budget: int = HESSIAN_BUDGET_BYTES) -> dict[tuple[int, str], dict[str, tuple]]:
+               hessian_budget: int = HESSIAN_BUDGET_BYTES,
+               smoothing: float = 0.0) -> dict[tuple[int, str], dict[str, tuple]]:
     """gptq_blocks for several (block, grid) pairs (grids: compiler/quant/blocks.py) from one pass of the
     calibration text: the Hessians do not depend on the block or grid, only the column loops do.
-    hessian_budget: the Hessians held at once, which sets how many layers one window takes."""
+    hessian_budget: the Hessians held at once, which sets how many layers one window takes.
+    smoothing: alpha of compiler/quant/smooth.py, folded into `model` in place (the same function, other
+    weights: the export must take them from `model`); 0 leaves the model as it is."""
     leaders = {key: _leaders(model, key[0], symmetric, skip) for key in wanted}
     modules = dict(model.named_modules())
     by_layer = {key: defaultdict(list) for key in wanted}
@@ -204,6 +210,8 @@ def gptq_codes(model: CanonicalDecoder, sequences: list[list[int]], bits: int, w
                     x = model.model.layers[i](x, ropes, ConcatKVCache(empty, empty, mask))
             finally:
                 hessians.remove_hooks()
+            if smoothing:
+                _smooth_window(model, window, hessians, smoothing, leaders.values(), modules)
             last = window[-1] == model.cfg.num_layers - 1
             if last and "lm_head" in hooked:
                 hessians.add("lm_head", model.model.norm(x))
@@ -215,6 +223,27 @@ def gptq_codes(model: CanonicalDecoder, sequences: list[list[int]], bits: int, w
             progress(window[-1] + 1, model.cfg.num_layers)
     release_module_pages(model)  # the lm_head's
     return out
+
+
+def _smooth_window(model: CanonicalDecoder, window: list[int], hessians: _HessianAccumulator, alpha: float,
+                   leaders, modules: dict[str, nn.Module]) -> None:
+    """Channel smoothing of the window's layers after their calibration forward: the layers' outputs do not
+    change, so the hidden states already computed for the next window stay valid."""
+    from compiler.quant.smooth import map_from_scratch_file, smooth_layer
+
+    for i in window:
+        layer = model.model.layers[i]
+        before = list(layer.parameters())
+        for name, s in smooth_layer(model, i, hessians.amax, alpha).items():
+            if name in hessians.hessians:  # H of x / s
+                hessians.hessians[name] /= s[:, None] * s[None, :]
+        now = {p.data_ptr() for p in layer.parameters()}
+        map_from_scratch_file(layer, now - {p.data_ptr() for p in before})
+        release_pages(*[p for p in before if p.data_ptr() not in now])  # the checkpoint's, read for the last time
+    for listed in leaders:
+        for leader in listed:
+            if _layer_of(leader.name) in window:
+                leader.weights = [modules[m].weight.detach() for m in leader.members]
 
 
 def codes_for(precomputed: dict[str, tuple], module: str) -> tuple | None:
