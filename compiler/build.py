@@ -211,9 +211,11 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
             # Smoothing comes with GPTQ's calibration pass. Runtime adapters read the linears' unsmoothed
             # inputs: their files would need the same scales.
             if runtime_lora and quant.algo == "gptq":
-                report.note("--smoothing: off with --lora-mode runtime")
+                report.note("--smoothing: off with --lora runtime")
             quant = config.export.quant = replace(quant, smoothing=0.0)
         grids = [grid for fmt, grid in (("onnx", "onnx"), ("pte", "xnnpack")) if fmt in config.export.formats]
+        if quant and quant.algo == "gptq" and quant.calibration:
+            _check_calibration_variety(config, model.cfg.vocab_size, report)
         precomputed = (_plan_auto(config, reference, report, grids) if quant.max_kl is not None and not quant.plan
                        else _gptq(config, reference, report, grids, memory)) if quant else {}
         artifacts, runners = [], {}
@@ -283,6 +285,21 @@ def _advice(config: BuildConfig, model, gptq: dict | None) -> str:
                 f"(largest int4 errors on calibration text: {', '.join(worst)})")
     return (f"; the plan met KL {quant.max_kl} on calibration text: lower --max-kl, or pass --calibration "
             "text like your prompts")
+
+
+NARROW_CALIBRATION_TOKENS = 64
+
+
+def _check_calibration_variety(config: BuildConfig, vocab_size: int, report: BuildReport) -> None:
+    """Warn when --calibration text has few distinct tokens: GPTQ and the channel smoothing fit the inputs
+    they see (one sentence repeated failed the gates of a model that passes with the built-in text)."""
+    from compiler.quant.gptq import calibration_sequences
+
+    quant = config.export.quant
+    distinct = len({t for window in calibration_sequences(config.model.path, quant.calibration, vocab_size) for t in window})
+    if distinct < NARROW_CALIBRATION_TOKENS:
+        report.warn(f"--calibration {quant.calibration}: only {distinct} distinct tokens; GPTQ fits the text it "
+                    "sees: give varied text like your prompts, or drop --calibration for the built-in text")
 
 
 def _gptq(config: BuildConfig, reference: Reference, report: BuildReport, grids: list[str],

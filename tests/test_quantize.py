@@ -305,6 +305,17 @@ def test_gptq_build_calibrates_every_projection(trained_dir, tmp_path):
     assert missing.exit_code == 2 and "nope.txt" in missing.stderr
 
 
+def test_narrow_calibration_text_is_warned_about(trained_dir, tmp_path):
+    calibration = tmp_path / "one-sentence.txt"
+    calibration.write_text("The quick brown fox jumps over the lazy dog. " * 60)
+    out = tmp_path / "narrow"
+    result = CliRunner().invoke(main, ["build", "--model", str(trained_dir), "--out", str(out), "--quant", "int4",
+                                       "--calibration", str(calibration), "--no-validate", "--quiet"])
+    assert result.exit_code == 0, result.output
+    warnings = json.loads((out / "report.json").read_text())["warnings"]
+    assert any("one-sentence.txt: only" in w and "distinct tokens" in w for w in warnings), warnings
+
+
 def test_hidden_size_not_a_multiple_of_the_block(traced_trained):
     """hidden 128, block 256: projections pad their last block; the tied table uses block 128 and is shared."""
     decoder, model, counts = quantized(traced_trained, QuantConfig(block_size=256))
