@@ -10,6 +10,7 @@ import torch
 from compiler.frontend.load import build_decoder, read_checkpoint
 from compiler.quant.gptq import calibration_sequences, gptq_codes
 from compiler.quant.sensitivity import Probe, mixed_kl, quantized_weights, units
+from compiler.quant.smooth import smooth_layer
 
 
 def _logits(model, ids):
@@ -20,16 +21,18 @@ def _logits(model, ids):
 
 @pytest.mark.parametrize("variant", ["llama", "qwen2", "qwen3", "phi3", "gemma3"])
 def test_smoothing_keeps_what_the_model_computes(model_dir, variant):
+    """Any positive scales fold exactly: the per-channel activation maxima here are random."""
     model = build_decoder(read_checkpoint(model_dir(variant)))
-    vocab = model.cfg.vocab_size
     generator = torch.Generator().manual_seed(0)
-    calibration = torch.randint(0, vocab, (4, 32), generator=generator).tolist()
-    probe_ids = torch.randint(0, vocab, (2, 24), generator=generator)
+    probe_ids = torch.randint(0, model.cfg.vocab_size, (2, 24), generator=generator)
     before = _logits(model, probe_ids)
     layer = model.model.layers[0]
     norms = [layer.input_layernorm.weight.clone(), layer.post_attention_layernorm.weight.clone()]
     v_rows, up_rows = layer.self_attn.v_proj.weight.clone(), layer.mlp.up_proj.weight.clone()
-    gptq_codes(model, calibration, 4, [(32, "onnx")], True, smoothing=0.5)
+    linears = {name: m for name, m in model.named_modules() if name.endswith(("q_proj", "o_proj", "gate_proj", "down_proj"))}
+    amax = {name: torch.rand(m.in_features, generator=generator) * 10 + 0.1 for name, m in linears.items()}
+    for i in range(model.cfg.num_layers):
+        assert len(smooth_layer(model, i, amax)) == 4
     # Every fold point moved something: both norms, v_proj's rows (for o_proj), up_proj's rows (for down_proj).
     assert not torch.allclose(norms[0], layer.input_layernorm.weight)
     assert not torch.allclose(norms[1], layer.post_attention_layernorm.weight)

@@ -211,7 +211,7 @@ def gptq_codes(model: CanonicalDecoder, sequences: list[list[int]], bits: int, w
             finally:
                 hessians.remove_hooks()
             if smoothing:
-                _smooth_window(model, window, hessians, smoothing, leaders.values(), modules)
+                _smooth_window(model, window, hessians, smoothing, leaders.values(), modules, wanted[0][0])
             last = window[-1] == model.cfg.num_layers - 1
             if last and "lm_head" in hooked:
                 hessians.add("lm_head", model.model.norm(x))
@@ -226,7 +226,7 @@ def gptq_codes(model: CanonicalDecoder, sequences: list[list[int]], bits: int, w
 
 
 def _smooth_window(model: CanonicalDecoder, window: list[int], hessians: _HessianAccumulator, alpha: float,
-                   leaders, modules: dict[str, nn.Module]) -> None:
+                   leaders, modules: dict[str, nn.Module], block: int) -> None:
     """Channel smoothing of the window's layers after their calibration forward: the layers' outputs do not
     change, so the hidden states already computed for the next window stay valid."""
     from compiler.quant.smooth import map_from_scratch_file, smooth_layer
@@ -234,7 +234,7 @@ def _smooth_window(model: CanonicalDecoder, window: list[int], hessians: _Hessia
     for i in window:
         layer = model.model.layers[i]
         before = list(layer.parameters())
-        for name, s in smooth_layer(model, i, hessians.amax, alpha).items():
+        for name, s in smooth_layer(model, i, hessians.amax, alpha, hessians.hessians, block).items():
             if name in hessians.hessians:  # H of x / s
                 hessians.hessians[name] /= s[:, None] * s[None, :]
         now = {p.data_ptr() for p in layer.parameters()}
