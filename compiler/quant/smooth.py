@@ -7,7 +7,8 @@ weight (q/k/v, gate/up), v_proj's rows (o_proj reads attention's weighted sum of
 (down_proj reads act(gate) * up), so the graph gains no op. What changes is which errors int4 and int8
 rounding make: salient input channels get finer weight steps, and activation outliers that set a whole
 token's int8 step (XNNPACK rounds activations per token) shrink. GPTQ then runs on W * s with the Hessian
-of x / s, diag(1/s) H diag(1/s). Measured on SmolLM2-135M-Instruct in docs/measurements.md.
+of x / s, diag(1/s) H diag(1/s). A fold point is smoothed only where that lowers its consumers' int4
+rounding error on the calibration inputs. Measured in docs/measurements.md.
 """
 
 from __future__ import annotations
