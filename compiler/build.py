@@ -280,6 +280,10 @@ def _advice(config: BuildConfig, model, gptq: dict | None) -> str:
         sequences = probe_sequences(model, config.model.path, quant.calibration, count=2)
         blocks = {u.path: quant.block_for(u.path) for u in units(model)
                   if quant.bits_for(u.path, quant.lm_head_bits if u.path == "lm_head" else 4) == 4}
+        if not blocks:
+            # Nothing int4 to name; an 8-bit .pte's error is mostly XNNPACK's per-token int8 activations.
+            return ("; no module is int4: build with --quant auto --max-kl 0.1, which keeps the modules that "
+                    "8 bits hurt most in fp32, or keep some with --keep-fp32 REGEX")
         worst = largest_int4_errors(model, sequences, blocks, {quant.block_size: gptq or {}})
         return ("; for per-module precision that meets a KL target, build with --quant auto --max-kl 0.1 "
                 f"(largest int4 errors on calibration text: {', '.join(worst)})")

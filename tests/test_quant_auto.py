@@ -126,3 +126,11 @@ def test_failed_int4_build_says_to_try_quant_auto(trained_dir, tmp_path):
     named = result.output.split("largest int4 errors on calibration text: ")[1].rstrip(")\n").split(", ")
     modules = {u.path for u in units(build_decoder(read_checkpoint(trained_dir)))}
     assert len(named) == 3 and set(named) <= modules, named
+
+
+def test_failed_8bit_build_names_no_int4_modules(trained_dir, tmp_path):
+    result = CliRunner().invoke(main, ["build", "--model", str(trained_dir), "--out", str(tmp_path / "o"), "--quiet",
+                                       "--quant", "int4", "--keep-int8", ".", "--embedding-bits", "8",
+                                       "--lm-head-bits", "8", "--gate", "kl_mean=1e-9"])
+    assert_one_line_error(result, 1, "kl_mean", "no module is int4", "--quant auto --max-kl", "--keep-fp32")
+    assert "largest int4 errors" not in result.output
