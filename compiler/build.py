@@ -311,6 +311,7 @@ def _gptq(config: BuildConfig, reference: Reference, report: BuildReport, grids:
     """--algo gptq: GPTQ's codes per grid (onnx for the ONNX pass, xnnpack for the .pte), one calibration
     pass for both, in the windows of layers the memory plan chose; {} for other algorithms."""
     from compiler.quant.gptq import HESSIAN_BUDGET_BYTES, calibration_sequences, gptq_codes
+    from compiler.quant.smooth import FOLD_POINTS
 
     quant, model = config.export.quant, reference.model
     if quant.algo != "gptq":
@@ -318,11 +319,17 @@ def _gptq(config: BuildConfig, reference: Reference, report: BuildReport, grids:
     sequences = calibration_sequences(config.model.path, quant.calibration, model.cfg.vocab_size)
     # Not overlapped with the export in a thread: both are dispatch-bound, and the two OpenMP
     # thread teams slowed the pair down (22 s + 8 s side by side vs 11 s + 8 s in turn here).
+    log: dict[str, list[str]] = {}
     with report.stage("calibrate_gptq", f"{len(sequences)} sequences, grids {', '.join(grids)}"):
         with report.progress("layers", unit="layer") as progress:
             codes = gptq_codes(model, sequences, quant.bits, [(quant.block_size, g) for g in grids], quant.symmetric,
                                progress=progress, hessian_budget=memory.gptq_hessian_bytes or HESSIAN_BUDGET_BYTES,
-                               smoothing=quant.smoothing)
+                               smoothing=quant.smoothing, smoothing_log=log)
+    if log.get("considered"):
+        report.smoothing = {"alpha": quant.smoothing, "fold_points": len(log["considered"]),
+                            "smoothed": len(log["smoothed"]),
+                            "by_input": {leaf.split(".")[-1]: sum(n.endswith(leaf) for n in log["smoothed"])
+                                         for leaf in FOLD_POINTS}}
     return {grid: codes[(quant.block_size, grid)] for grid in grids}
 
 

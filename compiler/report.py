@@ -31,6 +31,7 @@ class BuildReport:
     validation: dict | None = None
     moved_aside: str | None = None
     quant_auto: dict = field(default_factory=dict)  # --quant auto: the plan's summary and the sensitivities
+    smoothing: dict = field(default_factory=dict)  # channel smoothing: alpha, fold points considered and smoothed
     memory: dict = field(default_factory=dict)  # the peak RSS estimated at the start beside the measured one
     warnings: list[str] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
@@ -92,6 +93,7 @@ class BuildReport:
             "passes": self.passes,
             "validation": self.validation,
             "quant_auto": self.quant_auto,
+            "smoothing": self.smoothing,
             "memory": self.memory,
             "warnings": self.warnings,
         }
@@ -139,6 +141,14 @@ def markdown(report: dict) -> str:
         for p in report["passes"]:
             rewrites = ", ".join(f"{k} {v}" for k, v in p["rewrites"].items()) or "-"
             lines.append(f"| {p['pass']} | {p['seconds']:.2f} | {p['nodes_before']} | {p['nodes_after']} | {rewrites} |")
+    smoothing = report.get("smoothing")
+    if smoothing:
+        kinds = ", ".join(f"{kind} {count}/{smoothing['fold_points'] // len(smoothing['by_input'])}"
+                          for kind, count in smoothing["by_input"].items())
+        lines += ["", "## Channel smoothing", "",
+                  f"- alpha {smoothing['alpha']:g}: {smoothing['smoothed']} of {smoothing['fold_points']} fold points "
+                  f"smoothed ({kinds}, by the Linear reading the input); the others' int4 rounding error was "
+                  "lower without"]
     auto = report.get("quant_auto")
     if auto:
         lines += ["", "## Quantization plan (--quant auto)", "",

@@ -300,6 +300,10 @@ def test_gptq_build_calibrates_every_projection(trained_dir, tmp_path):
     quantize = next(p for p in report["passes"] if p["pass"] == "QuantizeWeightsPass")
     assert quantize["rewrites"]["calibrated"] == 5 * 2 + 1  # packed qkv, o, gate, up, down per layer; lm_head
     assert "calibrate_gptq" in [s["stage"] for s in report["stages"]]
+    smoothing = report["smoothing"]
+    assert smoothing["alpha"] == 0.5 and smoothing["fold_points"] == 4 * 2  # q/k/v, gate/up, down, o per layer
+    assert sum(smoothing["by_input"].values()) == smoothing["smoothed"] <= smoothing["fold_points"]
+    assert f"{smoothing['smoothed']} of 8 fold points smoothed" in (out / "report.md").read_text()
     missing = CliRunner().invoke(main, ["build", "--model", str(trained_dir), "--out", str(tmp_path / "x"),
                                         "--quant", "int4", "--algo", "gptq", "--calibration", str(tmp_path / "nope.txt")])
     assert missing.exit_code == 2 and "nope.txt" in missing.stderr

@@ -181,12 +181,14 @@ def gptq_codes(model: CanonicalDecoder, sequences: list[list[int]], bits: int, w
                symmetric: bool, skip: tuple[str, ...] = (),
                progress: Callable[[int, int], None] = lambda done, total: None,
                hessian_budget: int = HESSIAN_BUDGET_BYTES,
-               smoothing: float = 0.0) -> dict[tuple[int, str], dict[str, tuple]]:
+               smoothing: float = 0.0,
+               smoothing_log: dict[str, list[str]] | None = None) -> dict[tuple[int, str], dict[str, tuple]]:
     """gptq_blocks for several (block, grid) pairs (grids: compiler/quant/blocks.py) from one pass of the
     calibration text: the Hessians do not depend on the block or grid, only the column loops do.
     hessian_budget: the Hessians held at once, which sets how many layers one window takes.
     smoothing: alpha of compiler/quant/smooth.py, folded into `model` in place (the same function, other
-    weights: the export must take them from `model`); 0 leaves the model as it is."""
+    weights: the export must take them from `model`); 0 leaves the model as it is. smoothing_log: filled with
+    the fold points "considered" and those "smoothed" (each named by the Linear that reads its input)."""
     leaders = {key: _leaders(model, key[0], symmetric, skip) for key in wanted}
     modules = dict(model.named_modules())
     by_layer = {key: defaultdict(list) for key in wanted}
@@ -211,7 +213,11 @@ def gptq_codes(model: CanonicalDecoder, sequences: list[list[int]], bits: int, w
             finally:
                 hessians.remove_hooks()
             if smoothing:
-                _smooth_window(model, window, hessians, smoothing, leaders.values(), modules, wanted[0][0])
+                considered, smoothed = _smooth_window(model, window, hessians, smoothing, leaders.values(), modules,
+                                                      wanted[0][0])
+                if smoothing_log is not None:
+                    smoothing_log.setdefault("considered", []).extend(considered)
+                    smoothing_log.setdefault("smoothed", []).extend(smoothed)
             last = window[-1] == model.cfg.num_layers - 1
             if last and "lm_head" in hooked:
                 hessians.add("lm_head", model.model.norm(x))
@@ -226,15 +232,19 @@ def gptq_codes(model: CanonicalDecoder, sequences: list[list[int]], bits: int, w
 
 
 def _smooth_window(model: CanonicalDecoder, window: list[int], hessians: _HessianAccumulator, alpha: float,
-                   leaders, modules: dict[str, nn.Module], block: int) -> None:
+                   leaders, modules: dict[str, nn.Module], block: int) -> tuple[list[str], list[str]]:
     """Channel smoothing of the window's layers after their calibration forward: the layers' outputs do not
-    change, so the hidden states already computed for the next window stay valid."""
-    from compiler.quant.smooth import map_from_scratch_file, smooth_layer
+    change, so the hidden states already computed for the next window stay valid. Returns the fold points
+    considered and those smoothed."""
+    from compiler.quant.smooth import FOLD_POINTS, map_from_scratch_file, smooth_layer
 
+    considered, smoothed = [], []
     for i in window:
+        considered += [name for leaf in FOLD_POINTS if (name := f"model.layers.{i}.{leaf}") in hessians.amax]
         layer = model.model.layers[i]
         before = list(layer.parameters())
         for name, s in smooth_layer(model, i, hessians.amax, alpha, hessians.hessians, block).items():
+            smoothed.append(name)
             if name in hessians.hessians:  # H of x / s
                 hessians.hessians[name] /= s[:, None] * s[None, :]
         now = {p.data_ptr() for p in layer.parameters()}
@@ -244,6 +254,7 @@ def _smooth_window(model: CanonicalDecoder, window: list[int], hessians: _Hessia
         for leader in listed:
             if _layer_of(leader.name) in window:
                 leader.weights = [modules[m].weight.detach() for m in leader.members]
+    return considered, smoothed
 
 
 def codes_for(precomputed: dict[str, tuple], module: str) -> tuple | None:

@@ -49,6 +49,8 @@ def map_from_scratch_file(module: nn.Module, new: set[int]) -> None:
         os.unlink(path)
 
 
+# The Linears whose input a fold point divides (q/k/v and gate/up share theirs with q_proj's, gate_proj's).
+FOLD_POINTS = ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj", "self_attn.o_proj")
 ERROR_ROWS = 256  # rows of each weight the keep-or-drop check rounds (every n-th row)
 
 
