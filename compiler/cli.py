@@ -7,6 +7,7 @@ import traceback
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from compiler import __version__
 from compiler.errors import EdgecError, UsageError
@@ -143,6 +144,10 @@ def build(model_dir, adapters, lora_mode, lora_dtype, lora_max_rank, lora_target
     quant_config = None
     if max_kl is not None and quant != "auto":
         raise UsageError(f"--max-kl {max_kl}: only with --quant auto (add it, or drop --max-kl)")
+    explicit_smoothing = click.get_current_context().get_parameter_source("smoothing") != ParameterSource.DEFAULT
+    if explicit_smoothing and smoothing and (quant not in ("int4", "auto") or algo != "gptq"):
+        # It comes with GPTQ's calibration pass; silently ignoring an asked-for alpha would mislead.
+        raise UsageError(f"--smoothing {smoothing}: only with --quant int4|auto and --algo gptq (drop it, or use those)")
     if quant in ("int4", "auto"):
         quant_config = QuantConfig(4, block_size, not asymmetric, accuracy_level, algo, int(embedding_bits),
                                    int(lm_head_bits), tuple(keep_fp32), tuple(keep_int8),

@@ -76,3 +76,21 @@ def test_smoothing_undoes_activation_outliers(trained_dir, grid):
     smoothed = kl(0.5, outliers=True)
     assert smoothed == pytest.approx(kl(0.5, outliers=False), rel=0.05)
     assert kl(0.0, outliers=True) > 2 * smoothed
+
+
+@pytest.mark.parametrize("args", [["--quant", "int4", "--algo", "rtn"], ["--quant", "none"]])
+def test_smoothing_asked_for_without_gptq_is_a_usage_error(trained_dir, tmp_path, args):
+    from click.testing import CliRunner
+
+    from compiler.cli import main
+    from tests.test_bad_input import assert_one_line_error
+
+    out = tmp_path / "o"
+    result = CliRunner().invoke(main, ["build", "--model", str(trained_dir), "--out", str(out), *args,
+                                       "--smoothing", "0.7"])
+    assert_one_line_error(result, 2, "--smoothing 0.7", "--algo gptq")
+    assert not out.exists()
+    # Asking for none is consistent with any algorithm.
+    result = CliRunner().invoke(main, ["build", "--model", str(trained_dir), "--out", str(out), *args,
+                                       "--smoothing", "0", "--no-validate", "--quiet"])
+    assert result.exit_code == 0, result.output
