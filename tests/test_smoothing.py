@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from compiler.cli import main
 from compiler.frontend.load import build_decoder, read_checkpoint
 from compiler.quant.gptq import calibration_sequences, gptq_codes
 from compiler.quant.sensitivity import Probe, mixed_kl, quantized_weights, units
 from compiler.quant.smooth import smooth_layer
+from tests.test_bad_input import assert_one_line_error
 
 
 def _logits(model, ids):
@@ -80,11 +83,6 @@ def test_smoothing_undoes_activation_outliers(trained_dir, grid):
 
 @pytest.mark.parametrize("args", [["--quant", "int4", "--algo", "rtn"], ["--quant", "none"]])
 def test_smoothing_asked_for_without_gptq_is_a_usage_error(trained_dir, tmp_path, args):
-    from click.testing import CliRunner
-
-    from compiler.cli import main
-    from tests.test_bad_input import assert_one_line_error
-
     out = tmp_path / "o"
     result = CliRunner().invoke(main, ["build", "--model", str(trained_dir), "--out", str(out), *args,
                                        "--smoothing", "0.7"])
