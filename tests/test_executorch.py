@@ -327,43 +327,71 @@ def test_rope_tables_are_the_correctly_rounded_cos_and_sin_of_the_reference_angl
         assert torch.equal(table[:, :rotary], torch.cat((half, half), dim=-1))
 
 
-@pytest.mark.parametrize("family, whole_by", [("llama", "flag"), ("qwen2", "fallback"), ("qwen3", "flag")])
-def test_stitched_layers_compute_what_lowering_every_layer_computes(family, whole_by, tmp_path, monkeypatch):
-    """A 4-layer model lowered as the template (0, 1, 3) with layers 1 and 2 stitched from its middle layer
-    gives, bit for bit, the logits of the program lowered layer by layer (qwen2: q/k/v biases per layer;
-    qwen3: per-head q/k norms).
-    The whole-model program comes from `reuse_layers=False`, or from the fallback a StitchError takes."""
+def _four_layer_reference(tmp_path, family):
     from compiler.build import load_reference
+    from compiler.report import BuildReport
+    from compiler.tiny_models import make_model
+
+    make_model(tmp_path / "model", family, num_hidden_layers=4)
+    return load_reference(tmp_path / "model", [], BuildReport(quiet=True)).model
+
+
+# Prefill, one decode step at 5 and two tokens at 6: the stitched layers' own KV caches are read back.
+STITCH_CALLS = ((np.asarray([[3, 17, 9, 40, 22]]), 0), (np.asarray([[3]]), 5), (np.asarray([[17, 9]]), 6))
+
+
+def _run_program(tmp_path, name, exported):
+    from runtimes.executorch import ExecutorchRuntime
+
+    path = tmp_path / f"{name}.pte"
+    path.write_bytes(exported.program)
+    runtime = ExecutorchRuntime(tmp_path, path)
+    return [runtime._run(ids, start) for ids, start in STITCH_CALLS]
+
+
+def test_stitched_layers_compute_what_lowering_every_layer_computes(tmp_path, monkeypatch):
+    """A 4-layer int4 model lowered as the template (0, 1, 3) with layers 1 and 2 stitched from its middle
+    layer gives, bit for bit, the logits of the program lowered layer by layer. The whole-model program
+    comes from the fallback a StitchError takes (the same lowering as `reuse_layers=False`)."""
     from compiler.config import QuantConfig
     from compiler.executorch import export
     from compiler.executorch.quantize import quantize_decoder
     from compiler.executorch.stitch import StitchError
-    from compiler.tiny_models import make_model
-    from compiler.report import BuildReport
-    from runtimes.executorch import ExecutorchRuntime
 
-    make_model(tmp_path / "model", family, num_hidden_layers=4)
-    reference = load_reference(tmp_path / "model", [], BuildReport(quiet=True))
-    ids = np.asarray([[3, 17, 9, 40, 22]])
+    model = _four_layer_reference(tmp_path, "llama")
     logits, counts, layers = {}, {}, {}
     for stitched in (True, False):
-        decoder = export.ExecutorchDecoder(reference.model, 32)
+        decoder = export.ExecutorchDecoder(model, 32)
         quantize_decoder(decoder, QuantConfig(algo="rtn", block_size=32, embedding_bits=8))
-        if not stitched and whole_by == "fallback":
+        if not stitched:
             def refuse(*args):
                 raise StitchError("refused by the test")
-            monkeypatch.setattr(export, "stitch_layers", refuse)
-        exported = export.export_pte(decoder, export.runner_metadata(reference.model.cfg, 32, 1, [2]),
-                                     reuse_layers=stitched or whole_by == "fallback")
-        path = tmp_path / f"stitched-{stitched}.pte"
-        path.write_bytes(exported.program)
-        runtime = ExecutorchRuntime(tmp_path, path)
-        logits[stitched] = [runtime._run(ids, 0), runtime._run(ids[:, :1], 5), runtime._run(ids[:, 1:3], 6)]
+            monkeypatch.setattr(export, "check_uniform_layers", refuse)
+        exported = export.export_pte(decoder, export.runner_metadata(model.cfg, 32, 1, [2]))
+        logits[stitched] = _run_program(tmp_path, f"stitched-{stitched}", exported)
         counts[stitched], layers[stitched] = exported.delegated_ops, exported.layers
     for mine, whole in zip(logits[True], logits[False]):
         np.testing.assert_array_equal(mine, whole)
     assert counts[True]["xnnpack_partitions"] == counts[False]["xnnpack_partitions"] == 6
     assert counts[True]["reused_partitions"] >= 2 and counts[False]["reused_partitions"] == 0
     assert layers[True] == "layers 0, 1, 3 lowered, 1 stitched from layer 1"
-    assert layers[False] == ("every layer lowered" if whole_by == "flag"
-                             else "every layer lowered: stitching not possible (refused by the test)")
+    assert layers[False] == "every layer lowered: stitching not possible (refused by the test)"
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_stitched_layers_carry_their_own_biases_and_norms(family, tmp_path):
+    """Stitched copies of layer 1 bind each layer's own q/k/v biases (qwen2) and per-head q/k norms (qwen3):
+    the fp32 program computes what the decoder computes in torch. (Lowering every layer as well, for a
+    bit-for-bit comparison, doubles the test's time; the llama test above makes that comparison.)"""
+    import torch
+
+    from compiler.executorch import export
+
+    model = _four_layer_reference(tmp_path, family)
+    exported = export.export_pte(export.ExecutorchDecoder(model, 32), export.runner_metadata(model.cfg, 32, 1, [2]))
+    assert exported.layers == "layers 0, 1, 3 lowered, 1 stitched from layer 1"
+    eager = export.ExecutorchDecoder(model, 32)
+    with torch.no_grad():
+        expected = [eager(torch.from_numpy(ids), torch.tensor([start])).numpy() for ids, start in STITCH_CALLS]
+    for mine, theirs in zip(_run_program(tmp_path, "stitched", exported), expected):
+        np.testing.assert_allclose(mine.reshape(theirs.shape), theirs, atol=1e-4)
