@@ -35,6 +35,7 @@ class Reference:
     runtime_adapters: list = field(default_factory=list)  # --lora runtime: LoraPairs, kept apart from the base
     slots: object = None  # --lora runtime: the LoraSlots of every artifact
     adapter_golden: dict = field(default_factory=dict)  # adapter name -> (golden data, LoRA reference)
+    calibration: tuple | None = None  # --quant auto: (calibration windows, the reference's logits on them)
 
     def golden_data(self, new_tokens: int) -> dict:
         from compiler.validate import golden
@@ -42,6 +43,16 @@ class Reference:
         if self.golden is None or len(self.golden["tokens"][0]) != new_tokens:
             self.golden = golden(self.model, self.prompts, new_tokens)
         return self.golden
+
+    def calibration_reference(self, model_dir: Path, calibration: str | None) -> tuple[list, list]:
+        """The windows `--quant auto` planned on and the reference's logits on them, once computed."""
+        from compiler.quant.auto import probe_sequences
+        from compiler.validate import torch_logits
+
+        if self.calibration is None:
+            windows = probe_sequences(self.model, model_dir, calibration)
+            self.calibration = windows, [torch_logits(self.model, ids) for ids in windows]
+        return self.calibration
 
     def adapter_reference(self, adapter, new_tokens: int) -> tuple[dict, dict]:
         """(golden data, LoRA reference) of the base with this runtime adapter merged."""
@@ -109,16 +120,23 @@ def _validate_artifact(directory: Path, artifact: dict, reference: Reference, co
                        report: BuildReport) -> dict:
     """The gates for one artifact of a bundle, run in its own runtime; with runtime LoRA, for no adapter
     and for each adapter of the artifact against its own reference (failures named by adapter)."""
-    from compiler.validate import validate
+    from compiler.validate import calibration_kl, gate_results, validate
     from runtimes.registry import open_runtime, runtime_for
 
     gates = config.validation.gates(config.export.precision)
+    quant = config.export.quant
+    if quant and quant.max_kl is not None:
+        gates["kl_calibration"] = ("max", quant.max_kl)  # the plan's promise, checked on the artifact
     new_tokens = config.validation.new_tokens
     stage = "validate" if artifact["format"] == "onnx" else f"validate_{artifact['format']}"
     with report.stage(stage, f"{runtime_for(artifact['format']).name} vs PyTorch reference"):
         runner = open_runtime(directory, artifact)
         with report.progress("prompts", unit="prompt") as progress:
             result = validate(runner, reference.golden_data(new_tokens), gates, reference.lora, progress)
+        if "kl_calibration" in gates:
+            windows, logits = reference.calibration_reference(config.model.path, quant.calibration)
+            result["metrics"]["kl_calibration"] = calibration_kl(runner, windows, logits)
+            result.update(gate_results(result["metrics"], gates))
     entries = (artifact.get("lora") or {}).get("adapters", [])
     if not entries:
         return result
@@ -256,7 +274,9 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
         report.moved_aside = str(writer.moved_aside)
     if validation is not None and not validation["passed"]:
         raise CheckFailed(f"{out}: validation failed: " + "; ".join(validation["failures"])
-                          + _advice(config, reference.model, precomputed.get("onnx") or precomputed.get("xnnpack")))
+                          + _advice(config, reference.model, precomputed.get("onnx") or precomputed.get("xnnpack"),
+                                    max((a["validation"]["metrics"].get("kl_calibration", 0.0) for a in artifacts
+                                         if a.get("validation")), default=0.0)))
     return out, manifest
 
 
@@ -268,8 +288,8 @@ def _prepare_runtime_lora(config: BuildConfig, reference: Reference, report: Bui
                                              config.lora.max_rank, config.lora.targets)
 
 
-def _advice(config: BuildConfig, model, gptq: dict | None) -> str:
-    """What to try when a quantized build fails its gates."""
+def _advice(config: BuildConfig, model, gptq: dict | None, kl_calibration: float = 0.0) -> str:
+    """What to try when a quantized build fails its gates (kl_calibration: the largest artifact's, with --max-kl)."""
     from compiler.quant.auto import probe_sequences
     from compiler.quant.sensitivity import largest_int4_errors, units
 
@@ -287,6 +307,9 @@ def _advice(config: BuildConfig, model, gptq: dict | None) -> str:
         worst = largest_int4_errors(model, sequences, blocks, {quant.block_size: gptq or {}})
         return ("; for per-module precision that meets a KL target, build with --quant auto --max-kl 0.1 "
                 f"(largest int4 errors on calibration text: {', '.join(worst)})")
+    if kl_calibration > quant.max_kl:
+        # The artifact rounds a little differently from the plan's PyTorch model: ask for that much less.
+        return f"; try --max-kl {quant.max_kl * quant.max_kl / kl_calibration:.3g}"
     return (f"; the plan met KL {quant.max_kl} on calibration text: lower --max-kl, or pass --calibration "
             "text like your prompts")
 

@@ -152,8 +152,10 @@ def markdown(report: dict) -> str:
     auto = report.get("quant_auto")
     if auto:
         lines += ["", "## Quantization plan (--quant auto)", "",
-                  f"- KL to fp32 on calibration text {auto['kl_calibration']:.4g} (target {auto['max_kl']:g}, "
-                  f"{'met' if auto['met'] else 'NOT met'}); weights {auto['weight_mb']:.1f} MB "
+                  f"- KL to fp32 on calibration text, computed in PyTorch as the kernels round: "
+                  f"{auto['kl_calibration']:.4g} (planned for {auto.get('planned_for', auto['max_kl']):.4g}, under "
+                  f"the target {auto['max_kl']:g}: {'met' if auto['met'] else 'NOT met'}; each artifact's own is its "
+                  f"kl_calibration gate); weights {auto['weight_mb']:.1f} MB "
                   f"(all int4 block 128: {auto['int4_block128_mb']:.1f} MB)",
                   "- modules: " + ", ".join(f"{k} {v}" for k, v in auto["modules"].items()),
                   "", "Most sensitive modules (KL to fp32 with the module alone quantized):", "",

@@ -16,7 +16,7 @@ import torch
 
 from compiler.models.decoder import CanonicalDecoder
 from runtimes.base import greedy
-from runtimes.validation import compare, log_softmax
+from runtimes.validation import compare, log_softmax, logit_metrics
 
 DEFAULT_PROMPTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -74,6 +74,16 @@ def torch_greedy(model: CanonicalDecoder, ids: list[int], new_tokens: int) -> li
 
 def torch_logprobs(model: CanonicalDecoder, prompts: list[list[int]]) -> list[np.ndarray]:
     return [log_softmax(torch_logits(model, ids)) for ids in prompts]
+
+
+def calibration_kl(runner, windows: list[list[int]], reference: list[np.ndarray]) -> float:
+    """Mean KL(fp32 || artifact) per token over the calibration windows, each from an empty cache: what
+    `--max-kl` is planned for, measured in the artifact's own runtime. reference: torch_logits of each window."""
+    kls = []
+    for ids, ref in zip(windows, reference):
+        logits, _ = runner.forward(np.asarray([ids], dtype=np.int64), runner.empty_cache(), 0)
+        kls.append(logit_metrics(ref, np.asarray(logits)[0])["kl_mean"])
+    return float(np.mean(kls))
 
 
 def golden(model: CanonicalDecoder, prompts: list[list[int]], new_tokens: int) -> dict:

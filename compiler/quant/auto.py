@@ -23,6 +23,10 @@ from compiler.quant.sensitivity import (FP32, INT4_BLOCKS, INT8, SCHEMES, Probe,
 
 SENSITIVITY_WINDOWS = 4  # of 128 tokens; the sensitivity and verification forwards grow linearly with it
 VERIFY_ROUNDS = 4
+# The plan's KL is computed in PyTorch as the kernels round (their grids, int8 activations); the artifacts'
+# own KL on the same windows, which the build's kl_calibration gate checks, came out 13% under to 3% over
+# it on SmolLM2-135M-Instruct: plan for a little less than the target.
+PLAN_HEADROOM = 0.95
 
 
 @dataclass
@@ -102,7 +106,8 @@ def plan_auto(model: CanonicalDecoder, model_dir: Path, quant: QuantConfig, log=
     # Measure, then move the greedy loop's target: by the ratio of wanted to measured KL until one plan
     # met it and one did not, then halfway between those two targets. Keep the smallest plan that met
     # it (or, if none did, the one nearest to it).
-    target, tried, met_at, missed_at = quant.max_kl, [], None, None
+    aim = quant.max_kl * PLAN_HEADROOM
+    target, tried, met_at, missed_at = aim, [], None, None
     for _ in range(VERIFY_ROUNDS):
         plan = greedy(all_units, kl, target, fixed)
         if any(p == plan for p, _ in tried):
@@ -110,7 +115,7 @@ def plan_auto(model: CanonicalDecoder, model_dir: Path, quant: QuantConfig, log=
         measured = mixed_kl(probe, plan, all_units, lambda u, s: quantized_weights(model, u, s, gptq, probe.xnnpack))
         tried.append((plan, measured))
         log(f"plan for estimated KL {target:.4g}: {_size(all_units, plan) / 1e6:.1f} MB, measured KL {measured:.4g}")
-        if measured <= quant.max_kl:
+        if measured <= aim:
             met_at = max(met_at or 0.0, target)
         else:
             missed_at = min(missed_at or float("inf"), target)
@@ -119,8 +124,8 @@ def plan_auto(model: CanonicalDecoder, model_dir: Path, quant: QuantConfig, log=
         if met_at is not None and missed_at is not None:
             target = (met_at + missed_at) / 2
         else:
-            target *= (quant.max_kl / measured) * (0.95 if measured > quant.max_kl else 1.0)
-    met = [(p, m) for p, m in tried if m <= quant.max_kl]
+            target *= (aim / measured) * (0.95 if measured > aim else 1.0)
+    met = [(p, m) for p, m in tried if m <= aim]
     plan, measured = min(met, key=lambda t: _size(all_units, t[0])) if met else min(tried, key=lambda t: t[1])
     entries = []
     for unit in all_units:
@@ -142,9 +147,10 @@ def plan_auto(model: CanonicalDecoder, model_dir: Path, quant: QuantConfig, log=
         counts[key] = counts.get(key, 0) + 1
     summary = {
         "max_kl": quant.max_kl,
+        "planned_for": round(aim, 6),
         "measured_as": "pte" if probe.xnnpack else "onnx",
         "kl_calibration": round(measured, 5),
-        "met": measured <= quant.max_kl,
+        "met": measured <= aim,
         "weight_mb": round(_size(all_units, plan) / 1e6, 2),
         "int4_block128_mb": round(_size(all_units, {u.path: (4, 128) for u in all_units}) / 1e6, 2),
         "modules": counts,
