@@ -352,7 +352,9 @@ def _gptq(config: BuildConfig, reference: Reference, report: BuildReport, grids:
         report.smoothing = {"alpha": quant.smoothing, "fold_points": len(log["considered"]),
                             "smoothed": len(log["smoothed"]),
                             "by_input": {leaf.split(".")[-1]: sum(n.endswith(leaf) for n in log["smoothed"])
-                                         for leaf in FOLD_POINTS}}
+                                         for leaf in FOLD_POINTS},
+                            "considered_by_input": {leaf.split(".")[-1]: sum(n.endswith(leaf) for n in log["considered"])
+                                                    for leaf in FOLD_POINTS}}
     return {grid: codes[(quant.block_size, grid)] for grid in grids}
 
 

@@ -143,7 +143,8 @@ def markdown(report: dict) -> str:
             lines.append(f"| {p['pass']} | {p['seconds']:.2f} | {p['nodes_before']} | {p['nodes_after']} | {rewrites} |")
     smoothing = report.get("smoothing")
     if smoothing:
-        kinds = ", ".join(f"{kind} {count}/{smoothing['fold_points'] // len(smoothing['by_input'])}"
+        considered = smoothing.get("considered_by_input", {})  # older reports lack it
+        kinds = ", ".join(f"{kind} {count}/{considered.get(kind, smoothing['fold_points'] // len(smoothing['by_input']))}"
                           for kind, count in smoothing["by_input"].items())
         lines += ["", "## Channel smoothing", "",
                   f"- alpha {smoothing['alpha']:g}: {smoothing['smoothed']} of {smoothing['fold_points']} fold points "

@@ -303,6 +303,8 @@ def test_gptq_build_calibrates_every_projection(trained_dir, tmp_path):
     smoothing = report["smoothing"]
     assert smoothing["alpha"] == 0.5 and smoothing["fold_points"] == 4 * 2  # q/k/v, gate/up, down, o per layer
     assert sum(smoothing["by_input"].values()) == smoothing["smoothed"] <= smoothing["fold_points"]
+    assert sum(smoothing["considered_by_input"].values()) == smoothing["fold_points"]
+    assert all(smoothing["by_input"][kind] <= n for kind, n in smoothing["considered_by_input"].items())
     assert f"{smoothing['smoothed']} of 8 fold points smoothed" in (out / "report.md").read_text()
     missing = CliRunner().invoke(main, ["build", "--model", str(trained_dir), "--out", str(tmp_path / "x"),
                                         "--quant", "int4", "--algo", "gptq", "--calibration", str(tmp_path / "nope.txt")])
