@@ -334,7 +334,6 @@ def _gptq(config: BuildConfig, reference: Reference, report: BuildReport, grids:
     """--algo gptq: GPTQ's codes per grid (onnx for the ONNX pass, xnnpack for the .pte), one calibration
     pass for both, in the windows of layers the memory plan chose; {} for other algorithms."""
     from compiler.quant.gptq import HESSIAN_BUDGET_BYTES, calibration_sequences, gptq_codes
-    from compiler.quant.smooth import FOLD_POINTS
 
     quant, model = config.export.quant, reference.model
     if quant.algo != "gptq":
@@ -348,14 +347,21 @@ def _gptq(config: BuildConfig, reference: Reference, report: BuildReport, grids:
             codes = gptq_codes(model, sequences, quant.bits, [(quant.block_size, g) for g in grids], quant.symmetric,
                                progress=progress, hessian_budget=memory.gptq_hessian_bytes or HESSIAN_BUDGET_BYTES,
                                smoothing=quant.smoothing, smoothing_log=log)
-    if log.get("considered"):
-        report.smoothing = {"alpha": quant.smoothing, "fold_points": len(log["considered"]),
-                            "smoothed": len(log["smoothed"]),
-                            "by_input": {leaf.split(".")[-1]: sum(n.endswith(leaf) for n in log["smoothed"])
-                                         for leaf in FOLD_POINTS},
-                            "considered_by_input": {leaf.split(".")[-1]: sum(n.endswith(leaf) for n in log["considered"])
-                                                    for leaf in FOLD_POINTS}}
+    _report_smoothing(report, quant.smoothing, log)
     return {grid: codes[(quant.block_size, grid)] for grid in grids}
+
+
+def _report_smoothing(report: BuildReport, alpha: float, log: dict[str, list[str]]) -> None:
+    """The channel smoothing's fold points, considered and smoothed, per kind (FOLD_POINTS)."""
+    from compiler.quant.smooth import FOLD_POINTS
+
+    def per_kind(names: list[str]) -> dict[str, int]:
+        return {leaf.split(".")[-1]: sum(n.endswith(leaf) for n in names) for leaf in FOLD_POINTS}
+
+    if not log.get("considered"):
+        return
+    report.smoothing = {"alpha": alpha, "fold_points": len(log["considered"]), "smoothed": len(log["smoothed"]),
+                        "by_input": per_kind(log["smoothed"]), "considered_by_input": per_kind(log["considered"])}
 
 
 def _plan_auto(config: BuildConfig, reference: Reference, report: BuildReport, grids: list[str]) -> dict[str, dict]:
@@ -368,6 +374,7 @@ def _plan_auto(config: BuildConfig, reference: Reference, report: BuildReport, g
         result = plan_auto(reference.model, config.model.path, quant, report.note, grids)
     config.export.quant = result.quant
     report.quant_auto = result.summary
+    _report_smoothing(report, quant.smoothing, result.smoothing_log)
     if not result.summary["met"]:
         report.warn(f"--max-kl {quant.max_kl:g}: no plan met it on calibration text (nearest: KL "
                     f"{result.summary['kl_calibration']:.4g}); the build keeps that plan")

@@ -38,6 +38,8 @@ def test_auto_plan_meets_its_kl_target_in_onnxruntime(trained_dir, auto_bundle):
     assert quant["max_kl"] == MAX_KL and len(set(plan.values())) > 1, plan  # a mix, not one scheme
     report = json.loads((auto_bundle / "report.json").read_text())["quant_auto"]
     assert report["met"] and report["most_sensitive"][0]["module"] in plan
+    smoothing = json.loads((auto_bundle / "report.json").read_text())["smoothing"]  # from the plan's GPTQ pass
+    assert smoothing["fold_points"] == 4 * 2 and smoothing["smoothed"] == sum(smoothing["by_input"].values())
     # The artifact holds the plan: each MatMulNBits at its module's bits and block.
     model = ir.load(auto_bundle / "model.onnx")
     seen = {}

@@ -34,6 +34,7 @@ class AutoResult:
     quant: QuantConfig  # with its plan
     precomputed: dict[str, dict]  # grid -> GPTQ's codes per torch module at the plan's block ({}: none)
     summary: dict  # for the build report and the manifest
+    smoothing_log: dict[str, list[str]]  # the fold points GPTQ's calibration pass considered and smoothed
 
 
 def greedy(all_units: list[Unit], kl: dict[str, dict[Scheme, float]], target: float,
@@ -85,11 +86,12 @@ def plan_auto(model: CanonicalDecoder, model_dir: Path, quant: QuantConfig, log=
     measured_grid = "xnnpack" if "xnnpack" in grids else "onnx"
     gptq: dict[int, dict] = {}  # block -> codes on the grid the sensitivities measure
     codes: dict[tuple[int, str], dict] = {}
+    smoothing_log: dict[str, list[str]] = {}
     if quant.algo == "gptq":
         sequences = calibration_sequences(model_dir, quant.calibration, vocab)
         log(f"GPTQ at blocks {', '.join(map(str, INT4_BLOCKS))}, grids {', '.join(grids)}")
         wanted = [(block, grid) for block in INT4_BLOCKS for grid in grids]
-        codes = gptq_codes(model, sequences, 4, wanted, True, smoothing=quant.smoothing)
+        codes = gptq_codes(model, sequences, 4, wanted, True, smoothing=quant.smoothing, smoothing_log=smoothing_log)
         # With a .pte among the formats the plan is measured as the .pte computes (its grid, per-token
         # activations, int8 per channel), its larger error, so that every artifact meets --max-kl.
         gptq = {block: codes[(block, measured_grid)] for block in INT4_BLOCKS}
@@ -160,7 +162,7 @@ def plan_auto(model: CanonicalDecoder, model_dir: Path, quant: QuantConfig, log=
                            for p in ranked[:10]],
         "sensitivity_int4_block128": {p: round(kl[p][(4, 128)], 6) for p in ranked},
     }
-    return AutoResult(planned, precomputed, summary)
+    return AutoResult(planned, precomputed, summary, smoothing_log)
 
 
 def _size(all_units: list[Unit], plan: dict[str, Scheme]) -> int:
