@@ -376,8 +376,9 @@ def _plan_auto(config: BuildConfig, reference: Reference, report: BuildReport, g
     report.quant_auto = result.summary
     _report_smoothing(report, quant.smoothing, result.smoothing_log)
     if not result.summary["met"]:
-        report.warn(f"--max-kl {quant.max_kl:g}: no plan met it on calibration text (nearest: KL "
-                    f"{result.summary['kl_calibration']:.4g}); the build keeps that plan")
+        report.warn(f"--max-kl {quant.max_kl:g}: no plan met {result.summary['planned_for']:.4g} (the target "
+                    f"with the plan's headroom) on calibration text (nearest: KL {result.summary['kl_calibration']:.4g}); "
+                    "the build keeps that plan")
     return result.precomputed
 
 
