@@ -118,11 +118,14 @@ def main() -> None:
                       "passed": gates["passed"], "flags": BUNDLES[name], "quant": artifact["quant"]}
             for kind, windows in texts.items():
                 result[kind] = text_metrics(bundle, artifact, windows, references[kind])
+            # --quant auto: the plan's own KL on the calibration windows (PyTorch, as the .pte rounds when built).
+            result["plan_kl"] = json.loads((bundle / "report.json").read_text()).get("quant_auto", {}).get("kl_calibration")
             results[f"{name} {fmt}"] = result
             g, c, h = result["gates"], result["calibration"], result["held-out"]
+            plan = f" (plan {result['plan_kl']:.3f})" if result["plan_kl"] is not None else ""
             rows.append([name, fmt, " ".join(BUNDLES[name]), f"{result['weights_mb']:.1f}", f"{g['kl_mean']:.3f}",
                          f"{g['top1_agreement']:.3f}", f"{g['perplexity_ratio']:.2f}",
-                         "passed" if result["passed"] else "FAILED", f"{c['kl']:.3f}", f"{h['kl']:.3f}",
+                         "passed" if result["passed"] else "FAILED", f"{c['kl']:.3f}{plan}", f"{h['kl']:.3f}",
                          f"{h['top1']:.3f}", f"{h['ppl']:.1f} / {h['ppl_fp32']:.1f}"])
     (args.work / "real_model_quant.json").write_text(json.dumps({"results": results, "at": time.ctime()}, indent=2))
     print_table(["bundle", "format", "flags", "weights MB", "gate KL", "gate top-1", "gate ppl ratio", "gates",
