@@ -62,7 +62,7 @@ def quantize_decoder(decoder: nn.Module, quant: QuantConfig, precomputed: dict[s
     fp32 at 0; the embedding weight-only. `quant` has passed check_pte_quant (build does it first).
     `precomputed`: GPTQ's codes on the xnnpack grid (compiler/quant/blocks.py) by module path; the int4
     linears whose group they match take them instead of torchao's rounding (counted as `int4_gptq`)."""
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerAxis, PerGroup
 
     if decoder.lm_head.weight is decoder.embed_tokens.weight and module_bits("lm_head", quant):
@@ -74,9 +74,12 @@ def quantize_decoder(decoder: nn.Module, quant: QuantConfig, precomputed: dict[s
     counts: dict[str, int] = {}
     embedding_bits = module_bits("embed_tokens", quant)
     if embedding_bits:
+        hidden = decoder.embed_tokens.embedding_dim
+        block = quant.block_for("model.embed_tokens")
+        granularity = PerAxis(0) if embedding_bits == 8 else PerGroup(group_for(hidden, block))
+        dtype = torch.int8 if embedding_bits == 8 else torch.int4
         # A tied lm_head still to quantize reads the table back from the file.
-        _quantize_in_row_chunks(decoder.embed_tokens, _embedding_config(embedding_bits, decoder.embed_tokens.embedding_dim,
-                                                                         quant.block_for("model.embed_tokens")))
+        _quantize_in_row_chunks(decoder.embed_tokens, IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity))
         counts[f"embedding_int{embedding_bits}"] = 1
     by_scheme: dict[tuple[int, int], list[str]] = {}  # (bits, group) -> decoder module names
     for name, module in decoder.named_modules():
@@ -106,24 +109,6 @@ def quantize_decoder(decoder: nn.Module, quant: QuantConfig, precomputed: dict[s
 
 
 ROWS_PER_CHUNK = 4096
-
-
-def _embedding_config(bits: int, hidden: int, block: int):
-    """torchao's weight-only scheme of the .pte's embedding table: per row at 8 bits, per group at 4."""
-    from torchao.quantization import IntxWeightOnlyConfig
-    from torchao.quantization.granularity import PerAxis, PerGroup
-
-    granularity = PerAxis(0) if bits == 8 else PerGroup(group_for(hidden, block))
-    return IntxWeightOnlyConfig(weight_dtype=torch.int8 if bits == 8 else torch.int4, granularity=granularity)
-
-
-def embedding_as_the_pte_holds(table: torch.Tensor, bits: int, block: int) -> torch.Tensor:
-    """The embedding table dequantized as the .pte's embedding ops read it (torchao's rounding, not GPTQ's
-    codes, even where the table is tied to a GPTQ'd lm_head)."""
-    embedding = nn.Embedding(1, 1, device="meta")
-    embedding.weight = nn.Parameter(table.detach(), requires_grad=False)  # torchao replaces it, never writes it
-    _quantize_in_row_chunks(embedding, _embedding_config(bits, table.shape[1], block))
-    return embedding.weight.dequantize().float()
 
 
 def _quantize_in_row_chunks(module: nn.Module, config) -> None:

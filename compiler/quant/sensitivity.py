@@ -88,8 +88,7 @@ def quantized_weights(model: CanonicalDecoder, unit: Unit, scheme: Scheme, gptq:
                       int8_per_channel: bool = False) -> dict[str, torch.Tensor]:
     """The unit's members' weights as the artifact holds them at this scheme (dequantized): GPTQ's codes
     where `gptq` (int4 block -> torch module name -> (q, scales, zeros)) has them, else round to nearest;
-    int8 in blocks of 128 (onnxruntime) or, `int8_per_channel`, as the .pte holds them: one block per row (its
-    8da8w), and the embedding table rounded by torchao for its embedding ops."""
+    int8 in blocks of 128 (onnxruntime) or, `int8_per_channel`, one block per row (the .pte's 8da8w)."""
     bits, block = scheme
     modules = dict(model.named_modules())
     out = {}
@@ -97,11 +96,6 @@ def quantized_weights(model: CanonicalDecoder, unit: Unit, scheme: Scheme, gptq:
         w = modules[member].weight.detach()
         if bits == 0:
             out[member] = w
-            continue
-        if member == "model.embed_tokens" and int8_per_channel:
-            from compiler.executorch.quantize import embedding_as_the_pte_holds
-
-            out[member] = embedding_as_the_pte_holds(w, bits, unit.block(block))
             continue
         tied_table = member == "model.embed_tokens" and len(unit.members) == 2  # GPTQ'd as the lm_head
         codes = (gptq.get(block, {}) if bits == 4 else {}).get("lm_head" if tied_table else member)
