@@ -397,6 +397,7 @@ def headline_validation(artifacts: list[dict]) -> dict | None:
 
 def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter, report: BuildReport,
                 precomputed: dict | None = None) -> dict:
+    from compiler.onnx import trace_cache
     from compiler.onnx.export import export_onnx, io_for, save_onnx
     from compiler.onnx.genai_config import genai_config
     from compiler.onnx.passes import attention_by_layer, build_pipeline, op_counts, run_passes
@@ -404,9 +405,11 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
     model = reference.model
     quant = config.export.quant
     with report.stage("export_onnx", f"{model.cfg.num_layers} layers, torch.export + dynamo exporter"):
-        onnx_model = export_onnx(model, last_position_logits=config.export.last_position_logits)
+        onnx_model = export_onnx(model, last_position_logits=config.export.last_position_logits,
+                                 trace_cache=trace_cache.default_dir())
         release_module_pages(model)  # the template's checks read layer 0 and the tables
     traced_nodes = len(onnx_model.graph)
+    traced = onnx_model.meta.get("edgec.trace")
     pipeline = config.export.pipeline
     passes = build_pipeline(pipeline, model.cfg, quant, precomputed, reference.slots)
     if passes:
@@ -422,6 +425,7 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
         release_module_pages(model)  # the fp32 initializers (views of the weights) were read to be written
         report.export = {
             "exporter": "torch.onnx.export(dynamo=True)",
+            "trace": traced,  # "one layer" (then stamped), "cached" (that trace, from an earlier build) or "every layer"
             "pipeline": pipeline,
             "nodes_traced": traced_nodes,
             "nodes": len(onnx_model.graph),

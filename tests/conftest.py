@@ -45,6 +45,20 @@ MODEL_VARIANTS = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def trace_cache(tmp_path_factory):
+    """Builds keep their one-layer ONNX traces in this session's own directory, not the user's cache: tests
+    share them as builds on one machine would (edgec processes started by tests inherit the setting)."""
+    directory = tmp_path_factory.mktemp("onnx-traces")
+    before = os.environ.get("EDGEC_TRACE_CACHE")
+    os.environ["EDGEC_TRACE_CACHE"] = str(directory)
+    yield directory
+    if before is None:
+        os.environ.pop("EDGEC_TRACE_CACHE", None)
+    else:
+        os.environ["EDGEC_TRACE_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     """model_dir(name) -> path of a saved tiny model of that variant (made once per session)."""

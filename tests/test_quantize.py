@@ -369,15 +369,19 @@ def test_gptq_batched_across_layers_equals_one_matrix_at_a_time(trained_dir, mon
         assert_same_quantization(batched[name], single[name], name)
 
 
-def test_default_int4_builds_are_byte_identical(trained_dir, tmp_path):
-    """GPTQ's Hessians, factors and batched column loop give the same bytes build after build."""
+def test_default_int4_builds_are_byte_identical(trained_dir, tmp_path, monkeypatch):
+    """GPTQ's Hessians, factors and batched column loop give the same bytes build after build; the second
+    build binds its weights into the first one's cached trace (compiler/onnx/trace_cache.py)."""
     import hashlib
 
-    digests = []
+    monkeypatch.setenv("EDGEC_TRACE_CACHE", str(tmp_path / "traces"))
+    digests, traces = [], []
     for name in ("a", "b"):
         result = CliRunner().invoke(main, ["build", "--model", str(trained_dir), "--out", str(tmp_path / name),
                                            "--quant", "int4", "--quiet", "--no-validate"])
         assert result.exit_code == 0, result.output
         digests.append([hashlib.sha256((tmp_path / name / f).read_bytes()).hexdigest()
                         for f in ("model.onnx", "model.onnx.data")])
+        traces.append(json.loads((tmp_path / name / "report.json").read_text())["export"]["trace"])
+    assert traces == ["one layer", "cached"]
     assert digests[0] == digests[1]

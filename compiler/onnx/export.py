@@ -126,9 +126,12 @@ def one_layer_view(model: CanonicalDecoder) -> CanonicalDecoder:
     return view.eval()
 
 
-def export_onnx(model: CanonicalDecoder, layer_template: bool = True, last_position_logits: bool = False) -> ir.Model:
+def export_onnx(model: CanonicalDecoder, layer_template: bool = True, last_position_logits: bool = False,
+                trace_cache: Path | None = None) -> ir.Model:
     """Trace to ONNX; with layer_template, trace one layer and stamp it (see layer_template.py);
-    last_position_logits: logits of the last position only."""
+    last_position_logits: logits of the last position only; trace_cache: a directory where the one-layer
+    trace is kept for the next build of this architecture (trace_cache.py). The model's meta "edgec.trace"
+    says how the graph was made: "cached", "one layer" or "every layer"."""
     if layer_template and len(set(model.cfg.layer_rope)) > 1:
         # Layer 0's copies would rotate every layer as layer 0 does (the rope tables are not layer weights,
         # so stamping's checks cannot see it): layers of SmolLM3 (no rope) or Gemma 3 (local/global) differ.
@@ -136,13 +139,30 @@ def export_onnx(model: CanonicalDecoder, layer_template: bool = True, last_posit
                                         ", ".join(sorted(set(model.cfg.layer_rope))))
         layer_template = False
     if layer_template and model.cfg.num_layers > 1:
-        onnx_model = _trace(one_layer_view(model), last_position_logits)
+        onnx_model = _template_trace(one_layer_view(model), last_position_logits, trace_cache)
         try:
             stamp_layers(onnx_model, model)
             return onnx_model
         except TemplateMismatch as e:
             logging.getLogger("edgec").warning("tracing every layer: %s", e)
-    return _trace(model, last_position_logits)
+    onnx_model = _trace(model, last_position_logits)
+    onnx_model.meta["edgec.trace"] = "every layer"
+    return onnx_model
+
+
+def _template_trace(view: CanonicalDecoder, last_position_logits: bool, cache_dir: Path | None) -> ir.Model:
+    from compiler.onnx import trace_cache
+
+    key = trace_cache.trace_key(view, {"last_position_logits": last_position_logits}) if cache_dir else None
+    onnx_model = trace_cache.load(cache_dir, key, view) if key else None
+    if onnx_model is not None:
+        onnx_model.meta["edgec.trace"] = "cached"
+        return onnx_model
+    onnx_model = _trace(view, last_position_logits)
+    if key:
+        trace_cache.store(cache_dir, key, onnx_model, view)
+    onnx_model.meta["edgec.trace"] = "one layer"
+    return onnx_model
 
 
 def _trace(model: CanonicalDecoder, last_position_logits: bool = False) -> ir.Model:

@@ -1,0 +1,83 @@
+"""The one-layer ONNX trace kept between builds (compiler/onnx/trace_cache.py): a build that loads it writes
+the bytes a build that traces writes, with its own weights bound in."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from compiler.frontend.load import build_decoder, read_checkpoint
+from compiler.onnx import trace_cache
+from compiler.onnx.export import export_onnx, one_layer_view, save_onnx
+from compiler.tiny_models import make_model
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    """Two tied Llamas of one configuration, different weights (seeds 0 and 1)."""
+    root = tmp_path_factory.mktemp("same-architecture")
+    for seed in (0, 1):
+        make_model(root / f"seed{seed}", "llama", seed=seed, tie_word_embeddings=True)
+    return root / "seed0", root / "seed1"
+
+
+def bundle_digest(model: ir.Model, directory) -> str:
+    directory.mkdir()
+    paths = save_onnx(model, directory / "model.onnx")
+    return hashlib.sha256(b"".join(p.read_bytes() for p in paths)).hexdigest()
+
+
+def test_a_cached_trace_with_the_next_models_weights_is_what_tracing_that_model_gives(two_models, tmp_path):
+    first, second = two_models
+    cache = tmp_path / "traces"
+    stored = export_onnx(build_decoder(read_checkpoint(first)), last_position_logits=True, trace_cache=cache)
+    assert stored.meta["edgec.trace"] == "one layer" and len(list(cache.glob("*.onnx"))) == 1
+    # The entry holds the graph, not the weights: its parameters are references to be bound at load.
+    entry = onnx.load(str(next(cache.glob("*.onnx"))), load_external_data=False)
+    assert sum(len(t.raw_data) + 4 * len(t.float_data) for t in entry.graph.initializer) < 1024
+
+    cached = export_onnx(build_decoder(read_checkpoint(second)), last_position_logits=True, trace_cache=cache)
+    traced = export_onnx(build_decoder(read_checkpoint(second)), last_position_logits=True)
+    assert cached.meta["edgec.trace"] == "cached" and traced.meta["edgec.trace"] == "one layer"
+    assert bundle_digest(cached, tmp_path / "cached") == bundle_digest(traced, tmp_path / "traced")
+    assert bundle_digest(stored, tmp_path / "first") != bundle_digest(traced, tmp_path / "second")
+
+
+def test_the_key_follows_the_options_and_the_configuration(two_models):
+    view = one_layer_view(build_decoder(read_checkpoint(two_models[0])))
+    key = trace_cache.trace_key(view, {"last_position_logits": True})
+    assert key == trace_cache.trace_key(view, {"last_position_logits": True})
+    assert key != trace_cache.trace_key(view, {"last_position_logits": False})
+    view.cfg = view.cfg.__class__(**{**view.cfg.__dict__, "rms_norm_eps": view.cfg.rms_norm_eps * 2})
+    assert key != trace_cache.trace_key(view, {"last_position_logits": True})
+
+
+def test_a_graph_holding_a_constant_made_from_a_weight_is_not_stored(two_models, tmp_path):
+    """A folded constant (here a norm weight doubled) cannot be told from the weights it came from, so the
+    graph is traced every time rather than stored with the first model's numbers in it."""
+    from compiler.onnx.export import _trace
+
+    view = one_layer_view(build_decoder(read_checkpoint(two_models[0])))
+    model = _trace(view, True)
+    norm = model.graph.initializers["model.norm.weight"]
+    norm.const_value = ir.tensor(norm.const_value.numpy() * 2, name=norm.name)
+    assert not trace_cache.store(tmp_path, "k", model, view)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_damaged_entry_is_traced_again_and_replaced(two_models, tmp_path):
+    decoder = build_decoder(read_checkpoint(two_models[0]))
+    key = trace_cache.trace_key(one_layer_view(decoder), {"last_position_logits": False})
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / f"{key}.onnx").write_bytes(b"not an onnx model")
+    model = export_onnx(decoder, trace_cache=tmp_path)
+    assert model.meta["edgec.trace"] == "one layer"
+    again = trace_cache.load(tmp_path, key, one_layer_view(decoder))
+    assert again is not None
+    bound = {name: v.const_value.numpy() for name, v in again.graph.initializers.items()}
+    table = decoder.model.embed_tokens.weight.detach().numpy()
+    assert any(a.shape == table.shape and np.array_equal(a, table) for a in bound.values()), list(bound)
