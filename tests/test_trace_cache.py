@@ -81,3 +81,10 @@ def test_a_damaged_entry_is_traced_again_and_replaced(two_models, tmp_path):
     bound = {name: v.const_value.numpy() for name, v in again.graph.initializers.items()}
     table = decoder.model.embed_tokens.weight.detach().numpy()
     assert any(a.shape == table.shape and np.array_equal(a, table) for a in bound.values()), list(bound)
+
+
+def test_a_cache_directory_that_cannot_be_written_only_costs_the_trace(two_models, tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    model = export_onnx(build_decoder(read_checkpoint(two_models[0])), trace_cache=blocked / "traces")
+    assert model.meta["edgec.trace"] == "one layer" and blocked.read_text() == "not a directory"

@@ -103,13 +103,14 @@ def store(directory: Path, key: str, model: ir.Model, view: CanonicalDecoder) ->
             model.graph.initializers[name].const_value = tensor
     proto.metadata_props.add(key=SOURCES_KEY, value=json.dumps(sources, sort_keys=True))
     proto.metadata_props.add(key=NAMES_KEY, value=json.dumps(names, sort_keys=True))
-    directory.mkdir(parents=True, exist_ok=True)
     staging = directory / f".{key}.{os.getpid()}.onnx"
     try:
+        directory.mkdir(parents=True, exist_ok=True)
         onnx.save(proto, staging)
         os.replace(staging, directory / f"{key}.onnx")  # whole or absent, also with two builds at once
     except OSError as e:
-        staging.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            staging.unlink(missing_ok=True)
         logging.getLogger("edgec").info("trace not cached: %s", e)
         return False
     _prune(directory)
@@ -117,9 +118,12 @@ def store(directory: Path, key: str, model: ir.Model, view: CanonicalDecoder) ->
 
 
 def _prune(directory: Path) -> None:
-    entries = sorted(directory.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for stale in entries[MAX_ENTRIES:]:
-        stale.unlink(missing_ok=True)
+    try:  # another build may be pruning or storing at the same time
+        entries = sorted(((p.stat().st_mtime, p) for p in directory.glob("*.onnx")), reverse=True)
+        for _, stale in entries[MAX_ENTRIES:]:
+            stale.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def load(directory: Path, key: str, view: CanonicalDecoder) -> ir.Model | None:
