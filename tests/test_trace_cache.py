@@ -88,3 +88,21 @@ def test_a_cache_directory_that_cannot_be_written_only_costs_the_trace(two_model
     blocked.write_text("not a directory")
     model = export_onnx(build_decoder(read_checkpoint(two_models[0])), trace_cache=blocked / "traces")
     assert model.meta["edgec.trace"] == "one layer" and blocked.read_text() == "not a directory"
+
+
+def test_an_unnamed_constant_is_taken_for_a_parameter_only_when_that_is_unambiguous():
+    """Tied names of one tensor are one parameter; two tensors holding equal data are not told apart."""
+    import torch
+
+    weight = torch.randn(8, 4)
+    graph = ir.Graph([], [], nodes=[])
+    graph.register_initializer(ir.Value(name="val_1", const_value=ir.tensor(weight.numpy().T.copy())))
+    model = ir.Model(graph, ir_version=10)
+
+    class View:
+        class cfg:
+            rope_inv_freq = local_rope_inv_freq = ()
+
+    tied = {"model.embed_tokens.weight": weight, "lm_head.weight": weight}
+    assert trace_cache._parameter_sources(model, View, tied) == {"val_1": ("model.embed_tokens.weight", True)}
+    assert trace_cache._parameter_sources(model, View, {"a.weight": weight, "b.weight": weight.clone()}) is None

@@ -203,6 +203,11 @@ def _parameter_sources(model: ir.Model, view: CanonicalDecoder,
         array = value.const_value.numpy()
         matches = [c for c in by_shape.get(array.shape, []) if array.dtype == np.float32
                    and np.array_equal(_as_stored(params[c[0]], c[1]), array)]
+        # Tied parameters (embedding and lm_head) are one tensor under two names: one match, not two.
+        distinct: dict[tuple[int, bool], tuple[str, bool]] = {}
+        for param, transposed in matches:
+            distinct.setdefault((params[param].data_ptr(), transposed), (param, transposed))
+        matches = list(distinct.values())
         named = [c for c in matches if c[0] == name and not c[1]]
         if named:
             sources[name] = named[0]
