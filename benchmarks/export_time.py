@@ -21,12 +21,16 @@ from benchmarks.common import (BIN, EDGEC, SMOLLM2_WORK, argument_parser, print_
 
 
 def edgec_build(model: Path, adapter: Path | None, out: Path, traces: Path) -> tuple[float, float]:
-    os.environ["EDGEC_TRACE_CACHE"] = str(traces)
+    before = os.environ.get("EDGEC_TRACE_CACHE")
+    os.environ["EDGEC_TRACE_CACHE"] = str(traces)  # the child inherits it
     try:
         return timed([EDGEC, "build", "--model", model, *(["--adapter", adapter] if adapter else []), "--out", out,
                       "--quant", "int4", "--force", "--quiet", "--no-validate"])
     finally:
-        del os.environ["EDGEC_TRACE_CACHE"]
+        if before is None:
+            del os.environ["EDGEC_TRACE_CACHE"]
+        else:
+            os.environ["EDGEC_TRACE_CACHE"] = before
 
 
 def builder(model: Path, out: Path, work: Path, *extra: str) -> tuple[float, float]:

@@ -63,13 +63,17 @@ def _check_sources(sources: dict[ir.Value, tuple[str, bool]], params: dict[str, 
 
 def _layer_tensor(params: dict[str, torch.Tensor], name: str, layer: int, transposed: bool) -> ir.TensorProtocol:
     layer_name = name.replace(LAYER0 + ".", f"model.layers.{layer}.", 1)
-    tensor = params[layer_name].detach()
+    return parameter_tensor(params[layer_name], f"{layer_name}.T" if transposed else layer_name, transposed)
+
+
+def parameter_tensor(tensor: torch.Tensor, name: str, transposed: bool) -> ir.TensorProtocol:
+    """An initializer's data taken from a parameter: a view of it, or its transpose."""
+    tensor = tensor.detach()
     if not transposed:
-        return ir.tensor(tensor.numpy(), name=layer_name)  # a view of the parameter, no copy
+        return ir.tensor(tensor.numpy(), name=name)  # a view of the parameter, no copy
     # Transposed on demand (when a pass or the writer reads it), so the model never holds a transposed
     # copy of every weight at once: quantization reads each once and keeps only the int4 blocks.
-    return ir.LazyTensor(lambda: _transposed(tensor), ir.DataType.FLOAT, ir.Shape(tensor.shape[::-1]),
-                         name=f"{layer_name}.T")
+    return ir.LazyTensor(lambda: _transposed(tensor), ir.DataType.FLOAT, ir.Shape(tensor.shape[::-1]), name=name)
 
 
 def _transposed(tensor: torch.Tensor) -> ir.TensorProtocol:

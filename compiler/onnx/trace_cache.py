@@ -30,6 +30,7 @@ import onnx_ir as ir
 import torch
 
 from compiler.models.decoder import CanonicalDecoder
+from compiler.onnx.layer_template import parameter_tensor
 
 SOURCES_KEY = "edgec.trace_cache.sources"  # model metadata: initializer name -> [parameter, transposed]
 NAMES_KEY = "edgec.trace_cache.names"  # model metadata: the graph's name authority (see _names)
@@ -147,7 +148,7 @@ def load(directory: Path, key: str, view: CanonicalDecoder) -> ir.Model | None:
         value, tensor = model.graph.initializers.get(name), params.get(param)
         if value is None or tensor is None or tuple(value.shape) != tuple(_stored_shape(tensor, transposed)):
             return None
-        value.const_value = _bound(tensor, transposed, name)
+        value.const_value = parameter_tensor(tensor, name, transposed)
     if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
         return None
     with contextlib.suppress(OSError):
@@ -173,15 +174,6 @@ def _restore_names(graph: ir.Graph, names: dict) -> None:
     authority._value_counter, authority._node_counter = names["value_counter"], names["node_counter"]
     authority._value_names |= set(names["value_names"])
     authority._node_names |= set(names["node_names"])
-
-
-def _bound(tensor: torch.Tensor, transposed: bool, name: str) -> ir.TensorProtocol:
-    tensor = tensor.detach()
-    if not transposed:
-        return ir.tensor(tensor.numpy(), name=name)  # a view of the parameter
-    # Transposed when read, as layer_template.py binds the other layers' weights.
-    return ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(tensor.numpy().T)), ir.DataType.FLOAT,
-                         ir.Shape(tensor.shape[::-1]), name=name)
 
 
 def _stored_shape(tensor: torch.Tensor, transposed: bool) -> tuple:
