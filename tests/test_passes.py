@@ -80,6 +80,40 @@ def test_rms_norm_fusion_does_not_fire_on_layer_norm_like_graph():
     assert counts["rms_normalization"] <= 1
 
 
+def test_cleanup_folds_constant_subgraphs_and_identities():
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 3]))
+    a, b = (ir.Value(name=n, const_value=ir.tensor(np.full((3,), v, np.float32), name=n)) for n, v in (("a", 2), ("b", 3)))
+    added = ir.node("Add", [a, b])
+    kept = ir.node("Identity", [x])
+    product = ir.node("Mul", [kept.outputs[0], added.outputs[0]])
+    product.outputs[0].name = "y"
+    graph = ir.Graph([x], product.outputs, nodes=[added, kept, product], initializers=[a, b], opset_imports={"": 21})
+    model = ir.Model(graph, ir_version=10)
+    feeds = {"x": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    cleanup = CleanupPass()
+    model, _ = apply([cleanup], model)
+    assert cleanup.counts["foldable"] == 2
+    assert op_counts(model) == {"Mul": 1}
+    np.testing.assert_array_equal(run(model, feeds)[0], feeds["x"] * 5)
+
+
+@pytest.mark.parametrize("variant", ["llama3_tied", "phi4_longrope", "gemma3"])
+def test_fusion_pipeline_leaves_nothing_for_onnxscripts_optimizer(model_dir, variant):
+    """The pipeline's cleanups skip the optimizer (seconds on a 30-layer graph) when nothing is foldable:
+    the optimizer, run after them, must find nothing to change. phi4_longrope's rotary fusion leaves a
+    function call to inline; gemma3 is traced whole."""
+    from onnxscript.optimizer import optimize
+
+    decoder = build_decoder(read_checkpoint(model_dir(variant)))
+    passes = build_pipeline("fuse", decoder.cfg)
+    model, _ = apply(passes, export_onnx(decoder, last_position_logits=True))
+    assert [p.counts["foldable"] for p in passes if isinstance(p, CleanupPass)] == [0, 0]
+    assert not model.functions
+    ops, nodes = op_counts(model), len(model.graph)
+    optimize(model)
+    assert (op_counts(model), len(model.graph)) == (ops, nodes)
+
+
 @pytest.fixture(scope="module")
 def traced(model_dir):
     """name -> (canonical decoder, traced unfused ONNX model)."""

@@ -32,7 +32,7 @@ PIPELINES = ("none", "fuse", "fuse+int4", "int4")
 
 def fusion_passes(cfg: DecoderConfig) -> list[CountingPass]:
     return [
-        CleanupPass(fold_constants=False),
+        CleanupPass(),
         FuseRmsNormPass(),
         FuseSkipRmsNormPass(),
         FuseRotaryEmbeddingPass(cfg.max_sequence_length),
