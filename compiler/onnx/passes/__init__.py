@@ -32,7 +32,7 @@ PIPELINES = ("none", "fuse", "fuse+int4", "int4")
 
 def fusion_passes(cfg: DecoderConfig) -> list[CountingPass]:
     return [
-        CleanupPass(),
+        CleanupPass(rewrite_rules=False),
         FuseRmsNormPass(),
         FuseSkipRmsNormPass(),
         FuseRotaryEmbeddingPass(cfg.max_sequence_length),
