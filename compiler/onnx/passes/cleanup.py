@@ -55,8 +55,7 @@ class CleanupPass(CountingPass):
         self.counts["foldable"] = foldable_nodes(model.graph)
         if self.counts["shape_expressions"] or self.counts["foldable"]:
             common_passes.ShapeInferencePass()(model)
-            optimize(model)  # its rewrite rules included
-            _tidy(model)
+            optimize(model)  # ends with its own rewrite rules, lifting, deduplication and eliminations
         elif self.rewrite_rules:
             rewriter.rewrite(model)
             _tidy(model)
