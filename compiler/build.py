@@ -207,7 +207,7 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
         from compiler.executorch.quantize import check_pte_quant
 
         check_pte_quant(config.export.quant)  # before the ONNX build of --format onnx,pte spends its time
-    files = read_model_files(config.model.path)
+    files = read_model_files(config.model.path, hash_sources=True)
     memory = plan(WeightFacts.of(files.config, files.weight_files), config)  # refuses before a weight is read
     runtime_lora = config.lora.mode == "runtime"
     writer = BundleWriter(config.out, config.force)

@@ -71,6 +71,24 @@ def test_sharded_checkpoint_loads(llama_dir, tmp_path):
     assert torch.equal(canonical_logits(a, ids)[0], canonical_logits(b, ids)[0])
 
 
+def test_source_hashes_made_in_the_background_equal_the_files_sha256(llama_dir, tmp_path):
+    """The build hashes the source files in a thread from read_model_files on: the same digests, every
+    source file (config, weights, tokenizer, generation config) and no other."""
+    import hashlib
+
+    from compiler.frontend.load import read_model_files
+
+    model = tmp_path / "model"
+    shutil.copytree(llama_dir, model)
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
+    (model / "notes.txt").write_text("not a source file")
+    files = read_model_files(model, hash_sources=True)
+    hashes = read_checkpoint(model, files=files).source_hashes()
+    expected = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in model.iterdir() if p.name != "notes.txt"}
+    assert hashes == expected and "tokenizer.json" in hashes
+    assert hashes == read_checkpoint(model).source_hashes()  # computed in the caller's thread
+
+
 def test_bf16_checkpoint_is_upcast(llama_dir, tmp_path):
     bf16 = tmp_path / "bf16"
     shutil.copytree(llama_dir, bf16)

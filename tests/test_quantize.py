@@ -207,6 +207,37 @@ def test_chunked_quantization_equals_whole_matrix(monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("grid,symmetric", [("onnx", True), ("onnx", False), ("xnnpack", True)])
+def test_block_scales_along_a_torch_dim_equal_numpys(grid, symmetric):
+    """GPTQ's block scales (torch, blocks along dim 1) are block_scales_and_zeros' bit for bit: all-zero and
+    all-negative blocks, and blocks whose largest magnitude is both +m and -m, either first."""
+    import torch
+
+    from compiler.quant.blocks import block_scales_and_zeros, block_scales_and_zeros_along
+
+    blocks = torch.from_numpy(np.random.default_rng(7).standard_normal((4, 32, 60)).astype(np.float32))
+    blocks[0, :, :5] = 0
+    blocks[1, :, 5] = -blocks[1, :, 5].abs()
+    blocks[2, 3, :], blocks[2, 9, :] = 4.0, -4.0
+    blocks[3, 2, :], blocks[3, 20, :] = -4.0, 4.0
+    expected = block_scales_and_zeros(blocks.transpose(1, 2).numpy(), 4, symmetric, grid=grid)
+    for want, got in zip(expected, block_scales_and_zeros_along(blocks, 1, 4, symmetric, grid)):
+        np.testing.assert_array_equal(want, got.numpy())
+
+
+def test_torch_rtn_equals_the_rtn_path():
+    """The smoothing check's round-to-nearest (torch) gives quantize_blocks' rtn codes dequantized, a K that
+    is no multiple of the block included."""
+    import torch
+
+    from compiler.quant.blocks import rtn_dequantized
+
+    w = np.random.default_rng(8).standard_normal((40, 100)).astype(np.float32)
+    w[3, :32] = 0
+    expected = dequantize_blocks(*quantize_blocks(w, 4, 32, True, "rtn"), 100)
+    np.testing.assert_array_equal(expected, rtn_dequantized(torch.from_numpy(w), 4, 32).numpy())
+
+
 def assert_same_quantization(a, b, name=""):
     """Two schedules of one quantization (row jobs, batches, windows) agree as far as any CPU guarantees.
 

@@ -6,6 +6,7 @@ Only safetensors are read; pickle checkpoints are refused, never unpickled.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,12 +48,48 @@ class Checkpoint:
     weight_files: list[Path]
     tokenizer_files: list[Path] = field(default_factory=list)
     generation_config: Path | None = None
+    pending_hashes: PendingHashes | None = None  # read_model_files(hash_sources=True)'s
 
     def source_hashes(self) -> dict[str, str]:
-        files = [self.directory / "config.json", *self.weight_files, *self.tokenizer_files]
-        if self.generation_config:
-            files.append(self.generation_config)
-        return {p.name: sha256_file(p) for p in sorted(files)}
+        """sha256 of the source files (config, weights, tokenizer, generation config) by file name."""
+        if self.pending_hashes is not None:
+            return self.pending_hashes.result()
+        return hash_files(source_files(self.directory, self.weight_files, self.generation_config))
+
+
+def source_files(directory: Path, weight_files: list[Path], generation_config: Path | None) -> list[Path]:
+    tokenizer_files = [directory / n for n in TOKENIZER_FILES if (directory / n).exists()]
+    files = [directory / "config.json", *weight_files, *tokenizer_files]
+    return sorted(files + ([generation_config] if generation_config else []))
+
+
+def hash_files(paths: list[Path]) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in paths}
+
+
+class PendingHashes:
+    """hash_files in a background thread. hashlib lets go of the GIL while it hashes, so this runs beside
+    what a build does first (importing transformers, reading the config: 2-3 s holding the GIL); the
+    sha256 of a 135M model's weights takes about 0.9 s, of a 1B model's 7 s. A daemon thread: a build that
+    fails before it needs the hashes does not wait for them."""
+
+    def __init__(self, paths: list[Path]):
+        self._hashes: dict[str, str] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(paths,), name="edgec-sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self, paths: list[Path]) -> None:
+        try:
+            self._hashes = hash_files(paths)
+        except BaseException as e:  # raised in the caller's thread, by result()
+            self._error = e
+
+    def result(self) -> dict[str, str]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._hashes
 
 
 def _read_json(path: Path) -> dict:
@@ -126,9 +163,11 @@ class ModelFiles:
     config: DecoderConfig
     weight_files: list[Path]
     generation_config: Path | None
+    pending_hashes: PendingHashes | None = None
 
 
-def read_model_files(directory: str | Path) -> ModelFiles:
+def read_model_files(directory: str | Path, hash_sources: bool = False) -> ModelFiles:
+    """hash_sources: start hashing the source files now, in the background (Checkpoint.source_hashes)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UsageError(f"{directory}: model directory does not exist")
@@ -140,6 +179,9 @@ def read_model_files(directory: str | Path) -> ModelFiles:
     raw = _read_json(config_path)
     family = _family(raw, config_path)
     weight_files = _weight_files(directory)
+    gen_path = directory / "generation_config.json"
+    gen_path = gen_path if gen_path.exists() else None
+    pending = PendingHashes(source_files(directory, weight_files, gen_path)) if hash_sources else None
 
     from transformers import AutoConfig
 
@@ -147,10 +189,9 @@ def read_model_files(directory: str | Path) -> ModelFiles:
         hf_config = AutoConfig.from_pretrained(str(directory))
     except Exception as e:  # transformers raises many types for a malformed config
         raise UsageError(f"{config_path}: transformers cannot read it ({str(e).splitlines()[0]})") from None
-    gen_path = directory / "generation_config.json"
-    gen = _read_json(gen_path) if gen_path.exists() else None
+    gen = _read_json(gen_path) if gen_path else None
     config = decoder_config(hf_config, family, str(config_path), gen)
-    return ModelFiles(directory, hf_config, config, weight_files, gen_path if gen_path.exists() else None)
+    return ModelFiles(directory, hf_config, config, weight_files, gen_path, pending)
 
 
 def read_checkpoint(directory: str | Path, progress: Callable[[int, int], None] = lambda done, total: None,
@@ -175,6 +216,7 @@ def read_checkpoint(directory: str | Path, progress: Callable[[int, int], None] 
         weight_files=weight_files,
         tokenizer_files=tokenizer_files,
         generation_config=files.generation_config,
+        pending_hashes=files.pending_hashes,
     )
 
 

@@ -17,6 +17,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 
 CLIP_RATIOS = np.linspace(1.0, 0.6, 17, dtype=np.float32)
 
@@ -46,6 +47,44 @@ def block_scales_and_zeros(blocks: np.ndarray, bits: int, symmetric: bool, ratio
         safe = np.where(scale == 0, 1.0, scale)
         zero = np.clip(np.round(-lo / safe), 0, 2**bits - 1)
     return scale.astype(np.float32), zero.astype(np.float32)
+
+
+def block_scales_and_zeros_along(blocks: torch.Tensor, dim: int, bits: int, symmetric: bool, grid: str = "onnx"):
+    """block_scales_and_zeros for blocks laid along `dim` of a torch tensor (GPTQ's [B, bs, N] column
+    blocks), from each block's min and max: a reduction along a strided dim, 16x quicker there than numpy's
+    argmax over a transposed view. The same scales and zero points (a block whose largest magnitude is
+    both +m and -m maps the first of them in order to -2^(bits-1), there too)."""
+    half = 2 ** (bits - 1)
+    hi, lo = blocks.amax(dim), blocks.amin(dim)
+    if grid == "xnnpack":
+        scale = torch.maximum(-torch.clamp(lo, max=0.0) / half, torch.clamp(hi, min=0.0) / (half - 1))
+        bits32 = scale.contiguous().view(torch.int32)
+        up = (bits32 & 0xFFFF) != 0
+        scale = ((bits32 & ~0xFFFF) + up.to(torch.int32) * 0x10000).view(torch.float32)
+        return scale, torch.full_like(scale, half)
+    if symmetric:
+        signed_max = torch.where(hi >= -lo, hi, lo)
+        tied = hi == -lo
+        if tied.any():  # +m and -m both: the first in order, as block_scales_and_zeros takes it
+            first = blocks.gather(dim, blocks.abs().argmax(dim, keepdim=True)).squeeze(dim)
+            signed_max = torch.where(tied, first, signed_max)
+        scale = signed_max / -half
+        return scale, torch.full_like(scale, half)
+    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+    scale = (hi - lo) / (2**bits - 1)
+    zero = torch.clamp(torch.round(-lo / torch.where(scale == 0, 1.0, scale)), 0, 2**bits - 1)
+    return scale, zero
+
+
+def rtn_dequantized(w: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+    """w [N, K] rounded to nearest on the symmetric onnx grid at `block` and dequantized, in torch: what
+    quantize_blocks(..., "rtn") and dequantize_blocks give."""
+    n, k = w.shape
+    blocks = torch.nn.functional.pad(w, (0, -k % block)).reshape(n, -1, block)
+    scale, zero = block_scales_and_zeros_along(blocks, -1, bits, True)
+    scale, zero = scale[..., None], zero[..., None]
+    q = torch.clamp(torch.round(blocks / torch.where(scale == 0, 1.0, scale)) + zero, 0, 2**bits - 1)
+    return ((q - zero) * scale).reshape(n, -1)[:, :k]
 
 
 def _bfloat16_ceil(x: np.ndarray) -> np.ndarray:
