@@ -296,6 +296,22 @@ def textbook_gptq(w, hessian, bits, block, symmetric, damp=0.01):
     return q_all.reshape(n, k // block, block), np.stack(scales, 1), np.stack(zeros, 1)
 
 
+def test_gptq_zeroes_the_weights_of_inputs_that_are_never_active():
+    """An input channel that is always 0 on calibration text (H_ii = 0) has its weights rounded to 0: they
+    cannot change the output there, and GPTQ has no Hessian to spread their error with."""
+    import torch
+
+    from compiler.quant.gptq import gptq_quantize
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((256, 64)).astype(np.float32)
+    x[:, 5] = 0
+    w = torch.from_numpy(rng.standard_normal((24, 64)).astype(np.float32))
+    q, scales, zeros = gptq_quantize(w, torch.from_numpy(2 * x.T @ x / len(x)), 4, 32, True)
+    deq = dequantize_blocks(q, scales, zeros, 64)
+    assert np.all(deq[:, 5] == 0) and np.count_nonzero(deq[:, 6]) > 12
+
+
 @pytest.mark.parametrize("block", [16, 32, 64])
 def test_gptq_equals_the_textbook_algorithm(block):
     """The column loop rounds from Cholesky factors of H, not of H^-1, in lazy windows: the same result."""

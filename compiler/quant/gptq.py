@@ -118,14 +118,22 @@ class _Leader:
     def shape(self) -> tuple[int, int]:
         return sum(w.shape[0] for w in self.weights), self.weights[0].shape[1]
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
+    def row_parts(self, start: int, stop: int) -> list[torch.Tensor]:
+        """Rows start..stop of the stacked matrix, as views of the members' weights."""
         parts, offset = [], 0
         for w in self.weights:
             lo, hi = max(start - offset, 0), min(stop - offset, w.shape[0])
             if lo < hi:
                 parts.append(w[lo:hi])
             offset += w.shape[0]
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        return parts
+
+
+def _copy_transposed(dst: torch.Tensor, src: torch.Tensor, tile: int = 64) -> None:
+    """dst = src.T, a tile of src's rows at a time: about twice as quick as one strided copy of the whole
+    transpose, whose reads or writes miss the cache."""
+    for i in range(0, src.shape[0], tile):
+        dst[:, i : i + tile] = src[i : i + tile].T
 
 
 def _leaders(model: CanonicalDecoder, block_size: int, symmetric: bool, skip: tuple[str, ...]) -> list[_Leader]:
@@ -301,9 +309,13 @@ def _quantize_leaders(leaders: list[_Leader], hessians: dict[str, torch.Tensor],
             # Weights transposed to [B, K, N]: the loop reads and updates whole columns, contiguous so.
             w = torch.zeros(len(batch), padded, rows)
             for j, (leader, start, stop) in enumerate(batch):
-                k = leader.shape[1]
-                w[j, :k] = leader.rows(start, stop).T
-                w[j, factors[leader.name][1]] = 0
+                k, row = leader.shape[1], 0
+                for part in leader.row_parts(start, stop):
+                    _copy_transposed(w[j, :k, row : row + part.shape[0]], part)
+                    row += part.shape[0]
+                dead = factors[leader.name][1]
+                if dead.any():
+                    w[j, dead] = 0
             feedback = torch.stack([factors[leader.name][0] for leader, _, _ in batch]) if len(batch) > 1 \
                 else factors[batch[0][0].name][0][None]  # a view: 8192 columns' factor is 256 MiB
             q, scales, zeros = _gptq_columns(w, feedback, bits, block, symmetric, grid=grid)
