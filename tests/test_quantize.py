@@ -220,9 +220,12 @@ def test_block_scales_along_a_torch_dim_equal_numpys(grid, symmetric):
     blocks[1, :, 5] = -blocks[1, :, 5].abs()
     blocks[2, 3, :], blocks[2, 9, :] = 4.0, -4.0
     blocks[3, 2, :], blocks[3, 20, :] = -4.0, 4.0
-    expected = block_scales_and_zeros(blocks.transpose(1, 2).numpy(), 4, symmetric, grid=grid)
-    for want, got in zip(expected, block_scales_and_zeros_along(blocks, 1, 4, symmetric, grid)):
-        np.testing.assert_array_equal(want, got.numpy())
+    # A few blocks alone too: torch's elementwise kernels take another (non-vector) path for them.
+    for blocks in (blocks, torch.zeros(1, 32, 3)):
+        scale, zero = block_scales_and_zeros(blocks.transpose(1, 2).numpy(), 4, symmetric, grid=grid)
+        got_scale, got_zero = block_scales_and_zeros_along(blocks, 1, 4, symmetric, grid)
+        np.testing.assert_array_equal(scale.view(np.uint32), got_scale.numpy().view(np.uint32))  # -0.0 too
+        np.testing.assert_array_equal(zero.astype(np.uint8), got_zero.numpy().astype(np.uint8))
 
 
 def test_torch_rtn_equals_the_rtn_path():

@@ -54,11 +54,11 @@ class Checkpoint:
         """sha256 of the source files (config, weights, tokenizer, generation config) by file name."""
         if self.pending_hashes is not None:
             return self.pending_hashes.result()
-        return hash_files(source_files(self.directory, self.weight_files, self.generation_config))
+        return hash_files(source_files(self.directory, self.weight_files, self.tokenizer_files, self.generation_config))
 
 
-def source_files(directory: Path, weight_files: list[Path], generation_config: Path | None) -> list[Path]:
-    tokenizer_files = [directory / n for n in TOKENIZER_FILES if (directory / n).exists()]
+def source_files(directory: Path, weight_files: list[Path], tokenizer_files: list[Path],
+                 generation_config: Path | None) -> list[Path]:
     files = [directory / "config.json", *weight_files, *tokenizer_files]
     return sorted(files + ([generation_config] if generation_config else []))
 
@@ -71,7 +71,8 @@ class PendingHashes:
     """hash_files in a background thread. hashlib lets go of the GIL while it hashes, so this runs beside
     what a build does first (importing transformers, reading the config: 2-3 s holding the GIL); the
     sha256 of a 135M model's weights takes about 0.9 s, of a 1B model's 7 s. A daemon thread: a build that
-    fails before it needs the hashes does not wait for them."""
+    fails before it needs the hashes does not wait for them (in a longer-lived process the thread reads on
+    to the end in the background)."""
 
     def __init__(self, paths: list[Path]):
         self._hashes: dict[str, str] | None = None
@@ -162,6 +163,7 @@ class ModelFiles:
     hf_config: object
     config: DecoderConfig
     weight_files: list[Path]
+    tokenizer_files: list[Path]  # listed once: the files the bundle copies are the files hashed
     generation_config: Path | None
     pending_hashes: PendingHashes | None = None
 
@@ -181,7 +183,8 @@ def read_model_files(directory: str | Path, hash_sources: bool = False) -> Model
     weight_files = _weight_files(directory)
     gen_path = directory / "generation_config.json"
     gen_path = gen_path if gen_path.exists() else None
-    pending = PendingHashes(source_files(directory, weight_files, gen_path)) if hash_sources else None
+    tokenizer_files = [directory / n for n in TOKENIZER_FILES if (directory / n).exists()]
+    pending = PendingHashes(source_files(directory, weight_files, tokenizer_files, gen_path)) if hash_sources else None
 
     from transformers import AutoConfig
 
@@ -191,7 +194,7 @@ def read_model_files(directory: str | Path, hash_sources: bool = False) -> Model
         raise UsageError(f"{config_path}: transformers cannot read it ({str(e).splitlines()[0]})") from None
     gen = _read_json(gen_path) if gen_path else None
     config = decoder_config(hf_config, family, str(config_path), gen)
-    return ModelFiles(directory, hf_config, config, weight_files, gen_path, pending)
+    return ModelFiles(directory, hf_config, config, weight_files, tokenizer_files, gen_path, pending)
 
 
 def read_checkpoint(directory: str | Path, progress: Callable[[int, int], None] = lambda done, total: None,
@@ -207,14 +210,13 @@ def read_checkpoint(directory: str | Path, progress: Callable[[int, int], None] 
         before = sum(sizes[:index])
         state.update(read_safetensors(path, bytes_read=lambda n: progress(before + n, total)))
         progress(before + sizes[index], total)  # the file's header too
-    tokenizer_files = [directory / n for n in TOKENIZER_FILES if (directory / n).exists()]
     return Checkpoint(
         directory=directory,
         hf_config=files.hf_config,
         config=files.config,
         state=state,
         weight_files=weight_files,
-        tokenizer_files=tokenizer_files,
+        tokenizer_files=files.tokenizer_files,
         generation_config=files.generation_config,
         pending_hashes=files.pending_hashes,
     )

@@ -52,12 +52,14 @@ def block_scales_and_zeros(blocks: np.ndarray, bits: int, symmetric: bool, ratio
 def block_scales_and_zeros_along(blocks: torch.Tensor, dim: int, bits: int, symmetric: bool, grid: str = "onnx"):
     """block_scales_and_zeros for blocks laid along `dim` of a torch tensor (GPTQ's [B, bs, N] column
     blocks), from each block's min and max: a reduction along a strided dim, 16x quicker there than numpy's
-    argmax over a transposed view. The same scales and zero points (a block whose largest magnitude is
-    both +m and -m maps the first of them in order to -2^(bits-1), there too)."""
+    argmax over a transposed view. fp32 blocks; the same scales bit for bit (a block whose largest
+    magnitude is both +m and -m maps the first of them in order to -2^(bits-1), there too) and the same
+    zero points (asymmetric ones may be -0.0 where numpy's are +0.0: the same uint8 code)."""
     half = 2 ** (bits - 1)
     hi, lo = blocks.amax(dim), blocks.amin(dim)
     if grid == "xnnpack":
-        scale = torch.maximum(-torch.clamp(lo, max=0.0) / half, torch.clamp(hi, min=0.0) / (half - 1))
+        # + 0.0: an all-zero block's -0.0 (torch.maximum keeps it where numpy's gives +0.0) made positive
+        scale = torch.maximum(-torch.clamp(lo, max=0.0) / half, torch.clamp(hi, min=0.0) / (half - 1)) + 0.0
         bits32 = scale.contiguous().view(torch.int32)
         up = (bits32 & 0xFFFF) != 0
         scale = ((bits32 & ~0xFFFF) + up.to(torch.int32) * 0x10000).view(torch.float32)
@@ -80,7 +82,7 @@ def rtn_dequantized(w: torch.Tensor, bits: int, block: int) -> torch.Tensor:
     """w [N, K] rounded to nearest on the symmetric onnx grid at `block` and dequantized, in torch: what
     quantize_blocks(..., "rtn") and dequantize_blocks give."""
     n, k = w.shape
-    blocks = torch.nn.functional.pad(w, (0, -k % block)).reshape(n, -1, block)
+    blocks = torch.nn.functional.pad(w.float(), (0, -k % block)).reshape(n, -1, block)
     scale, zero = block_scales_and_zeros_along(blocks, -1, bits, True)
     scale, zero = scale[..., None], zero[..., None]
     q = torch.clamp(torch.round(blocks / torch.where(scale == 0, 1.0, scale)) + zero, 0, 2**bits - 1)
