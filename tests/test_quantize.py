@@ -207,13 +207,34 @@ def test_chunked_quantization_equals_whole_matrix(monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+def reference_block_scales(blocks: np.ndarray, bits: int, symmetric: bool, grid: str):
+    """The grids' rules written out per block in numpy, blocks [N, nb, bs]: onnx symmetric maps the signed
+    absolute maximum (the first in order, as MLAS scans) to -2^(bits-1); xnnpack takes the smallest positive
+    scale covering [min, max] with codes -2^(bits-1)..2^(bits-1)-1, rounded up to bfloat16; asymmetric
+    spans [min(min, 0), max(max, 0)] with a rounded zero point."""
+    half = 2 ** (bits - 1)
+    if grid == "xnnpack":
+        scale = np.maximum(-np.minimum(blocks.min(-1), 0) / half, np.maximum(blocks.max(-1), 0) / (half - 1))
+        raw = np.ascontiguousarray(scale, np.float32).view(np.uint32)
+        up = np.where((raw & 0xFFFF) != 0, np.uint32(0x10000), np.uint32(0))
+        scale = ((raw & np.uint32(0xFFFF0000)) + up).view(np.float32) + np.float32(0)
+        return scale, np.full(scale.shape, half, np.float32)
+    if symmetric:
+        first = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
+        return (first / -half).astype(np.float32), np.full(first.shape, half, np.float32)
+    lo, hi = np.minimum(blocks.min(-1), 0), np.maximum(blocks.max(-1), 0)
+    scale = (hi - lo) / (2**bits - 1)
+    return scale, np.clip(np.round(-lo / np.where(scale == 0, 1, scale)), 0, 2**bits - 1)
+
+
 @pytest.mark.parametrize("grid,symmetric", [("onnx", True), ("onnx", False), ("xnnpack", True)])
-def test_block_scales_along_a_torch_dim_equal_numpys(grid, symmetric):
-    """GPTQ's block scales (torch, blocks along dim 1) are block_scales_and_zeros' bit for bit: all-zero and
-    all-negative blocks, and blocks whose largest magnitude is both +m and -m, either first."""
+def test_block_scales_follow_each_grids_rule(grid, symmetric):
+    """Block scales from min/max reductions, along the last dim (quantize_blocks) or dim 1 (GPTQ's column
+    blocks), are the grid's rule bit for bit: all-zero and all-negative blocks, and blocks whose largest
+    magnitude is both +m and -m, either first."""
     import torch
 
-    from compiler.quant.blocks import block_scales_and_zeros, block_scales_and_zeros_along
+    from compiler.quant.blocks import block_scales_and_zeros
 
     blocks = torch.from_numpy(np.random.default_rng(7).standard_normal((4, 32, 60)).astype(np.float32))
     blocks[0, :, :5] = 0
@@ -222,10 +243,12 @@ def test_block_scales_along_a_torch_dim_equal_numpys(grid, symmetric):
     blocks[3, 2, :], blocks[3, 20, :] = -4.0, 4.0
     # A few blocks alone too: torch's elementwise kernels take another (non-vector) path for them.
     for blocks in (blocks, torch.zeros(1, 32, 3)):
-        scale, zero = block_scales_and_zeros(blocks.transpose(1, 2).numpy(), 4, symmetric, grid=grid)
-        got_scale, got_zero = block_scales_and_zeros_along(blocks, 1, 4, symmetric, grid)
-        np.testing.assert_array_equal(scale.view(np.uint32), got_scale.numpy().view(np.uint32))  # -0.0 too
-        np.testing.assert_array_equal(zero.astype(np.uint8), got_zero.numpy().astype(np.uint8))
+        last = blocks.transpose(1, 2).contiguous()
+        scale, zero = reference_block_scales(last.numpy(), 4, symmetric, grid)
+        for got_scale, got_zero in (block_scales_and_zeros(blocks, 4, symmetric, grid=grid, dim=1),
+                                    block_scales_and_zeros(last, 4, symmetric, grid=grid)):
+            np.testing.assert_array_equal(scale.view(np.uint32), got_scale.numpy().view(np.uint32))  # -0.0 too
+            np.testing.assert_array_equal(zero.astype(np.uint8), got_zero.numpy().astype(np.uint8))
 
 
 def test_torch_rtn_equals_the_rtn_path():
@@ -288,8 +311,8 @@ def textbook_gptq(w, hessian, bits, block, symmetric, damp=0.01):
     q_all, scales, zeros = np.zeros((n, k), np.uint8), [], []
     for col in range(k):
         if col % block == 0:
-            scale, zero = block_scales_and_zeros(w[:, col : col + block][:, None].float().numpy(), bits, symmetric)
-            scale, zero = torch.from_numpy(scale[:, 0]).double(), torch.from_numpy(zero[:, 0]).double()
+            scale, zero = block_scales_and_zeros(w[:, col : col + block][:, None].float(), bits, symmetric)
+            scale, zero = scale[:, 0].double(), zero[:, 0].double()
             scales.append(scale.numpy())
             zeros.append(zero.numpy())
         q = torch.clamp(torch.round(w[:, col] / scale) + zero, 0, 2**bits - 1)

@@ -25,57 +25,30 @@ CLIP_RATIOS = np.linspace(1.0, 0.6, 17, dtype=np.float32)
 GRIDS = ("onnx", "xnnpack")
 
 
-def block_scales_and_zeros(blocks: np.ndarray, bits: int, symmetric: bool, ratio: np.ndarray | float = 1.0,
-                           grid: str = "onnx"):
-    """Per-block scale and zero point for blocks [N, nb, bs]."""
-    half = 2 ** (bits - 1)
-    if grid == "xnnpack":
-        lo = -np.minimum(blocks.min(axis=-1), 0.0) / half
-        hi = np.maximum(blocks.max(axis=-1), 0.0) / (half - 1)
-        scale = _bfloat16_ceil(np.maximum(lo, hi).astype(np.float32) * np.float32(ratio))
-        zero = np.full(scale.shape, half, dtype=np.float32)
-    elif symmetric:
-        # Signed absolute maximum mapped to -half, as onnxruntime's MLAS does: the full range is used.
-        idx = np.abs(blocks).argmax(axis=-1)[..., None]
-        signed_max = np.take_along_axis(blocks, idx, axis=-1)[..., 0] * ratio
-        scale = signed_max / -half
-        zero = np.full(scale.shape, half, dtype=np.float32)
-    else:
-        lo = np.minimum(blocks.min(axis=-1), 0.0) * ratio
-        hi = np.maximum(blocks.max(axis=-1), 0.0) * ratio
-        scale = (hi - lo) / (2**bits - 1)
-        safe = np.where(scale == 0, 1.0, scale)
-        zero = np.clip(np.round(-lo / safe), 0, 2**bits - 1)
-    return scale.astype(np.float32), zero.astype(np.float32)
-
-
-def block_scales_and_zeros_along(blocks: torch.Tensor, dim: int, bits: int, symmetric: bool, grid: str = "onnx"):
-    """block_scales_and_zeros for blocks laid along `dim` of a torch tensor (GPTQ's [B, bs, N] column
-    blocks), from each block's min and max: a reduction along a strided dim, 16x quicker there than numpy's
-    argmax over a transposed view. fp32 blocks; the same scales bit for bit (a block whose largest
-    magnitude is both +m and -m maps the first of them in order to -2^(bits-1), there too) and the same
-    zero points (asymmetric ones may be -0.0 where numpy's are +0.0: the same uint8 code)."""
+def block_scales_and_zeros(blocks: torch.Tensor, bits: int, symmetric: bool, ratio: float = 1.0,
+                           grid: str = "onnx", dim: int = -1):
+    """Per-block scale and zero point (fp32) for fp32 blocks laid along `dim` ([N, nb, bs] by default; GPTQ's
+    column blocks [B, bs, N] along 1), from each block's min and max; `ratio` scales the range (clip)."""
     half = 2 ** (bits - 1)
     hi, lo = blocks.amax(dim), blocks.amin(dim)
     if grid == "xnnpack":
-        # + 0.0: an all-zero block's -0.0 (torch.maximum keeps it where numpy's gives +0.0) made positive
-        scale = torch.maximum(-torch.clamp(lo, max=0.0) / half, torch.clamp(hi, min=0.0) / (half - 1)) + 0.0
-        bits32 = scale.contiguous().view(torch.int32)
-        up = (bits32 & 0xFFFF) != 0
-        scale = ((bits32 & ~0xFFFF) + up.to(torch.int32) * 0x10000).view(torch.float32)
-        return scale, torch.full_like(scale, half)
+        # + 0.0: an all-zero block's maximum(-0.0, 0.0) comes out -0.0 on torch's scalar path
+        scale = (torch.maximum(-torch.clamp(lo, max=0.0) / half, torch.clamp(hi, min=0.0) / (half - 1)) + 0.0) * ratio
+        return _bfloat16_ceil(scale), torch.full_like(scale, half)
     if symmetric:
+        # Signed absolute maximum mapped to -half, as onnxruntime's MLAS does: the full range is used. A block
+        # holding both +m and -m takes the first of them in order, as MLAS's scan (and numpy's argmax) does.
         signed_max = torch.where(hi >= -lo, hi, lo)
         tied = hi == -lo
-        if tied.any():  # +m and -m both: the first in order, as block_scales_and_zeros takes it
+        if tied.any():
             first = blocks.gather(dim, blocks.abs().argmax(dim, keepdim=True)).squeeze(dim)
             signed_max = torch.where(tied, first, signed_max)
-        scale = signed_max / -half
+        scale = signed_max * ratio / -half
         return scale, torch.full_like(scale, half)
-    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
+    lo, hi = torch.clamp(lo, max=0.0) * ratio, torch.clamp(hi, min=0.0) * ratio
     scale = (hi - lo) / (2**bits - 1)
     zero = torch.clamp(torch.round(-lo / torch.where(scale == 0, 1.0, scale)), 0, 2**bits - 1)
-    return scale, zero
+    return scale, zero + 0.0  # + 0.0: no -0.0 zero points
 
 
 def rtn_dequantized(w: torch.Tensor, bits: int, block: int) -> torch.Tensor:
@@ -83,17 +56,17 @@ def rtn_dequantized(w: torch.Tensor, bits: int, block: int) -> torch.Tensor:
     quantize_blocks(..., "rtn") and dequantize_blocks give."""
     n, k = w.shape
     blocks = torch.nn.functional.pad(w.float(), (0, -k % block)).reshape(n, -1, block)
-    scale, zero = block_scales_and_zeros_along(blocks, -1, bits, True)
+    scale, zero = block_scales_and_zeros(blocks, bits, True)
     scale, zero = scale[..., None], zero[..., None]
     q = torch.clamp(torch.round(blocks / torch.where(scale == 0, 1.0, scale)) + zero, 0, 2**bits - 1)
     return ((q - zero) * scale).reshape(n, -1)[:, :k]
 
 
-def _bfloat16_ceil(x: np.ndarray) -> np.ndarray:
-    """Positive fp32 values rounded up to the nearest bfloat16 (the upper 16 bits of fp32)."""
-    bits = np.ascontiguousarray(x, np.float32).view(np.uint32)
+def _bfloat16_ceil(x: torch.Tensor) -> torch.Tensor:
+    """Non-negative fp32 values rounded up to the nearest bfloat16 (the upper 16 bits of fp32)."""
+    bits = x.contiguous().view(torch.int32)
     up = (bits & 0xFFFF) != 0
-    return ((bits & np.uint32(0xFFFF0000)) + np.where(up, np.uint32(0x10000), np.uint32(0))).view(np.float32)
+    return ((bits & ~0xFFFF) + up.to(torch.int32) * 0x10000).view(torch.float32)
 
 
 def _quantize(blocks, scale, zero, bits):
@@ -120,19 +93,24 @@ def quantize_blocks(w_nk: np.ndarray, bits: int, block_size: int, symmetric: boo
     return tuple(np.concatenate(p, axis=0) for p in zip(*parts))
 
 
+def _block_scales_np(blocks: np.ndarray, bits: int, symmetric: bool, ratio: float = 1.0):
+    scale, zero = block_scales_and_zeros(torch.from_numpy(blocks), bits, symmetric, ratio)
+    return scale.numpy(), zero.numpy()
+
+
 def _quantize_rows(w_nk: np.ndarray, bits: int, block_size: int, symmetric: bool, algo: str):
     n, k = w_nk.shape
     nb = -(-k // block_size)
     padded = np.zeros((n, nb * block_size), dtype=np.float32)
     padded[:, :k] = w_nk
     blocks = padded.reshape(n, nb, block_size)
-    scale, zero = block_scales_and_zeros(blocks, bits, symmetric)
+    scale, zero = _block_scales_np(blocks, bits, symmetric)
     q = _quantize(blocks, scale, zero, bits)
     if algo == "clip":
         best = ((q - zero[..., None]) * scale[..., None] - blocks) ** 2
         best = best.sum(axis=-1)
         for ratio in CLIP_RATIOS[1:]:
-            s, z = block_scales_and_zeros(blocks, bits, symmetric, ratio)
+            s, z = _block_scales_np(blocks, bits, symmetric, float(ratio))
             candidate = _quantize(blocks, s, z, bits)
             err = (((candidate - z[..., None]) * s[..., None] - blocks) ** 2).sum(axis=-1)
             better = err < best

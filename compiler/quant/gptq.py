@@ -29,7 +29,7 @@ from torch import nn
 from compiler.errors import UsageError
 from compiler.memory import release_module_pages, release_pages
 from compiler.models.decoder import CanonicalDecoder, ConcatKVCache
-from compiler.quant.blocks import block_scales_and_zeros_along, largest_dividing_block
+from compiler.quant.blocks import block_scales_and_zeros, largest_dividing_block
 
 # Varied general text (prose, dialogue, code, data, a few languages), written for edgec; users pass
 # their own with --calibration, ideally text like their application's.
@@ -391,7 +391,7 @@ def _gptq_columns(w: torch.Tensor, feedback: torch.Tensor, bits: int, block_size
                 end = col + block_size
                 block = w[:, col:end] + torch.linalg.solve_triangular(
                     feedback[:, col:end, col:end].transpose(1, 2), shift[:, col:end], upper=False, unitriangular=True)
-                scale, zero = block_scales_and_zeros_along(block, 1, bits, symmetric, grid)
+                scale, zero = block_scales_and_zeros(block, bits, symmetric, grid=grid, dim=1)
                 scales[:, col // block_size], zeros[:, col // block_size] = scale, zero
                 inv_scale = 1 / torch.where(scale == 0, 1.0, scale)
                 zero_scaled = zero * scale
