@@ -458,3 +458,34 @@ def test_default_int4_builds_are_byte_identical(trained_dir, tmp_path, monkeypat
         traces.append(json.loads((tmp_path / name / "report.json").read_text())["export"]["trace"])
     assert traces == ["one layer", "cached"]
     assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("library", ["mkl", "onednn"])
+def test_calibration_products_on_either_cpu_library(library, monkeypatch):
+    """Calibration's fp32 products (compiler/quant/cpu_matmul.py) through MKL or oneDNN, whichever the
+    processor's vendor picks: both give x^T x and linears to fp32 precision, for any strides (a column
+    slice, which oneDNN takes only made contiguous), and the same bits call after call."""
+    import torch
+
+    from compiler.quant import cpu_matmul
+    from compiler.quant.gptq import gram
+
+    monkeypatch.setenv("EDGEC_FP32_MATMUL", library)
+    cpu_matmul.use_onednn.cache_clear()
+    try:
+        assert cpu_matmul.use_onednn() == (library == "onednn")
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(300, 1100, generator=generator)
+        for k in (200, 1100):  # one product, and the blocked lower triangle
+            exact = x[:, :k].double().T @ x[:, :k].double()
+            product = gram(x[:, :k])
+            assert torch.equal(product, product.T) and torch.equal(product, gram(x[:, :k]))
+            torch.testing.assert_close(product.double(), exact, rtol=0, atol=1e-5 * float(exact.abs().max()))
+        weight, bias = torch.randn(70, 500, generator=generator), torch.randn(70, generator=generator)
+        for inputs in (x[:, :500], x[:, 100:600].T.contiguous().T, x[None, :, 600:]):
+            with cpu_matmul.fast_linears():
+                out = torch.nn.functional.linear(inputs, weight, bias)
+            exact = inputs.double() @ weight.double().T + bias.double()
+            torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5 * float(exact.abs().max()))
+    finally:
+        cpu_matmul.use_onednn.cache_clear()

@@ -77,7 +77,8 @@ def test_smoothing_undoes_activation_outliers(trained_dir, grid):
                         lambda u, s: quantized_weights(model, u, s, {32: codes}, grid == "xnnpack"))
 
     smoothed = kl(0.5, outliers=True)
-    assert smoothed == pytest.approx(kl(0.5, outliers=False), rel=0.05)
+    # At most 5% above the clean model's (0.051 against 0.054 on one AMD machine: below it is as good).
+    assert smoothed <= 1.05 * kl(0.5, outliers=False)
     assert kl(0.0, outliers=True) > 2 * smoothed
 
 

@@ -30,6 +30,7 @@ from compiler.errors import UsageError
 from compiler.memory import release_module_pages, release_pages
 from compiler.models.decoder import CanonicalDecoder, ConcatKVCache
 from compiler.quant.blocks import block_scales_and_zeros, largest_dividing_block
+from compiler.quant.cpu_matmul import fast_linears, matmul
 
 # Varied general text (prose, dialogue, code, data, a few languages), written for edgec; users pass
 # their own with --calibration, ideally text like their application's.
@@ -64,11 +65,12 @@ def gram(x: torch.Tensor, block: int = 512) -> torch.Tensor:
     (torch has no symmetric rank-k update, and down_proj's 8192-wide Hessians cost a full forward)."""
     k = x.shape[1]
     if k < 2 * block:
-        return x.T @ x
+        return matmul(x.T, x)
+    xt = x.T.contiguous()  # the blocks' rows of x^T, contiguous as the products want them
     out = torch.empty(k, k, dtype=x.dtype)
     for a in range(0, k, block):
         b = min(a + block, k)
-        torch.mm(x[:, a:].T, x[:, a:b], out=out[a:, a:b])
+        out[a:, a:b] = matmul(xt[a:], xt[a:b].T)
         out[a:b, b:] = out[b:, a:b].T
     return out
 
@@ -216,8 +218,9 @@ def gptq_codes(model: CanonicalDecoder, sequences: list[list[int]], bits: int, w
                 if _layer_of(name) in window:
                     hessians.hook(modules[name], name)
             try:
-                for i in window:
-                    x = model.model.layers[i](x, ropes, ConcatKVCache(empty, empty, mask))
+                with fast_linears():
+                    for i in window:
+                        x = model.model.layers[i](x, ropes, ConcatKVCache(empty, empty, mask))
             finally:
                 hessians.remove_hooks()
             if smoothing:

@@ -1,0 +1,67 @@
+"""fp32 matrix products for calibration, on whichever of torch's two CPU libraries is fast on this processor.
+
+torch sends fp32 matmuls to MKL, which on AMD processors runs its AVX2 code (about 170-190 GFLOP/s on two
+Zen 5 cores against 380-430 through oneDNN, also in the torch wheel and reached by
+torch.ops.mkldnn._linear_pointwise). On Intel's, MKL is the slightly faster one (docs/measurements.md).
+The choice is made per processor vendor, not timed, so that rebuilds on one machine stay identical.
+EDGEC_FP32_MATMUL=onednn or =mkl overrides it (measurements, tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+
+@functools.cache
+def use_onednn() -> bool:
+    wanted = os.environ.get("EDGEC_FP32_MATMUL", "").lower()
+    if wanted in ("mkl", "onednn"):
+        choice = wanted == "onednn"
+    else:
+        try:
+            with open("/proc/cpuinfo") as f:
+                choice = any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in f)
+        except OSError:
+            choice = False
+    return choice and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    # oneDNN takes a contiguous matrix or its transpose; other strides (a slice of columns) send it to a
+    # reference kernel about 1000x slower.
+    return t if t.is_contiguous() or (t.dim() == 2 and t.T.is_contiguous()) else t.contiguous()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear (x @ weight^T + bias) for fp32 CPU tensors."""
+    if use_onednn() and x.dtype == weight.dtype == torch.float32 and not x.requires_grad:
+        return torch.ops.mkldnn._linear_pointwise(_dense(x), _dense(weight), bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for 2-D fp32 tensors."""
+    return linear(a, b.T)
+
+
+class _Linears(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.linear:
+            return linear(*args, **(kwargs or {}))
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def fast_linears():
+    """Every F.linear inside (nn.Linear's forward among them) through `linear`."""
+    if not use_onednn():
+        yield
+        return
+    with _Linears():
+        yield
