@@ -29,6 +29,7 @@ from torch import nn
 
 from compiler.models.decoder import CanonicalDecoder, ConcatKVCache
 from compiler.quant.blocks import dequantize_blocks, largest_dividing_block, quantize_blocks
+from compiler.quant.cpu_matmul import linear
 
 # (bits, block): int4 and int8 in blocks along K; (0, 0) is fp32.
 Scheme = tuple[int, int]
@@ -209,7 +210,7 @@ class Probe:
                         continue
                     x = inputs[member]
                     xs = self.act_quant(x, unit.block(scheme[1])) if scheme[0] and self.accuracy_level == 4 else x
-                    total += float(((xs @ w.T - x @ original.T) ** 2).sum())
+                    total += float(((linear(xs, w) - linear(x, original)) ** 2).sum())
                 errors[scheme] = total
         return errors
 
@@ -220,7 +221,7 @@ class Probe:
         with torch.no_grad():
             for member in weights:
                 original = self.modules[member].weight.detach()
-                out = original[self.ids] if member == "model.embed_tokens" else inputs[member] @ original.T
+                out = original[self.ids] if member == "model.embed_tokens" else linear(inputs[member], original)
                 energy += float((out ** 2).sum())
         return self.output_errors(unit, {scheme: weights})[scheme] / max(energy, 1e-30)
 
