@@ -462,18 +462,18 @@ def test_default_int4_builds_are_byte_identical(trained_dir, tmp_path, monkeypat
 
 @pytest.mark.parametrize("library", ["mkl", "onednn"])
 def test_calibration_products_on_either_cpu_library(library, monkeypatch):
-    """Calibration's fp32 products (compiler/quant/cpu_matmul.py) through MKL or oneDNN, whichever the
-    processor's vendor picks: both give x^T x and linears to fp32 precision, for any strides (a column
-    slice, which oneDNN takes only made contiguous), and the same bits call after call."""
+    """Calibration's fp32 products and Cholesky factors (compiler/quant/cpu_linalg.py) through MKL or oneDNN,
+    whichever the processor's vendor picks: both give x^T x, linears and factors to fp32 precision, for any
+    strides (a column slice, which oneDNN takes only made contiguous), and the same bits call after call."""
     import torch
 
-    from compiler.quant import cpu_matmul
+    from compiler.quant import cpu_linalg
     from compiler.quant.gptq import gram
 
     monkeypatch.setenv("EDGEC_FP32_MATMUL", library)
-    cpu_matmul.use_onednn.cache_clear()
+    cpu_linalg.use_onednn.cache_clear()
     try:
-        assert cpu_matmul.use_onednn() == (library == "onednn")
+        assert cpu_linalg.use_onednn() == (library == "onednn")
         generator = torch.Generator().manual_seed(0)
         x = torch.randn(300, 1100, generator=generator)
         for k in (200, 1100):  # one product, and the blocked lower triangle
@@ -483,9 +483,15 @@ def test_calibration_products_on_either_cpu_library(library, monkeypatch):
             torch.testing.assert_close(product.double(), exact, rtol=0, atol=1e-5 * float(exact.abs().max()))
         weight, bias = torch.randn(70, 500, generator=generator), torch.randn(70, generator=generator)
         for inputs in (x[:, :500], x[:, 100:600].T.contiguous().T, x[None, :, 600:]):
-            with cpu_matmul.fast_linears():
+            with cpu_linalg.fast_linears():
                 out = torch.nn.functional.linear(inputs, weight, bias)
             exact = inputs.double() @ weight.double().T + bias.double()
             torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5 * float(exact.abs().max()))
+        for k in (300, 1100):  # MKL's potrf, and (with oneDNN) the blocked factor
+            hessian = gram(x[:, :k]) / 300 + 0.01 * torch.eye(k)
+            exact = torch.linalg.cholesky(hessian.double())
+            factor = cpu_linalg.cholesky(hessian.clone())
+            assert torch.equal(factor, factor.tril())
+            torch.testing.assert_close(factor.double(), exact, rtol=0, atol=1e-5 * float(exact.abs().max()))
     finally:
-        cpu_matmul.use_onednn.cache_clear()
+        cpu_linalg.use_onednn.cache_clear()

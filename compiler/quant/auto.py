@@ -18,7 +18,7 @@ from pathlib import Path
 
 from compiler.config import QuantConfig
 from compiler.models.decoder import CanonicalDecoder
-from compiler.quant.cpu_matmul import fast_linears
+from compiler.quant.cpu_linalg import fast_linears
 from compiler.quant.sensitivity import (FP32, INT4_BLOCKS, INT8, SCHEMES, Probe, Scheme, Unit, mixed_kl,
                                        quantized_weights, sensitivities, units)
 

@@ -30,7 +30,7 @@ from compiler.errors import UsageError
 from compiler.memory import release_module_pages, release_pages
 from compiler.models.decoder import CanonicalDecoder, ConcatKVCache
 from compiler.quant.blocks import block_scales_and_zeros, largest_dividing_block
-from compiler.quant.cpu_matmul import fast_linears, matmul
+from compiler.quant.cpu_linalg import cholesky, fast_linears, matmul
 
 # Varied general text (prose, dialogue, code, data, a few languages), written for edgec; users pass
 # their own with --calibration, ideally text like their application's.
@@ -358,32 +358,38 @@ def _error_feedback_factor(hessian: torch.Tensor, k: int, damp: float) -> tuple[
     # weights are zeroed, so they stay exactly zero.
     diagonal[dead] = 1
     diagonal += damp * torch.mean(diagonal)
-    upper = torch.linalg.cholesky(h.flip(0, 1)).flip(0, 1)
+    upper = cholesky(h.flip(0, 1)).flip(0, 1)
     del h
     return upper.div_(upper.diagonal().clone()), dead
 
 
 def _gptq_columns(w: torch.Tensor, feedback: torch.Tensor, bits: int, block_size: int, symmetric: bool,
-                  lazy: int = 32, grid: str = "onnx"):
+                  lazy: int = 32, grid: str = "onnx", outer: int = 128):
     """The GPTQ column loop over a batch: w [B, K, N], feedback [B, K, K] (_error_feedback_factor).
     Returns numpy (q uint8 [B, N, nb, bs], scales [B, N, nb], zero points uint8 [B, N, nb]).
 
     Column i is rounded from w_i + sum_{j<i} (w_j - q_j) F_ji: each column's error goes to the rest of its
     `lazy` window at once (one fused multiply-add) and to the columns after the window in one batched
     matrix product per window, gathered in `shift` while w keeps the original weights. The per-column
-    steps are few, in-place torch calls: at these sizes their dispatch, not their arithmetic, is the cost."""
+    steps are few, in-place torch calls: at these sizes their dispatch, not their arithmetic, is the cost.
+    The columns past an `outer` group of windows get its errors in one product of rank `outer`: rank-32
+    products over the whole of `shift` were bound by memory at 1B (8192-wide down_proj)."""
     b, k, n = w.shape
     nb = k // block_size
     lazy = math.gcd(lazy, block_size)  # every block starts a window: its scale needs the shift complete
+    outer = -(-outer // block_size) * block_size  # whole blocks, so a block never straddles two groups
     q_all = torch.empty(b, k, n, dtype=torch.uint8)
     scales = torch.empty(b, nb, n)
     zeros = torch.empty(b, nb, n)
     qmax = 2**bits - 1
     shift = torch.zeros_like(w)
+    errors = torch.empty(b, min(outer, k), n)
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
+        o1 = i1 - i1 % outer
+        o2 = min(o1 + outer, k)
         w1 = w[:, i1:i2] + shift[:, i1:i2]  # the window's columns to round from, updated as it goes
-        err1 = torch.empty_like(w1)
+        err1 = errors[:, i1 - o1 : i2 - o1]
         feedback1 = feedback[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
@@ -404,8 +410,10 @@ def _gptq_columns(w: torch.Tensor, feedback: torch.Tensor, bits: int, block_size
             err = err1[:, i]
             torch.addcmul(w[:, col] + zero_scaled, q, scale, value=-1, out=err)  # w - (q - zero) * scale
             w1[:, i + 1 :].addcmul_(feedback1[:, i, i + 1 :, None], err[:, None, :])
-        if i2 < k:
-            shift[:, i2:].baddbmm_(feedback[:, i1:i2, i2:].transpose(1, 2), err1)
+        if i2 < o2:
+            shift[:, i2:o2].baddbmm_(feedback[:, i1:i2, i2:o2].transpose(1, 2), err1)
+        elif o2 < k:
+            shift[:, o2:].baddbmm_(feedback[:, o1:o2, o2:].transpose(1, 2), errors[:, : o2 - o1])
     q = q_all.reshape(b, nb, block_size, n).permute(0, 3, 1, 2).contiguous().numpy()
     return (q, scales.transpose(1, 2).contiguous().numpy().astype(np.float32),
             zeros.transpose(1, 2).contiguous().numpy().astype(np.uint8))

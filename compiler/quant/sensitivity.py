@@ -29,7 +29,7 @@ from torch import nn
 
 from compiler.models.decoder import CanonicalDecoder, ConcatKVCache
 from compiler.quant.blocks import dequantize_blocks, largest_dividing_block, quantize_blocks
-from compiler.quant.cpu_matmul import linear
+from compiler.quant.cpu_linalg import linear
 
 # (bits, block): int4 and int8 in blocks along K; (0, 0) is fp32.
 Scheme = tuple[int, int]

@@ -59,7 +59,7 @@ def _rounding_error(weights: list[torch.Tensor], hessian: torch.Tensor | None, s
     """sum tr(E H E^T) over `weights`, E the error of round-to-nearest int4 at `block` on W * s, taken back
     to the input's own scale (s None: no smoothing): the output error on the calibration inputs."""
     from compiler.quant.blocks import rtn_dequantized
-    from compiler.quant.cpu_matmul import matmul
+    from compiler.quant.cpu_linalg import matmul
 
     total = 0.0
     for w in weights:
