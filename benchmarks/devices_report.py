@@ -1,5 +1,5 @@
 """One bundle benchmarked on this machine's desktop runtime, on an ssh device (a loopback sshd) and under a device
-profile, alternating, then `edgec report` over the three: the README's "Devices and reports" figures.
+profile, alternating, then `edgec report` over the three: the figures in docs/devices.md.
 
     python -m benchmarks.devices_report BUNDLE [--out DIR] [--depths 0,512,1024] [--rounds 3]
 """

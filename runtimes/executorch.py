@@ -46,7 +46,7 @@ def load_op_libraries() -> None:
 def _keep_mkl_out_of_executorch_threads() -> None:
     """ExecuTorch's custom_sdpa calls BLAS `sgemm_` from its threadpool's threads, and in a process with torch
     that symbol is torch's MKL, which opens an OpenMP region for every tiny decode matmul (torch turns MKL's
-    dynamic thread choice off), which tripled the decode step (README). The stock runner links
+    dynamic thread choice off), which tripled the decode step (docs/measurements.md). The stock runner links
     ExecuTorch's own single-threaded BLAS, so MKL's default for threads other than torch's own is set to 1;
     torch's thread count is kept. x86 torch wheels only: elsewhere there is no MKL and nothing is done."""
     import torch
