@@ -484,7 +484,7 @@ def test_calibration_products_on_either_cpu_library(library, monkeypatch):
         weight, bias = torch.randn(70, 500, generator=generator), torch.randn(70, generator=generator)
         for inputs in (x[:, :500], x[:, 100:600].T.contiguous().T, x[None, :, 600:]):
             with cpu_linalg.fast_linears():
-                out = torch.nn.functional.linear(inputs, weight, bias)
+                out = torch.nn.functional.linear(inputs, weight=weight, bias=bias)
             exact = inputs.double() @ weight.double().T + bias.double()
             torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5 * float(exact.abs().max()))
         for k in (300, 1100):  # MKL's potrf, and (with oneDNN) the blocked factor

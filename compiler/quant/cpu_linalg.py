@@ -76,7 +76,8 @@ def cholesky(a: torch.Tensor, block: int = 256) -> torch.Tensor:
 class _Linears(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is F.linear:
-            return linear(*args, **(kwargs or {}))
+            named = kwargs or {}
+            return linear(*args, *(named[k] for k in ("input", "weight", "bias")[len(args):] if k in named))
         return func(*args, **(kwargs or {}))
 
 

@@ -372,8 +372,8 @@ def _gptq_columns(w: torch.Tensor, feedback: torch.Tensor, bits: int, block_size
     `lazy` window at once (one fused multiply-add) and to the columns after the window in one batched
     matrix product per window, gathered in `shift` while w keeps the original weights. The per-column
     steps are few, in-place torch calls: at these sizes their dispatch, not their arithmetic, is the cost.
-    The columns past an `outer` group of windows get its errors in one product of rank `outer`: rank-32
-    products over the whole of `shift` were bound by memory at 1B (8192-wide down_proj)."""
+    The columns past a group of `outer` columns get the group's errors in one product of that rank, four
+    times fewer passes over `shift` than rank-32 products (10% of the loop at 1B's 8192-wide down_proj)."""
     b, k, n = w.shape
     nb = k // block_size
     lazy = math.gcd(lazy, block_size)  # every block starts a window: its scale needs the shift complete
