@@ -25,7 +25,7 @@ MANIFEST_SCHEMA_VERSION = 1
 
 # What picks the kernels, and so the last bits of the floats, of a build besides the CPU itself.
 DISPATCH_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                "EDGEC_FP32_MATMUL")
+                "EDGEC_FP32_MATMUL", "ONEDNN_MAX_CPU_ISA")
 BUILD_LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxscript", "onnx-ir", "executorch", "torchao", "transformers",
                    "peft", "safetensors", "numpy")
 

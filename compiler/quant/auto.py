@@ -18,7 +18,6 @@ from pathlib import Path
 
 from compiler.config import QuantConfig
 from compiler.models.decoder import CanonicalDecoder
-from compiler.quant.cpu_linalg import fast_linears
 from compiler.quant.sensitivity import (FP32, INT4_BLOCKS, INT8, SCHEMES, Probe, Scheme, Unit, mixed_kl,
                                        quantized_weights, sensitivities, units)
 
@@ -78,7 +77,6 @@ def greedy(all_units: list[Unit], kl: dict[str, dict[Scheme, float]], target: fl
         plan[unit.path] = scheme
 
 
-@fast_linears()  # the probe's many forwards
 def plan_auto(model: CanonicalDecoder, model_dir: Path, quant: QuantConfig, log=lambda _: None,
               grids: list[str] = ("onnx",)) -> AutoResult:
     """The plan for `quant.max_kl` on `model` (adapters merged), its GPTQ codes per grid and its summary."""

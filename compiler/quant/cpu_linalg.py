@@ -27,7 +27,8 @@ def use_onednn() -> bool:
     else:
         try:
             with open("/proc/cpuinfo") as f:
-                choice = any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in f)
+                choice = any(line.startswith("vendor_id") and ("AuthenticAMD" in line or "HygonGenuine" in line)
+                             for line in f)
         except OSError:
             choice = False
     return choice and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -41,7 +42,8 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear (x @ weight^T + bias) for fp32 CPU tensors."""
-    if use_onednn() and x.dtype == weight.dtype == torch.float32 and not x.requires_grad:
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if use_onednn() and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and not needs_grad:
         return torch.ops.mkldnn._linear_pointwise(_dense(x), _dense(weight), bias, "none", [], "")
     return F.linear(x, weight, bias)
 

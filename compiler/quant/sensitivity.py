@@ -29,7 +29,7 @@ from torch import nn
 
 from compiler.models.decoder import CanonicalDecoder, ConcatKVCache
 from compiler.quant.blocks import dequantize_blocks, largest_dividing_block, quantize_blocks
-from compiler.quant.cpu_linalg import linear
+from compiler.quant.cpu_linalg import fast_linears, linear
 
 # (bits, block): int4 and int8 in blocks along K; (0, 0) is fp32.
 Scheme = tuple[int, int]
@@ -131,6 +131,7 @@ class Probe:
     weights are (temporarily) swapped, re-running only the layers the swap can change. `xnnpack`: the
     inputs are rounded as the .pte's linears round them (per token) rather than as MLAS does (per block)."""
 
+    @fast_linears()  # its forwards are most of --quant auto's time
     def __init__(self, model: CanonicalDecoder, sequences: list[list[int]], accuracy_level: int = 4,
                  xnnpack: bool = False):
         self.model = model
@@ -176,6 +177,7 @@ class Probe:
             if self.model.cfg.tie_word_embeddings:  # a swap of either re-ties nothing: restore the tie
                 self.model.lm_head.weight = self.model.model.embed_tokens.weight
 
+    @fast_linears()
     def kl(self, weights: dict[str, tuple[torch.Tensor, int, int]], start: int | None) -> float:
         """Mean KL(fp32 || swapped) per token with `weights` swapped in, running from layer `start` (0 with
         the embedding swapped; None: the lm_head only)."""
@@ -189,6 +191,7 @@ class Probe:
             z = self.model.lm_head(self.model.model.norm(x))
             return float((self.sum_p_log_p - (self.p * z).sum(-1) + torch.logsumexp(z, -1)).mean())
 
+    @fast_linears()
     def layer_error(self, weights: dict[str, tuple[torch.Tensor, int, int]], layer: int) -> float:
         """||layer(x) - fp32 layer(x)||^2 on the residual stream, with `weights` (of that layer) swapped in."""
         with self.swapped(weights):
@@ -225,6 +228,7 @@ class Probe:
                 energy += float((out ** 2).sum())
         return self.output_errors(unit, {scheme: weights})[scheme] / max(energy, 1e-30)
 
+    @fast_linears()
     def _unit_inputs(self, unit: Unit) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             if unit.layer is None or unit.members[-1] == "lm_head":
