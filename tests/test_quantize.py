@@ -470,7 +470,7 @@ def test_calibration_products_on_either_cpu_library(library, monkeypatch):
     import torch
 
     from compiler.quant import cpu_linalg
-    from compiler.quant.gptq import gram
+    from compiler.quant.cpu_linalg import gram
 
     monkeypatch.setenv("EDGEC_FP32_MATMUL", library)
     cpu_linalg.use_onednn.cache_clear()

@@ -1,5 +1,5 @@
-"""fp32 matrix products (and Cholesky factors) for calibration, on whichever of torch's two CPU libraries is
-fast on this processor.
+"""fp32 matrix products (x^T x and Cholesky factors among them) for calibration, on whichever of torch's two
+CPU libraries is fast on this processor.
 
 torch sends fp32 matmuls to MKL, which on AMD processors runs its AVX2 code (about 170-190 GFLOP/s on two
 Zen 5 cores against 380-430 through oneDNN, also in the torch wheel and reached by
@@ -51,6 +51,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for 2-D fp32 tensors."""
     return linear(a, b.T)
+
+
+def gram(x: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """x^T x from the blocks on and below its diagonal, mirrored: about half a full product's work
+    (torch has no symmetric rank-k update, and down_proj's 8192-wide Hessians cost a full forward)."""
+    k = x.shape[1]
+    if k < 2 * block:
+        return matmul(x.T, x)
+    out = torch.empty(k, k, dtype=x.dtype)
+    # oneDNN wants the blocks' rows of x^T contiguous; MKL takes the strided views and writes in place.
+    xt = x.T.contiguous() if use_onednn() else None
+    for a in range(0, k, block):
+        b = min(a + block, k)
+        if xt is None:
+            torch.mm(x[:, a:].T, x[:, a:b], out=out[a:, a:b])
+        else:
+            out[a:, a:b] = linear(xt[a:], xt[a:b])
+        out[a:b, b:] = out[b:, a:b].T
+    return out
 
 
 def cholesky(a: torch.Tensor, block: int = 256) -> torch.Tensor:

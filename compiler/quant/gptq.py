@@ -30,7 +30,7 @@ from compiler.errors import UsageError
 from compiler.memory import release_module_pages, release_pages
 from compiler.models.decoder import CanonicalDecoder, ConcatKVCache
 from compiler.quant.blocks import block_scales_and_zeros, largest_dividing_block
-from compiler.quant.cpu_linalg import cholesky, fast_linears, matmul
+from compiler.quant.cpu_linalg import cholesky, fast_linears, gram
 
 # Varied general text (prose, dialogue, code, data, a few languages), written for edgec; users pass
 # their own with --calibration, ideally text like their application's.
@@ -58,21 +58,6 @@ def calibration_sequences(model_dir: Path, text_file: str | None, vocab_size: in
         ids *= -(-count * length // len(ids))  # the built-in text is short: repeat it to fill the windows
     step = max(length, (len(ids) - length) // count)
     return [ids[s : s + length] for s in range(0, len(ids) - length + 1, step)][:count]
-
-
-def gram(x: torch.Tensor, block: int = 512) -> torch.Tensor:
-    """x^T x from the blocks on and below its diagonal, mirrored: about half a full product's work
-    (torch has no symmetric rank-k update, and down_proj's 8192-wide Hessians cost a full forward)."""
-    k = x.shape[1]
-    if k < 2 * block:
-        return matmul(x.T, x)
-    xt = x.T.contiguous()  # the blocks' rows of x^T, contiguous as the products want them
-    out = torch.empty(k, k, dtype=x.dtype)
-    for a in range(0, k, block):
-        b = min(a + block, k)
-        out[a:, a:b] = matmul(xt[a:], xt[a:b].T)
-        out[a:b, b:] = out[b:, a:b].T
-    return out
 
 
 class _HessianAccumulator:
