@@ -211,7 +211,9 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
     memory = plan(WeightFacts.of(files.config, files.weight_files), config)  # refuses before a weight is read
     runtime_lora = config.lora.mode == "runtime"
     writer = BundleWriter(config.out, config.force)
+    ahead = None
     try:
+        ahead = _trace_ahead(config, files.config, memory) if not runtime_lora else None
         merged, kept_apart = ([], config.adapters) if runtime_lora else (config.adapters, [])
         reference = load_reference(config.model.path, merged, report, config.validation.enabled, kept_apart, files)
         if runtime_lora:
@@ -238,7 +240,7 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
                        else _gptq(config, reference, report, grids, memory)) if quant else {}
         artifacts, runners = [], {}
         if "onnx" in config.export.formats:
-            artifacts.append(_build_onnx(config, reference, writer, report, precomputed.get("onnx")))
+            artifacts.append(_build_onnx(config, reference, writer, report, precomputed.get("onnx"), ahead))
             runners["onnxruntime-genai"] = "genai_config.json"
             if not config.validation.enabled:  # only a failed validation's advice reads codes again
                 precomputed.pop("onnx", None)
@@ -270,6 +272,9 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
     except BaseException:
         writer.abort()
         raise
+    finally:
+        if ahead is not None:
+            ahead.close()
     if writer.moved_aside:
         report.moved_aside = str(writer.moved_aside)
     if validation is not None and not validation["passed"]:
@@ -395,8 +400,20 @@ def headline_validation(artifacts: list[dict]) -> dict | None:
     return headline
 
 
+def _trace_ahead(config: BuildConfig, cfg, memory):
+    """The ONNX export's one-layer trace, started now in a child process (trace_ahead.py), or None."""
+    if "onnx" not in config.export.formats:
+        return None
+    from compiler.onnx import trace_ahead, trace_cache
+    from compiler.onnx.export import trace_options
+
+    headroom = None if memory.budget_mb is None else memory.budget_mb - memory.peak_mb
+    return trace_ahead.start(cfg, trace_options(config.export.last_position_logits), trace_cache.default_dir(),
+                             headroom)
+
+
 def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter, report: BuildReport,
-                precomputed: dict | None = None) -> dict:
+                precomputed: dict | None = None, ahead=None) -> dict:
     from compiler.onnx import trace_cache
     from compiler.onnx.export import export_onnx, io_for, save_onnx
     from compiler.onnx.genai_config import genai_config
@@ -406,7 +423,7 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
     quant = config.export.quant
     with report.stage("export_onnx", f"{model.cfg.num_layers} layers, torch.export + dynamo exporter"):
         onnx_model = export_onnx(model, last_position_logits=config.export.last_position_logits,
-                                 trace_cache=trace_cache.default_dir())
+                                 trace_cache=trace_cache.default_dir(), ahead=ahead)
         release_module_pages(model)  # the template's checks read layer 0 and the tables
     traced_nodes = len(onnx_model.graph)
     traced = onnx_model.meta.get("edgec.trace")
@@ -425,13 +442,17 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
         release_module_pages(model)  # the fp32 initializers (views of the weights) were read to be written
         report.export = {
             "exporter": "torch.onnx.export(dynamo=True)",
-            "trace": traced,  # "one layer" (then stamped), "cached" (that trace, from an earlier build) or "every layer"
+            # "one layer" (then stamped), "one layer, traced ahead" (by a child process during the earlier
+            # stages), "cached" (that trace, from an earlier build) or "every layer"
+            "trace": traced,
             "pipeline": pipeline,
             "nodes_traced": traced_nodes,
             "nodes": len(onnx_model.graph),
             "op_counts": ops,
             "attention_by_layer": attention_by_layer(onnx_model, model.cfg.num_layers),
         }
+        if ahead is not None:  # the child's memory is its own, beside the build's peak RSS
+            report.export["trace_ahead"] = {"waited_s": round(ahead.waited_s, 2), "peak_rss_mb": ahead.peak_rss_mb}
         del onnx_model
         writer.write_json("genai_config.json", genai_config(model.cfg, MODEL_FILE, shares_buffer,
                                                                config.export.threads))

@@ -11,7 +11,7 @@ import onnx_ir as ir
 import pytest
 
 from compiler.frontend.load import build_decoder, read_checkpoint
-from compiler.onnx import trace_cache
+from compiler.onnx import trace_ahead, trace_cache
 from compiler.onnx.export import export_onnx, one_layer_view, save_onnx
 from compiler.tiny_models import make_model
 
@@ -45,6 +45,60 @@ def test_a_cached_trace_with_the_next_models_weights_is_what_tracing_that_model_
     assert cached.meta["edgec.trace"] == "cached" and traced.meta["edgec.trace"] == "one layer"
     assert bundle_digest(cached, tmp_path / "cached") == bundle_digest(traced, tmp_path / "traced")
     assert bundle_digest(stored, tmp_path / "first") != bundle_digest(traced, tmp_path / "second")
+
+
+def test_a_trace_made_ahead_in_a_child_process_is_what_the_export_traces_itself(two_models, tmp_path,
+                                                                               monkeypatch):
+    """The child traces a random-weight view of the configuration before the weights are read; the export
+    binds the model's own weights into it and writes the bytes it writes when it traces."""
+    monkeypatch.setenv("EDGEC_TRACE_AHEAD", "1")  # also where no CPU is spare
+    cache = tmp_path / "traces"
+    decoder = build_decoder(read_checkpoint(two_models[1]))
+    ahead = trace_ahead.start(decoder.cfg, {"last_position_logits": True}, cache, memory_headroom_mb=None)
+    assert ahead is not None
+    made_ahead = export_onnx(decoder, last_position_logits=True, trace_cache=cache, ahead=ahead)
+    assert made_ahead.meta["edgec.trace"] == "one layer, traced ahead"
+    assert ahead.peak_rss_mb > 100 and len(list(cache.glob("*.onnx"))) == 1
+    traced = export_onnx(decoder, last_position_logits=True)
+    assert bundle_digest(made_ahead, tmp_path / "ahead") == bundle_digest(traced, tmp_path / "traced")
+    # Stored now: a second build has nothing to start.
+    assert trace_ahead.start(decoder.cfg, {"last_position_logits": True}, cache, None) is None
+
+
+def test_a_child_tracing_other_options_is_stopped_and_the_export_traces(two_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEC_TRACE_AHEAD", "1")
+    decoder = build_decoder(read_checkpoint(two_models[0]))
+    ahead = trace_ahead.start(decoder.cfg, {"last_position_logits": False}, tmp_path, None)
+    model = export_onnx(decoder, last_position_logits=True, trace_cache=tmp_path, ahead=ahead)
+    assert model.meta["edgec.trace"] == "one layer" and ahead.process.returncode is not None
+    assert not ahead._config_file.exists() and not ahead._log_file.exists()
+
+
+def test_a_child_starts_only_with_a_spare_cpu_and_a_view_that_fits_the_budget(two_models, tmp_path,
+                                                                              monkeypatch):
+    import os
+
+    import torch
+
+    cfg = build_decoder(read_checkpoint(two_models[0])).cfg
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("EDGEC_TRACE_AHEAD", "auto")
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        assert trace_ahead.start(cfg, {"last_position_logits": True}, tmp_path, None) is None
+        monkeypatch.setenv("EDGEC_TRACE_AHEAD", "1")
+        assert trace_ahead.start(cfg, {"last_position_logits": True}, tmp_path, memory_headroom_mb=100) is None
+        monkeypatch.setenv("EDGEC_TRACE_AHEAD", "0")
+        assert trace_ahead.start(cfg, {"last_position_logits": True}, tmp_path, None) is None
+        if len(os.sched_getaffinity(0)) > 1:
+            monkeypatch.setenv("EDGEC_TRACE_AHEAD", "auto")
+            torch.set_num_threads(1)
+            ahead = trace_ahead.start(cfg, {"last_position_logits": True}, tmp_path, None)
+            assert ahead is not None
+            ahead.close()
+    finally:
+        torch.set_num_threads(threads)
+    assert not list(tmp_path.glob("*.onnx"))
 
 
 def test_the_key_follows_the_options_and_the_configuration(two_models):

@@ -18,6 +18,7 @@ import torch
 
 from compiler.models.decoder import CanonicalDecoder
 from compiler.onnx.layer_template import TemplateMismatch, stamp_layers
+from compiler.onnx.trace_ahead import TraceAhead
 
 BATCH, SEQUENCE, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
 
@@ -127,11 +128,12 @@ def one_layer_view(model: CanonicalDecoder) -> CanonicalDecoder:
 
 
 def export_onnx(model: CanonicalDecoder, layer_template: bool = True, last_position_logits: bool = False,
-                trace_cache: Path | None = None) -> ir.Model:
+                trace_cache: Path | None = None, ahead: TraceAhead | None = None) -> ir.Model:
     """Trace to ONNX; with layer_template, trace one layer and stamp it (see layer_template.py);
     last_position_logits: logits of the last position only; trace_cache: a directory where the one-layer
-    trace is kept for the next build of this architecture (trace_cache.py). The model's meta "edgec.trace"
-    says how the graph was made: "cached", "one layer" or "every layer"."""
+    trace is kept for the next build of this architecture (trace_cache.py); ahead: that trace, being made
+    by a child process (trace_ahead.py). The model's meta "edgec.trace" says how the graph was made:
+    "cached", "one layer, traced ahead", "one layer" or "every layer"."""
     if layer_template and len(set(model.cfg.layer_rope)) > 1:
         # Layer 0's copies would rotate every layer as layer 0 does (the rope tables are not layer weights,
         # so stamping's checks cannot see it): layers of SmolLM3 (no rope) or Gemma 3 (local/global) differ.
@@ -139,7 +141,7 @@ def export_onnx(model: CanonicalDecoder, layer_template: bool = True, last_posit
                                         ", ".join(sorted(set(model.cfg.layer_rope))))
         layer_template = False
     if layer_template and model.cfg.num_layers > 1:
-        onnx_model = _template_trace(one_layer_view(model), last_position_logits, trace_cache)
+        onnx_model = _template_trace(one_layer_view(model), last_position_logits, trace_cache, ahead)
         try:
             stamp_layers(onnx_model, model)
             return onnx_model
@@ -150,19 +152,39 @@ def export_onnx(model: CanonicalDecoder, layer_template: bool = True, last_posit
     return onnx_model
 
 
-def _template_trace(view: CanonicalDecoder, last_position_logits: bool, cache_dir: Path | None) -> ir.Model:
+def trace_options(last_position_logits: bool) -> dict:
+    """The export options that change the one-layer trace (part of its cache key)."""
+    return {"last_position_logits": last_position_logits}
+
+
+def _template_trace(view: CanonicalDecoder, last_position_logits: bool, cache_dir: Path | None,
+                    ahead: TraceAhead | None) -> ir.Model:
     from compiler.onnx import trace_cache
 
-    key = trace_cache.trace_key(view, {"last_position_logits": last_position_logits}) if cache_dir else None
+    key = trace_cache.trace_key(view, trace_options(last_position_logits)) if cache_dir else None
+    how = "cached"
+    if ahead is not None:
+        if ahead.key == key and ahead.wait():
+            how = "one layer, traced ahead"
+        else:
+            ahead.close()
     onnx_model = trace_cache.load(cache_dir, key, view) if key else None
     if onnx_model is not None:
-        onnx_model.meta["edgec.trace"] = "cached"
+        onnx_model.meta["edgec.trace"] = how
         return onnx_model
     onnx_model = _trace(view, last_position_logits)
     if key:
         trace_cache.store(cache_dir, key, onnx_model, view)
     onnx_model.meta["edgec.trace"] = "one layer"
     return onnx_model
+
+
+def trace_into_cache(view: CanonicalDecoder, last_position_logits: bool, cache_dir: Path) -> bool:
+    """Trace the one-layer view and store it under its key; False when the trace cannot be stored."""
+    from compiler.onnx import trace_cache
+
+    key = trace_cache.trace_key(view, trace_options(last_position_logits))
+    return trace_cache.store(cache_dir, key, _trace(view, last_position_logits), view)
 
 
 def _trace(model: CanonicalDecoder, last_position_logits: bool = False) -> ir.Model:
