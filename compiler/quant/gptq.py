@@ -30,7 +30,7 @@ from compiler.errors import UsageError
 from compiler.memory import release_module_pages, release_pages
 from compiler.models.decoder import CanonicalDecoder, ConcatKVCache
 from compiler.quant.blocks import block_scales_and_zeros, largest_dividing_block
-from compiler.quant.cpu_linalg import cholesky, fast_linears, gram
+from compiler.quant.cpu_linalg import cholesky, fast_linears, gram, matmul
 
 # Varied general text (prose, dialogue, code, data, a few languages), written for edgec; users pass
 # their own with --calibration, ideally text like their application's.
@@ -353,12 +353,13 @@ def _gptq_columns(w: torch.Tensor, feedback: torch.Tensor, bits: int, block_size
     """The GPTQ column loop over a batch: w [B, K, N], feedback [B, K, K] (_error_feedback_factor).
     Returns numpy (q uint8 [B, N, nb, bs], scales [B, N, nb], zero points uint8 [B, N, nb]).
 
-    Column i is rounded from w_i + sum_{j<i} (w_j - q_j) F_ji: each column's error goes to the rest of its
-    `lazy` window at once (one fused multiply-add) and to the columns after the window in one batched
-    matrix product per window, gathered in `shift` while w keeps the original weights. The per-column
-    steps are few, in-place torch calls: at these sizes their dispatch, not their arithmetic, is the cost.
-    The columns past a group of `outer` columns get the group's errors in one product of that rank, four
-    times fewer passes over `shift` than rank-32 products (10% of the loop at 1B's 8192-wide down_proj)."""
+    Column i is rounded from w_i + sum_{j<i} (w_j - q_j) F_ji, the sum gathered in `shift` while w keeps
+    the original weights. Columns go in groups of `outer`: a group's shift starts as one product over every
+    earlier column's error (left-looking: a fresh [outer, N] result, which oneDNN computes at twice MKL's
+    rate on AMD, where adding a rank-`outer` update into all later columns could not use it); within the
+    group each column's error goes to the rest of its `lazy` window at once (one fused multiply-add) and to
+    the group's later windows in one batched product per window. The per-column steps are few, in-place
+    torch calls: at these sizes their dispatch, not their arithmetic, is the cost."""
     b, k, n = w.shape
     nb = k // block_size
     lazy = math.gcd(lazy, block_size)  # every block starts a window: its scale needs the shift complete
@@ -367,38 +368,43 @@ def _gptq_columns(w: torch.Tensor, feedback: torch.Tensor, bits: int, block_size
     scales = torch.empty(b, nb, n)
     zeros = torch.empty(b, nb, n)
     qmax = 2**bits - 1
-    shift = torch.zeros_like(w)
-    errors = torch.empty(b, min(outer, k), n)
-    for i1 in range(0, k, lazy):
-        i2 = min(i1 + lazy, k)
-        o1 = i1 - i1 % outer
+    errors = torch.empty_like(w)  # (w - q) of every column so far, by rows
+    # F_bb^-T of each block, for its scale: one batched solve here, not a small solve at every block.
+    diagonal_blocks = torch.stack([feedback[:, c : c + block_size, c : c + block_size] for c in range(0, k, block_size)], 1)
+    block_solves = torch.linalg.solve_triangular(diagonal_blocks.transpose(2, 3),
+                                                 torch.eye(block_size).expand_as(diagonal_blocks), upper=False,
+                                                 unitriangular=True)
+    del diagonal_blocks
+    for o1 in range(0, k, outer):
         o2 = min(o1 + outer, k)
-        w1 = w[:, i1:i2] + shift[:, i1:i2]  # the window's columns to round from, updated as it goes
-        err1 = errors[:, i1 - o1 : i2 - o1]
-        feedback1 = feedback[:, i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % block_size == 0:
-                # Same rule as the RTN path, on the block as GPTQ has updated it so far (blocks along K:
-                # axis 1 here). The shift holds partial sums that are right only for the column being
-                # rounded; for the rest of the block the classic loop's values are w + F_bb^-T shift.
-                end = col + block_size
-                block = w[:, col:end] + torch.linalg.solve_triangular(
-                    feedback[:, col:end, col:end].transpose(1, 2), shift[:, col:end], upper=False, unitriangular=True)
-                scale, zero = block_scales_and_zeros(block, bits, symmetric, grid=grid, dim=1)
-                scales[:, col // block_size], zeros[:, col // block_size] = scale, zero
-                inv_scale = 1 / torch.where(scale == 0, 1.0, scale)
-                zero_scaled = zero * scale
-            column = w1[:, i]
-            q = torch.mul(column, inv_scale).round_().add_(zero).clamp_(0, qmax)
-            q_all[:, col] = q
-            err = err1[:, i]
-            torch.addcmul(w[:, col] + zero_scaled, q, scale, value=-1, out=err)  # w - (q - zero) * scale
-            w1[:, i + 1 :].addcmul_(feedback1[:, i, i + 1 :, None], err[:, None, :])
-        if i2 < o2:
-            shift[:, i2:o2].baddbmm_(feedback[:, i1:i2, i2:o2].transpose(1, 2), err1)
-        elif o2 < k:
-            shift[:, o2:].baddbmm_(feedback[:, o1:o2, o2:].transpose(1, 2), errors[:, : o2 - o1])
+        shift = torch.zeros(b, o2 - o1, n) if o1 == 0 else torch.stack([
+            matmul(feedback[j, :o1, o1:o2].contiguous().T.contiguous(), errors[j, :o1]) for j in range(b)])
+        for i1 in range(o1, o2, lazy):
+            i2 = min(i1 + lazy, o2)
+            w1 = w[:, i1:i2] + shift[:, i1 - o1 : i2 - o1]  # the window's columns to round from, updated as it goes
+            err1 = errors[:, i1:i2]
+            feedback1 = feedback[:, i1:i2, i1:i2]
+            for i in range(i2 - i1):
+                col = i1 + i
+                if col % block_size == 0:
+                    # Same rule as the RTN path, on the block as GPTQ has updated it so far (blocks along K:
+                    # axis 1 here). The shift holds partial sums that are right only for the column being
+                    # rounded; for the rest of the block the classic loop's values are w + F_bb^-T shift.
+                    end = col + block_size
+                    block = torch.baddbmm(w[:, col:end], block_solves[:, col // block_size],
+                                          shift[:, col - o1 : end - o1])
+                    scale, zero = block_scales_and_zeros(block, bits, symmetric, grid=grid, dim=1)
+                    scales[:, col // block_size], zeros[:, col // block_size] = scale, zero
+                    inv_scale = 1 / torch.where(scale == 0, 1.0, scale)
+                    zero_scaled = zero * scale
+                column = w1[:, i]
+                q = torch.mul(column, inv_scale).round_().add_(zero).clamp_(0, qmax)
+                q_all[:, col] = q
+                err = err1[:, i]
+                torch.addcmul(w[:, col] + zero_scaled, q, scale, value=-1, out=err)  # w - (q - zero) * scale
+                w1[:, i + 1 :].addcmul_(feedback1[:, i, i + 1 :, None], err[:, None, :])
+            if i2 < o2:
+                shift[:, i2 - o1 :].baddbmm_(feedback[:, i1:i2, i2:o2].transpose(1, 2), err1)
     q = q_all.reshape(b, nb, block_size, n).permute(0, 3, 1, 2).contiguous().numpy()
     return (q, scales.transpose(1, 2).contiguous().numpy().astype(np.float32),
             zeros.transpose(1, 2).contiguous().numpy().astype(np.uint8))
