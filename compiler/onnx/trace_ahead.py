@@ -141,7 +141,8 @@ def random_view(cfg):
 
 def main(argv: list[str]) -> int:
     config_file, cache_dir, options, key = argv
-    os.nice(19)  # where no CPU is spare (EDGEC_TRACE_AHEAD=1), the build's own stages come first
+    if hasattr(os, "nice"):
+        os.nice(19)  # where no CPU is spare (EDGEC_TRACE_AHEAD=1), the build's own stages come first
     import torch
 
     from compiler.onnx.export import trace_into_cache
