@@ -123,6 +123,25 @@ def test_a_graph_holding_a_constant_made_from_a_weight_is_not_stored(two_models,
     assert not list(tmp_path.iterdir())
 
 
+def test_a_trace_of_parameters_holding_equal_data_is_not_stored(two_models, tmp_path):
+    """An untrained model's norms are all ones, and the exporter merges equal small initializers into one:
+    stored, that graph would give the next model's different norms one shared tensor."""
+    import torch
+
+    untrained, trained = (build_decoder(read_checkpoint(path)) for path in two_models)
+    with torch.no_grad():
+        for (name, param), other in zip(untrained.named_parameters(), trained.parameters()):
+            if "norm" in name:
+                param.fill_(1.0)
+                other.normal_(1.0, 0.1)
+    cache = tmp_path / "traces"
+    export_onnx(untrained, trace_cache=cache)
+    assert not list(cache.glob("*.onnx"))
+    cached = export_onnx(trained, trace_cache=cache)
+    assert cached.meta["edgec.trace"] == "one layer"
+    assert bundle_digest(cached, tmp_path / "cached") == bundle_digest(export_onnx(trained), tmp_path / "traced")
+
+
 def test_a_damaged_entry_is_traced_again_and_replaced(two_models, tmp_path):
     decoder = build_decoder(read_checkpoint(two_models[0]))
     key = trace_cache.trace_key(one_layer_view(decoder), {"last_position_logits": False})

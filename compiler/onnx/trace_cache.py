@@ -200,15 +200,19 @@ def _parameter_sources(model: ir.Model, view: CanonicalDecoder,
         for param, transposed in matches:
             distinct.setdefault((params[param].data_ptr(), transposed), (param, transposed))
         matches = list(distinct.values())
+        if len(matches) > 1:
+            # Two parameters hold this data (an untrained model's norms, all ones): the exporter may have
+            # merged their initializers into this one, which the next model's two tensors would then share.
+            return None
         named = [c for c in matches if c[0] == name and not c[1]]
         if named:
             sources[name] = named[0]
         elif matches:
-            # An unnamed constant equal to one parameter is taken to be it, but not when two parameters
-            # hold that data, nor when the parameter is all one value (a constant of zeros or ones may be
-            # equal to it by chance, and would then follow the next model's weights).
-            (param, transposed), *others = matches
-            if others or np.all(array == array.flat[0]):
+            # An unnamed constant equal to one parameter is taken to be it, but not when the parameter is
+            # all one value (a constant of zeros or ones may be equal to it by chance, and would then follow
+            # the next model's weights).
+            (param, transposed), = matches
+            if np.all(array == array.flat[0]):
                 return None
             sources[name] = (param, transposed)
         elif np.issubdtype(array.dtype, np.integer) and array.size <= MAX_INT_CONSTANT:
