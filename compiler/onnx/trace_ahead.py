@@ -6,9 +6,10 @@ traces it and stores the trace in the trace cache, and the build's export, when 
 child and loads the stored trace with its own weights bound.
 
 The child runs only where a CPU is left over by the build's torch threads (EDGEC_TRACE_AHEAD=1 starts it
-anyway, 0 never): without one it takes its cycles from the build's OpenMP team, and giving the build one
-thread fewer while it runs would change GPTQ's float sums, and so a rebuild's bytes. Whenever the child's
-work cannot be used (another key, a failure, a trace that cannot be stored), the export traces itself.
+without one, 0 never; the view's size and a memory budget are checked either way): without one it takes
+its cycles from the build's OpenMP team, and giving the build one thread fewer while it runs would change
+GPTQ's float sums, and so a rebuild's bytes. Whenever the child's work cannot be used (another key, a
+failure, a trace that cannot be stored), the export traces itself.
 
     python -m compiler.onnx.trace_ahead CONFIG.pickle CACHE_DIR OPTIONS_JSON KEY
 """
@@ -21,7 +22,6 @@ import json
 import logging
 import os
 import pickle
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,7 +30,7 @@ from pathlib import Path
 
 MAX_VIEW_MB = 512  # a larger embedding (a 1B model's 128k vocabulary) costs more memory beside the build
 TRACER_OVERHEAD_MB = 450  # the child's torch, exporter and trace besides the view (135M: 541 MB in all)
-WAIT_LIMIT_S = 1800
+WAIT_LIMIT_S = 600  # a hang guard: the trace takes seconds once the build waits and leaves it the CPUs
 
 
 def one_layer_config(cfg):
@@ -60,11 +60,12 @@ class TraceAhead:
         try:
             output, _ = self.process.communicate(timeout=WAIT_LIMIT_S)
             code = self.process.returncode
-            with contextlib.suppress(ValueError):
-                self.peak_rss_mb = round(float(output.decode().strip()), 1)
+            with contextlib.suppress(ValueError, IndexError):
+                self.peak_rss_mb = round(float(output.decode().split()[-1]), 1)
         except subprocess.TimeoutExpired:
-            self.close()
-            code = -1
+            self.process.kill()
+            self.process.communicate()
+            code = "timeout"
         self.waited_s = time.perf_counter() - started
         if code != 0:
             detail = self._log_file.read_text(errors="replace").strip() if self._log_file.exists() else ""
@@ -85,12 +86,25 @@ class TraceAhead:
         self._log_file.unlink(missing_ok=True)
 
 
+def usable_cpus() -> float:
+    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a container's --cpus)."""
+    usable = float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            usable = min(usable, int(quota) / int(period))
+    except (OSError, ValueError):
+        pass
+    return usable
+
+
 def spare_cpu() -> bool:
-    """A CPU this process may run on beyond the threads torch computes with."""
+    """A CPU this process may run on beyond the threads torch computes with (on a machine with two hardware
+    threads a core, that can be the sibling of one of them: it slows the build's arithmetic a little, where
+    taking a core from its OpenMP team would stall it)."""
     import torch
 
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return usable > torch.get_num_threads()
+    return usable_cpus() >= torch.get_num_threads() + 1
 
 
 def start(cfg, options: dict, cache_dir: Path | None, memory_headroom_mb: float | None) -> TraceAhead | None:
@@ -112,18 +126,29 @@ def start(cfg, options: dict, cache_dir: Path | None, memory_headroom_mb: float 
     key = trace_key(meta_view, options)  # names, shapes and dtypes only: the same as with weights
     if (cache_dir / f"{key}.onnx").is_file():
         return None
-    handle, config_name = tempfile.mkstemp(prefix="edgec-trace-ahead-", suffix=".pickle")
-    with os.fdopen(handle, "wb") as f:
-        pickle.dump(cfg, f)
-    log_handle, log_name = tempfile.mkstemp(prefix="edgec-trace-ahead-", suffix=".log")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "compiler.onnx.trace_ahead", config_name, str(cache_dir), json.dumps(options), key],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_handle, env=env)
-    os.close(log_handle)
-    return TraceAhead(process, key, Path(config_name), Path(log_name))
+    files: list[Path] = []
+    try:  # a speed-up only: whatever fails here leaves the export to trace, as without it
+        handle, config_name = tempfile.mkstemp(prefix="edgec-trace-ahead-", suffix=".pickle")
+        files.append(Path(config_name))
+        with os.fdopen(handle, "wb") as f:
+            pickle.dump(cfg, f)
+        log_handle, log_name = tempfile.mkstemp(prefix="edgec-trace-ahead-", suffix=".log")
+        files.append(Path(log_name))
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "compiler.onnx.trace_ahead", config_name, str(cache_dir), json.dumps(options),
+                 key], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log_handle, env=env)
+        finally:
+            os.close(log_handle)
+    except (OSError, pickle.PicklingError) as e:
+        logging.getLogger("edgec").info("the trace is not made ahead: %s", e)
+        for path in files:
+            path.unlink(missing_ok=True)
+        return None
+    return TraceAhead(process, key, *files)
 
 
 def random_view(cfg):
@@ -148,16 +173,19 @@ def main(argv: list[str]) -> int:
     from compiler.onnx.export import trace_into_cache
     from compiler.onnx.trace_cache import trace_key
 
+    from runtimes.base import peak_rss_mb
+
     torch.set_num_threads(1)
     with open(config_file, "rb") as f:
         cfg = pickle.load(f)
+    Path(config_file).unlink(missing_ok=True)  # read: nothing is left behind if the build is killed now
     view = random_view(cfg)
     options = json.loads(options)
     if trace_key(view, options) != key:
         print("the view's key differs from the build's", file=sys.stderr)
         return 2
     stored = trace_into_cache(view, options["last_position_logits"], Path(cache_dir))
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(peak_rss_mb())  # VmHWM: ru_maxrss would carry the parent's peak across exec
     return 0 if stored else 3
 
 
