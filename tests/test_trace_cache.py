@@ -90,7 +90,7 @@ def test_a_child_starts_only_with_a_spare_cpu_and_a_view_that_fits_the_budget(tw
         assert trace_ahead.start(cfg, {"last_position_logits": True}, tmp_path, memory_headroom_mb=100) is None
         monkeypatch.setenv("EDGEC_TRACE_AHEAD", "0")
         assert trace_ahead.start(cfg, {"last_position_logits": True}, tmp_path, None) is None
-        if len(os.sched_getaffinity(0)) > 1:
+        if trace_ahead.usable_cpus() >= 2:  # affinity and any cgroup CPU quota
             monkeypatch.setenv("EDGEC_TRACE_AHEAD", "auto")
             torch.set_num_threads(1)
             ahead = trace_ahead.start(cfg, {"last_position_logits": True}, tmp_path, None)

@@ -112,9 +112,14 @@ def _name_dims(model: ir.Model) -> None:
         value.shape = ir.Shape(dims)
 
 
+def one_layer_config(cfg):
+    """The configuration the layer template is traced with: layer 0 alone."""
+    return dataclasses.replace(cfg, num_layers=1, layer_rope=cfg.layer_rope[:1])
+
+
 def one_layer_view(model: CanonicalDecoder) -> CanonicalDecoder:
     """A 1-layer decoder sharing the model's embedding, layer 0, norm and head tensors (no copies)."""
-    cfg = dataclasses.replace(model.cfg, num_layers=1, layer_rope=model.cfg.layer_rope[:1])
+    cfg = one_layer_config(model.cfg)
     with torch.device("meta"):
         view = CanonicalDecoder(cfg)
     state = {k: v for k, v in model.state_dict().items()
@@ -179,11 +184,11 @@ def _template_trace(view: CanonicalDecoder, last_position_logits: bool, cache_di
     return onnx_model
 
 
-def trace_into_cache(view: CanonicalDecoder, last_position_logits: bool, cache_dir: Path) -> bool:
-    """Trace the one-layer view and store it under its key; False when the trace cannot be stored."""
+def trace_into_cache(view: CanonicalDecoder, last_position_logits: bool, cache_dir: Path, key: str) -> bool:
+    """Trace the one-layer view and store it under `key` (its trace_cache key); False when the trace cannot
+    be stored."""
     from compiler.onnx import trace_cache
 
-    key = trace_cache.trace_key(view, trace_options(last_position_logits))
     return trace_cache.store(cache_dir, key, _trace(view, last_position_logits), view)
 
 

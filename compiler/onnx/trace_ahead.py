@@ -17,7 +17,6 @@ failure, a trace that cannot be stored), the export traces itself.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -33,14 +32,11 @@ TRACER_OVERHEAD_MB = 450  # the child's torch, exporter and trace besides the vi
 WAIT_LIMIT_S = 600  # a hang guard: the trace takes seconds once the build waits and leaves it the CPUs
 
 
-def one_layer_config(cfg):
-    return dataclasses.replace(cfg, num_layers=1, layer_rope=cfg.layer_rope[:1])
-
-
 def _decoder(cfg, device: str):
     import torch
 
     from compiler.models.decoder import CanonicalDecoder
+    from compiler.onnx.export import one_layer_config
 
     with torch.device(device):
         return CanonicalDecoder(one_layer_config(cfg)).eval()
@@ -184,7 +180,7 @@ def main(argv: list[str]) -> int:
     if trace_key(view, options) != key:
         print("the view's key differs from the build's", file=sys.stderr)
         return 2
-    stored = trace_into_cache(view, options["last_position_logits"], Path(cache_dir))
+    stored = trace_into_cache(view, options["last_position_logits"], Path(cache_dir), key)
     print(peak_rss_mb())  # VmHWM: ru_maxrss would carry the parent's peak across exec
     return 0 if stored else 3
 
