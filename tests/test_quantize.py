@@ -110,6 +110,30 @@ def test_int4_pass_quantizes_every_projection_embedding_and_head(traced_trained)
     assert int4 > 8 and int8 > int4 + 15, (int4, int8)
 
 
+def test_int4_pass_reads_the_parameters_rows_without_transposing_them(traced_trained, monkeypatch):
+    """The exported graph's MatMul weights are the parameters' lazy transposes (passes/base.TransposedRows):
+    q/k/v packing and int4 quantization read the parameters' own rows, and nothing makes a transposed copy
+    except to write a weight kept in fp32. The result is the same bytes as from materialized weights."""
+    import compiler.onnx.passes.base as base
+
+    decoder, proto = traced_trained
+    transposed = []
+    real = base._transposed
+    monkeypatch.setattr(base, "_transposed", lambda rows: transposed.append(rows.shape) or real(rows))
+    last = f"model.layers.{decoder.cfg.num_layers - 1}.mlp.down_proj"  # a stamped layer's (layer 0: the trace's)
+    for keep, expected in (((), 0), ((last,), 1)):
+        transposed.clear()
+        config = QuantConfig(keep_fp32=keep)
+        lazy, _ = run_passes(export_onnx(decoder), build_pipeline("fuse+int4", decoder.cfg, config))
+        written = ir.from_proto(ir.to_proto(lazy))
+        assert len(transposed) == expected, transposed
+        _, materialized, _ = quantized(traced_trained, config)
+        weights = [{v.name: v.const_value.numpy() for v in model.graph.initializers.values() if ".weight" in v.name}
+                   for model in (written, materialized)]  # (the exporter's names for
+        assert weights[0].keys() == weights[1].keys() and len(weights[0]) > 5 * decoder.cfg.num_layers  # others vary)
+        assert all(np.array_equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
 def test_per_layer_overrides(traced_trained):
     config = QuantConfig(keep_fp32=(r"layers\.0\.self_attn",), keep_int8=(r"layers\.1\.mlp",), lm_head_bits=8,
                          embedding_bits=0)

@@ -16,8 +16,8 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from compiler.memory import release_pages
 from compiler.models.decoder import CanonicalDecoder
+from compiler.onnx.passes.base import TransposedRows
 from compiler.onnx.scopes import module_path, renamed_scopes, scopes
 
 LAYER0 = "model.layers.0"
@@ -71,15 +71,7 @@ def parameter_tensor(tensor: torch.Tensor, name: str, transposed: bool) -> ir.Te
     tensor = tensor.detach()
     if not transposed:
         return ir.tensor(tensor.numpy(), name=name)  # a view of the parameter, no copy
-    # Transposed on demand (when a pass or the writer reads it), so the model never holds a transposed
-    # copy of every weight at once: quantization reads each once and keeps only the int4 blocks.
-    return ir.LazyTensor(lambda: _transposed(tensor), ir.DataType.FLOAT, ir.Shape(tensor.shape[::-1]), name=name)
-
-
-def _transposed(tensor: torch.Tensor) -> ir.TensorProtocol:
-    copy = ir.tensor(np.ascontiguousarray(tensor.numpy().T))
-    release_pages(tensor)  # read into the copy: the source's mapped pages go back (see release_pages)
-    return copy
+    return TransposedRows(tensor.numpy(), name)
 
 
 def _copy_value(value: ir.Value, name: str) -> ir.Value:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from compiler.onnx.passes.base import CountingPass
+from compiler.memory import release_pages
+from compiler.onnx.passes.base import CountingPass, TransposedRows, weight_rows
 from compiler.onnx.scopes import renamed_scopes
 
 
 def _projection(value: ir.Value | None):
-    """(input, weight array [K, N], bias array or None, nodes) when value = MatMul(x, W) [+ b]; else None."""
+    """(input, weight rows [N, K], bias array or None, nodes) when value = MatMul(x, W) [+ b]; else None."""
     if value is None or value.producer() is None:
         return None
     node = value.producer()
@@ -33,11 +34,11 @@ def _projection(value: ir.Value | None):
         node = matmul_out.producer()
     if node.op_type != "MatMul" or node.domain != "" or node.inputs[1].const_value is None:
         return None
-    weight = node.inputs[1].const_value.numpy()
-    if weight.ndim != 2 or (bias is not None and bias.shape != (weight.shape[1],)):
+    rows = weight_rows(node.inputs[1])
+    if rows is None or (bias is not None and bias.shape != (rows.shape[0],)):
         return None
     nodes.append(node)
-    return node.inputs[0], weight, bias, nodes
+    return node.inputs[0], rows, bias, nodes
 
 
 class PackQkvPass(CountingPass):
@@ -55,15 +56,16 @@ class PackQkvPass(CountingPass):
                 continue  # a projection read elsewhere must stay
             x = parts[0][0]
             q_matmul = parts[0][3][-1]
-            weight = np.concatenate([p[1] for p in parts], axis=1)
+            rows = np.concatenate([p[1] for p in parts], axis=0)  # whole rows: one copy, no transposes
+            release_pages(*[p[1] for p in parts])
             prefix = q_matmul.name or f"qkv_{packed}"
-            weight_value = ir.Value(name=f"{prefix}.qkv_weight", const_value=ir.tensor(weight, name=f"{prefix}.qkv_weight"))
+            weight_value = ir.Value(name=f"{prefix}.qkv_weight", const_value=TransposedRows(rows, f"{prefix}.qkv_weight"))
             graph.register_initializer(weight_value)
             matmul = ir.node("MatMul", [x, weight_value], name=f"{prefix}_qkv", metadata_props=renamed_scopes(q_matmul, "q_proj", "qkv_proj"))
             matmul.outputs[0].dtype, matmul.outputs[0].name = ir.DataType.FLOAT, f"{prefix}_qkv_out"
             new_nodes, packed_out = [matmul], matmul.outputs[0]
             if any(p[2] is not None for p in parts):
-                bias = np.concatenate([p[2] if p[2] is not None else np.zeros(p[1].shape[1], np.float32) for p in parts])
+                bias = np.concatenate([p[2] if p[2] is not None else np.zeros(p[1].shape[0], np.float32) for p in parts])
                 bias_value = ir.Value(name=f"{prefix}.qkv_bias", const_value=ir.tensor(bias, name=f"{prefix}.qkv_bias"))
                 graph.register_initializer(bias_value)
                 add = ir.node("Add", [packed_out, bias_value], name=f"{prefix}_qkv_bias")

@@ -23,7 +23,7 @@ import onnx_ir as ir
 
 from compiler.config import QuantConfig
 from compiler.memory import release_pages
-from compiler.onnx.passes.base import CountingPass
+from compiler.onnx.passes.base import CountingPass, weight_rows
 from compiler.onnx.scopes import module_path
 from compiler.quant.blocks import largest_dividing_block, pack, quantize_blocks
 from compiler.quant.gptq import codes_for
@@ -158,11 +158,9 @@ class QuantizeWeightsPass(CountingPass):
         for node in list(graph):
             if node.op_type == "MatMul" and node.domain == "":
                 weight = node.inputs[1]
-                w = _const(weight)
+                w_nk = weight_rows(weight)  # a view; quantization copies row chunks
                 transposed_source = None
-                if w is not None and w.ndim == 2:
-                    w_nk = w.T  # a view; quantization copies row chunks
-                else:
+                if w_nk is None:
                     producer = weight.producer() if weight is not None else None
                     if producer is None or producer.op_type != "Transpose" or _const(producer.inputs[0]) is None:
                         continue
