@@ -25,7 +25,7 @@ MANIFEST_SCHEMA_VERSION = 1
 
 # What picks the kernels, and so the last bits of the floats, of a build besides the CPU itself.
 DISPATCH_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                "EDGEC_FP32_MATMUL", "ONEDNN_MAX_CPU_ISA")
+                "EDGEC_FP32_MATMUL", "EDGEC_CALIBRATION_BF16", "ONEDNN_MAX_CPU_ISA")
 BUILD_LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxscript", "onnx-ir", "executorch", "torchao", "transformers",
                    "peft", "safetensors", "numpy")
 
@@ -36,10 +36,11 @@ def build_machine() -> dict:
     in the last bit, and this says why two bundles differ."""
     import torch
 
-    from compiler.quant.cpu_linalg import use_onednn
+    from compiler.quant.cpu_linalg import use_bf16, use_onednn
 
     return {"arch": platform.machine(), **cpu_facts(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch_threads": torch.get_num_threads(), "calibration_matmul": "onednn" if use_onednn() else "mkl",
+            "calibration_bf16": use_bf16(),
             "dispatch_env": {name: os.environ[name] for name in DISPATCH_ENV if name in os.environ},
             "libraries": library_versions()}
 

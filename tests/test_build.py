@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 import compiler
 from compiler.cli import main
-from compiler.quant.cpu_linalg import use_onednn
+from compiler.quant.cpu_linalg import use_bf16, use_onednn
 from runtimes.ort import OrtRuntime
 
 
@@ -45,6 +45,7 @@ def test_bundle_contents_and_manifest(bundle, llama_dir, llama_adapter):
     assert machine["arch"] == platform.machine() and machine["cpu_model"]
     assert machine["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert machine["calibration_matmul"] == ("onednn" if use_onednn() else "mkl")
+    assert machine["calibration_bf16"] == use_bf16()
     assert machine["libraries"]["torch"] == torch.__version__ and machine["libraries"]["onnxruntime"]
     assert manifest["build_config"]["adapters"] == [{"path": str(llama_adapter), "weight": 0.8}]
     sources = manifest["source"]["model"]["sha256"]

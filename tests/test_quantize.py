@@ -362,25 +362,68 @@ def test_gptq_zeroes_the_weights_of_inputs_that_are_never_active():
     assert np.all(deq[:, 5] == 0) and np.count_nonzero(deq[:, 6]) > 12
 
 
+@pytest.fixture
+def calibration_bf16(monkeypatch):
+    """Sets EDGEC_CALIBRATION_BF16 for the test (cpu_linalg.use_bf16 is cached: cleared before and after)."""
+    from compiler.quant import cpu_linalg
+
+    def choose(on: bool) -> bool:
+        monkeypatch.setenv("EDGEC_CALIBRATION_BF16", "1" if on else "0")
+        cpu_linalg.use_bf16.cache_clear()
+        return cpu_linalg.use_bf16()
+
+    yield choose
+    cpu_linalg.use_bf16.cache_clear()
+
+
+def correlated_hessian(k: int, seed: int = 5):
+    """x and H = 2 x^T x / n of inputs with correlated channels of uneven scales, as activations have."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((k, k)) * np.linspace(0.1, 3, k)
+    x = rng.standard_normal((400, k)) @ mix
+    return x, torch.from_numpy((2 * x.T @ x / len(x)).astype(np.float32))
+
+
 @pytest.mark.parametrize(("block", "k"), [(16, 128), (32, 128), (64, 128), (16, 320), (32, 320), (64, 384),
                                           (128, 384), (256, 512)])
-def test_gptq_equals_the_textbook_algorithm(block, k):
+def test_gptq_equals_the_textbook_algorithm(block, k, calibration_bf16):
     """The column loop rounds from Cholesky factors of H, not of H^-1, in lazy windows and groups of
-    windows (past 128 columns): the same result."""
+    windows (past 128 columns): the same result, with its products in fp32."""
     import torch
 
     from compiler.quant.gptq import gptq_quantize
 
-    rng = np.random.default_rng(5)
-    mix = rng.standard_normal((k, k)) * np.linspace(0.1, 3, k)
-    x = rng.standard_normal((400, k)) @ mix
-    w = torch.from_numpy(rng.standard_normal((40, k)).astype(np.float32))
-    hessian = torch.from_numpy((2 * x.T @ x / len(x)).astype(np.float32))
+    calibration_bf16(False)
+    _, hessian = correlated_hessian(k)
+    w = torch.from_numpy(np.random.default_rng(6).standard_normal((40, k)).astype(np.float32))
     ours = gptq_quantize(w, hessian, 4, block, False)
     textbook = textbook_gptq(w, hessian, 4, block, False)
     assert (ours[0] != textbook[0]).mean() < 2e-3
     np.testing.assert_allclose(ours[1], textbook[1], rtol=1e-4)
     assert (ours[2] != textbook[2]).mean() < 2e-3
+
+
+def test_gptq_with_bf16_error_sums_is_as_good_as_the_textbook(calibration_bf16):
+    """With the groups' error sums in bf16 (cpu_linalg.use_bf16), codes near a rounding boundary may go the
+    other way, but the output error on the calibration inputs stays the textbook's."""
+    import torch
+
+    from compiler.quant.gptq import gptq_quantize
+
+    if not calibration_bf16(True):
+        pytest.skip("this torch build has no oneDNN bf16 products")
+    k = 768  # six groups of 128 columns
+    x, hessian = correlated_hessian(k)
+    w = torch.from_numpy(np.random.default_rng(6).standard_normal((64, k)).astype(np.float32))
+    ours = gptq_quantize(w, hessian, 4, 32, True)
+    textbook = textbook_gptq(w, hessian, 4, 32, True)
+    rtn = quantize_blocks(w.numpy(), 4, 32, True, "rtn")
+    error = {name: float(((x @ (dequantize_blocks(*codes, k) - w.numpy()).T) ** 2).mean())
+             for name, codes in (("bf16", ours), ("textbook", textbook), ("rtn", rtn))}
+    assert abs(error["bf16"] / error["textbook"] - 1) < 0.01 and error["textbook"] < 0.8 * error["rtn"], error
+    assert 0 < (ours[0] != textbook[0]).mean() < 0.05  # bf16 did change some codes: it ran
 
 
 def test_gptq_build_calibrates_every_projection(trained_dir, tmp_path):
@@ -525,9 +568,35 @@ def test_calibration_products_on_either_cpu_library(library, monkeypatch):
             assert trained.grad is not None
         for k in (300, 1100):  # MKL's potrf, and (with oneDNN) the blocked factor
             hessian = gram(x[:, :k]) / 300 + 0.01 * torch.eye(k)
-            exact = torch.linalg.cholesky(hessian.double())
-            factor = cpu_linalg.cholesky(hessian.clone())
-            assert torch.equal(factor, factor.tril())
+            exact = torch.linalg.cholesky(hessian.double().flip(0, 1)).flip(0, 1)  # upper: H = R R^T
+            factor = cpu_linalg.reverse_cholesky(hessian.clone())
+            assert torch.equal(factor, factor.triu())
             torch.testing.assert_close(factor.double(), exact, rtol=0, atol=1e-5 * float(exact.abs().max()))
     finally:
         cpu_linalg.use_onednn.cache_clear()
+
+
+def test_bf16_linear_rounds_its_operands_and_result_only(calibration_bf16):
+    """linear_bf16 (GPTQ's error sums, the smoothing check): the product of the operands rounded to bf16,
+    summed in fp32 and rounded once more; torch's fp32 product where gradients are needed or the processor
+    has no bf16 products."""
+    import torch
+
+    from compiler.quant import cpu_linalg
+
+    generator = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(64, 300, generator=generator), torch.randn(40, 300, generator=generator)
+    rounded = x.bfloat16().double() @ weight.bfloat16().double().T
+    exact = x.double() @ weight.double().T
+    if calibration_bf16(True):
+        out = cpu_linalg.linear_bf16(x[:, :], weight.T.contiguous().T)  # either layout of the weight
+        assert out.dtype == torch.float32 and torch.equal(out, cpu_linalg.linear_bf16(x, weight.bfloat16()))
+        torch.testing.assert_close(out.double(), rounded, rtol=2**-8, atol=2**-8 * float(rounded.abs().max()))
+        assert float((out.double() - exact).abs().max()) > 1e-4 * float(exact.abs().max())  # not fp32's result
+        with torch.enable_grad():
+            trained = weight.clone().requires_grad_()
+            cpu_linalg.linear_bf16(x, trained).sum().backward()
+            torch.testing.assert_close(trained.grad, x.sum(0).expand_as(weight))
+    assert not calibration_bf16(False)
+    out = cpu_linalg.linear_bf16(x, weight)
+    torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5 * float(exact.abs().max()))

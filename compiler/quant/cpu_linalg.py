@@ -6,6 +6,9 @@ Zen 5 cores against 380-430 through oneDNN, also in the torch wheel and reached 
 torch.ops.mkldnn._linear_pointwise). On Intel's, MKL is the slightly faster one (docs/measurements.md).
 The choice is made per processor vendor, not timed, so that rebuilds on one machine stay identical.
 EDGEC_FP32_MATMUL=onednn or =mkl overrides it (measurements, tests).
+
+Products whose rounding only adds noise to a result (GPTQ's error sums, the smoothing check's errors)
+run with bf16 operands where the processor multiplies bf16 natively (`use_bf16`).
 """
 
 from __future__ import annotations
@@ -34,16 +37,39 @@ def use_onednn() -> bool:
     return choice and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+@functools.cache
+def use_bf16() -> bool:
+    """Whether `linear_bf16` runs in bf16: on processors with bf16 dot products (AVX512-BF16, AMX-BF16), where
+    oneDNN multiplies bf16 at about twice its fp32 rate (765 against 350-390 GFLOP/s on two Zen 5 cores);
+    elsewhere bf16 would be converted in software, slower than fp32. Chosen by the processor's flags, not
+    timed, so that rebuilds on one machine stay identical. EDGEC_CALIBRATION_BF16=0 or =1 overrides it."""
+    wanted = os.environ.get("EDGEC_CALIBRATION_BF16", "")
+    choice = wanted == "1" if wanted in ("0", "1") else bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    return choice and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def _dense(t: torch.Tensor) -> torch.Tensor:
     # oneDNN takes a contiguous matrix or its transpose; other strides (a slice of columns) send it to a
     # reference kernel about 1000x slower.
     return t if t.is_contiguous() or (t.dim() == 2 and t.T.is_contiguous()) else t.contiguous()
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear (x @ weight^T + bias) for fp32 CPU tensors."""
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-    if use_onednn() and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" and not needs_grad:
+    if use_onednn() and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu" \
+            and not _needs_grad(x, weight, bias):
         return torch.ops.mkldnn._linear_pointwise(_dense(x), _dense(weight), bias, "none", [], "")
     return F.linear(x, weight, bias)
 
@@ -51,6 +77,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b for 2-D fp32 tensors."""
     return linear(a, b.T)
+
+
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`linear` with its operands rounded to bf16 (8 bits of mantissa; products summed in fp32, the result
+    rounded to bf16 and returned as fp32) where `use_bf16`, else `linear` itself: about 0.3% relative
+    error, for products whose errors are noise to their use. Never for Hessians or their factors: a
+    relative error of 2^-9 in each entry of H can outweigh GPTQ's 1% damping."""
+    operands = [t for t in (x, weight, bias) if t is not None]
+    if not use_bf16() or _needs_grad(*operands) \
+            or any(t.dtype not in (torch.float32, torch.bfloat16) or t.device.type != "cpu" for t in operands):
+        return linear(x, weight, bias)
+    low = [None if t is None else _dense(t.to(torch.bfloat16)) for t in (x, weight, bias)]
+    return torch.ops.mkldnn._linear_pointwise(*low, "none", [], "").float()
 
 
 def gram(x: torch.Tensor, block: int = 512) -> torch.Tensor:
@@ -72,26 +111,28 @@ def gram(x: torch.Tensor, block: int = 512) -> torch.Tensor:
     return out
 
 
-def cholesky(a: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """The lower Cholesky factor of SPD `a`, which it may overwrite. With oneDNN, a blocked factor whose
-    panels and trailing updates are its products: MKL's potrf runs at its AVX2 rate there (8192 wide: 1.58 s
-    against 0.79 s)."""
+def reverse_cholesky(a: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """R, upper triangular, with a = R R^T for SPD `a` (the Cholesky factor of `a` with rows and columns
+    reversed, reversed back); `a` may be overwritten. With oneDNN, a blocked factor from the last block to the
+    first whose panels and trailing updates are its products: MKL's potrf runs at its AVX2 rate there
+    (8192 wide: 1.58 s against 0.79 s), and working in place spares two reversed copies of `a`."""
     n = a.shape[0]
     if not use_onednn() or n < 4 * block:
-        return torch.linalg.cholesky(a)
-    for k0 in range(0, n, block):  # in place
-        k1 = min(k0 + block, n)
-        factor = torch.linalg.cholesky(a[k0:k1, k0:k1])
+        return torch.linalg.cholesky(a.flip(0, 1)).flip(0, 1)
+    edges = [0, *range(n % block or block, n + 1, block)]
+    for k0, k1 in reversed(list(zip(edges, edges[1:]))):
+        factor = torch.linalg.cholesky(a[k0:k1, k0:k1].flip(0, 1)).flip(0, 1)  # reads a's upper triangle
         a[k0:k1, k0:k1] = factor
-        if k1 < n:
-            # The panel below: A21 L11^-T, with L11's small inverse, as a product.
-            inverse = torch.linalg.solve_triangular(factor, torch.eye(k1 - k0), upper=False)
-            panel = linear(a[k1:, k0:k1], inverse)
-            a[k1:, k0:k1] = panel
-            for j0 in range(k1, n, block):  # the trailing matrix's lower triangle, a block column at a time
-                j1 = min(j0 + block, n)
-                a[j0:, j0:j1] -= linear(panel[j0 - k1 :], panel[j0 - k1 : j1 - k1])
-    return a.tril_()
+        if k0:
+            # The panel above: A01 R11^-T, with R11's small inverse, as a product.
+            inverse = torch.linalg.solve_triangular(factor, torch.eye(k1 - k0), upper=True)
+            panel = linear(a[:k0, k0:k1], inverse)
+            a[:k0, k0:k1] = panel
+            for j0, j1 in zip(edges, edges[1:]):  # the leading matrix's upper triangle, a block column at a time
+                if j0 >= k0:
+                    break
+                a[:j1, j0:j1] -= linear(panel[:j1], panel[j0:j1])
+    return a.triu_()
 
 
 class _Linears(TorchFunctionMode):

@@ -30,7 +30,7 @@ from compiler.errors import UsageError
 from compiler.memory import release_module_pages, release_pages
 from compiler.models.decoder import CanonicalDecoder, ConcatKVCache
 from compiler.quant.blocks import block_scales_and_zeros, largest_dividing_block
-from compiler.quant.cpu_linalg import cholesky, fast_linears, gram, matmul
+from compiler.quant.cpu_linalg import fast_linears, gram, linear_bf16, matmul, reverse_cholesky, use_bf16
 
 # Varied general text (prose, dialogue, code, data, a few languages), written for edgec; users pass
 # their own with --calibration, ideally text like their application's.
@@ -38,7 +38,9 @@ BUILTIN_CALIBRATION = Path(__file__).with_name("calibration.txt")
 CALIBRATION_WINDOWS = 16  # of 128 tokens; the forward and the x x^T products grow linearly with it
 HESSIAN_BUDGET_BYTES = 160 * 2**20  # Hessians held at once (one window of layers)
 BATCH_ELEMENTS = 32 * 2**20  # weights in one batched column loop (fp32: 128 MiB)
-ROWS_PER_JOB = 4096  # rows are independent given H: a large lm_head is cut into jobs of this many rows
+# Rows are independent given H: matrices are cut into jobs of this many rows, so that a layer's matrices of
+# one width (1B: q/k/v 3072 rows, o 2048, gate/up 16384) share batches: 2 column loops instead of 4.
+ROWS_PER_JOB = 1024
 
 
 def calibration_sequences(model_dir: Path, text_file: str | None, vocab_size: int, length: int = 128,
@@ -84,7 +86,9 @@ class _HessianAccumulator:
         total = self.counts.get(name, 0) + x.shape[0]
         update = gram(x)
         h = self.hessians.get(name)
-        self.hessians[name] = update * (2 / total) if h is None else h * (self.counts[name] / total) + update * (2 / total)
+        # In place: down_proj's are 256 MiB at 1B
+        h = update.mul_(2 / total) if h is None else h.mul_(self.counts[name] / total).add_(update, alpha=2 / total)
+        self.hessians[name] = h
         self.counts[name] = total
 
 
@@ -219,7 +223,8 @@ def gptq_codes(model: CanonicalDecoder, sequences: list[list[int]], bits: int, w
                 hessians.add("lm_head", model.model.norm(x))
             for key in wanted:
                 in_window = [leader for i in window for leader in by_layer[key][i]] + (by_layer[key][None] if last else [])
-                out[key].update(_quantize_leaders(in_window, dict(hessians.hessians), bits, symmetric, grid=key[1]))
+                out[key].update(_quantize_leaders(in_window, dict(hessians.hessians), bits, symmetric, grid=key[1],
+                                                  overwrite=key == wanted[-1]))  # the Hessians' last use
             for i in window:  # done with until the export: their pages go back (see release_pages)
                 release_module_pages(model.model.layers[i])
             progress(window[-1] + 1, model.cfg.num_layers)
@@ -271,9 +276,9 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, block_
 
 
 def _quantize_leaders(leaders: list[_Leader], hessians: dict[str, torch.Tensor], bits: int, symmetric: bool,
-                      damp: float = 0.01, grid: str = "onnx") -> dict[str, tuple]:
+                      damp: float = 0.01, grid: str = "onnx", overwrite: bool = False) -> dict[str, tuple]:
     """Cuts the leaders into row jobs, runs jobs of equal shape in batches, and splits the results back
-    per member. Pops the Hessians it has used."""
+    per member. Pops the Hessians it has used; `overwrite`: they may be overwritten."""
     jobs = defaultdict(list)  # (rows, padded K, block) -> [(leader, start, stop)]
     for leader in leaders:
         n, k = leader.shape
@@ -293,7 +298,7 @@ def _quantize_leaders(leaders: list[_Leader], hessians: dict[str, torch.Tensor],
             batch = group[b0 : b0 + per_batch]
             for leader, _, _ in batch:
                 if leader.name not in factors:
-                    factors[leader.name] = _error_feedback_factor(hessians.pop(leader.name), padded, damp)
+                    factors[leader.name] = _error_feedback_factor(hessians.pop(leader.name), padded, damp, overwrite)
             # Weights transposed to [B, K, N]: the loop reads and updates whole columns, contiguous so.
             w = torch.zeros(len(batch), padded, rows)
             for j, (leader, start, stop) in enumerate(batch):
@@ -326,8 +331,10 @@ def _quantize_leaders(leaders: list[_Leader], hessians: dict[str, torch.Tensor],
     return out
 
 
-def _error_feedback_factor(hessian: torch.Tensor, k: int, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _error_feedback_factor(hessian: torch.Tensor, k: int, damp: float,
+                           overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """F, upper triangular with unit diagonal, for H padded to k columns, and the mask of dead inputs.
+    `overwrite`: F may be made in H's own memory (8192 columns: 256 MiB not copied).
 
     GPTQ's column loop with U the upper Cholesky factor of H^-1 ends with w - q = e U (e: the scaled
     errors). With H = R R^T, R upper (one Cholesky of H reversed), U = R^-1, so e = (w - q) R, and the
@@ -335,15 +342,18 @@ def _error_feedback_factor(hessian: torch.Tensor, k: int, damp: float) -> tuple[
     columns. The same result as with H^-1's factor, without inverting anything (a triangular inverse of
     8192 columns costs three Cholesky factorizations)."""
     k_real = hessian.shape[0]
-    h = torch.zeros(k, k)
-    h[:k_real, :k_real] = hessian
+    if overwrite and k == k_real:
+        h = hessian
+    else:
+        h = torch.zeros(k, k)
+        h[:k_real, :k_real] = hessian
     diagonal = h.diagonal()
     dead = diagonal == 0
     # Padding columns and unused inputs have H_ii = 0: a unit diagonal keeps H invertible, and their
     # weights are zeroed, so they stay exactly zero.
     diagonal[dead] = 1
     diagonal += damp * torch.mean(diagonal)
-    upper = cholesky(h.flip(0, 1)).flip(0, 1)
+    upper = reverse_cholesky(h)
     del h
     return upper.div_(upper.diagonal().clone()), dead
 
@@ -368,13 +378,22 @@ def _gptq_columns(w: torch.Tensor, feedback: torch.Tensor, bits: int, block_size
     scales = torch.empty(b, nb, n)
     zeros = torch.empty(b, nb, n)
     qmax = 2**bits - 1
-    errors = torch.empty_like(w)  # (w - q) of every column so far, by rows
+    # (w - q) of every column so far, by rows. In bf16, where the group products are (`use_bf16`): they add the
+    # shift's rounding noise (relative 2^-9) to values rounded to 4 bits. Then fp32 holds the group's own.
+    low = torch.empty(b, k, n, dtype=torch.bfloat16) if use_bf16() else None
+    errors = torch.empty(b, outer if low is not None else k, n)
     for o1 in range(0, k, outer):
         o2 = min(o1 + outer, k)
-        # Both copies: oneDNN is slower with a transposed left operand (7.6 against 6.2 ms at 1B's down_proj),
-        # and a column slice transposed in one copy costs 1.3 ms against 0.3 for the two.
-        shift = torch.zeros(b, o2 - o1, n) if o1 == 0 else torch.stack([
-            matmul(feedback[j, :o1, o1:o2].contiguous().T.contiguous(), errors[j, :o1]) for j in range(b)])
+        base = o1 if low is not None else 0  # errors' first column
+        if o1 == 0:
+            shift = torch.zeros(b, o2 - o1, n)
+        elif low is not None:
+            shift = torch.stack([linear_bf16(feedback[j, :o1, o1:o2].T, low[j, :o1].T) for j in range(b)])
+        else:
+            # Both copies: oneDNN is slower with a transposed left operand (7.6 against 6.2 ms at 1B's
+            # down_proj), and a column slice transposed in one copy costs 1.3 ms against 0.3 for the two.
+            shift = torch.stack([matmul(feedback[j, :o1, o1:o2].contiguous().T.contiguous(), errors[j, :o1])
+                                 for j in range(b)])
         # F_bb^-T of the group's blocks, for their scales: one batched solve, not a small solve at every block.
         diagonal = torch.stack([feedback[:, c : c + block_size, c : c + block_size]
                                 for c in range(o1, o2, block_size)], 1)
@@ -384,7 +403,7 @@ def _gptq_columns(w: torch.Tensor, feedback: torch.Tensor, bits: int, block_size
         for i1 in range(o1, o2, lazy):
             i2 = min(i1 + lazy, o2)
             w1 = w[:, i1:i2] + shift[:, i1 - o1 : i2 - o1]  # the window's columns to round from, updated as it goes
-            err1 = errors[:, i1:i2]
+            err1 = errors[:, i1 - base : i2 - base]
             feedback1 = feedback[:, i1:i2, i1:i2]
             for i in range(i2 - i1):
                 col = i1 + i
@@ -407,6 +426,8 @@ def _gptq_columns(w: torch.Tensor, feedback: torch.Tensor, bits: int, block_size
                 w1[:, i + 1 :].addcmul_(feedback1[:, i, i + 1 :, None], err[:, None, :])
             if i2 < o2:
                 shift[:, i2 - o1 :].baddbmm_(feedback[:, i1:i2, i2:o2].transpose(1, 2), err1)
+            if low is not None:
+                low[:, i1:i2] = err1
     q = q_all.reshape(b, nb, block_size, n).permute(0, 3, 1, 2).contiguous().numpy()
     return (q, scales.transpose(1, 2).contiguous().numpy().astype(np.float32),
             zeros.transpose(1, 2).contiguous().numpy().astype(np.uint8))

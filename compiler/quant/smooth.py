@@ -59,14 +59,14 @@ def _rounding_error(weights: list[torch.Tensor], hessian: torch.Tensor | None, s
     """sum tr(E H E^T) over `weights`, E the error of round-to-nearest int4 at `block` on W * s, taken back
     to the input's own scale (s None: no smoothing): the output error on the calibration inputs."""
     from compiler.quant.blocks import rtn_dequantized
-    from compiler.quant.cpu_linalg import matmul
+    from compiler.quant.cpu_linalg import linear_bf16
 
     total = 0.0
     for w in weights:
         w = w.detach()[:: max(1, w.shape[0] // ERROR_ROWS)]
         q = rtn_dequantized(w if s is None else w * s, 4, block)
         error = (q if s is None else q / s) - w
-        total += float((matmul(error, hessian) * error).sum())
+        total += float((linear_bf16(error, hessian) * error).sum())  # H symmetric: E H = linear(E, H)
     return total
 
 
