@@ -515,7 +515,7 @@ def _build_pte(config: BuildConfig, reference: Reference, writer: BundleWriter, 
             with report.progress("lowering", unit="step") as progress:
                 exported = export_pte(decoder, metadata, progress=progress)
             del decoder
-            (writer.staging / PTE_FILE).write_bytes(exported.program)
+            exported.write_program(writer.staging / PTE_FILE)
     unexpected = unexpected_portable_ops(exported.portable_ops)
     if unexpected:
         kept = ", ".join(f"{k} x{v}" for k, v in sorted(unexpected.items()))

@@ -341,7 +341,7 @@ def _run_program(tmp_path, name, exported):
     from runtimes.executorch import ExecutorchRuntime
 
     path = tmp_path / f"{name}.pte"
-    path.write_bytes(exported.program)
+    exported.write_program(path)
     runtime = ExecutorchRuntime(tmp_path, path)
     return [runtime._run(ids, start) for ids, start in STITCH_CALLS]
 

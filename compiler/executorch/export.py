@@ -19,7 +19,8 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -318,13 +319,22 @@ def runner_metadata(cfg, max_seq_len: int, bos_id: int | None, eos_ids: list[int
 
 @dataclass
 class PteExport:
-    program: bytes
+    program: Any  # executorch's ExecutorchProgramManager, until write_program
     delegated_ops: dict[str, int]  # partitions, nodes, and partitions whose delegate passes were reused
     portable_ops: dict[str, int]  # ops left to ExecuTorch's portable/quantized kernels
     export_s: float
     lower_s: float
     layers: str = "every layer lowered"  # or how many were stitched from the template, or why not
     data_files: dict[str, bytes] = field(default_factory=dict)  # tag -> .ptd bytes (with constant_tag)
+
+    def write_program(self, path: Path) -> int:
+        """Writes the .pte from the serialized program's pieces, not from one contiguous copy of it (1 GB and
+        3 s at 1B), and lets the program go; returns the file's size."""
+        with open(path, "wb") as f:
+            self.program.write_to_file(f)
+            size = f.tell()
+        self.program = None
+        return size
 
 
 def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = True,
@@ -401,7 +411,7 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = 
     delegated["reused_partitions"] = reused.get("reused", 0)
     layers = f"layers 0, 1, {num_layers - 1} lowered, {num_layers - 3} stitched from layer 1" if template else PteExport.layers
     data_files = {name: bytes(cord) for name, cord in (program._tensor_data or {}).items()}  # no public getter in 1.5.1
-    return PteExport(program.buffer, delegated, portable, exported_s, time.perf_counter() - started - exported_s, layers,
+    return PteExport(program, delegated, portable, exported_s, time.perf_counter() - started - exported_s, layers,
                      data_files)
 
 

@@ -159,9 +159,9 @@ def export_pte_with_lora(decoder: ExecutorchDecoder, slots: Slots, metadata: dic
         raise RuntimeError(f"the .pte's LoRA data is not what runtime LoRA expects: files {sorted(files)}, "
                            f"{len(lora_keys & set(placeholders))} of {len(placeholders)} LoRA tensors found by name")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / PTE_FILE).write_bytes(exported.program)
+    program_bytes = exported.write_program(out_dir / PTE_FILE)
     (out_dir / FOUNDATION_FILE).write_bytes(files[FOUNDATION_TAG])
-    return LoraPteExport(slots, len(files[FOUNDATION_TAG]), len(exported.program), exported)
+    return LoraPteExport(slots, len(files[FOUNDATION_TAG]), program_bytes, exported)
 
 
 def _with_branches(decoder: ExecutorchDecoder, slots: Slots) -> ExecutorchDecoder:
