@@ -74,7 +74,12 @@ def _worth_it(s: torch.Tensor, weights: list[torch.Tensor], hessian: torch.Tenso
     """Smoothing a fold point where it lowers the consumers' int4 rounding error on the calibration inputs
     (always, without their Hessian): on some models (a briefly fitted one with a LoRA merged) a fixed alpha
     tripled the int4 KL."""
-    return hessian is None or _rounding_error(weights, hessian, s, block) < _rounding_error(weights, hessian, None, block)
+    from compiler.quant.cpu_linalg import use_bf16
+
+    if hessian is None:
+        return True
+    hessian = hessian.bfloat16() if use_bf16() else hessian  # converted once for both products
+    return _rounding_error(weights, hessian, s, block) < _rounding_error(weights, hessian, None, block)
 
 
 def _scale(amax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
