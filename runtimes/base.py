@@ -120,8 +120,8 @@ def sha256_file(path, chunk: int = 1 << 22) -> str:
 
 # CPU features that change which kernels BLAS, torch and onnxruntime run (and so their last bits):
 # x86 vector and int8 dot-product extensions, ARM's dot product, int8 matmul and scalable vectors.
-KERNEL_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "avx_vnni",
-                   "asimd", "asimddp", "i8mm", "bf16", "sve", "sve2", "sme", "sme2")
+KERNEL_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+                   "avx_vnni", "asimd", "asimddp", "i8mm", "bf16", "sve", "sve2", "sme", "sme2")
 
 # Linux arm64's AT_HWCAP and AT_HWCAP2 bits (arch/arm64/include/uapi/asm/hwcap.h), named as /proc/cpuinfo
 # names them: the kernel's own list of what user space may use, which qemu-user fills in for the CPU it

@@ -37,22 +37,17 @@ def use_onednn() -> bool:
     return choice and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
 @functools.cache
 def use_bf16() -> bool:
     """Whether `linear_bf16` runs in bf16: on processors with bf16 dot products (AVX512-BF16, AMX-BF16), where
     oneDNN multiplies bf16 at about twice its fp32 rate (765 against 350-390 GFLOP/s on two Zen 5 cores);
     elsewhere bf16 would be converted in software, slower than fp32. Chosen by the processor's flags, not
     timed, so that rebuilds on one machine stay identical. EDGEC_CALIBRATION_BF16=0 or =1 overrides it."""
+    from runtimes.base import cpu_facts
+
     wanted = os.environ.get("EDGEC_CALIBRATION_BF16", "")
-    choice = wanted == "1" if wanted in ("0", "1") else bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+    native = {"avx512_bf16", "amx_bf16"} & set(cpu_facts()["cpu_features"])
+    choice = wanted == "1" if wanted in ("0", "1") else bool(native)
     return choice and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
