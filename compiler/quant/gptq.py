@@ -402,28 +402,30 @@ def _gptq_columns(w: torch.Tensor, feedback: torch.Tensor, bits: int, block_size
                                                      unitriangular=True)
         for i1 in range(o1, o2, lazy):
             i2 = min(i1 + lazy, o2)
+            if i1 % block_size == 0:
+                # Same rule as the RTN path, on the block as GPTQ has updated it so far (blocks along K: axis 1
+                # here); blocks start windows. The shift holds partial sums that are right only for the column
+                # being rounded; for the rest of the block the classic loop's values are w + F_bb^-T shift.
+                end = i1 + block_size
+                block = torch.baddbmm(w[:, i1:end], block_solves[:, (i1 - o1) // block_size],
+                                      shift[:, i1 - o1 : end - o1])
+                scale, zero = block_scales_and_zeros(block, bits, symmetric, grid=grid, dim=1)
+                scales[:, i1 // block_size], zeros[:, i1 // block_size] = scale, zero
+                inv_scale = 1 / torch.where(scale == 0, 1.0, scale)
+                zero_scaled = zero * scale
+            # The columns' views, made once per window.
             w1 = w[:, i1:i2] + shift[:, i1 - o1 : i2 - o1]  # the window's columns to round from, updated as it goes
             err1 = errors[:, i1 - base : i2 - base]
-            feedback1 = feedback[:, i1:i2, i1:i2]
+            columns = w1.unbind(1)
+            targets = (w[:, i1:i2] + zero_scaled[:, None]).unbind(1)  # w + zero * scale
+            column_errors = err1.unbind(1)
+            row_errors = err1.unsqueeze(2).unbind(1)  # the same memory as [B, 1, N]
+            feedback_rows = feedback[:, i1:i2, i1:i2, None].unbind(1)
             for i in range(i2 - i1):
-                col = i1 + i
-                if col % block_size == 0:
-                    # Same rule as the RTN path, on the block as GPTQ has updated it so far (blocks along K:
-                    # axis 1 here). The shift holds partial sums that are right only for the column being
-                    # rounded; for the rest of the block the classic loop's values are w + F_bb^-T shift.
-                    end = col + block_size
-                    block = torch.baddbmm(w[:, col:end], block_solves[:, (col - o1) // block_size],
-                                          shift[:, col - o1 : end - o1])
-                    scale, zero = block_scales_and_zeros(block, bits, symmetric, grid=grid, dim=1)
-                    scales[:, col // block_size], zeros[:, col // block_size] = scale, zero
-                    inv_scale = 1 / torch.where(scale == 0, 1.0, scale)
-                    zero_scaled = zero * scale
-                column = w1[:, i]
-                q = torch.mul(column, inv_scale).round_().add_(zero).clamp_(0, qmax)
-                q_all[:, col] = q
-                err = err1[:, i]
-                torch.addcmul(w[:, col] + zero_scaled, q, scale, value=-1, out=err)  # w - (q - zero) * scale
-                w1[:, i + 1 :].addcmul_(feedback1[:, i, i + 1 :, None], err[:, None, :])
+                q = torch.mul(columns[i], inv_scale).round_().add_(zero).clamp_(0, qmax)
+                q_all[:, i1 + i] = q
+                torch.addcmul(targets[i], q, scale, value=-1, out=column_errors[i])  # w - (q - zero) * scale
+                w1[:, i + 1 :].addcmul_(feedback_rows[i][:, i + 1 :], row_errors[i])
             if i2 < o2:
                 shift[:, i2 - o1 :].baddbmm_(feedback[:, i1:i2, i2:o2].transpose(1, 2), err1)
             if low is not None:
