@@ -589,9 +589,12 @@ def test_bf16_linear_rounds_its_operands_and_result_only(calibration_bf16):
     rounded = x.bfloat16().double() @ weight.bfloat16().double().T
     exact = x.double() @ weight.double().T
     if calibration_bf16(True):
-        out = cpu_linalg.linear_bf16(x[:, :], weight.T.contiguous().T)  # either layout of the weight
-        assert out.dtype == torch.float32 and torch.equal(out, cpu_linalg.linear_bf16(x, weight.bfloat16()))
-        torch.testing.assert_close(out.double(), rounded, rtol=2**-8, atol=2**-8 * float(rounded.abs().max()))
+        out = cpu_linalg.linear_bf16(x, weight)
+        assert out.dtype == torch.float32 and torch.equal(out, cpu_linalg.linear_bf16(x, weight))
+        # Either layout of the weight, and a weight already in bf16 (their sums may run in another order).
+        others = (cpu_linalg.linear_bf16(x, weight.T.contiguous().T), cpu_linalg.linear_bf16(x, weight.bfloat16()))
+        for product in (out, *others):
+            torch.testing.assert_close(product.double(), rounded, rtol=2**-8, atol=2**-8 * float(rounded.abs().max()))
         assert float((out.double() - exact).abs().max()) > 1e-4 * float(exact.abs().max())  # not fp32's result
         with torch.enable_grad():
             trained = weight.clone().requires_grad_()

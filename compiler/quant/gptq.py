@@ -358,6 +358,15 @@ def _error_feedback_factor(hessian: torch.Tensor, k: int, damp: float,
     return upper.div_(upper.diagonal().clone()), dead
 
 
+def _group_shift(feedback: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+    """F[:o1, o1:o2]^T @ E[:o1]: the earlier columns' errors summed into a group's columns."""
+    if history.dtype == torch.bfloat16:
+        return linear_bf16(feedback.T, history.T)
+    # Both copies: oneDNN is slower with a transposed left operand (7.6 against 6.2 ms at 1B's down_proj), and
+    # a column slice transposed in one copy costs 1.3 ms against 0.3 for the two.
+    return matmul(feedback.contiguous().T.contiguous(), history)
+
+
 def _gptq_columns(w: torch.Tensor, feedback: torch.Tensor, bits: int, block_size: int, symmetric: bool,
                   lazy: int = 32, grid: str = "onnx", outer: int = 128):
     """The GPTQ column loop over a batch: w [B, K, N], feedback [B, K, K] (_error_feedback_factor).
@@ -378,22 +387,15 @@ def _gptq_columns(w: torch.Tensor, feedback: torch.Tensor, bits: int, block_size
     scales = torch.empty(b, nb, n)
     zeros = torch.empty(b, nb, n)
     qmax = 2**bits - 1
-    # (w - q) of every column so far, by rows. In bf16, where the group products are (`use_bf16`): they add the
-    # shift's rounding noise (relative 2^-9) to values rounded to 4 bits. Then fp32 holds the group's own.
-    low = torch.empty(b, k, n, dtype=torch.bfloat16) if use_bf16() else None
-    errors = torch.empty(b, outer if low is not None else k, n)
+    # (w - q) of every column so far, by rows, for the groups' products: in bf16 where those run in bf16
+    # (`use_bf16`; they add the shift's rounding noise, relative 2^-9, to values rounded to 4 bits). The
+    # current group's errors in fp32, for its own windows.
+    history = torch.empty(b, k, n, dtype=torch.bfloat16 if use_bf16() else torch.float32)
+    errors = torch.empty(b, min(outer, k), n)
     for o1 in range(0, k, outer):
         o2 = min(o1 + outer, k)
-        base = o1 if low is not None else 0  # errors' first column
-        if o1 == 0:
-            shift = torch.zeros(b, o2 - o1, n)
-        elif low is not None:
-            shift = torch.stack([linear_bf16(feedback[j, :o1, o1:o2].T, low[j, :o1].T) for j in range(b)])
-        else:
-            # Both copies: oneDNN is slower with a transposed left operand (7.6 against 6.2 ms at 1B's
-            # down_proj), and a column slice transposed in one copy costs 1.3 ms against 0.3 for the two.
-            shift = torch.stack([matmul(feedback[j, :o1, o1:o2].contiguous().T.contiguous(), errors[j, :o1])
-                                 for j in range(b)])
+        shift = torch.zeros(b, o2 - o1, n) if o1 == 0 else \
+            torch.stack([_group_shift(feedback[j, :o1, o1:o2], history[j, :o1]) for j in range(b)])
         # F_bb^-T of the group's blocks, for their scales: one batched solve, not a small solve at every block.
         diagonal = torch.stack([feedback[:, c : c + block_size, c : c + block_size]
                                 for c in range(o1, o2, block_size)], 1)
@@ -415,7 +417,7 @@ def _gptq_columns(w: torch.Tensor, feedback: torch.Tensor, bits: int, block_size
                 zero_scaled = zero * scale
             # The columns' views, made once per window.
             w1 = w[:, i1:i2] + shift[:, i1 - o1 : i2 - o1]  # the window's columns to round from, updated as it goes
-            err1 = errors[:, i1 - base : i2 - base]
+            err1 = errors[:, i1 - o1 : i2 - o1]
             columns = w1.unbind(1)
             targets = (w[:, i1:i2] + zero_scaled[:, None]).unbind(1)  # w + zero * scale
             column_errors = err1.unbind(1)
@@ -428,8 +430,7 @@ def _gptq_columns(w: torch.Tensor, feedback: torch.Tensor, bits: int, block_size
                 w1[:, i + 1 :].addcmul_(feedback_rows[i][:, i + 1 :], row_errors[i])
             if i2 < o2:
                 shift[:, i2 - o1 :].baddbmm_(feedback[:, i1:i2, i2:o2].transpose(1, 2), err1)
-            if low is not None:
-                low[:, i1:i2] = err1
+            history[:, i1:i2] = err1
     q = q_all.reshape(b, nb, block_size, n).permute(0, 3, 1, 2).contiguous().numpy()
     return (q, scales.transpose(1, 2).contiguous().numpy().astype(np.float32),
             zeros.transpose(1, 2).contiguous().numpy().astype(np.uint8))

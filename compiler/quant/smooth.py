@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from compiler.models.decoder import CanonicalDecoder
+from compiler.quant.cpu_linalg import linear_bf16, use_bf16
 
 ALPHA = 0.5
 FLOOR = 1e-5  # channels never active on calibration text, and all-zero weight columns, keep a finite scale
@@ -59,7 +60,6 @@ def _rounding_error(weights: list[torch.Tensor], hessian: torch.Tensor | None, s
     """sum tr(E H E^T) over `weights`, E the error of round-to-nearest int4 at `block` on W * s, taken back
     to the input's own scale (s None: no smoothing): the output error on the calibration inputs."""
     from compiler.quant.blocks import rtn_dequantized
-    from compiler.quant.cpu_linalg import linear_bf16
 
     total = 0.0
     for w in weights:
@@ -74,8 +74,6 @@ def _worth_it(s: torch.Tensor, weights: list[torch.Tensor], hessian: torch.Tenso
     """Smoothing a fold point where it lowers the consumers' int4 rounding error on the calibration inputs
     (always, without their Hessian): on some models (a briefly fitted one with a LoRA merged) a fixed alpha
     tripled the int4 KL."""
-    from compiler.quant.cpu_linalg import use_bf16
-
     if hessian is None:
         return True
     hessian = hessian.bfloat16() if use_bf16() else hessian  # converted once for both products
