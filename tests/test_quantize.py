@@ -426,6 +426,52 @@ def test_gptq_with_bf16_error_sums_is_as_good_as_the_textbook(calibration_bf16):
     assert 0 < (ours[0] != textbook[0]).mean() < 0.05  # bf16 did change some codes: it ran
 
 
+def test_window_kernel_rounds_each_column_from_the_errors_before_it():
+    """The compiled window (compiler/quant/gptq_window.py) against the loop written out in numpy: codes,
+    errors w - (q - zero) * scale, the codes stored by rows, and the bf16 history rounded as torch rounds."""
+    import torch
+
+    from compiler.quant.gptq_window import round_window
+
+    rng = np.random.default_rng(8)
+    b, k, n, o1, i1, i2 = 2, 96, 40, 32, 48, 80  # a window in the middle of a group
+    w = rng.standard_normal((b, k, n)).astype(np.float32)
+    shift = (0.1 * rng.standard_normal((b, 64, n))).astype(np.float32)
+    feedback = (0.3 * rng.standard_normal((1, k, k))).astype(np.float32)
+    scale = rng.uniform(0.2, 0.5, (b, n)).astype(np.float32)
+    zero = np.full((b, n), 8, np.float32)
+    q_rows = np.zeros((b, n, k), np.uint8)
+    errors = np.zeros((b, 64, n), np.float32)
+    history = np.zeros((b, k, n), np.uint16)
+    round_window(w, shift, feedback, np.zeros(b, np.int64), i1, i2, o1, scale, zero, 1 / scale, zero * scale,
+                 np.float32(15), q_rows, errors, history, np.empty((0, 0, 0), np.float32))
+    start = w[:, i1:i2] + shift[:, i1 - o1 : i2 - o1]
+    for i in range(i2 - i1):  # the same float32 operations in the same order: equal to the bit
+        q = np.clip(np.rint(start[:, i] * (1 / scale)) + zero, 0, 15)
+        np.testing.assert_array_equal(q_rows[:, :, i1 + i], q.astype(np.uint8))
+        error = (w[:, i1 + i] + zero * scale) - q * scale
+        np.testing.assert_array_equal(errors[:, i1 - o1 + i], error)
+        start[:, i + 1 :] += feedback[0, i1 + i, i1 + i + 1 : i2, None] * error[:, None]
+    assert not q_rows[:, :, :i1].any() and not q_rows[:, :, i2:].any()
+    bf16 = torch.from_numpy(errors[:, i1 - o1 : i2 - o1]).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(history[:, i1:i2], bf16)
+
+
+def test_gptq_batch_sharing_a_factor_equals_a_factor_per_matrix():
+    """Row jobs of one matrix share its factor (passed once, not stacked per job): the same codes."""
+    import torch
+
+    from compiler.quant.gptq import _error_feedback_factor, _gptq_columns
+
+    k = 256
+    factors = [_error_feedback_factor(correlated_hessian(k, seed)[1], k, 0.01)[0] for seed in (5, 7)]
+    w = torch.from_numpy(np.random.default_rng(9).standard_normal((3, k, 48)).astype(np.float32))
+    shared = _gptq_columns(w.clone(), torch.stack(factors), 4, 32, True, factor_of=[0, 0, 1])
+    stacked = _gptq_columns(w.clone(), torch.stack([factors[0], factors[0], factors[1]]), 4, 32, True)
+    for a, b in zip(shared, stacked):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_gptq_build_calibrates_every_projection(trained_dir, tmp_path):
     from compiler.quant.gptq import BUILTIN_CALIBRATION
 

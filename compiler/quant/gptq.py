@@ -10,8 +10,8 @@ as precomputed blocks.
 
 Speed and memory: the calibration hidden states go through the decoder one window of layers at a time
 (logits are never computed), so only one window's Hessians are held. Within a window, all matrices of one
-shape go through one batched column loop: the loop's per-column torch calls cost dispatch time rather
-than arithmetic, so 30 layers batched cost little more than one.
+shape go through one batched column loop, whose torch calls per window of columns cost dispatch time
+rather than arithmetic at these sizes; a window's columns are rounded in one compiled call.
 """
 
 from __future__ import annotations
@@ -309,9 +309,12 @@ def _quantize_leaders(leaders: list[_Leader], hessians: dict[str, torch.Tensor],
                 dead = factors[leader.name][1]
                 if dead.any():
                     w[j, dead] = 0
-            feedback = torch.stack([factors[leader.name][0] for leader, _, _ in batch]) if len(batch) > 1 \
-                else factors[batch[0][0].name][0][None]  # a view: 8192 columns' factor is 256 MiB
-            q, scales, zeros = _gptq_columns(w, feedback, bits, block, symmetric, grid=grid)
+            # Each factor once, however many of the batch's row jobs share it (a 1B gate/up: 16).
+            names = list(dict.fromkeys(leader.name for leader, _, _ in batch))
+            feedback = torch.stack([factors[name][0] for name in names]) if len(names) > 1 \
+                else factors[names[0]][0][None]  # a view: 8192 columns' factor is 256 MiB
+            q, scales, zeros = _gptq_columns(w, feedback, bits, block, symmetric, grid=grid,
+                                             factor_of=[names.index(leader.name) for leader, _, _ in batch])
             del w, feedback
             for j, (leader, start, _) in enumerate(batch):
                 results[(leader.name, start)] = (q[j], scales[j], zeros[j])
@@ -358,44 +361,63 @@ def _error_feedback_factor(hessian: torch.Tensor, k: int, damp: float,
     return upper.div_(upper.diagonal().clone()), dead
 
 
-def _group_shift(feedback: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
-    """F[:o1, o1:o2]^T @ E[:o1]: the earlier columns' errors summed into a group's columns."""
-    if history.dtype == torch.bfloat16:
-        return linear_bf16(feedback.T, history.T)
-    # Both copies: oneDNN is slower with a transposed left operand (7.6 against 6.2 ms at 1B's down_proj), and
-    # a column slice transposed in one copy costs 1.3 ms against 0.3 for the two.
-    return matmul(feedback.contiguous().T.contiguous(), history)
+def _group_shifts(feedback: torch.Tensor, factor_of: list[int], history: torch.Tensor, o1: int,
+                  o2: int) -> torch.Tensor:
+    """F[:o1, o1:o2]^T @ E[:o1] for each matrix of the batch: the earlier columns' errors summed into a
+    group's columns. A factor's slice is made ready once for all the matrices that share it."""
+    ready: dict[int, torch.Tensor] = {}
+    shifts = []
+    for j, u in enumerate(factor_of):
+        if u not in ready:
+            f = feedback[u, :o1, o1:o2]
+            # fp32: both copies, as oneDNN is slower with a transposed left operand (7.6 against 6.2 ms at 1B's
+            # down_proj), and a column slice transposed in one copy costs 1.3 ms against 0.3 for the two.
+            ready[u] = f.T.to(torch.bfloat16).contiguous() if history.dtype == torch.bfloat16 \
+                else f.contiguous().T.contiguous()
+        shifts.append(linear_bf16(ready[u], history[j, :o1].T) if history.dtype == torch.bfloat16
+                      else matmul(ready[u], history[j, :o1]))
+    return torch.stack(shifts)
 
 
 def _gptq_columns(w: torch.Tensor, feedback: torch.Tensor, bits: int, block_size: int, symmetric: bool,
-                  lazy: int = 32, grid: str = "onnx", outer: int = 128):
-    """The GPTQ column loop over a batch: w [B, K, N], feedback [B, K, K] (_error_feedback_factor).
+                  lazy: int = 32, grid: str = "onnx", outer: int = 128, factor_of: list[int] | None = None):
+    """The GPTQ column loop over a batch: w [B, K, N], feedback [U, K, K] (_error_feedback_factor), the
+    factor of matrix j being feedback[factor_of[j]] (by default U = B, one each).
     Returns numpy (q uint8 [B, N, nb, bs], scales [B, N, nb], zero points uint8 [B, N, nb]).
 
     Column i is rounded from w_i + sum_{j<i} (w_j - q_j) F_ji, the sum gathered in `shift` while w keeps
     the original weights. Columns go in groups of `outer`: a group's shift starts as one product over every
     earlier column's error (left-looking: a fresh [outer, N] result, which oneDNN computes at about 1.7x
     MKL's rate on AMD, where adding a rank-`outer` update into all later columns could not use it); within the
-    group each column's error goes to the rest of its `lazy` window at once (one fused multiply-add) and to
-    the group's later windows in one batched product per window. The per-column steps are few, in-place
-    torch calls: at these sizes their dispatch, not their arithmetic, is the cost."""
+    group each column's error goes to the rest of its `lazy` window at once and to the group's later windows
+    in one batched product per window. A window's columns are rounded in one compiled call
+    (compiler/quant/gptq_window.py)."""
+    from compiler.quant.gptq_window import round_window  # numba (0.3 s to import) only where GPTQ runs
+
     b, k, n = w.shape
+    factor_of = list(range(b)) if factor_of is None else factor_of
+    which = torch.tensor(factor_of)
     nb = k // block_size
     lazy = math.gcd(lazy, block_size)  # every block starts a window: its scale needs the shift complete
     outer = -(-outer // block_size) * block_size  # whole blocks, so a block never straddles two groups
-    q_all = torch.empty(b, k, n, dtype=torch.uint8)
+    q_rows = np.empty((b, n, k), np.uint8)
     scales = torch.empty(b, nb, n)
     zeros = torch.empty(b, nb, n)
-    qmax = 2**bits - 1
+    qmax = np.float32(2**bits - 1)
     # (w - q) of every column so far, by rows, for the groups' products: in bf16 where those run in bf16
     # (`use_bf16`; they add the shift's rounding noise, relative 2^-9, to values rounded to 4 bits). The
     # current group's errors in fp32, for its own windows.
     history = torch.empty(b, k, n, dtype=torch.bfloat16 if use_bf16() else torch.float32)
+    if history.dtype == torch.bfloat16:
+        history_bf16, history_fp32 = history.view(torch.int16).numpy().view(np.uint16), np.empty((0, 0, 0), np.float32)
+    else:
+        history_bf16, history_fp32 = np.empty((0, 0, 0), np.uint16), history.numpy()
     errors = torch.empty(b, min(outer, k), n)
+    w_columns, feedback_rows, error_rows, which_rows = w.numpy(), feedback.numpy(), errors.numpy(), which.numpy()
     for o1 in range(0, k, outer):
         o2 = min(o1 + outer, k)
         shift = torch.zeros(b, o2 - o1, n) if o1 == 0 else \
-            torch.stack([_group_shift(feedback[j, :o1, o1:o2], history[j, :o1]) for j in range(b)])
+            _group_shifts(feedback, factor_of, history, o1, o2)
         # F_bb^-T of the group's blocks, for their scales: one batched solve, not a small solve at every block.
         diagonal = torch.stack([feedback[:, c : c + block_size, c : c + block_size]
                                 for c in range(o1, o2, block_size)], 1)
@@ -409,28 +431,15 @@ def _gptq_columns(w: torch.Tensor, feedback: torch.Tensor, bits: int, block_size
                 # here); blocks start windows. The shift holds partial sums that are right only for the column
                 # being rounded; for the rest of the block the classic loop's values are w + F_bb^-T shift.
                 end = i1 + block_size
-                block = torch.baddbmm(w[:, i1:end], block_solves[:, (i1 - o1) // block_size],
+                block = torch.baddbmm(w[:, i1:end], block_solves[which, (i1 - o1) // block_size],
                                       shift[:, i1 - o1 : end - o1])
                 scale, zero = block_scales_and_zeros(block, bits, symmetric, grid=grid, dim=1)
                 scales[:, i1 // block_size], zeros[:, i1 // block_size] = scale, zero
-                inv_scale = 1 / torch.where(scale == 0, 1.0, scale)
-                zero_scaled = zero * scale
-            # The columns' views, made once per window.
-            w1 = w[:, i1:i2] + shift[:, i1 - o1 : i2 - o1]  # the window's columns to round from, updated as it goes
-            err1 = errors[:, i1 - o1 : i2 - o1]
-            columns = w1.unbind(1)
-            targets = (w[:, i1:i2] + zero_scaled[:, None]).unbind(1)  # w + zero * scale
-            column_errors = err1.unbind(1)
-            row_errors = err1.unsqueeze(2).unbind(1)  # the same memory as [B, 1, N]
-            feedback_rows = feedback[:, i1:i2, i1:i2, None].unbind(1)
-            for i in range(i2 - i1):
-                q = torch.mul(columns[i], inv_scale).round_().add_(zero).clamp_(0, qmax)
-                q_all[:, i1 + i] = q
-                torch.addcmul(targets[i], q, scale, value=-1, out=column_errors[i])  # w - (q - zero) * scale
-                w1[:, i + 1 :].addcmul_(feedback_rows[i][:, i + 1 :], row_errors[i])
+                grid_args = [t.contiguous().numpy() for t in
+                             (scale, zero, 1 / torch.where(scale == 0, 1.0, scale), zero * scale)]
+            round_window(w_columns, shift.numpy(), feedback_rows, which_rows, i1, i2, o1, *grid_args, qmax, q_rows,
+                         error_rows, history_bf16, history_fp32)
             if i2 < o2:
-                shift[:, i2 - o1 :].baddbmm_(feedback[:, i1:i2, i2:o2].transpose(1, 2), err1)
-            history[:, i1:i2] = err1
-    q = q_all.reshape(b, nb, block_size, n).permute(0, 3, 1, 2).contiguous().numpy()
-    return (q, scales.transpose(1, 2).contiguous().numpy().astype(np.float32),
+                shift[:, i2 - o1 :].baddbmm_(feedback[which, i1:i2, i2:o2].transpose(1, 2), errors[:, i1 - o1 : i2 - o1])
+    return (q_rows.reshape(b, n, nb, block_size), scales.transpose(1, 2).contiguous().numpy().astype(np.float32),
             zeros.transpose(1, 2).contiguous().numpy().astype(np.uint8))
