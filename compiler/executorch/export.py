@@ -394,9 +394,10 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = 
             whole_export = export_pte(decoder, metadata, reuse_layers=False, progress=progress)
             whole_export.layers = f"every layer lowered: stitching not possible ({exc})"
             return whole_export
-        # As ExecuTorch's LLM export does: leftover linears as op_linear (not transpose + mm), and the
-        # quantized embedding pattern fused into quantized_decomposed.embedding_{byte,4bit}.
-        edge = edge.transform([ConvertToLinearPass()])
+        # As ExecuTorch's LLM export does: linears left outside XNNPACK as op_linear (not transpose + mm). Only
+        # where there are any: the pass re-traces the whole program (4 s at 1B) and changes no byte without them.
+        if any(node.target in ConvertToLinearPass.targets for node in edge.exported_program().graph.nodes):
+            edge = edge.transform([ConvertToLinearPass()])
         delegated, portable = _op_counts(edge.exported_program().graph_module)
         program = edge.to_executorch(ExecutorchBackendConfig(
             extract_delegate_segments=True,

@@ -247,7 +247,7 @@ def stitch_layers(edge: ExportedProgram, decoder: torch.nn.Module, num_layers: i
                     lowered = lower_partition(_rebound(template_delegate, decoder, j), template_delegate)
                     if not isinstance(lowered, LoweredBackendModule):
                         raise StitchError("partition lowering returned no lowered module")
-                    name = f"lowered_layer_{j}"
+                    name = f"lowered_module_layer_{j}"  # the prefix ExecuTorch's delegation summary counts
                     gm_new_attrs[name] = lowered
                     local[node] = new_graph.get_attr(name)
                 else:
