@@ -612,7 +612,7 @@ def test_calibration_products_on_either_cpu_library(library, monkeypatch):
             with cpu_linalg.fast_linears():
                 torch.nn.functional.linear(x[:, :500], trained).sum().backward()
             assert trained.grad is not None
-        for k in (300, 1100):  # MKL's potrf, and (with oneDNN) the blocked factor
+        for k in (300, 1100):  # MKL's potrf, and the blocked factor through this library's products
             hessian = gram(x[:, :k]) / 300 + 0.01 * torch.eye(k)
             exact = torch.linalg.cholesky(hessian.double().flip(0, 1)).flip(0, 1)  # upper: H = R R^T
             factor = cpu_linalg.reverse_cholesky(hessian.clone())

@@ -30,7 +30,8 @@ from compiler.errors import UsageError
 from compiler.memory import release_module_pages, release_pages
 from compiler.models.decoder import CanonicalDecoder, ConcatKVCache
 from compiler.quant.blocks import block_scales_and_zeros, largest_dividing_block
-from compiler.quant.cpu_linalg import fast_linears, gram, linear_bf16, matmul, reverse_cholesky, use_bf16
+from compiler.quant.cpu_linalg import (copy_transposed, fast_linears, gram, linear_bf16, matmul, reverse_cholesky,
+                                      use_bf16)
 
 # Varied general text (prose, dialogue, code, data, a few languages), written for edgec; users pass
 # their own with --calibration, ideally text like their application's.
@@ -118,13 +119,6 @@ class _Leader:
                 parts.append(w[lo:hi])
             offset += w.shape[0]
         return parts
-
-
-def _copy_transposed(dst: torch.Tensor, src: torch.Tensor, tile: int = 64) -> None:
-    """dst = src.T, a tile of src's rows at a time: about twice as quick as one strided copy of the whole
-    transpose, whose reads or writes miss the cache."""
-    for i in range(0, src.shape[0], tile):
-        dst[:, i : i + tile] = src[i : i + tile].T
 
 
 def _leaders(model: CanonicalDecoder, block_size: int, symmetric: bool, skip: tuple[str, ...]) -> list[_Leader]:
@@ -304,7 +298,7 @@ def _quantize_leaders(leaders: list[_Leader], hessians: dict[str, torch.Tensor],
             for j, (leader, start, stop) in enumerate(batch):
                 k, row = leader.shape[1], 0
                 for part in leader.row_parts(start, stop):
-                    _copy_transposed(w[j, :k, row : row + part.shape[0]], part)
+                    copy_transposed(w[j, :k, row : row + part.shape[0]], part)
                     row += part.shape[0]
                 dead = factors[leader.name][1]
                 if dead.any():
