@@ -134,7 +134,10 @@ def reverse_cholesky(a: torch.Tensor, block: int = 256) -> torch.Tensor:
             for j0, j1 in zip(edges, edges[1:]):  # the leading matrix's upper triangle, a block column at a time
                 if j0 >= k0:
                     break
-                a[:j1, j0:j1] -= linear(panel[:j1], panel[j0:j1])
+                if use_onednn():
+                    a[:j1, j0:j1] -= linear(panel[:j1], panel[j0:j1])
+                else:  # MKL subtracts in place, into the strided block: no temporary (8192 wide: 0.85 -> 0.80 s)
+                    torch.addmm(a[:j1, j0:j1], panel[:j1], panel[j0:j1].T, alpha=-1, out=a[:j1, j0:j1])
     return a.triu_()
 
 
