@@ -392,3 +392,37 @@ def test_stitched_layers_carry_their_own_biases_and_norms(family, tmp_path):
         expected = [eager(torch.from_numpy(ids), torch.tensor([start])).numpy() for ids, start in STITCH_CALLS]
     for mine, theirs in zip(_run_program(tmp_path, "stitched", exported), expected):
         np.testing.assert_allclose(mine.reshape(theirs.shape), theirs, atol=1e-4)
+
+
+def test_xnnpack_passes_with_nothing_to_match_are_left_out_for_the_same_program(tmp_path, monkeypatch):
+    """The delegate passes for convolutions, batch norms, PReLU, upsampling and the SDPA pattern are left
+    out of a decoder's partitions (none of those operators in them) and the program is the same bytes as
+    with every pass; a program with a convolution keeps the convolution pass."""
+    import torch
+    from executorch.backends.xnnpack._passes import XNNPACKPassManager
+
+    from compiler.config import QuantConfig
+    from compiler.executorch import export, preprocess_cache
+    from compiler.executorch.quantize import quantize_decoder
+
+    model = _four_layer_reference(tmp_path, "llama")
+    ran: dict[bool, list] = {True: [], False: []}
+    every_pass = preprocess_cache.passes_with_work
+    for skipping in (True, False):
+        def recorded(passes, program, skipping=skipping):
+            kept = every_pass(passes, program) if skipping else list(passes)
+            ran[skipping].append([p.__name__ for p in kept])
+            return kept
+        monkeypatch.setattr(preprocess_cache, "passes_with_work", recorded)
+        decoder = export.ExecutorchDecoder(model, 32)
+        quantize_decoder(decoder, QuantConfig(algo="rtn", block_size=32, embedding_bits=8))
+        export.export_pte(decoder, export.runner_metadata(model.cfg, 32, 1, [2])).write_program(tmp_path / f"{skipping}.pte")
+    assert (tmp_path / "True.pte").read_bytes() == (tmp_path / "False.pte").read_bytes()
+    left_out = {"ConvertToUpsampleBilinear2d", "ConvertToSDPAPass", "FuseBatchNormPass", "DecomposeBatchNorm",
+                "Conv1dUnsqueezePass", "PReLUReshapePass"}
+    assert ran[True] and all(not left_out & set(names) for names in ran[True])
+    assert all(left_out <= set(names) for names in ran[False])
+
+    convolution = torch.export.export(torch.nn.Conv1d(2, 2, 3), (torch.randn(1, 2, 8),)).run_decompositions()
+    kept = [p.__name__ for p in every_pass(XNNPACKPassManager(convolution).passes, convolution)]
+    assert "Conv1dUnsqueezePass" in kept and "PReLUReshapePass" not in kept

@@ -10,6 +10,10 @@ A partition is reused only when its graph has the same nodes, arguments, shapes 
 one and when the passes left the parameter list alone (a pass that folds constants into new tensors would
 bake one layer's values into the graph: such partitions are never cached).
 
+The same manager leaves out the passes that have nothing to match in a partition (convolutions, batch
+norms, PReLU, bilinear upsampling, a softmax for the SDPA pattern): each would re-trace the partition for
+no change, and the first use of the upsampling and SDPA passes exports their pattern graphs (2.4 s).
+
 ExecuTorch has no hook for this: the pass manager is swapped on the preprocess module for the duration of
 one lowering. If that name ever moves, lowering runs uncached (slower, same result).
 """
@@ -85,6 +89,26 @@ class _Cached:
         return self.program
 
 
+# XNNPACK pass -> operator name fragments, one of which a partition must hold for the pass to find work.
+# None of the passes before them in XNNPACK's list makes these operators.
+_PASS_NEEDS = {
+    "ConvertToUpsampleBilinear2d": ("upsample_bilinear2d",),
+    "ConvertToSDPAPass": ("softmax",),
+    "FuseBatchNormPass": ("batch_norm",),
+    "DecomposeBatchNorm": ("batch_norm",),
+    "Conv1dUnsqueezePass": ("convolution",),
+    "PReLUReshapePass": ("prelu",),
+}
+
+
+def passes_with_work(passes: list, program: ExportedProgram) -> list:
+    """`passes` less those that would find nothing to change in `program`."""
+    operators = " ".join({getattr(node.target, "__name__", str(node.target)) for node in program.graph.nodes
+                          if node.op == "call_function"})
+    return [p for p in passes
+            if not (needs := _PASS_NEEDS.get(getattr(p, "__name__", ""))) or any(n in operators for n in needs)]
+
+
 @contextlib.contextmanager
 def reuse_xnnpack_preprocessing(stats: dict | None = None):
     """While active, XNNPACK partitions equal to one already processed skip the delegate passes."""
@@ -107,6 +131,7 @@ def reuse_xnnpack_preprocessing(stats: dict | None = None):
             if cached is not None:
                 counts["reused"] += 1
                 return cached.rebind(program)
+            self.passes = passes_with_work(self.passes, program)
             transformed = super().transform()
             if key not in cache:
                 reusable = (_tensor_targets(transformed) == _tensor_targets(program)
