@@ -649,3 +649,19 @@ def test_bf16_linear_rounds_its_operands_and_result_only(calibration_bf16):
     assert not calibration_bf16(False)
     out = cpu_linalg.linear_bf16(x, weight)
     torch.testing.assert_close(out.double(), exact, rtol=0, atol=1e-5 * float(exact.abs().max()))
+
+
+def test_absolute_max_equals_abs_then_amax():
+    """blocks.absolute_max (GPTQ's activation maxima, the smoothing's weight maxima) gives what
+    x.abs().amax(dim) gives, all-zero and negative-zero slices included."""
+    import torch
+
+    from compiler.quant.blocks import absolute_max
+
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(0))
+    x[:, 3] = 0.0
+    x[:, 5] = -0.0
+    x[:, 7] = -x[:, 7].abs()
+    for dim in (0, 1):
+        assert torch.equal(absolute_max(x, dim), x.abs().amax(dim))
+    assert not torch.signbit(absolute_max(x, 0)).any()

@@ -29,7 +29,7 @@ from torch import nn
 from compiler.errors import UsageError
 from compiler.memory import release_module_pages, release_pages
 from compiler.models.decoder import CanonicalDecoder, ConcatKVCache
-from compiler.quant.blocks import block_scales_and_zeros, largest_dividing_block
+from compiler.quant.blocks import absolute_max, block_scales_and_zeros, largest_dividing_block
 from compiler.quant.cpu_linalg import (copy_transposed, fast_linears, gram, linear_bf16, matmul, reverse_cholesky,
                                       use_bf16)
 
@@ -82,7 +82,7 @@ class _HessianAccumulator:
 
     def add(self, name: str, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        amax = x.abs().amax(0)
+        amax = absolute_max(x, 0)
         self.amax[name] = amax if name not in self.amax else torch.maximum(self.amax[name], amax)
         total = self.counts.get(name, 0) + x.shape[0]
         update = gram(x)

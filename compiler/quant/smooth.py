@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from compiler.models.decoder import CanonicalDecoder
+from compiler.quant.blocks import absolute_max
 from compiler.quant.cpu_linalg import linear_bf16, use_bf16
 
 ALPHA = 0.5
@@ -81,7 +82,7 @@ def _worth_it(s: torch.Tensor, weights: list[torch.Tensor], hessian: torch.Tenso
 
 
 def _scale(amax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    wmax = torch.stack([w.detach().abs().amax(0) for w in weights]).amax(0)
+    wmax = torch.stack([absolute_max(w.detach(), 0) for w in weights]).amax(0)
     return amax.clamp(min=FLOOR) ** alpha / wmax.clamp(min=FLOOR) ** (1 - alpha)
 
 
