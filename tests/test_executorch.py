@@ -394,10 +394,12 @@ def test_stitched_layers_carry_their_own_biases_and_norms(family, tmp_path):
         np.testing.assert_allclose(mine.reshape(theirs.shape), theirs, atol=1e-4)
 
 
-def test_xnnpack_passes_with_nothing_to_match_are_left_out_for_the_same_program(tmp_path, monkeypatch):
+@pytest.mark.parametrize("reuse_layers", [True, False])
+def test_xnnpack_passes_with_nothing_to_match_are_left_out_for_the_same_program(reuse_layers, tmp_path, monkeypatch):
     """The delegate passes for convolutions, batch norms, PReLU, upsampling and the SDPA pattern are left
-    out of a decoder's partitions (none of those operators in them) and the program is the same bytes as
-    with every pass; a program with a convolution keeps the convolution pass."""
+    out of a decoder's partitions (none of those operators in them), stitched or with every layer lowered,
+    and the program is the same bytes as with every pass; a program with a convolution keeps the
+    convolution pass."""
     import torch
     from executorch.backends.xnnpack._passes import XNNPACKPassManager
 
@@ -416,7 +418,8 @@ def test_xnnpack_passes_with_nothing_to_match_are_left_out_for_the_same_program(
         monkeypatch.setattr(preprocess_cache, "passes_with_work", recorded)
         decoder = export.ExecutorchDecoder(model, 32)
         quantize_decoder(decoder, QuantConfig(algo="rtn", block_size=32, embedding_bits=8))
-        export.export_pte(decoder, export.runner_metadata(model.cfg, 32, 1, [2])).write_program(tmp_path / f"{skipping}.pte")
+        exported = export.export_pte(decoder, export.runner_metadata(model.cfg, 32, 1, [2]), reuse_layers=reuse_layers)
+        exported.write_program(tmp_path / f"{skipping}.pte")
     assert (tmp_path / "True.pte").read_bytes() == (tmp_path / "False.pte").read_bytes()
     left_out = {"ConvertToUpsampleBilinear2d", "ConvertToSDPAPass", "FuseBatchNormPass", "DecomposeBatchNorm",
                 "Conv1dUnsqueezePass", "PReLUReshapePass"}

@@ -13,7 +13,6 @@ quantization (which swaps weights for quantized tensors) leaves the fp32 referen
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from compiler.models.decoder import Attention, CanonicalDecoder, RMSNorm
-from compiler.executorch.preprocess_cache import reuse_xnnpack_preprocessing
+from compiler.executorch.preprocess_cache import lean_xnnpack_preprocessing
 from compiler.executorch.stitch import StitchError, check_uniform_layers, stitch_layers, template_layers
 from runtimes.executorch import load_op_libraries
 
@@ -379,7 +378,7 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = 
             exported = torch.export.export(traced.eval(), example, dynamic_shapes=({1: seq}, {0: 1}), strict=False)
             exported_s = time.perf_counter() - started
             progress(1, steps)
-            with reuse_xnnpack_preprocessing(reused) if reuse_layers else contextlib.nullcontext():
+            with lean_xnnpack_preprocessing(reused, reuse=reuse_layers):
                 edge = to_edge_transform_and_lower(
                     exported, partitioner=[XnnpackPartitioner()], compile_config=compile_config,
                     constant_methods=metadata,

@@ -10,9 +10,10 @@ A partition is reused only when its graph has the same nodes, arguments, shapes 
 one and when the passes left the parameter list alone (a pass that folds constants into new tensors would
 bake one layer's values into the graph: such partitions are never cached).
 
-The same manager leaves out the passes that have nothing to match in a partition (convolutions, batch
-norms, PReLU, bilinear upsampling, a softmax for the SDPA pattern): each would re-trace the partition for
-no change, and the first use of the upsampling and SDPA passes exports their pattern graphs (2.4 s).
+The same manager, in every lowering (stitched or not), leaves out the passes that have nothing to match in a
+partition (convolutions, batch norms, PReLU, bilinear upsampling, a softmax for the SDPA pattern): each would
+re-trace the partition for no change, and the first use of the upsampling and SDPA passes exports their
+pattern graphs (2.4 s).
 
 ExecuTorch has no hook for this: the pass manager is swapped on the preprocess module for the duration of
 one lowering. If that name ever moves, lowering runs uncached (slower, same result).
@@ -110,8 +111,9 @@ def passes_with_work(passes: list, program: ExportedProgram) -> list:
 
 
 @contextlib.contextmanager
-def reuse_xnnpack_preprocessing(stats: dict | None = None):
-    """While active, XNNPACK partitions equal to one already processed skip the delegate passes."""
+def lean_xnnpack_preprocessing(stats: dict | None = None, reuse: bool = True):
+    """While active, XNNPACK's delegate passes leave out those with nothing to match, and (with `reuse`)
+    partitions equal to one already processed skip the passes."""
     try:
         from executorch.backends.xnnpack import xnnpack_preprocess
         original = xnnpack_preprocess.XNNPACKPassManager
@@ -122,24 +124,24 @@ def reuse_xnnpack_preprocessing(stats: dict | None = None):
     counts = stats if stats is not None else {}
     counts.update(partitions=0, reused=0)
 
-    class CachingPassManager(original):
+    class LeanPassManager(original):
         def transform(self) -> ExportedProgram:
             program = self.exported_program
-            key = (partition_signature(program), tuple(map(str, self.passes)))
             counts["partitions"] += 1
+            key = (partition_signature(program), tuple(map(str, self.passes))) if reuse else None
             cached = cache.get(key)
             if cached is not None:
                 counts["reused"] += 1
                 return cached.rebind(program)
             self.passes = passes_with_work(self.passes, program)
             transformed = super().transform()
-            if key not in cache:
+            if reuse and key not in cache:
                 reusable = (_tensor_targets(transformed) == _tensor_targets(program)
                             and not any(n.op == "get_attr" for n in transformed.graph.nodes))
                 cache[key] = _Cached(program, transformed) if reusable else None
             return transformed
 
-    xnnpack_preprocess.XNNPACKPassManager = CachingPassManager
+    xnnpack_preprocess.XNNPACKPassManager = LeanPassManager
     try:
         yield
     finally:
