@@ -395,6 +395,33 @@ def test_stitched_layers_carry_their_own_biases_and_norms(family, tmp_path):
 
 
 @pytest.mark.parametrize("reuse_layers", [True, False])
+def test_delegate_output_shapes_shared_between_equal_partitions_give_the_same_program(reuse_layers, tmp_path,
+                                                                                      monkeypatch):
+    """to_executorch's shape propagation takes the delegate outputs' shapes of equal partitions from the first
+    of them (stitched or with every layer lowered), and the program is the same bytes as when every delegate
+    call runs its partition on fake tensors."""
+    import contextlib
+
+    from compiler.config import QuantConfig
+    from compiler.executorch import export
+    from compiler.executorch.quantize import quantize_decoder
+
+    model = _four_layer_reference(tmp_path, "llama")
+    reports = {}
+    for sharing in (True, False):
+        if not sharing:
+            monkeypatch.setattr(export, "shared_delegate_shapes", lambda stats: contextlib.nullcontext())
+        decoder = export.ExecutorchDecoder(model, 32)
+        quantize_decoder(decoder, QuantConfig(algo="rtn", block_size=32, embedding_bits=8))
+        exported = export.export_pte(decoder, export.runner_metadata(model.cfg, 32, 1, [2]), reuse_layers=reuse_layers)
+        reports[sharing] = exported.delegated_ops
+        exported.write_program(tmp_path / f"{sharing}.pte")
+    assert (tmp_path / "True.pte").read_bytes() == (tmp_path / "False.pte").read_bytes()
+    # 4 layers: 5 partitions, the 3 between two layers' attentions equal
+    assert reports[True]["reused_delegate_shapes"] >= 2 and reports[False]["reused_delegate_shapes"] == 0
+
+
+@pytest.mark.parametrize("reuse_layers", [True, False])
 def test_xnnpack_passes_with_nothing_to_match_are_left_out_for_the_same_program(reuse_layers, tmp_path, monkeypatch):
     """The delegate passes for convolutions, batch norms, PReLU, upsampling and the SDPA pattern are left
     out of a decoder's partitions (none of those operators in them), stitched or with every layer lowered,

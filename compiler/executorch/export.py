@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from compiler.models.decoder import Attention, CanonicalDecoder, RMSNorm
+from compiler.executorch.delegate_shapes import shared_delegate_shapes
 from compiler.executorch.preprocess_cache import lean_xnnpack_preprocessing
 from compiler.executorch.stitch import StitchError, check_uniform_layers, stitch_layers, template_layers
 from runtimes.executorch import load_op_libraries
@@ -361,6 +362,7 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = 
     if constant_tag is not None:
         reuse_layers = False
     reused: dict = {}
+    shape_stats: dict = {}
     logging.getLogger("torch._export").setLevel(logging.ERROR)
     seq = torch.export.Dim("seq_len", min=1, max=decoder.max_seq_len - 1)
     example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0], dtype=torch.long))
@@ -398,17 +400,19 @@ def export_pte(decoder: ExecutorchDecoder, metadata: dict, reuse_layers: bool = 
         if any(node.target in ConvertToLinearPass.targets for node in edge.exported_program().graph.nodes):
             edge = edge.transform([ConvertToLinearPass()])
         delegated, portable = _op_counts(edge.exported_program().graph_module)
-        program = edge.to_executorch(ExecutorchBackendConfig(
-            extract_delegate_segments=True,
-            do_quant_fusion_and_const_prop=True,
-            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
-            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
-            # Constants XNNPACK did not take, by name: some are new by now (the quantized embedding's fused
-            # weights), without the tagging pass's tag.
-            external_constants=(lambda node: constant_tag(node.name)) if constant_tag is not None else False,
-        ))
+        with shared_delegate_shapes(shape_stats):
+            program = edge.to_executorch(ExecutorchBackendConfig(
+                extract_delegate_segments=True,
+                do_quant_fusion_and_const_prop=True,
+                memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+                sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+                # Constants XNNPACK did not take, by name: some are new by now (the quantized embedding's fused
+                # weights), without the tagging pass's tag.
+                external_constants=(lambda node: constant_tag(node.name)) if constant_tag is not None else False,
+            ))
     progress(steps, steps)
     delegated["reused_partitions"] = reused.get("reused", 0)
+    delegated["reused_delegate_shapes"] = shape_stats.get("shapes_reused", 0)
     layers = f"layers 0, 1, {num_layers - 1} lowered, {num_layers - 3} stitched from layer 1" if template else PteExport.layers
     data_files = {name: bytes(cord) for name, cord in (program._tensor_data or {}).items()}  # no public getter in 1.5.1
     return PteExport(program, delegated, portable, exported_s, time.perf_counter() - started - exported_s, layers,

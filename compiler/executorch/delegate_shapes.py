@@ -1,0 +1,75 @@
+"""Output shapes of XNNPACK delegate calls worked out once per distinct partition, not once per call.
+
+`to_executorch`'s SpecPropPass re-runs the whole program on fake tensors, and a delegate call there runs
+its partition's original program again (unlifted anew each time). A stitched decoder's partitions differ
+only in their weights, so the outputs of one stand for all of them: while `shared_delegate_shapes` is
+active, a call whose partition graph and input shapes equal an earlier call's in the same shape
+environment gets new fake tensors of that call's output shapes and strides, without running the graph.
+
+ExecuTorch has no hook for this: the fake implementation torch registers for `executorch_call_delegate`
+is swapped for one `to_executorch`. If those names ever move, delegate calls run as before (slower, same
+result).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.utils import _pytree as pytree
+
+from compiler.executorch.preprocess_cache import partition_signature
+
+
+def _describe_argument(value) -> object:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", str(value.dtype), str(value.device), tuple(map(str, value.shape)),
+                tuple(map(str, value.stride())))
+    return repr(value)
+
+
+def _fresh_like(value):
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=value.device)
+    return value
+
+
+@contextlib.contextmanager
+def shared_delegate_shapes(stats: dict | None = None):
+    """While active, fake-tensor delegate calls reuse the outputs' shapes of an equal earlier call."""
+    try:
+        from torch._higher_order_ops.executorch_call_delegate import executorch_call_delegate
+        from torch._higher_order_ops.utils import registered_hop_fake_fns
+        original = registered_hop_fake_fns[executorch_call_delegate]
+    except (ImportError, KeyError):
+        yield
+        return
+    counts = stats if stats is not None else {}
+    counts.update(delegate_calls=0, shapes_reused=0)
+    signatures: dict[int, tuple] = {}  # id(lowered module) -> its partition's signature
+    outputs: dict[tuple, tuple] = {}
+    held = []  # what the ids in the keys name, kept alive while the keys are in use
+
+    def fake_call(lowered_module, *args):
+        counts["delegate_calls"] += 1
+        shape_env = getattr(torch._guards.detect_fake_mode(args), "shape_env", None)
+        held.append(shape_env)
+        if id(lowered_module) not in signatures:
+            signatures[id(lowered_module)] = (lowered_module.backend_id,
+                                              partition_signature(lowered_module.original_module))
+            held.append(lowered_module)
+        key = (id(shape_env), signatures[id(lowered_module)],
+               tuple(_describe_argument(a) for a in pytree.tree_leaves(args)))
+        if key in outputs:
+            counts["shapes_reused"] += 1
+            leaves, spec = outputs[key]
+            return pytree.tree_unflatten([_fresh_like(leaf) for leaf in leaves], spec)
+        result = original(lowered_module, *args)
+        outputs[key] = pytree.tree_flatten(result)
+        return result
+
+    registered_hop_fake_fns[executorch_call_delegate] = fake_call
+    try:
+        yield
+    finally:
+        registered_hop_fake_fns[executorch_call_delegate] = original
