@@ -394,6 +394,22 @@ def test_stitched_layers_carry_their_own_biases_and_norms(family, tmp_path):
         np.testing.assert_allclose(mine.reshape(theirs.shape), theirs, atol=1e-4)
 
 
+def test_int4_packing_makes_xnnpacks_bytes():
+    """edgec's nibble packing of int4 weights gives XNNPACK's own bytes (odd widths padded, 3-D squeezed) and
+    refuses values outside int4."""
+    import torch
+    from executorch.backends.xnnpack.operators.node_visitor import NodeVisitor
+
+    from compiler.executorch.preprocess_cache import packed_int4
+
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(64, 96), (7, 9), (3, 1, 6), (1, 5)]:
+        values = torch.randint(-8, 8, shape, dtype=torch.int8, generator=generator)
+        assert torch.equal(packed_int4(values), NodeVisitor.convert_to_qc4w(values))
+    with pytest.raises(ValueError, match="outside"):
+        packed_int4(torch.tensor([[8, 0]], dtype=torch.int8))
+
+
 @pytest.mark.parametrize("reuse_layers", [True, False])
 def test_delegate_output_shapes_shared_between_equal_partitions_give_the_same_program(reuse_layers, tmp_path,
                                                                                       monkeypatch):
