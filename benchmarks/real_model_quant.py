@@ -24,6 +24,7 @@ from benchmarks.common import CACHE, argument_parser, print_table
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = {
     "int4-default": ["--quant", "int4"],
+    "int4-gptq-64": ["--quant", "int4", "--block-size", "64"],
     "int4-gptq-128": ["--quant", "int4", "--block-size", "128"],
     "int4-rtn-32": ["--quant", "int4", "--algo", "rtn", "--block-size", "32"],
     "auto-0.2": ["--quant", "auto", "--max-kl", "0.2"],
