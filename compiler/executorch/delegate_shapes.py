@@ -53,11 +53,15 @@ def shared_delegate_shapes(stats: dict | None = None):
     def fake_call(lowered_module, *args):
         counts["delegate_calls"] += 1
         shape_env = getattr(torch._guards.detect_fake_mode(args), "shape_env", None)
-        held.append(shape_env)
         if id(lowered_module) not in signatures:
-            signatures[id(lowered_module)] = (lowered_module.backend_id,
-                                              partition_signature(lowered_module.original_module))
+            try:
+                signature = (lowered_module.backend_id, partition_signature(lowered_module.original_module))
+            except AttributeError:  # not a lowered module as ExecuTorch 1.5 makes them: run it
+                return original(lowered_module, *args)
+            signatures[id(lowered_module)] = signature
             held.append(lowered_module)
+        if not any(shape_env is h for h in held):
+            held.append(shape_env)
         key = (id(shape_env), signatures[id(lowered_module)],
                tuple(_describe_argument(a) for a in pytree.tree_leaves(args)))
         if key in outputs:
