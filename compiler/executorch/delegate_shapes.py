@@ -45,24 +45,21 @@ def shared_delegate_shapes(stats: dict | None = None):
         yield
         return
     counts = stats if stats is not None else {}
-    counts.update(delegate_calls=0, shapes_reused=0)
-    signatures: dict[int, tuple] = {}  # id(lowered module) -> its partition's signature
+    counts["shapes_reused"] = 0
+    signatures: dict = {}  # lowered module -> its partition's signature (modules hash by identity)
+    shape_envs: dict[int, object] = {}  # the shape environments whose ids key `outputs`, kept alive
     outputs: dict[tuple, tuple] = {}
-    held = []  # what the ids in the keys name, kept alive while the keys are in use
 
     def fake_call(lowered_module, *args):
-        counts["delegate_calls"] += 1
         shape_env = getattr(torch._guards.detect_fake_mode(args), "shape_env", None)
-        if id(lowered_module) not in signatures:
+        shape_envs.setdefault(id(shape_env), shape_env)
+        if lowered_module not in signatures:
             try:
-                signature = (lowered_module.backend_id, partition_signature(lowered_module.original_module))
+                signatures[lowered_module] = (lowered_module.backend_id,
+                                              partition_signature(lowered_module.original_module))
             except AttributeError:  # not a lowered module as ExecuTorch 1.5 makes them: run it
                 return original(lowered_module, *args)
-            signatures[id(lowered_module)] = signature
-            held.append(lowered_module)
-        if not any(shape_env is h for h in held):
-            held.append(shape_env)
-        key = (id(shape_env), signatures[id(lowered_module)],
+        key = (id(shape_env), signatures[lowered_module],
                tuple(_describe_argument(a) for a in pytree.tree_leaves(args)))
         if key in outputs:
             counts["shapes_reused"] += 1
