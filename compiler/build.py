@@ -10,7 +10,7 @@ from compiler.config import BuildConfig
 from compiler.errors import CheckFailed, UsageError
 from compiler.frontend.load import Checkpoint, ModelFiles, build_decoder, read_checkpoint, read_model_files
 from compiler.frontend.lora import AdapterSpec, MergeRecord, merge_lora
-from compiler.memory import MemoryEstimate, WeightFacts, plan, release_module_pages
+from compiler.memory import MemoryEstimate, WeightFacts, plan, release_module_pages, reused_heap
 from compiler.models.decoder import CanonicalDecoder
 from compiler.models.families import SWITCHED_ROPE_TYPES
 from compiler.report import BuildReport, markdown
@@ -347,7 +347,7 @@ def _gptq(config: BuildConfig, reference: Reference, report: BuildReport, grids:
     # Not overlapped with the export in a thread: both are dispatch-bound, and the two OpenMP
     # thread teams slowed the pair down (22 s + 8 s side by side vs 11 s + 8 s in turn here).
     log: dict[str, list[str]] = {}
-    with report.stage("calibrate_gptq", f"{len(sequences)} sequences, grids {', '.join(grids)}"):
+    with report.stage("calibrate_gptq", f"{len(sequences)} sequences, grids {', '.join(grids)}"), reused_heap():
         with report.progress("layers", unit="layer") as progress:
             codes = gptq_codes(model, sequences, quant.bits, [(quant.block_size, g) for g in grids], quant.symmetric,
                                progress=progress, hessian_budget=memory.gptq_hessian_bytes or HESSIAN_BUDGET_BYTES,
@@ -375,7 +375,8 @@ def _plan_auto(config: BuildConfig, reference: Reference, report: BuildReport, g
     from compiler.quant.auto import plan_auto
 
     quant = config.export.quant
-    with report.stage("quant_auto", f"per-module precision for KL <= {quant.max_kl:g} on calibration text"):
+    with report.stage("quant_auto", f"per-module precision for KL <= {quant.max_kl:g} on calibration text"), \
+            reused_heap():
         result = plan_auto(reference.model, config.model.path, quant, report.note, grids)
     config.export.quant = result.quant
     report.quant_auto = result.summary
@@ -506,12 +507,12 @@ def _build_pte(config: BuildConfig, reference: Reference, writer: BundleWriter, 
     lora = None
     if reference.slots is not None:
         with report.stage("export_pte", f"{model.cfg.num_layers} layers with LoRA slots, lowered one by one, "
-                                        "weights in model.ptd"):
+                                        "weights in model.ptd"), reused_heap():
             with report.progress("lowering", unit="step") as progress:
                 lora, exported = _export_pte_with_lora(decoder, metadata, reference, writer.staging, progress)
             del decoder
     else:
-        with report.stage("export_pte", f"{model.cfg.num_layers} layers, torch.export + XNNPACK"):
+        with report.stage("export_pte", f"{model.cfg.num_layers} layers, torch.export + XNNPACK"), reused_heap():
             with report.progress("lowering", unit="step") as progress:
                 exported = export_pte(decoder, metadata, progress=progress)
             del decoder

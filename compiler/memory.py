@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -296,6 +297,52 @@ def _span(a) -> tuple[int, int]:
     if interface is None or not (a.flags.c_contiguous or a.flags.f_contiguous):
         return 0, 0
     return interface["data"][0], a.nbytes
+
+
+def outside_heap(shape: tuple[int, ...], dtype) -> "np.ndarray":
+    """An empty array in an anonymous mapping of its own: for results that outlive the temporaries made
+    around them, which under reused_heap would otherwise pin the heap's free space apart."""
+    import mmap
+
+    import numpy as np
+
+    count = int(np.prod(shape))
+    return np.frombuffer(mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize)), dtype, count).reshape(shape)
+
+
+# mallopt's parameters (glibc's malloc.h), and where glibc's own sliding threshold ends up once a large
+# block has been freed (DEFAULT_MMAP_THRESHOLD_MAX, and twice it for trimming): setting any of them stops the
+# sliding, so reused_heap leaves them there.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_SETTLED_MMAP_THRESHOLD, _DEFAULT_MMAP_MAX = 32 * 2**20, 65536
+
+
+@contextmanager
+def reused_heap():
+    """Large blocks from malloc's heap, kept there when freed, instead of a fresh mapping each: glibc maps
+    every block over 32 MiB anew and unmaps it when freed, so the kernel zeroes each new temporary's pages
+    one fault at a time (a 1B GPTQ build makes about 30 GB of them). On exit the heap's free pages go back.
+    glibc only; elsewhere it does nothing."""
+    libc = _libc()
+    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+        yield
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+        libc.mallopt(_M_MMAP_THRESHOLD, _SETTLED_MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * _SETTLED_MMAP_THRESHOLD)
+        trim_heap()
+
+
+def trim_heap() -> None:
+    """The heap's free pages back to the kernel (glibc; elsewhere nothing)."""
+    libc = _libc()
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 _LIBC = None

@@ -105,3 +105,44 @@ def test_the_build_records_its_estimate_beside_the_measured_peak(llama_dir, tmp_
     assert abs(memory["measured_peak_mb"] / memory["estimate_mb"] - 1) < 0.25, memory
     assert set(memory["stages"]) == {"load", "export_onnx", "onnx_passes"}
     assert "estimated at the start" in (out / "report.md").read_text()
+
+
+
+REUSED_HEAP_SCRIPT = """
+import resource
+import torch
+from compiler.memory import reused_heap
+
+def faults_of(elements):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(elements).fill_(1.0)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+torch.set_num_threads(1)
+outside = [faults_of(2**24), faults_of(2**24 - 2**18)]
+with reused_heap():
+    inside = [faults_of(2**24), faults_of(2**24 - 2**18)]
+after = [faults_of(2**24)]
+print(outside, inside, after)
+"""
+
+
+def test_reused_heap_serves_a_freed_large_block_again_without_faulting():
+    # A process of its own: malloc's settings are the whole process's.
+    result = subprocess.run([sys.executable, "-c", REUSED_HEAP_SCRIPT], check=True, capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    outside, inside, after = (json.loads(part + "]") for part in result.stdout.strip()[:-1].split("] "))
+    pages = 2**26 // os.sysconf("SC_PAGE_SIZE")  # of 64 MiB
+    assert min(outside) > pages * 0.9  # glibc maps each anew: the kernel faults in (and zeroes) every page
+    assert inside[0] > pages * 0.9 and inside[1] < pages * 0.05  # the 60 MiB one takes the freed block's pages
+    assert after[0] > pages * 0.9  # the heap's free pages went back on exit
+
+def test_outside_heap_is_a_writable_array_of_its_own():
+    import numpy as np
+
+    from compiler.memory import outside_heap
+
+    a = outside_heap((3, 5), np.uint8)
+    assert a.shape == (3, 5) and a.dtype == np.uint8 and a.flags.writeable and a.flags.c_contiguous
+    a[...] = 7
+    assert int(a.sum()) == 105 and outside_heap((0,), np.float32).shape == (0,)

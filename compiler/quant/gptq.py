@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from compiler.errors import UsageError
-from compiler.memory import release_module_pages, release_pages
+from compiler.memory import outside_heap, release_module_pages, release_pages, trim_heap
 from compiler.models.decoder import CanonicalDecoder, ConcatKVCache
 from compiler.quant.blocks import absolute_max, block_scales_and_zeros, largest_dividing_block
 from compiler.quant.cpu_linalg import (copy_transposed, fast_linears, gram, linear_bf16, matmul, reverse_cholesky,
@@ -215,6 +215,8 @@ def gptq_codes(model: CanonicalDecoder, sequences: list[list[int]], bits: int, w
             last = window[-1] == model.cfg.num_layers - 1
             if last and "lm_head" in hooked:
                 hessians.add("lm_head", model.model.norm(x))
+                # The lm_head comes next with the build's peak (a tied table's pages): free heap pages go back first.
+                trim_heap()
             for key in wanted:
                 in_window = [leader for i in window for leader in by_layer[key][i]] + (by_layer[key][None] if last else [])
                 out[key].update(_quantize_leaders(in_window, dict(hessians.hessians), bits, symmetric, grid=key[1],
@@ -288,13 +290,17 @@ def _quantize_leaders(leaders: list[_Leader], hessians: dict[str, torch.Tensor],
     results: dict[tuple[str, int], tuple] = {}
     for (rows, padded, block), group in jobs.items():
         per_batch = max(1, BATCH_ELEMENTS // (rows * padded))
+        # One weights buffer and one error history for all of this shape's batches: a fresh block of the same
+        # size each batch would not fit the last one's place in the heap (see memory.reused_heap).
+        batch_weights = torch.empty(min(per_batch, len(group)), padded, rows)
+        history = torch.empty(batch_weights.shape, dtype=torch.bfloat16 if use_bf16() else torch.float32)
         for b0 in range(0, len(group), per_batch):
             batch = group[b0 : b0 + per_batch]
             for leader, _, _ in batch:
                 if leader.name not in factors:
                     factors[leader.name] = _error_feedback_factor(hessians.pop(leader.name), padded, damp, overwrite)
             # Weights transposed to [B, K, N]: the loop reads and updates whole columns, contiguous so.
-            w = torch.zeros(len(batch), padded, rows)
+            w = batch_weights[: len(batch)].zero_()
             for j, (leader, start, stop) in enumerate(batch):
                 k, row = leader.shape[1], 0
                 for part in leader.row_parts(start, stop):
@@ -308,7 +314,8 @@ def _quantize_leaders(leaders: list[_Leader], hessians: dict[str, torch.Tensor],
             feedback = torch.stack([factors[name][0] for name in names]) if len(names) > 1 \
                 else factors[names[0]][0][None]  # a view: 8192 columns' factor is 256 MiB
             q, scales, zeros = _gptq_columns(w, feedback, bits, block, symmetric, grid=grid,
-                                             factor_of=[names.index(leader.name) for leader, _, _ in batch])
+                                             factor_of=[names.index(leader.name) for leader, _, _ in batch],
+                                             history=history[: len(batch)])
             del w, feedback
             for j, (leader, start, _) in enumerate(batch):
                 results[(leader.name, start)] = (q[j], scales[j], zeros[j])
@@ -318,7 +325,7 @@ def _quantize_leaders(leaders: list[_Leader], hessians: dict[str, torch.Tensor],
     out = {}
     for leader in leaders:
         n = leader.shape[0]
-        q, scales, zeros = (np.concatenate(p, axis=0) for p in
+        q, scales, zeros = (np.concatenate(p, axis=0, out=outside_heap((n, *p[0].shape[1:]), p[0].dtype)) for p in
                             zip(*[results.pop((leader.name, s)) for s in range(0, n, ROWS_PER_JOB)]))
         offset = 0
         for member, weight in zip(leader.members, leader.weights):
@@ -374,7 +381,8 @@ def _group_shifts(feedback: torch.Tensor, factor_of: list[int], history: torch.T
 
 
 def _gptq_columns(w: torch.Tensor, feedback: torch.Tensor, bits: int, block_size: int, symmetric: bool,
-                  lazy: int = 32, grid: str = "onnx", outer: int = 128, factor_of: list[int] | None = None):
+                  lazy: int = 32, grid: str = "onnx", outer: int = 128, factor_of: list[int] | None = None,
+                  history: torch.Tensor | None = None):
     """The GPTQ column loop over a batch: w [B, K, N], feedback [U, K, K] (_error_feedback_factor), the
     factor of matrix j being feedback[factor_of[j]] (by default U = B, one each).
     Returns numpy (q uint8 [B, N, nb, bs], scales [B, N, nb], zero points uint8 [B, N, nb]).
@@ -394,14 +402,15 @@ def _gptq_columns(w: torch.Tensor, feedback: torch.Tensor, bits: int, block_size
     nb = k // block_size
     lazy = math.gcd(lazy, block_size)  # every block starts a window: its scale needs the shift complete
     outer = -(-outer // block_size) * block_size  # whole blocks, so a block never straddles two groups
-    q_rows = np.empty((b, n, k), np.uint8)
+    q_rows = outside_heap((b, n, k), np.uint8)  # held until the leaders' rows are joined
     scales = torch.empty(b, nb, n)
     zeros = torch.empty(b, nb, n)
     qmax = np.float32(2**bits - 1)
     # (w - q) of every column so far, by rows, for the groups' products: in bf16 where those run in bf16
     # (`use_bf16`; they add the shift's rounding noise, relative 2^-9, to values rounded to 4 bits). The
     # current group's errors in fp32, for its own windows.
-    history = torch.empty(b, k, n, dtype=torch.bfloat16 if use_bf16() else torch.float32)
+    if history is None:
+        history = torch.empty(b, k, n, dtype=torch.bfloat16 if use_bf16() else torch.float32)
     if history.dtype == torch.bfloat16:
         history_bf16, history_fp32 = history.view(torch.int16).numpy().view(np.uint16), np.empty((0, 0, 0), np.float32)
     else:
@@ -435,5 +444,8 @@ def _gptq_columns(w: torch.Tensor, feedback: torch.Tensor, bits: int, block_size
                          error_rows, history_bf16, history_fp32)
             if i2 < o2:
                 shift[:, i2 - o1 :].baddbmm_(feedback[which, i1:i2, i2:o2].transpose(1, 2), errors[:, i1 - o1 : i2 - o1])
-    return (q_rows.reshape(b, n, nb, block_size), scales.transpose(1, 2).contiguous().numpy().astype(np.float32),
-            zeros.transpose(1, 2).contiguous().numpy().astype(np.uint8))
+    scales_out, zeros_out = outside_heap((b, n, nb), np.float32), outside_heap((b, n, nb), np.uint8)
+    np.copyto(scales_out, scales.transpose(1, 2).numpy())
+    np.copyto(zeros_out, zeros.transpose(1, 2).numpy(), casting="unsafe")
+    return q_rows.reshape(b, n, nb, block_size), scales_out, zeros_out
+
