@@ -89,6 +89,37 @@ def test_source_hashes_made_in_the_background_equal_the_files_sha256(llama_dir, 
     assert hashes == read_checkpoint(model).source_hashes()  # computed in the caller's thread
 
 
+
+def test_a_weight_files_hash_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    import hashlib
+    import os
+    import time
+
+    from compiler.frontend import load
+
+    monkeypatch.setenv("EDGEC_HASH_CACHE", str(tmp_path / "hashes"))
+    weights, small = tmp_path / "model.safetensors", tmp_path / "config.json"
+    weights.write_bytes(os.urandom(load.REMEMBERED_HASH_MIN_BYTES))
+    small.write_text("{}")
+    reads = []
+    hash_file = load.sha256_file
+    monkeypatch.setattr(load, "sha256_file", lambda path: reads.append(path.name) or hash_file(path))
+    first = load.hash_files([weights, small])
+    assert first == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (weights, small)}
+    assert len(list((tmp_path / "hashes").iterdir())) == 1  # small files are hashed each time
+    assert load.hash_files([weights, small]) == first and reads == ["model.safetensors", "config.json", "config.json"]
+    # Rewritten in place, same size, its modification time set back: the change time still tells.
+    stat = weights.stat()
+    time.sleep(0.05)
+    with open(weights, "r+b") as f:
+        f.write(b"changed")
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert load.remembered_sha256(weights) == hashlib.sha256(weights.read_bytes()).hexdigest() != first[weights.name]
+    monkeypatch.setenv("EDGEC_HASH_CACHE", "0")
+    reads.clear()
+    load.remembered_sha256(weights)
+    assert reads == ["model.safetensors"]
+
 def test_bf16_checkpoint_is_upcast(llama_dir, tmp_path):
     bf16 = tmp_path / "bf16"
     shutil.copytree(llama_dir, bf16)

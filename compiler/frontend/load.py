@@ -5,7 +5,9 @@ Only safetensors are read; pickle checkpoints are refused, never unpickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,7 +66,52 @@ def source_files(directory: Path, weight_files: list[Path], tokenizer_files: lis
 
 
 def hash_files(paths: list[Path]) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in paths}
+    return {p.name: remembered_sha256(p) for p in paths}
+
+
+REMEMBERED_HASH_MIN_BYTES = 16 * 2**20
+
+
+def hash_cache_dir() -> Path | None:
+    """EDGEC_HASH_CACHE: a directory, or 0 for none; unset: ~/.cache/edgec/sha256 (under EDGEC_CACHE)."""
+    setting = os.environ.get("EDGEC_HASH_CACHE", "")
+    if setting.lower() in ("0", "off", "no", "false"):
+        return None
+    from compiler.config import default_cache_dir
+
+    return Path(setting) if setting else default_cache_dir() / "sha256"
+
+
+def remembered_sha256(path: Path) -> str:
+    """sha256_file, remembered by the file's identity as git's index does (path, device, inode, size,
+    modification and change times; no tool sets a change time back): a rebuild from unchanged weights does
+    not read them all again to hash them (a 1B model: 7 s of a core)."""
+    cache = hash_cache_dir()
+    if cache is None or path.stat().st_size < REMEMBERED_HASH_MIN_BYTES:
+        return sha256_file(path)
+    before = _identity(path)
+    entry = cache / hashlib.sha256(before.encode()).hexdigest()
+    try:
+        digest = entry.read_text().strip()
+        if len(digest) == 64:
+            return digest
+    except OSError:
+        pass
+    digest = sha256_file(path)
+    if _identity(path) == before:  # not written while it was read
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+            partial = entry.with_name(f"{entry.name}.{os.getpid()}.partial")
+            partial.write_text(digest)
+            partial.replace(entry)
+        except OSError:
+            pass  # a read-only cache only costs the hashing
+    return digest
+
+
+def _identity(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}\0{st.st_dev}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}"
 
 
 class PendingHashes:
