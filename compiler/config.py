@@ -20,6 +20,15 @@ def default_cache_dir() -> Path:
     """Where edgec keeps what is slow to make (the demo's model, the emulated device's root)."""
     return Path(os.environ.get("EDGEC_CACHE", Path.home() / ".cache" / "edgec"))
 
+
+def cache_setting(variable: str, name: str) -> Path | None:
+    """A cache's directory from its environment variable: a directory, or 0 (off, no, false) for none; unset:
+    `name` under default_cache_dir()."""
+    setting = os.environ.get(variable, "")
+    if setting.lower() in ("0", "off", "no", "false"):
+        return None
+    return Path(setting) if setting else default_cache_dir() / name
+
 FORMATS = ("onnx", "pte")
 PRECISIONS = ("fp32", "int4")
 QUANT_ALGOS = ("rtn", "clip", "gptq")

@@ -320,9 +320,9 @@ _SETTLED_MMAP_THRESHOLD, _DEFAULT_MMAP_MAX = 32 * 2**20, 65536
 @contextmanager
 def reused_heap():
     """Large blocks from malloc's heap, kept there when freed, instead of a fresh mapping each: glibc maps
-    every block over 32 MiB anew and unmaps it when freed, so the kernel zeroes each new temporary's pages
-    one fault at a time (a 1B GPTQ build makes about 30 GB of them). On exit the heap's free pages go back.
-    glibc only; elsewhere it does nothing."""
+    every block above its threshold (sliding from 128 KiB up to 32 MiB) anew and unmaps it when freed, so
+    the kernel zeroes each new temporary's pages one fault at a time (a 1B GPTQ build makes about 30 GB of
+    them). On exit the heap's free pages go back. glibc only; elsewhere it does nothing."""
     libc = _libc()
     if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
         yield

@@ -74,12 +74,9 @@ REMEMBERED_HASH_MIN_BYTES = 16 * 2**20
 
 def hash_cache_dir() -> Path | None:
     """EDGEC_HASH_CACHE: a directory, or 0 for none; unset: ~/.cache/edgec/sha256 (under EDGEC_CACHE)."""
-    setting = os.environ.get("EDGEC_HASH_CACHE", "")
-    if setting.lower() in ("0", "off", "no", "false"):
-        return None
-    from compiler.config import default_cache_dir
+    from compiler.config import cache_setting
 
-    return Path(setting) if setting else default_cache_dir() / "sha256"
+    return cache_setting("EDGEC_HASH_CACHE", "sha256")
 
 
 def remembered_sha256(path: Path) -> str:

@@ -43,14 +43,9 @@ _source_digest: str | None = None
 
 def default_dir() -> Path | None:
     """EDGEC_TRACE_CACHE: a directory, or 0 for none; unset: ~/.cache/edgec/onnx-traces (under EDGEC_CACHE)."""
-    setting = os.environ.get("EDGEC_TRACE_CACHE", "")
-    if setting.lower() in ("0", "off", "no", "false"):
-        return None
-    if setting:
-        return Path(setting)
-    from compiler.config import default_cache_dir
+    from compiler.config import cache_setting
 
-    return default_cache_dir() / "onnx-traces"
+    return cache_setting("EDGEC_TRACE_CACHE", "onnx-traces")
 
 
 def _edgec_sources() -> str:
