@@ -293,7 +293,7 @@ def _quantize_leaders(leaders: list[_Leader], hessians: dict[str, torch.Tensor],
         # One weights buffer and one error history for all of this shape's batches: a fresh block of the same
         # size each batch would not fit the last one's place in the heap (see memory.reused_heap).
         batch_weights = torch.empty(min(per_batch, len(group)), padded, rows)
-        history = torch.empty(batch_weights.shape, dtype=torch.bfloat16 if use_bf16() else torch.float32)
+        history = error_history(batch_weights.shape)
         for b0 in range(0, len(group), per_batch):
             batch = group[b0 : b0 + per_batch]
             for leader, _, _ in batch:
@@ -380,6 +380,13 @@ def _group_shifts(feedback: torch.Tensor, factor_of: list[int], history: torch.T
     return torch.stack(shifts)
 
 
+def error_history(shape) -> torch.Tensor:
+    """Room for (w - q) of every column of a batch [B, K, N], by rows, for the groups' products: in bf16 where
+    those run in bf16 (`use_bf16`; they add the shift's rounding noise, relative 2^-9, to values rounded to
+    4 bits)."""
+    return torch.empty(shape, dtype=torch.bfloat16 if use_bf16() else torch.float32)
+
+
 def _gptq_columns(w: torch.Tensor, feedback: torch.Tensor, bits: int, block_size: int, symmetric: bool,
                   lazy: int = 32, grid: str = "onnx", outer: int = 128, factor_of: list[int] | None = None,
                   history: torch.Tensor | None = None):
@@ -406,11 +413,8 @@ def _gptq_columns(w: torch.Tensor, feedback: torch.Tensor, bits: int, block_size
     scales = torch.empty(b, nb, n)
     zeros = torch.empty(b, nb, n)
     qmax = np.float32(2**bits - 1)
-    # (w - q) of every column so far, by rows, for the groups' products: in bf16 where those run in bf16
-    # (`use_bf16`; they add the shift's rounding noise, relative 2^-9, to values rounded to 4 bits). The
-    # current group's errors in fp32, for its own windows.
-    if history is None:
-        history = torch.empty(b, k, n, dtype=torch.bfloat16 if use_bf16() else torch.float32)
+    # (w - q) of every column so far (`error_history`); the current group's errors in fp32, for its own windows.
+    history = error_history((b, k, n)) if history is None else history
     if history.dtype == torch.bfloat16:
         history_bf16, history_fp32 = history.view(torch.int16).numpy().view(np.uint16), np.empty((0, 0, 0), np.float32)
     else:
