@@ -5,7 +5,8 @@ on the SmolLM2-135M-shaped Llama + rank-16 LoRA (merged), with the ratios of iss
     python -m benchmarks.speed_all [--work DIR] [--rounds N] [--only-measure]
 
 Each measurement is its own child process (one load, one warm-up, one timed 128-token prefill and 128 greedy
-new tokens), the artifacts taking turns in a rotated order each round; medians over the rounds. Every runner
+new tokens), the artifacts taking turns in a rotated order each round; medians over the rounds. Every child has
+glibc's huge-page malloc, as `edgec bench` gives its agents (runtimes.agent.HUGE_PAGE_MALLOC). Every runner
 uses all the machine's cores (onnxruntime-genai through a config overlay: its default is half of them). Builds come
 from vs_genai_builder and vs_optimum_executorch (edgec with --no-validate) and llama.cpp's converter.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from benchmarks.common import (BIN, NEW_TOKENS, PROMPT_TOKENS, SMOLLM2_WORK, argument_parser, print_artifacts,
                                print_ratios, rotations, smollm2_with_adapter)
+from runtimes.agent import with_huge_page_malloc
 
 # name -> how a child runs it: a runner kind and the key of the build it runs
 ARTIFACTS = {
@@ -95,8 +97,9 @@ def measure(artifacts: dict[str, dict], rounds: int) -> None:
     for round_index, order in enumerate(rotations(list(artifacts), rounds)):
         for name in order:
             a = artifacts[name]
+            # every runner on huge pages, as `edgec bench` runs its agents (llama-bench's too, in the child)
             proc = subprocess.run([BIN / "python", "-m", __spec__.name, "--child", a["kind"], a["path"]],
-                                  capture_output=True, text=True, check=True)
+                                  capture_output=True, text=True, check=True, env=with_huge_page_malloc(os.environ))
             if round_index:  # round 0 warms the machine and the files' page cache
                 samples[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     for name, a in artifacts.items():

@@ -346,7 +346,8 @@ def bench_table(result: dict) -> str:
             (f"decode ({spec['new_tokens']} tokens){at}", f"{entry['decode_tokens_per_s']:.1f} tokens/s"),
         ]
     rows += [
-        ("peak RSS", f"{result['peak_rss_mb']:.0f} MB"),
+        ("peak RSS", f"{result['peak_rss_mb']:.0f} MB"
+                     + (f" ({result['huge_pages_mb']:.0f} MB on huge pages)" if result.get("huge_pages_mb") else "")),
         ("artifact size", f"{result['artifact_bytes'] / 1e6:.1f} MB"),
     ]
     width = max(len(k) for k, _ in rows)

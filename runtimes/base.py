@@ -83,6 +83,8 @@ class BenchResult:
     # One entry per context depth: depth, ttft_s, prefill_s, prefill_tokens_per_s, decode_tokens_per_s,
     # samples. Optional in the schema: results written before depths existed have only depth 0 above.
     by_depth: list = field(default_factory=list)
+    # Memory of the run on transparent huge pages at its end (Linux; see runtimes.agent.HUGE_PAGE_MALLOC).
+    huge_pages_mb: float = 0.0
     schema: str = BENCH_SCHEMA
 
     def to_dict(self) -> dict:
@@ -93,21 +95,35 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
+def proc_file_mb(path: str, key: str):
+    """A "key: N kB" line of a /proc file (status, smaps_rollup) in MB, or None where the file or line is
+    missing (not Linux, the process gone)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process.
 
     Linux: VmHWM, because ru_maxrss survives exec and would report the parent's peak in a child
     started by a large process. Elsewhere ru_maxrss (macOS reports bytes, others KiB).
     """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    peak = proc_file_mb("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def huge_pages_mb() -> float:
+    """Anonymous memory of this process on transparent huge pages; 0 where there is none to read."""
+    return proc_file_mb("/proc/self/smaps_rollup", "AnonHugePages") or 0.0
 
 
 def sha256_file(path, chunk: int = 1 << 22) -> str:
@@ -433,6 +449,7 @@ def bench_result(runtime: dict, bundle_dir, fmt: str, spec: BenchSpec, load_s: f
         prefill_tokens_per_s=first["prefill_tokens_per_s"],
         decode_tokens_per_s=first["decode_tokens_per_s"],
         peak_rss_mb=peak_rss_mb(),
+        huge_pages_mb=huge_pages_mb(),
         artifact_bytes=sum(p.stat().st_size for p in bundle_dir.iterdir() if p.is_file()),
         samples=first["samples"],
         by_depth=by_depth,

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from compiler.cli import main
-from runtimes.agent import processes_under, run_capped
+from runtimes.agent import HUGE_PAGE_MALLOC, processes_under, run_capped, with_huge_page_malloc
 from tests.sshd import free_port, sshd_unavailable, start_sshd, stop_sshd
 
 FAST = ["--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "1", "--warmup", "0"]
@@ -203,6 +203,40 @@ def test_memory_cap_stops_a_run_that_does_not_fit(tiny_bundle):
     assert capped["status"] == "memory" and capped["observed_peak_rss_mb"] > 40
     free = run_capped(command, os.getcwd(), timeout_s=60)
     assert free["status"] == "ok" and json.loads(free["stdout"])["peak_rss_mb"] > 40
+
+
+# A 64 MiB block from glibc's malloc (its own mapping), written, and how much of this process is on huge pages.
+WRITES_A_MAPPED_BLOCK = """
+import ctypes
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+block = libc.malloc(64 << 20)
+ctypes.memset(block, 1, 64 << 20)
+print(next(int(l.split()[1]) for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages:")))
+"""
+
+
+def _transparent_huge_pages() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "none"
+    return text[text.index("[") + 1:text.index("]")]
+
+
+@pytest.mark.skipif(_transparent_huge_pages() not in ("madvise", "always"), reason="no transparent huge pages")
+def test_a_runs_malloc_asks_for_huge_pages_unless_the_user_said_otherwise(monkeypatch):
+    """glibc (2.35 and later) madvises the blocks it maps when run_capped's child has the tunable: with the
+    kernel's THP in madvise mode, only that puts the block on huge pages."""
+    command = [sys.executable, "-c", WRITES_A_MAPPED_BLOCK]
+    run = run_capped(command, os.getcwd(), timeout_s=60)
+    assert run["status"] == "ok" and int(run["stdout"]) >= 32 << 10, run  # KiB: at least half the block
+    if _transparent_huge_pages() == "madvise":
+        monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
+        opted_out = run_capped(command, os.getcwd(), timeout_s=60)
+        assert opted_out["status"] == "ok" and int(opted_out["stdout"]) == 0, opted_out
+    kept = with_huge_page_malloc({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "PATH": "/bin"})
+    assert kept == {"GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{HUGE_PAGE_MALLOC}", "PATH": "/bin"}
 
 
 def test_context_before_the_prompt_gives_the_same_tokens(tiny_bundle):
