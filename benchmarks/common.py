@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from runtimes.agent import with_huge_page_malloc
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # this environment's scripts: python, pip, edgec
 EDGEC = BIN / "edgec"
@@ -28,6 +30,15 @@ CHILD_LOG = Path("/tmp/edgec-bench-child.log")
 def argument_parser(doc: str, module: str) -> argparse.ArgumentParser:
     """A script's parser: described by its docstring's first paragraph, its usage as `python -m MODULE`."""
     return argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+
+
+def rerun_on_huge_pages() -> None:
+    """Start this benchmark again with glibc's huge-page malloc, as `edgec bench` starts its agents, unless
+    its environment already says (glibc reads its tunables only at start). For benchmarks that time runtimes
+    in their own process; those that time child processes give each child the environment instead."""
+    env = with_huge_page_malloc(os.environ)
+    if env != dict(os.environ):
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
 
 
 def run(command: Sequence, *, echo: bool = False, out: Path | None = None, ok: Sequence[int] = (0,)) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import (BIN, EDGEC, NEW_TOKENS, PROMPT_TOKENS, ROOT, SMOLLM2_WORK, argument_parser,
-                               print_table, rotations, smollm2_shaped, timed)
+                               print_table, rerun_on_huge_pages, rotations, smollm2_shaped, timed)
 from compiler.tiny_models import ALL_PROJECTIONS, SMOLLM2_135M, make_adapter
 from runtimes.genai import GenaiRuntime
 
@@ -150,6 +150,7 @@ def switching(bundle: Path) -> dict:
 
 
 def main() -> None:
+    rerun_on_huge_pages()
     parser = argument_parser(__doc__, __spec__.name)
     parser.add_argument("--work", type=Path, default=SMOLLM2_WORK)
     parser.add_argument("--rounds", type=int, default=3)

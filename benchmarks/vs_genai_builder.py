@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import (BIN, CACHE, EDGEC, NEW_TOKENS, PROMPT_TOKENS, SMOLLM2_WORK, argument_parser,
-                               print_artifacts, print_ratios, rotations, smollm2_with_adapter, timed, timed_peft_merge)
+                               print_artifacts, print_ratios, rerun_on_huge_pages, rotations, smollm2_with_adapter, timed,
+                               timed_peft_merge)
 from compiler.tiny_models import SMOLLM2_135M
 from runtimes.genai import GenaiRuntime
 
@@ -154,6 +155,7 @@ def llama_cpp_rows(work: Path, merged: Path, threads: int, repeats: int) -> dict
 
 
 def main() -> None:
+    rerun_on_huge_pages()
     parser = argument_parser(__doc__, __spec__.name)
     parser.add_argument("--work", type=Path, default=SMOLLM2_WORK)
     parser.add_argument("--rounds", type=int, default=5)

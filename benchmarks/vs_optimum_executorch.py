@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import (CACHE, EDGEC, NEW_TOKENS, PROMPT_TOKENS, SMOLLM2_WORK, argument_parser, print_artifacts,
-                               print_ratios, smollm2_with_adapter, timed, timed_peft_merge)
+                               print_ratios, rerun_on_huge_pages, smollm2_with_adapter, timed, timed_peft_merge)
 from compiler.tiny_models import SMOLLM2_135M
 from runtimes.executorch import ExecutorchRuntime
 
@@ -94,6 +94,7 @@ def measure(artifacts: dict[str, dict], rounds: int) -> None:
 
 
 def main() -> None:
+    rerun_on_huge_pages()
     parser = argument_parser(__doc__, __spec__.name)
     parser.add_argument("--work", type=Path, default=SMOLLM2_WORK)
     parser.add_argument("--rounds", type=int, default=5)
