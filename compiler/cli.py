@@ -241,6 +241,9 @@ DEVICE_OPTIONS = [
     click.option("--timeout", "timeout_s", type=click.FloatRange(min=0), default=600, show_default=True,
                  help="Seconds the run may take on the device (0: no limit)."),
     click.option("--keep", is_flag=True, help="Keep the run's temporary files on the device."),
+    click.option("--huge-pages/--no-huge-pages", default=True, show_default=True,
+                 help="Start the run with glibc's malloc on transparent huge pages (GLIBC_TUNABLES "
+                      "glibc.malloc.hugetlb=1): faster decode of large models, slower load."),
     click.option("--identity", type=click.Path(path_type=Path), help="ssh: private key file."),
     click.option("--known-hosts", type=click.Path(path_type=Path), help="ssh: known_hosts file to check the host key in."),
     click.option("--accept-new-host-key", is_flag=True, help="ssh: trust an unknown host key on first contact."),
@@ -259,14 +262,15 @@ def device_options(command):
     return command
 
 
-def _device(device_url, profile, memory_cap, identity, known_hosts, accept_new_host_key, remote_python, remote_dir):
+def _device(device_url, profile, memory_cap, huge_pages, identity, known_hosts, accept_new_host_key, remote_python,
+            remote_dir):
     from devices.bench import make_device
 
     ssh_options = {}
     if device_url.startswith("ssh://"):
         ssh_options = dict(identity=identity, known_hosts=known_hosts, accept_new_host_key=accept_new_host_key,
                            remote_python=remote_python, remote_dir=remote_dir)
-    return make_device(device_url, profile, memory_cap, **ssh_options)
+    return make_device(device_url, profile, memory_cap, huge_pages, **ssh_options)
 
 
 @main.command()

@@ -33,6 +33,7 @@ class Device:
 
     name = "device"
     memory_cap_mb: float = 0  # 0: none beyond the device's free memory
+    huge_pages: bool = True  # the agent's malloc on transparent huge pages (runtimes.agent.HUGE_PAGE_MALLOC)
     threads: int = 0  # 0: the bench spec decides
     disk_hint = "free space or pass --remote-dir on a larger disk"  # what to do when the bundle would not fit
 

@@ -44,8 +44,16 @@ def parse_depths(text: str) -> tuple[int, ...]:
         raise UsageError(str(exc)) from None
 
 
-def make_device(url: str, profile: str | None = None, memory_cap: str | None = None, **ssh_options) -> Device:
-    """--device local|emulator|ssh://user@host[:port]|adb[:SERIAL], with --profile (local only) or --memory-cap."""
+def make_device(url: str, profile: str | None = None, memory_cap: str | None = None, huge_pages: bool = True,
+                **ssh_options) -> Device:
+    """--device local|emulator|ssh://user@host[:port]|adb[:SERIAL], with --profile (local only) or --memory-cap,
+    and --huge-pages/--no-huge-pages (ignored on Android, whose C library has no such tunable)."""
+    device = _device_at(url, profile, memory_cap, **ssh_options)
+    device.huge_pages = huge_pages
+    return device
+
+
+def _device_at(url: str, profile: str | None, memory_cap: str | None, **ssh_options) -> Device:
     cap = parse_size_mb(memory_cap) if memory_cap else 0
     if profile and memory_cap:
         raise UsageError(f"--memory-cap {memory_cap}: --profile {profile} sets its own cap; give one or the other")

@@ -32,7 +32,7 @@ class LocalDevice(Device):
 
     def run(self, runtime, bundle_path, agent_args, timeout_s, keep):
         command = [sys.executable, "-m", f"runtimes.{runtime}", bundle_path, *agent_args]
-        return run_capped(command, str(REPO_ROOT), timeout_s, self.memory_cap_mb)
+        return run_capped(command, str(REPO_ROOT), timeout_s, self.memory_cap_mb, huge_pages=self.huge_pages)
 
     def describe(self, facts):
         described = {**facts, "name": self.name, "kind": "profile" if self.profile else "local"}

@@ -237,6 +237,7 @@ class SshDevice(Device):
         command = ["-m", "runtimes.agent", "run", "--run-dir", ".", "--runtime", runtime, "--watch-stdin",
                    "--timeout", str(timeout_s), "--memory-cap-mb", str(self.memory_cap_mb)]
         command += ["--keep"] if keep else []
+        command += [] if self.huge_pages else ["--no-huge-pages"]
         remote = f"cd {shlex.quote(self.run_dir)} && exec " + self._python(*command, "--", bundle_path, *agent_args)
         # stdin stays open and unused: the agent takes its end-of-file as the connection's end.
         proc = subprocess.Popen(self.ssh_command(remote), stdin=subprocess.PIPE, stdout=subprocess.PIPE,

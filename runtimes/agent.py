@@ -93,8 +93,9 @@ def rss_mb(pid: int):
 
 # glibc's malloc then asks for transparent huge pages on the memory it maps (glibc 2.35 and later; other C
 # libraries and older glibc ignore it). A decode step reads every packed weight once, and with 4 KiB pages
-# nearly every page read is a TLB miss: the 1B shape decoded 11-18% faster on 2 MiB pages, in both formats
-# (docs/measurements.md). A GLIBC_TUNABLES that already sets it (e.g. hugetlb=0, to opt out) is kept.
+# nearly every page read is a TLB miss: the 1B shape decoded 11-18% faster on 2 MiB pages, in both formats,
+# but its .pte loaded in 3.5-4.1 s instead of 2.0 (docs/measurements.md). A GLIBC_TUNABLES that already sets
+# it is kept; `--no-huge-pages` leaves the environment alone.
 HUGE_PAGE_MALLOC = "glibc.malloc.hugetlb=1"
 
 
@@ -115,7 +116,7 @@ def _kill_group(pgid: int) -> None:
 
 
 def run_capped(command: list, cwd: str, timeout_s: float = 0, memory_cap_mb: float = 0,
-               watch_stdin: bool = False, on_start=None) -> dict:
+               watch_stdin: bool = False, on_start=None, huge_pages: bool = True) -> dict:
     """Run `command` in its own process group; kill the whole group when it runs past timeout_s, when its
     resident memory passes memory_cap_mb, or (watch_stdin) when our stdin closes: the ssh connection that
     started us is gone, and nobody is left to read the result.
@@ -124,9 +125,11 @@ def run_capped(command: list, cwd: str, timeout_s: float = 0, memory_cap_mb: flo
     several times the resident size in address space (thread stacks, malloc arenas), so an address-space
     limit refuses runs that would fit, and onnxruntime hung, not failed, when a thread could not start
     under one. The caller also checks the agent's own peak (VmHWM) against the cap, for spikes between polls.
+    huge_pages: start the command with glibc's huge-page malloc (HUGE_PAGE_MALLOC).
     """
     proc = subprocess.Popen(command, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, start_new_session=True, env=with_huge_page_malloc(os.environ))
+                            stderr=subprocess.PIPE, start_new_session=True,
+                            env=with_huge_page_malloc(os.environ) if huge_pages else None)
     if on_start is not None:
         on_start(proc.pid)
     out, err = [], []
@@ -233,7 +236,8 @@ def _run(args) -> dict:
         def started(pid):
             print(f"edgec-agent: started pid {pid} in {run_dir}", file=sys.stderr, flush=True)
 
-        result = run_capped(command, run_dir, args.timeout, args.memory_cap_mb, args.watch_stdin, started)
+        result = run_capped(command, run_dir, args.timeout, args.memory_cap_mb, args.watch_stdin, started,
+                            huge_pages=not args.no_huge_pages)
         with open(os.path.join(run_dir, "agent.log"), "w") as f:
             f.write(result["stderr"])
         return result
@@ -257,6 +261,7 @@ def main(argv=None) -> int:
     run.add_argument("--timeout", type=float, default=0)
     run.add_argument("--memory-cap-mb", type=float, default=0)
     run.add_argument("--watch-stdin", action="store_true")
+    run.add_argument("--no-huge-pages", action="store_true", help="leave glibc's malloc tunables as they are")
     run.add_argument("--keep", action="store_true")
     run.add_argument("agent_args", nargs=argparse.REMAINDER)
     clean = sub.add_parser("cleanup", help="kill what a run left and remove its directory")

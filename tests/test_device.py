@@ -80,6 +80,8 @@ def test_ssh_bench_end_to_end_pushes_once_and_cleans_up(sshd, tiny_bundle, devic
     assert device["runtimes"]["onnxruntime"] and device["mem_available_mb"] > 0 and device["disk_free_mb"] > 0
     assert [e["depth"] for e in result["by_depth"]] == [0, 16]
     assert all(e["decode_tokens_per_s"] > 0 for e in result["by_depth"])
+    if _transparent_huge_pages() == "madvise":  # the device's agent ran on huge pages: only asked-for ones here
+        assert result["huge_pages_mb"] > 0
     manifest_sha = result["bundle"]["manifest_sha256"]
     cached = device_dir / "bundles" / manifest_sha[:16]
     assert (cached / "model.onnx.data").read_bytes() == (tiny_bundle / "model.onnx.data").read_bytes()
@@ -88,8 +90,9 @@ def test_ssh_bench_end_to_end_pushes_once_and_cleans_up(sshd, tiny_bundle, devic
     assert run_dirs(device_dir) == [] and leftovers(device_dir) == []
     mtimes = {p.name: p.stat().st_mtime_ns for p in cached.iterdir()}
 
-    second = run("bench", tiny_bundle, *ssh_args(sshd, device_dir, "--keep"), *FAST, "--json")
+    second = run("bench", tiny_bundle, *ssh_args(sshd, device_dir, "--keep", "--no-huge-pages"), *FAST, "--json")
     assert second.exit_code == 0, second.output
+    assert json.loads(second.stdout)["huge_pages_mb"] == 0
     assert "pushing 0 bundle files" in second.stderr and f"{files} already there" in second.stderr
     assert {p.name: p.stat().st_mtime_ns for p in cached.iterdir()} == mtimes  # nothing rewritten
     kept = run_dirs(device_dir)
@@ -237,6 +240,15 @@ def test_a_runs_malloc_asks_for_huge_pages_unless_the_user_said_otherwise(monkey
         assert opted_out["status"] == "ok" and int(opted_out["stdout"]) == 0, opted_out
     kept = with_huge_page_malloc({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "PATH": "/bin"})
     assert kept == {"GLIBC_TUNABLES": f"glibc.malloc.arena_max=2:{HUGE_PAGE_MALLOC}", "PATH": "/bin"}
+
+
+@pytest.mark.skipif(_transparent_huge_pages() != "madvise", reason="THP not in madvise mode")
+def test_bench_says_how_much_of_the_run_was_on_huge_pages_and_can_leave_them_off(tiny_bundle, monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    on = json.loads(run("bench", tiny_bundle, "--json", "--quiet", *FAST).stdout)
+    off = run("bench", tiny_bundle, "--no-huge-pages", "--json", "--quiet", *FAST)
+    assert off.exit_code == 0, off.output
+    assert on["huge_pages_mb"] > 0 and json.loads(off.stdout)["huge_pages_mb"] == 0
 
 
 def test_context_before_the_prompt_gives_the_same_tokens(tiny_bundle):
