@@ -32,13 +32,30 @@ def argument_parser(doc: str, module: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
 
 
+# Set by rerun_on_huge_pages: GLIBC_TUNABLES as the user started the benchmark ("-" where it was unset).
+TUNABLES_BEFORE_RERUN = "EDGEC_BENCH_TUNABLES_BEFORE_RERUN"
+
+
 def rerun_on_huge_pages() -> None:
     """Start this benchmark again with glibc's huge-page malloc, as `edgec bench` starts its agents, unless
     its environment already says (glibc reads its tunables only at start). For benchmarks that time runtimes
-    in their own process; those that time child processes give each child the environment instead."""
+    in their own process; those that time child processes give each child the environment instead. The
+    children run() and timed() start (exports, merges) get the user's environment back."""
     env = with_huge_page_malloc(os.environ)
-    if env != dict(os.environ):
+    if env != dict(os.environ) and TUNABLES_BEFORE_RERUN not in os.environ:  # once: never a loop of execs
+        env[TUNABLES_BEFORE_RERUN] = os.environ.get("GLIBC_TUNABLES", "-")
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def child_environment() -> dict:
+    """This process's environment for a timed child (HF_HUB_OFFLINE=1), as it was before rerun_on_huge_pages."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    before = env.pop(TUNABLES_BEFORE_RERUN, None)
+    if before == "-":
+        env.pop("GLIBC_TUNABLES", None)
+    elif before is not None:
+        env["GLIBC_TUNABLES"] = before
+    return env
 
 
 def run(command: Sequence, *, echo: bool = False, out: Path | None = None, ok: Sequence[int] = (0,)) -> str:
@@ -52,7 +69,7 @@ def run(command: Sequence, *, echo: bool = False, out: Path | None = None, ok: S
         print("$ " + shlex.join([Path(command[0]).name, *command[1:]]) + (f" > {out}" if out else ""), flush=True)
     proc = subprocess.run(command, stdout=subprocess.PIPE if out or not echo else None,
                           stderr=None if echo else subprocess.PIPE, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False)
+                          env=child_environment(), check=False)
     if proc.returncode not in ok and echo:
         sys.exit(proc.returncode)
     if proc.returncode not in ok:
@@ -78,10 +95,9 @@ def timed(command: Sequence, cwd: Path | None = None) -> tuple[float, float]:
         os.dup2(devnull, 0)
         os.dup2(log, 1)
         os.dup2(log, 2)
-        os.environ["HF_HUB_OFFLINE"] = "1"
         if cwd is not None:
             os.chdir(cwd)
-        os.execv(command[0], command)
+        os.execve(command[0], command, child_environment())
     _, status, usage = os.wait4(pid, 0)
     wall = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:

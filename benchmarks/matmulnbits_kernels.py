@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from benchmarks.common import argument_parser, print_table
+from benchmarks.common import argument_parser, print_table, rerun_on_huge_pages
 
 
 def stack(hidden: int, intermediate: int, kv: int, layers: int, block: int, accuracy_level: int) -> bytes:
@@ -57,6 +57,7 @@ def run_ms(session, hidden: int, m: int, repeats: int) -> float:
 
 
 def main() -> None:
+    rerun_on_huge_pages()
     import os
 
     import onnxruntime as ort

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import argument_parser, print_table
+from benchmarks.common import argument_parser, print_table, rerun_on_huge_pages
 from runtimes.ort import OrtRuntime
 
 
@@ -53,6 +53,7 @@ def summarise(events: list[dict]) -> None:
 
 
 def main() -> None:
+    rerun_on_huge_pages()
     parser = argument_parser(__doc__, __spec__.name)
     parser.add_argument("bundle", type=Path)
     parser.add_argument("--prompt-tokens", type=int, default=128)

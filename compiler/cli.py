@@ -242,8 +242,9 @@ DEVICE_OPTIONS = [
                  help="Seconds the run may take on the device (0: no limit)."),
     click.option("--keep", is_flag=True, help="Keep the run's temporary files on the device."),
     click.option("--huge-pages/--no-huge-pages", default=True, show_default=True,
-                 help="Start the run with glibc's malloc on transparent huge pages (GLIBC_TUNABLES "
-                      "glibc.malloc.hugetlb=1): faster decode of large models, slower load."),
+                 help="Start the run's process with glibc's malloc on transparent huge pages (GLIBC_TUNABLES "
+                      "glibc.malloc.hugetlb=1; bench, and validate --device; not on Android): faster decode of "
+                      "large models, slower load."),
     click.option("--identity", type=click.Path(path_type=Path), help="ssh: private key file."),
     click.option("--known-hosts", type=click.Path(path_type=Path), help="ssh: known_hosts file to check the host key in."),
     click.option("--accept-new-host-key", is_flag=True, help="ssh: trust an unknown host key on first contact."),

@@ -195,7 +195,7 @@ def run_bench(bundle: Path, spec: BenchSpec, device: Device | None = None, timeo
     if device.memory_cap_mb and result["peak_rss_mb"] > device.memory_cap_mb:  # a spike between watchdog polls
         raise _outcome_error(device, {**run.outcome, "status": "memory", "observed_peak_rss_mb": result["peak_rss_mb"]},
                              timeout_s)
-    result["device"] = device.describe(run.facts)
+    result["device"] = {**device.describe(run.facts), "huge_pages": device.huge_pages}  # asked for; huge_pages_mb: got
     result["bundle"].update(path=str(bundle.resolve()), manifest_sha256=run.manifest_sha256)
     result["preflight"] = run.estimate
     return result

@@ -50,6 +50,9 @@ def merge_runs(results: list[dict]) -> dict:
     shared machine) as one result: samples pooled per depth, medians recomputed, the peak RSS the largest."""
     from runtimes.base import median
 
+    settings = {r["device"].get("huge_pages") for r in results}
+    if len(settings) > 1:
+        raise UsageError("these runs differ in --huge-pages/--no-huge-pages; merge runs of one setting only")
     merged = copy.deepcopy(results[0])
     entries = [depth_entries(r) for r in results]
     spec = merged["spec"]
@@ -66,6 +69,7 @@ def merge_runs(results: list[dict]) -> dict:
                                              "samples")})
     merged["load_s"] = median([r["load_s"] for r in results])
     merged["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)
+    merged["huge_pages_mb"] = max(r.get("huge_pages_mb", 0.0) for r in results)
     spec["repeats"] = sum(r["spec"]["repeats"] for r in results)
     merged["rounds"] = len(results)
     return merged

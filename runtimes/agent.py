@@ -94,8 +94,9 @@ def rss_mb(pid: int):
 # glibc's malloc then asks for transparent huge pages on the memory it maps (glibc 2.35 and later; other C
 # libraries and older glibc ignore it). A decode step reads every packed weight once, and with 4 KiB pages
 # nearly every page read is a TLB miss: the 1B shape decoded 11-18% faster on 2 MiB pages, in both formats,
-# but its .pte loaded in 3.5-4.1 s instead of 2.0 (docs/measurements.md). A GLIBC_TUNABLES that already sets
-# it is kept; `--no-huge-pages` leaves the environment alone.
+# but its .pte loaded in 3.5-4.1 s instead of 2.0 (docs/measurements.md). A sparsely touched block can hold
+# more resident memory on huge pages (peak RSS of real bundles moved under 1%). A GLIBC_TUNABLES that already
+# sets it is kept; `--no-huge-pages` leaves the environment alone.
 HUGE_PAGE_MALLOC = "glibc.malloc.hugetlb=1"
 
 

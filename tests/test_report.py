@@ -118,3 +118,15 @@ def test_merged_rounds_pool_samples_and_recompute_medians(results):
         fast = [steps / s for s in original["samples"]["decode_s"]]
         assert min(fast) <= entry["decode_tokens_per_s"] <= max(fast)
     assert merged["decode_tokens_per_s"] == merged["by_depth"][0]["decode_tokens_per_s"]
+
+
+def test_merged_rounds_keep_the_most_huge_pages_and_refuse_mixed_settings(results):
+    from compiler.errors import UsageError
+    from devices.report import merge_runs
+
+    one = json.loads(results[0].read_text())
+    on = [{**one, "huge_pages_mb": mb, "device": {**one["device"], "huge_pages": True}} for mb in (12.0, 40.0)]
+    assert merge_runs(on)["huge_pages_mb"] == 40.0
+    off = {**one, "huge_pages_mb": 0.0, "device": {**one["device"], "huge_pages": False}}
+    with pytest.raises(UsageError, match="--no-huge-pages"):
+        merge_runs([on[0], off])
