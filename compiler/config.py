@@ -29,6 +29,7 @@ def cache_setting(variable: str, name: str) -> Path | None:
         return None
     return Path(setting) if setting else default_cache_dir() / name
 
+
 FORMATS = ("onnx", "pte")
 PRECISIONS = ("fp32", "int4")
 QUANT_ALGOS = ("rtn", "clip", "gptq")

@@ -198,6 +198,17 @@ def cpu_facts(cpuinfo: str = "/proc/cpuinfo") -> dict:
     return {"cpu_model": model, "cpu_features": [f for f in KERNEL_FEATURES if f in features]}
 
 
+def transparent_huge_pages() -> str | None:
+    """The kernel's THP mode (always, madvise or never), which decides what `huge_pages_mb` can be; None
+    where there is no such setting (not Linux)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1:text.index("]")] if "[" in text else None
+
+
 def local_device_facts() -> dict:
     return {
         "name": "local",
@@ -206,6 +217,7 @@ def local_device_facts() -> dict:
         "os": f"{platform.system()} {platform.release()}",
         "cpu_count": os.cpu_count(),
         **cpu_facts(),
+        "transparent_huge_pages": transparent_huge_pages(),
         "python": platform.python_version(),
     }
 

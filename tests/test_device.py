@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from compiler.cli import main
 from runtimes.agent import HUGE_PAGE_MALLOC, processes_under, run_capped, with_huge_page_malloc
+from runtimes.base import transparent_huge_pages
 from tests.sshd import free_port, sshd_unavailable, start_sshd, stop_sshd
 
 FAST = ["--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "1", "--warmup", "0"]
@@ -80,7 +81,7 @@ def test_ssh_bench_end_to_end_pushes_once_and_cleans_up(sshd, tiny_bundle, devic
     assert device["runtimes"]["onnxruntime"] and device["mem_available_mb"] > 0 and device["disk_free_mb"] > 0
     assert [e["depth"] for e in result["by_depth"]] == [0, 16]
     assert all(e["decode_tokens_per_s"] > 0 for e in result["by_depth"])
-    if _transparent_huge_pages() == "madvise":  # the device's agent ran on huge pages: only asked-for ones here
+    if transparent_huge_pages() == "madvise":  # the device's agent ran on huge pages: only asked-for ones here
         assert result["huge_pages_mb"] > 0
     manifest_sha = result["bundle"]["manifest_sha256"]
     cached = device_dir / "bundles" / manifest_sha[:16]
@@ -92,7 +93,7 @@ def test_ssh_bench_end_to_end_pushes_once_and_cleans_up(sshd, tiny_bundle, devic
 
     second = run("bench", tiny_bundle, *ssh_args(sshd, device_dir, "--keep", "--no-huge-pages"), *FAST, "--json")
     assert second.exit_code == 0, second.output
-    if _transparent_huge_pages() == "madvise":  # in "always" mode the kernel gives them anyway
+    if transparent_huge_pages() == "madvise":  # in "always" mode the kernel gives them anyway
         assert json.loads(second.stdout)["huge_pages_mb"] == 0
     assert "pushing 0 bundle files" in second.stderr and f"{files} already there" in second.stderr
     assert {p.name: p.stat().st_mtime_ns for p in cached.iterdir()} == mtimes  # nothing rewritten
@@ -220,15 +221,7 @@ print(next(int(l.split()[1]) for l in open("/proc/self/smaps_rollup") if l.start
 """
 
 
-def _transparent_huge_pages() -> str:
-    try:
-        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
-    except OSError:
-        return "none"
-    return text[text.index("[") + 1:text.index("]")]
-
-
-@pytest.mark.skipif(_transparent_huge_pages() not in ("madvise", "always"), reason="no transparent huge pages")
+@pytest.mark.skipif(transparent_huge_pages() not in ("madvise", "always"), reason="no transparent huge pages")
 def test_a_runs_malloc_asks_for_huge_pages_unless_the_user_said_otherwise(monkeypatch):
     """glibc (2.35 and later) madvises the blocks it maps when run_capped's child has the tunable: with the
     kernel's THP in madvise mode, only that puts the block on huge pages."""
@@ -236,7 +229,7 @@ def test_a_runs_malloc_asks_for_huge_pages_unless_the_user_said_otherwise(monkey
     command = [sys.executable, "-c", WRITES_A_MAPPED_BLOCK]
     run = run_capped(command, os.getcwd(), timeout_s=60)
     assert run["status"] == "ok" and int(run["stdout"]) >= 32 << 10, run  # KiB: at least half the block
-    if _transparent_huge_pages() == "madvise":
+    if transparent_huge_pages() == "madvise":
         monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
         opted_out = run_capped(command, os.getcwd(), timeout_s=60)
         assert opted_out["status"] == "ok" and int(opted_out["stdout"]) == 0, opted_out
@@ -259,7 +252,7 @@ def test_a_runs_environment_gets_the_huge_page_tunable_next_to_the_users(monkeyp
     assert untouched == ("<unset>" if before is None else before)
 
 
-@pytest.mark.skipif(_transparent_huge_pages() != "madvise", reason="THP not in madvise mode")
+@pytest.mark.skipif(transparent_huge_pages() != "madvise", reason="THP not in madvise mode")
 def test_bench_says_how_much_of_the_run_was_on_huge_pages_and_can_leave_them_off(tiny_bundle, monkeypatch):
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     on = json.loads(run("bench", tiny_bundle, "--json", "--quiet", *FAST).stdout)

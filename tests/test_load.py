@@ -89,7 +89,6 @@ def test_source_hashes_made_in_the_background_equal_the_files_sha256(llama_dir, 
     assert hashes == read_checkpoint(model).source_hashes()  # computed in the caller's thread
 
 
-
 def test_a_weight_files_hash_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
     import hashlib
     import os
@@ -119,6 +118,7 @@ def test_a_weight_files_hash_is_remembered_until_the_file_changes(tmp_path, monk
     reads.clear()
     load.remembered_sha256(weights)
     assert reads == ["model.safetensors"]
+
 
 def test_bf16_checkpoint_is_upcast(llama_dir, tmp_path):
     bf16 = tmp_path / "bf16"

@@ -452,4 +452,3 @@ def _gptq_columns(w: torch.Tensor, feedback: torch.Tensor, bits: int, block_size
     np.copyto(scales_out, scales.transpose(1, 2).numpy())
     np.copyto(zeros_out, zeros.transpose(1, 2).numpy(), casting="unsafe")
     return q_rows.reshape(b, n, nb, block_size), scales_out, zeros_out
-
