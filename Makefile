@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install sshd emulator-tools emulator-root android-core-test clean
+.PHONY: demo test install sshd cxx emulator-tools emulator-root android-core-test clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ demo: $(STAMP)
 # 2-vCPU Xeon). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 
-test: $(STAMP) sshd emulator-root
+test: $(STAMP) sshd emulator-root cxx
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The emulator's root is built once (minutes) and cached under ~/.cache/edgec; the tests then restore it.
@@ -40,6 +40,17 @@ sshd:
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends openssh-server </dev/null \
 	    || echo "make: could not install openssh-server: the ssh device tests will skip"; }
+
+# edgec's attention kernel for ExecuTorch on x86-64 (runtimes/executorch_attention.py) is compiled on first
+# use by g++ (Debian's g++), installed like openssh-server above; without it the stock kernel runs and its
+# tests skip and say why.
+cxx:
+	@command -v g++ >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
+	    echo "make: g++ is not installed and there is no root: edgec's attention kernel tests will skip"; exit 0; fi; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends g++ </dev/null \
+	    || echo "make: could not install g++: edgec's attention kernel tests will skip"; }
 
 # The emulated aarch64 device (edgec emulator, tests/test_emulator.py) needs qemu-user-static, binfmt-support,
 # debootstrap and zstd, and root to mount binfmt_misc and chroot: installed like openssh-server above, else

@@ -338,8 +338,10 @@ def validate(ctx, bundle, model_dir, adapters, gates, new_tokens, timeout_s, kee
 def bench_table(result: dict) -> str:
     spec = result["spec"]
     device = result["device"]
+    runtime = result["runtime"]
+    attention = f", attention: {runtime['attention_kernel']}" if runtime.get("attention_kernel") else ""
     rows = [
-        ("runtime", f"{result['runtime']['name']} {result['runtime']['version']}, {result['runtime']['threads']} threads"),
+        ("runtime", f"{runtime['name']} {runtime['version']}, {runtime['threads']} threads{attention}"),
         ("device", f"{device['name']} ({device['arch']}, {device['cpu_count']} CPUs)"),
         ("load", f"{result['load_s'] * 1000:.0f} ms"),
     ]

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 import runtimes
 from compiler.errors import EdgecError, UsageError
 from devices.base import Device
-from runtimes.registry import AGENT_MODULES
+from runtimes.registry import device_files
 
 RUNTIMES_DIR = Path(runtimes.__file__).resolve().parent
 SSH_FAILED = 255  # ssh's exit status for its own errors; anything else is the remote command's
@@ -189,7 +189,7 @@ class SshDevice(Device):
         files' sha256 and records them so the next run skips them."""
         missing = [name for name in expected if name not in cached]
         run_rel = f"runs/{self.run_id}"
-        buffer_names = {f"{run_rel}/runtimes/{m}.py": RUNTIMES_DIR / f"{m}.py" for m in (*AGENT_MODULES, runtime)}
+        buffer_names = {f"{run_rel}/runtimes/{name}": RUNTIMES_DIR / name for name in device_files(runtime)}
         expect = json.dumps({name: expected[name] for name in missing}).encode()
         pushed_bytes = sum(expected[name][0] for name in missing)
         log(f"pushing {len(missing)} bundle files ({pushed_bytes / 1e6:.1f} MB) to {self.name}, "

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtimes import executorch_attention
 from runtimes.base import ADAPTER_DIR, Runtime, bench_agent_main, bundle_adapter_file
 
 # Runtime LoRA: the all-zero adapter's name; the program needs some adapter's data, and this one is the base.
@@ -36,10 +37,12 @@ logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 @functools.cache
 def load_op_libraries() -> None:
     """A program with the LLM custom ops or quantized kernels loads only after these registered them. Once a
-    process: the custom ops also bring torch's MKL into ExecuTorch's threads (below)."""
+    process: the custom ops also bring torch's MKL into ExecuTorch's threads (below). On x86-64, edgec's
+    attention kernel registers ahead of the stock one (runtimes/executorch_attention.py)."""
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
     import executorch.kernels.quantized  # noqa: F401
 
+    executorch_attention.load()
     _keep_mkl_out_of_executorch_threads()
 
 
@@ -212,7 +215,8 @@ class ExecutorchRuntime(Runtime):
         return self._run
 
     def runtime_facts(self) -> dict:
-        return {**super().runtime_facts(), "kv_cache": f"in-program, {self.max_seq_len} positions"}
+        return {**super().runtime_facts(), "kv_cache": f"in-program, {self.max_seq_len} positions",
+                "attention_kernel": executorch_attention.status()}
 
 
 def main(argv: list[str] | None = None) -> int:

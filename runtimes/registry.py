@@ -18,6 +18,7 @@ class RuntimeEntry:
     module: str  # runtimes.<module>: the runtime class and its bench agent (`python -m runtimes.<module>`)
     class_name: str
     packages: tuple  # what the device's Python must import to run it
+    companions: tuple = ()  # other files of runtimes/ the module needs, pushed to a device with it
 
     def load(self):
         """The runtime class (imports its module, and so the runtime's own packages)."""
@@ -26,10 +27,17 @@ class RuntimeEntry:
 
 RUNTIMES = {
     "onnx": RuntimeEntry("onnx", "onnxruntime", "ort", "OrtRuntime", ("onnxruntime", "numpy")),
-    "pte": RuntimeEntry("pte", "executorch", "executorch", "ExecutorchRuntime", ("executorch", "torch", "numpy")),
+    "pte": RuntimeEntry("pte", "executorch", "executorch", "ExecutorchRuntime", ("executorch", "torch", "numpy"),
+                        ("executorch_attention.py", "executorch_attention.cpp")),
 }
 # What every bench agent needs beside its runtime's module, pushed to a device as the `runtimes` package.
 AGENT_MODULES = ("__init__", "base", "registry", "validation", "agent")
+
+
+def device_files(module: str) -> list[str]:
+    """The files of runtimes/ a device receives to run `python -m runtimes.<module>`'s bench agent."""
+    companions = next((e.companions for e in RUNTIMES.values() if e.module == module), ())
+    return [f"{m}.py" for m in (*AGENT_MODULES, module)] + list(companions)
 
 
 def runtime_for(fmt: str) -> RuntimeEntry:

@@ -294,7 +294,8 @@ def test_agent_stops_its_run_when_its_connection_closes(tiny_bundle, tmp_path):
     and removes the run directory."""
     import shutil
 
-    from devices.ssh import AGENT_MODULES, RUNTIMES_DIR
+    from devices.ssh import RUNTIMES_DIR
+    from runtimes.registry import AGENT_MODULES
 
     run_dir = tmp_path / "runs" / "r1"
     (run_dir / "runtimes").mkdir(parents=True)

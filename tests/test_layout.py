@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from runtimes.base import Runtime
-from runtimes.registry import AGENT_MODULES, RUNTIMES
+from runtimes.registry import RUNTIMES, device_files
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,13 +33,13 @@ def test_runtimes_import_nothing_of_the_compiler_or_the_devices(path):
 
 @pytest.mark.parametrize("fmt", sorted(RUNTIMES))
 def test_each_runtimes_agent_package_is_complete_on_its_own(fmt, tmp_path):
-    """The files a device receives (AGENT_MODULES and the runtime's module) import and name the runtime
-    that the registry lists, with nothing else of edgec on the path."""
+    """The files a device receives (AGENT_MODULES, the runtime's module and its companions) import and name
+    the runtime that the registry lists, with nothing else of edgec on the path."""
     entry = RUNTIMES[fmt]
     package = tmp_path / "runtimes"
     package.mkdir()
-    for module in (*AGENT_MODULES, entry.module):
-        shutil.copy(ROOT / "runtimes" / f"{module}.py", package)
+    for name in device_files(entry.module):
+        shutil.copy(ROOT / "runtimes" / name, package)
     probe = ("import json, runtimes, runtimes.registry as r; cls = r.runtime_for(%r).load(); "
              "print(json.dumps([runtimes.__file__, cls.__name__, cls.format, cls.name]))" % fmt)
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True)

@@ -1,0 +1,116 @@
+"""edgec's attention kernel for ExecuTorch (runtimes/executorch_attention.cpp) against attention computed in
+float64 by torch, through real one-operator ExecuTorch programs of `llama::custom_sdpa`: the shapes a
+decoder gives it (prefill, a chunk after earlier tokens, decode, grouped-query heads, head sizes 64, 96 and
+128, key counts off the kernel's blocks of 4 and 8), the calls it leaves to the stock kernel, and the switch
+that turns it off."""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from runtimes import executorch_attention
+from runtimes.executorch import load_op_libraries
+
+load_op_libraries()
+STATUS = executorch_attention.status()
+pytestmark = pytest.mark.skipif(
+    not STATUS.startswith("edgec"),
+    reason=f"edgec's attention kernel is not in use here: {STATUS}")
+
+
+def reference(q, k, v, start, causal, mask=None):
+    """custom_sdpa's semantics in float64: query i sits at start + i; causal, it sees keys 0 .. start + i,
+    otherwise keys 0 .. start + seq - 1, or with a mask the whole cache plus the mask; heads share kv heads
+    in groups."""
+    seq, heads, kv_heads = q.shape[1], q.shape[2], k.shape[2]
+    keys = k.shape[1] if mask is not None else start + seq
+    qh = q.double().transpose(1, 2)
+    kh = k[:, :keys].double().transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
+    vh = v[:, :keys].double().transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
+    scores = qh @ kh.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if causal:
+        positions = torch.arange(seq)[:, None] + start
+        scores = scores.masked_fill(torch.arange(keys)[None, :] > positions, float("-inf"))
+    if mask is not None:
+        scores = scores + mask[:, :keys].double()
+    return (scores.softmax(-1) @ vh).transpose(1, 2).float()
+
+
+def one_op_program(max_seq, heads, kv_heads, head_dim, causal, with_mask=False):
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
+
+    class Attention(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("k", torch.randn(1, max_seq, kv_heads, head_dim))
+            self.register_buffer("v", torch.randn(1, max_seq, kv_heads, head_dim))
+
+        def forward(self, q, pos, mask=None):
+            start = pos[0].item()
+            torch._check_is_size(start)
+            torch._check(start + q.shape[1] <= max_seq)
+            return torch.ops.llama.custom_sdpa(q, self.k, self.v, start, mask, 0.0, causal, None)
+
+    module = Attention()
+    seq = torch.export.Dim("seq", min=1, max=max_seq - 1)
+    args = (torch.randn(1, 4, heads, head_dim), torch.tensor([0]))
+    shapes = {"q": {1: seq}, "pos": None}
+    if with_mask:
+        args, shapes = args + (torch.zeros(4, max_seq),), dict(shapes, mask={0: seq})
+    program = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+    lowered = to_edge_transform_and_lower(program, compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    buffer = lowered.to_executorch().buffer
+    module.program_bytes = buffer  # the loaded program reads from these bytes: they live as long as the module
+    return module, _load_for_executorch_from_buffer(buffer)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,causal", [
+    (9, 3, 64, True),  # SmolLM2's attention
+    (4, 4, 128, True),
+    (12, 4, 96, True),  # Phi-3/4-mini's head size: eight and four accumulators
+    (8, 2, 64, False),
+])
+def test_kernel_matches_float64_attention(heads, kv_heads, head_dim, causal):
+    module, method = one_op_program(160, heads, kv_heads, head_dim, causal)
+    torch.manual_seed(0)
+    served_before = executorch_attention.calls_served()
+    cases = [(128, 0), (7, 100), (1, 0), (1, 131), (33, 17), (5, 150)]
+    for seq, start in cases:
+        q = torch.randn(1, seq, heads, head_dim)
+        got = method.forward((q, torch.tensor([start])))[0]
+        want = reference(q, module.k, module.v, start, causal)
+        assert got.shape == want.shape
+        assert (got - want).abs().max().item() < 2e-5, (seq, start)
+    assert executorch_attention.calls_served() - served_before == len(cases)
+
+
+def test_a_masked_call_goes_to_the_stock_kernel():
+    module, method = one_op_program(64, 4, 2, 64, causal=False, with_mask=True)
+    q = torch.randn(1, 6, 4, 64)
+    mask = torch.zeros(6, 64)
+    mask[:, 3] = float("-inf")
+    served_before = executorch_attention.calls_served()
+    got = method.forward((q, torch.tensor([10]), mask))[0]
+    assert executorch_attention.calls_served() == served_before
+    assert (got - reference(q, module.k, module.v, 10, False, mask)).abs().max().item() < 2e-5
+
+
+def test_the_switch_leaves_the_stock_kernel_and_says_so():
+    probe = ("import json; from runtimes.executorch import load_op_libraries; from runtimes import "
+             "executorch_attention as a; load_op_libraries(); print(json.dumps([a.status(), a.calls_served()]))")
+    env = dict(os.environ, EDGEC_EXECUTORCH_ATTENTION="stock")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env)
+    status, served = json.loads(out.stdout.strip().splitlines()[-1])
+    assert status == "stock (EDGEC_EXECUTORCH_ATTENTION=stock)" and served == 0
+
+
+def test_the_build_is_cached_by_source_and_toolchain():
+    built = sorted(executorch_attention.cache_dir().glob("executorch-attention-*.so"))
+    assert built and platform.machine() == "x86_64"
+    assert not list(executorch_attention.cache_dir().glob("*.partial"))
