@@ -30,39 +30,30 @@ emulator-root: $(STAMP) emulator-tools
 	@if [ "$$(id -u)" = 0 ] && [ -x /usr/sbin/debootstrap ]; then $(BIN)/edgec emulator build \
 	  || echo "make: could not build the emulator's root: the emulator tests will skip"; fi
 
+# Debian packages the tests need, installed only when absent: as root (CI) through apt-get, otherwise through
+# `sudo -n` if that needs no password; else, or when apt-get fails, the tests that need them skip and say why.
+# $(call apt_install,PACKAGES,WHAT SKIPS), after a check for the packages' files in the recipe.
+apt_install = if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
+  echo "make: $(1) missing and no root to install it: $(2) will skip"; exit 0; fi; \
+  export DEBIAN_FRONTEND=noninteractive; \
+  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends $(1) </dev/null \
+  || echo "make: could not install $(1): $(2) will skip"
+
 # The device tests run the ssh path against a real OpenSSH sshd on loopback (Debian's openssh-server).
-# Installed only when absent; as root (CI) through apt-get, otherwise through `sudo -n` if that needs no
-# password; else the device tests skip and say why.
 sshd:
-	@test -x /usr/sbin/sshd || { \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
-	    echo "make: openssh-server is not installed and there is no root: the ssh device tests will skip"; exit 0; fi; \
-	  export DEBIAN_FRONTEND=noninteractive; \
-	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends openssh-server </dev/null \
-	    || echo "make: could not install openssh-server: the ssh device tests will skip"; }
+	@test -x /usr/sbin/sshd || { $(call apt_install,openssh-server,the ssh device tests); }
 
 # edgec's attention kernel for ExecuTorch on x86-64 (runtimes/executorch_attention.py) is compiled on first
-# use by g++ (Debian's g++), installed like openssh-server above; without it the stock kernel runs and its
-# tests skip and say why.
+# use by g++; without it the stock kernel runs.
 cxx:
-	@command -v g++ >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
-	    echo "make: g++ is not installed and there is no root: edgec's attention kernel tests will skip"; exit 0; fi; \
-	  export DEBIAN_FRONTEND=noninteractive; \
-	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends g++ </dev/null \
-	    || echo "make: could not install g++: edgec's attention kernel tests will skip"; }
+	@command -v g++ >/dev/null || { $(call apt_install,g++,the attention kernel tests); }
 
 # The emulated aarch64 device (edgec emulator, tests/test_emulator.py) needs qemu-user-static, binfmt-support,
-# debootstrap and zstd, and root to mount binfmt_misc and chroot: installed like openssh-server above, else
-# its tests skip and say why.
+# debootstrap and zstd, and root to mount binfmt_misc and chroot.
 EMULATOR_TOOLS := /usr/bin/qemu-aarch64-static /usr/sbin/update-binfmts /usr/sbin/debootstrap /usr/bin/zstd
 emulator-tools:
-	@for tool in $(EMULATOR_TOOLS); do test -x $$tool || missing=1; done; [ -z "$$missing" ] || { \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; else \
-	    echo "make: qemu-user-static, binfmt-support, debootstrap or zstd is missing and there is no root: the emulator tests will skip"; exit 0; fi; \
-	  export DEBIAN_FRONTEND=noninteractive; \
-	  $$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends qemu-user-static binfmt-support debootstrap zstd </dev/null \
-	    || echo "make: could not install the emulator's tools: the emulator tests will skip"; }
+	@for tool in $(EMULATOR_TOOLS); do test -x $$tool || missing=1; done; [ -z "$$missing" ] \
+	  || { $(call apt_install,qemu-user-static binfmt-support debootstrap zstd,the emulator tests); }
 
 # android-demo/core, the app's testable logic, compiled by the npm registry's kotlinc (cached under
 # ~/.cache/edgec/kotlin) and run under JUnit 5's console launcher (Debian's junit5) on this JVM: no Gradle,

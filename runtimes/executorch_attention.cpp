@@ -202,7 +202,8 @@ OpFunction stock_kernel() {
 }
 
 void custom_sdpa_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
-  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  // runtimes/executorch_attention.py loads this library only where the CPU has both; checked once here too.
+  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   bool served = false;
   if (has_avx2 && stack.size() >= 9 && stack[4]->isNone() && stack[0]->isTensor()) {
     const Tensor& q = stack[0]->toTensor();

@@ -22,6 +22,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from runtimes.base import cpu_facts
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("executorch_attention.cpp")
@@ -33,14 +35,6 @@ _status: str | None = None
 
 def cache_dir() -> Path:
     return Path(os.environ.get("EDGEC_CACHE", Path.home() / ".cache" / "edgec")) / "kernels"
-
-
-def _cpu_has_avx2_fma() -> bool:
-    try:
-        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx2" in flags and "fma" in flags
 
 
 def _executorch_dirs() -> tuple[Path, Path]:
@@ -90,7 +84,7 @@ def load() -> str:
         _status = f"stock ({OFF_SWITCH}=stock)"
     elif platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         _status = "stock (edgec's kernel is for x86-64 Linux)"
-    elif not _cpu_has_avx2_fma():
+    elif not {"avx2", "fma"} <= set(cpu_facts()["cpu_features"]):
         _status = "stock (no AVX2/FMA)"
     elif not SOURCE.exists():
         _status = "stock (kernel source not shipped)"

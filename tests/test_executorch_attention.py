@@ -110,7 +110,16 @@ def test_the_switch_leaves_the_stock_kernel_and_says_so():
     assert status == "stock (EDGEC_EXECUTORCH_ATTENTION=stock)" and served == 0
 
 
-def test_the_build_is_cached_by_source_and_toolchain():
-    built = sorted(executorch_attention.cache_dir().glob("executorch-attention-*.so"))
-    assert built and platform.machine() == "x86_64"
-    assert not list(executorch_attention.cache_dir().glob("*.partial"))
+def test_the_build_is_cached_by_source_and_toolchain(tmp_path, monkeypatch):
+    """A second build of the same source, executorch and compiler is the first one's file, not compiled
+    again; another source is another file; nothing half-written is left."""
+    monkeypatch.setenv("EDGEC_CACHE", str(tmp_path))
+    include, lib = executorch_attention._executorch_dirs()
+    first = executorch_attention._build("g++", include, lib)
+    built_at = first.stat().st_mtime_ns
+    assert executorch_attention._build("g++", include, lib) == first and first.stat().st_mtime_ns == built_at
+    changed = tmp_path / "executorch_attention.cpp"
+    changed.write_text(executorch_attention.SOURCE.read_text() + "\n// another revision\n")
+    monkeypatch.setattr(executorch_attention, "SOURCE", changed)
+    assert executorch_attention._build("g++", include, lib) != first
+    assert platform.machine() == "x86_64" and not list((tmp_path / "kernels").glob("*.partial"))
