@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <vector>
 
+#include <executorch/runtime/core/event_tracer_hooks.h>
 #include <executorch/runtime/core/exec_aten/util/tensor_util.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
 #include <executorch/runtime/kernel/operator_registry.h>
@@ -238,6 +239,8 @@ void custom_sdpa_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
       s.k = k.const_data_ptr<float>();
       s.v = v.const_data_ptr<float>();
       s.out = out.mutable_data_ptr<float>();
+      // Named in an ETDump as the stock kernel is (its boxed wrapper opens the same scope).
+      executorch::runtime::internal::EventTracerProfileOpScope profile(ctx.internal_event_tracer(), kOpName);
       if (head_dim == 64) attend<8>(s);
       else if (head_dim == 96) attend<12>(s);
       else if (head_dim == 128) attend<16>(s);

@@ -4,8 +4,8 @@ The x86 executorch wheel's `llama::custom_sdpa` is compiled for baseline x86-64 
 exp one lane at a time; edgec's kernel (AVX2 and FMA) registers for float programs ahead of it, so a
 `.pte` run by edgec's runtime on an x86 host gets it. The program is unchanged: a phone or any other
 ExecuTorch runtime runs the stock kernel. Compiled with the host's g++ against the wheel's own headers
-into the edgec cache, keyed by the source, the executorch version and the compiler; where anything is
-missing (not x86-64 Linux, no compiler, no AVX2) the stock kernel runs and `status()` says why.
+into the edgec cache, keyed by the source, the executorch version, the compiler and its flags; where
+anything is missing (not x86-64 Linux, no compiler, no AVX2) the stock kernel runs and `status()` says why.
 
 EDGEC_EXECUTORCH_ATTENTION=stock turns it off (to compare, or where a build misbehaves).
 """
@@ -45,12 +45,17 @@ def _executorch_dirs() -> tuple[Path, Path]:
 
 
 def _build(compiler: str, include: Path, lib: Path) -> Path:
-    """The shared library for this source, executorch and compiler, compiled unless the cache has it."""
+    """The shared library for this source, executorch, compiler and flags, compiled unless the cache has it."""
     from executorch import version as et_version
 
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-DET_USE_THREADPOOL", "-DET_EVENT_TRACER_ENABLED",
+             "-DC10_USING_CUSTOM_GENERATED_MACROS", f"-I{include}",
+             f"-I{include / 'executorch/runtime/core/portable_type/c10'}", f"-L{lib}", "-lexecutorch",
+             "-lexecutorch_threadpool", f"-Wl,-rpath,{lib}"]
     compiler_version = subprocess.run([compiler, "-dumpfullversion"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + b"\0" + getattr(et_version, "__version__", "").encode()
-                         + b"\0" + compiler_version.encode() + str(include).encode()).hexdigest()[:16]
+    key_parts = [SOURCE.read_bytes(), getattr(et_version, "__version__", "").encode(), compiler_version.encode(),
+                 "\0".join(flags).encode()]
+    key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:16]
     target = cache_dir() / f"executorch-attention-{key}.so"
     if target.exists():
         return target
@@ -58,10 +63,7 @@ def _build(compiler: str, include: Path, lib: Path) -> Path:
     # Built beside its final name and renamed into place: processes building at once each finish whole.
     fd, partial = tempfile.mkstemp(dir=target.parent, suffix=".so.partial")
     os.close(fd)
-    command = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-DET_USE_THREADPOOL",
-               "-DC10_USING_CUSTOM_GENERATED_MACROS", f"-I{include}",
-               f"-I{include / 'executorch/runtime/core/portable_type/c10'}", str(SOURCE), "-o", partial,
-               f"-L{lib}", "-lexecutorch", "-lexecutorch_threadpool", f"-Wl,-rpath,{lib}"]
+    command = [compiler, str(SOURCE), "-o", partial, *flags]
     try:
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:

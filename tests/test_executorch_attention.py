@@ -41,7 +41,9 @@ def reference(q, k, v, start, causal, mask=None):
     return (scores.softmax(-1) @ vh).transpose(1, 2).float()
 
 
-def one_op_program(max_seq, heads, kv_heads, head_dim, causal, with_mask=False):
+def one_op_program(max_seq, heads, kv_heads, head_dim, causal, with_mask=False, etdump=False):
+    """(the module with its cache, the loaded method). The method reads the program from bytes the module
+    holds: keep the module while the method runs."""
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
     from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
 
@@ -67,7 +69,7 @@ def one_op_program(max_seq, heads, kv_heads, head_dim, causal, with_mask=False):
     lowered = to_edge_transform_and_lower(program, compile_config=EdgeCompileConfig(_check_ir_validity=False))
     buffer = lowered.to_executorch().buffer
     module.program_bytes = buffer  # the loaded program reads from these bytes: they live as long as the module
-    return module, _load_for_executorch_from_buffer(buffer)
+    return module, _load_for_executorch_from_buffer(buffer, enable_etdump=etdump)
 
 
 @pytest.mark.parametrize("heads,kv_heads,head_dim,causal", [
@@ -99,6 +101,23 @@ def test_a_masked_call_goes_to_the_stock_kernel():
     got = method.forward((q, torch.tensor([10]), mask))[0]
     assert executorch_attention.calls_served() == served_before
     assert (got - reference(q, module.k, module.v, 10, False, mask)).abs().max().item() < 2e-5
+
+
+def test_an_etdump_names_the_kernels_calls(tmp_path):
+    """The kernel opens the operator's profiling scope, as the stock kernel's wrapper does: an ETDump of a
+    program run through it names `llama::custom_sdpa.out`."""
+    from executorch.devtools import Inspector
+
+    module, method = one_op_program(64, 4, 2, 64, causal=True, etdump=True)
+    served_before = executorch_attention.calls_served()
+    for _ in range(3):
+        method.forward((torch.randn(1, 8, 4, 64), torch.tensor([0])))
+    assert executorch_attention.calls_served() - served_before == 3
+    method.write_etdump_result_to_file(str(tmp_path / "run.etdp"))
+    del method, module
+    names = {event.name for block in Inspector(etdump_path=str(tmp_path / "run.etdp")).event_blocks
+             for event in block.events}
+    assert "llama::custom_sdpa.out" in names
 
 
 def test_the_switch_leaves_the_stock_kernel_and_says_so():
