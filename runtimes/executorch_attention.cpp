@@ -32,7 +32,8 @@ using executorch::runtime::OpFunction;
 using executorch::runtime::Span;
 
 constexpr const char* kOpName = "llama::custom_sdpa.out";
-constexpr int64_t kRowsPerTask = 16;
+constexpr int64_t kPositionsPerTask = 16;
+constexpr int64_t kTransposeFromPositions = 8;  // fewer query positions: the transpose costs more than it saves
 
 std::atomic<int64_t> calls_served{0};
 
@@ -72,64 +73,100 @@ struct Shape {
   float* out;
 };
 
-// out[0 .. 8 CHUNKS) = inverse * sum over keys of weights[j] * v[j * stride ...].
-template <int CHUNKS>
-__attribute__((target("avx2,fma"))) void weighted_sum(const float* weights, int64_t keys, const float* v,
-                                                      int64_t stride, float inverse, float* out) {
-  __m256 acc[CHUNKS];
-  #pragma GCC unroll 32
-  for (int c = 0; c < CHUNKS; ++c) acc[c] = _mm256_setzero_ps();
-  for (int64_t j = 0; j < keys; ++j) {
-    const __m256 weight = _mm256_set1_ps(weights[j]);
-    const float* v_row = v + j * stride;
-    #pragma GCC unroll 32
-    for (int c = 0; c < CHUNKS; ++c) acc[c] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(v_row + 8 * c), acc[c]);
-  }
-  const __m256 scale = _mm256_set1_ps(inverse);
-  #pragma GCC unroll 32
-  for (int c = 0; c < CHUNKS; ++c) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(acc[c], scale));
+// Up to four query rows, (position, head) pairs of one kv head, attended together: each key and value row
+// loaded from the cache serves all of them (one row at a time read a key row and a value row per score).
+constexpr int kMaxRows = 4;
+
+struct RowSet {
+  const float* q[kMaxRows];
+  float* out[kMaxRows];
+  int64_t keys[kMaxRows];  // how many keys each row sees
+};
+
+// The horizontal sums of eight vectors, in their order, as one vector.
+__attribute__((target("avx2,fma"))) inline __m256 sum_each(const __m256* a) {
+  const __m256 low = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 high = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20), _mm256_permute2f128_ps(low, high, 0x31));
 }
 
-// One query row of one head: scores against the cached keys of its kv head, softmax, then the weighted sum
-// of values. CHUNKS = head_dim / 8.
-template <int CHUNKS>
-__attribute__((target("avx2,fma"))) void attend_row(const Shape& s, int64_t b, int64_t i, int64_t head,
-                                                    float* row) {
-  constexpr int64_t D = CHUNKS * 8;
-  const int64_t keys = s.causal ? s.start + i + 1 : s.start + s.seq;
-  const int64_t kv_stride = s.kv_heads * D;
-  const int64_t kv_head = head / s.group;
-  const float* k_base = s.k + (b * s.max_seq * s.kv_heads + kv_head) * D;
-  const float* v_base = s.v + (b * s.max_seq * s.kv_heads + kv_head) * D;
-  const float* q = s.q + ((b * s.seq + i) * s.heads + head) * D;
-  float* out = s.out + ((b * s.seq + i) * s.heads + head) * D;
-
+// scores[r * stride + j] = scale * (q_r . k_j) for keys 0 .. keys. KEYS keys a step, R * KEYS accumulators:
+// enough independent FMA chains to cover the FMA latency (four were bound by it).
+template <int CHUNKS, int R>
+__attribute__((target("avx2,fma"))) void scores_of(const RowSet& rows, const float* k_base, int64_t kv_stride,
+                                                   int64_t keys, float scale, float* scores, int64_t stride) {
+  constexpr int KEYS = R == 3 ? 2 : 8 / R;
   int64_t j = 0;
-  // Four keys at a time: four dot products side by side, summed across lanes together.
-  for (; j + 4 <= keys; j += 4) {
+  for (; j + KEYS <= keys; j += KEYS) {
     const float* k0 = k_base + j * kv_stride;
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
-           a3 = _mm256_setzero_ps();
+    __m256 a[8];
+    #pragma GCC unroll 8
+    for (int n = 0; n < 8; ++n) a[n] = _mm256_setzero_ps();
     #pragma GCC unroll 32
     for (int c = 0; c < CHUNKS; ++c) {
-      const __m256 qc = _mm256_loadu_ps(q + 8 * c);
-      a0 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k0 + 8 * c), a0);
-      a1 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k0 + kv_stride + 8 * c), a1);
-      a2 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k0 + 2 * kv_stride + 8 * c), a2);
-      a3 = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k0 + 3 * kv_stride + 8 * c), a3);
+      #pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m256 qc = _mm256_loadu_ps(rows.q[r] + 8 * c);
+        #pragma GCC unroll 8
+        for (int k = 0; k < KEYS; ++k)
+          a[r * KEYS + k] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k0 + k * kv_stride + 8 * c), a[r * KEYS + k]);
+      }
     }
-    const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-    const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1));
-    _mm_storeu_ps(row + j, _mm_mul_ps(sums, _mm_set1_ps(s.scale)));
+    alignas(32) float sums[8];
+    _mm256_store_ps(sums, _mm256_mul_ps(sum_each(a), _mm256_set1_ps(scale)));
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      #pragma GCC unroll 8
+      for (int k = 0; k < KEYS; ++k) scores[r * stride + j + k] = sums[r * KEYS + k];
+    }
   }
   for (; j < keys; ++j) {
     const float* kj = k_base + j * kv_stride;
-    __m256 a = _mm256_setzero_ps();
-    #pragma GCC unroll 32
-    for (int c = 0; c < CHUNKS; ++c) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * c), _mm256_loadu_ps(kj + 8 * c), a);
-    row[j] = horizontal_sum(a) * s.scale;
+    for (int r = 0; r < R; ++r) {
+      __m256 a = _mm256_setzero_ps();
+      #pragma GCC unroll 32
+      for (int c = 0; c < CHUNKS; ++c)
+        a = _mm256_fmadd_ps(_mm256_loadu_ps(rows.q[r] + 8 * c), _mm256_loadu_ps(kj + 8 * c), a);
+      scores[r * stride + j] = horizontal_sum(a) * scale;
+    }
   }
+}
 
+// As scores_of, from the kv head's keys transposed (kt[d * kt_stride + j], zero past the last key, kt_stride
+// a multiple of 16): sixteen keys of R rows a step, a broadcast of q_r[d] times two vectors of keys, and no
+// sums across lanes.
+template <int CHUNKS, int R>
+__attribute__((target("avx2,fma"))) void scores_from_transposed(const RowSet& rows, const float* kt,
+                                                                int64_t kt_stride, int64_t keys, float scale,
+                                                                float* scores, int64_t stride) {
+  constexpr int D = CHUNKS * 8;
+  const __m256 scale8 = _mm256_set1_ps(scale);
+  for (int64_t j = 0; j < keys; j += 16) {
+    __m256 a[R][2];
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = _mm256_setzero_ps();
+    const float* column = kt + j;
+    #pragma GCC unroll 8
+    for (int d = 0; d < D; ++d) {
+      const __m256 k0 = _mm256_loadu_ps(column + d * kt_stride);
+      const __m256 k1 = _mm256_loadu_ps(column + d * kt_stride + 8);
+      #pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m256 qd = _mm256_broadcast_ss(rows.q[r] + d);
+        a[r][0] = _mm256_fmadd_ps(qd, k0, a[r][0]);
+        a[r][1] = _mm256_fmadd_ps(qd, k1, a[r][1]);
+      }
+    }
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_ps(scores + r * stride + j, _mm256_mul_ps(a[r][0], scale8));
+      _mm256_storeu_ps(scores + r * stride + j + 8, _mm256_mul_ps(a[r][1], scale8));
+    }
+  }
+}
+
+// row[0 .. keys) becomes exp(row - its max); returns 1 / their sum.
+__attribute__((target("avx2,fma"))) float softmax_in_place(float* row, int64_t keys) {
   __m256 top8 = _mm256_set1_ps(row[0]);
   int64_t m = 0;
   for (; m + 8 <= keys; m += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(row + m));
@@ -140,7 +177,8 @@ __attribute__((target("avx2,fma"))) void attend_row(const Shape& s, int64_t b, i
   for (; m < keys; ++m) top = std::max(top, row[m]);
   top8 = _mm256_set1_ps(top);
   __m256 sum8 = _mm256_setzero_ps();
-  for (j = 0; j + 8 <= keys; j += 8) {
+  int64_t j = 0;
+  for (; j + 8 <= keys; j += 8) {
     const __m256 e = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + j), top8));
     _mm256_storeu_ps(row + j, e);
     sum8 = _mm256_add_ps(sum8, e);
@@ -150,43 +188,167 @@ __attribute__((target("avx2,fma"))) void attend_row(const Shape& s, int64_t b, i
     row[j] = std::exp(row[j] - top);
     sum += row[j];
   }
+  return 1.0f / sum;
+}
 
-  // At most eight accumulators at a time: more would not fit AVX2's sixteen registers.
-  const float inverse = 1.0f / sum;
-  for (int c = 0; c + 8 <= CHUNKS; c += 8) weighted_sum<8>(row, keys, v_base + 8 * c, kv_stride, inverse, out + 8 * c);
-  if (CHUNKS % 8) {
-    constexpr int rest = CHUNKS % 8 ? CHUNKS % 8 : 8;
-    weighted_sum<rest>(row, keys, v_base + 8 * (CHUNKS - rest), kv_stride, inverse, out + 8 * (CHUNKS - rest));
+// out_r[8 c0 .. 8 (c0 + W)) = inverse_r * sum over keys of weights_r[j] * v_j: R rows by W chunks of
+// accumulators (at most eight, which AVX2's sixteen registers hold beside the loads).
+template <int R, int W>
+__attribute__((target("avx2,fma"))) void weighted_sum_pass(const RowSet& rows, int c0, const float* weights,
+                                                           int64_t stride, const float* inverse, int64_t keys,
+                                                           const float* v_base, int64_t kv_stride) {
+  __m256 acc[R * W];
+  #pragma GCC unroll 8
+  for (int n = 0; n < R * W; ++n) acc[n] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < keys; ++j) {
+    const float* v_row = v_base + j * kv_stride + 8 * c0;
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 weight = _mm256_set1_ps(weights[r * stride + j]);
+      #pragma GCC unroll 8
+      for (int w = 0; w < W; ++w) acc[r * W + w] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(v_row + 8 * w), acc[r * W + w]);
+    }
+  }
+  #pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const __m256 scale = _mm256_set1_ps(inverse[r]);
+    #pragma GCC unroll 8
+    for (int w = 0; w < W; ++w) _mm256_storeu_ps(rows.out[r] + 8 * (c0 + w), _mm256_mul_ps(acc[r * W + w], scale));
   }
 }
 
+// kt[d * stride + j] = k[j * kv_stride + d] for keys 0 .. keys, eight keys by eight dimensions at a time.
 template <int CHUNKS>
-void attend(const Shape& s) {
-  const int64_t row_blocks = (s.seq + kRowsPerTask - 1) / kRowsPerTask;
-  const int64_t tasks = s.batch * s.heads * row_blocks;
-  auto run = [&](int64_t first, int64_t step) {
-    thread_local std::vector<float> buffer;
-    const size_t needed = static_cast<size_t>(s.start + s.seq);
-    if (buffer.size() < needed) buffer.resize(std::max<size_t>(needed, 4096));
-    for (int64_t t = first; t < tasks; t += step) {
-      const int64_t block = t / (s.batch * s.heads);
-      const int64_t b = (t / s.heads) % s.batch;
-      const int64_t head = t % s.heads;
-      const int64_t last = std::min(s.seq, (block + 1) * kRowsPerTask);
-      for (int64_t i = block * kRowsPerTask; i < last; ++i) attend_row<CHUNKS>(s, b, i, head, buffer.data());
+__attribute__((target("avx2,fma"))) void transpose_keys(const float* k, int64_t kv_stride, int64_t keys, float* kt,
+                                                        int64_t stride) {
+  int64_t j = 0;
+  for (; j + 8 <= keys; j += 8) {
+    for (int c = 0; c < CHUNKS; ++c) {
+      __m256 r[8];
+      #pragma GCC unroll 8
+      for (int n = 0; n < 8; ++n) r[n] = _mm256_loadu_ps(k + (j + n) * kv_stride + 8 * c);
+      const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+      const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+      const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+      const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+      const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+      const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+      const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      float* out = kt + 8 * c * stride + j;
+      _mm256_storeu_ps(out + 0 * stride, _mm256_permute2f128_ps(u0, u4, 0x20));
+      _mm256_storeu_ps(out + 1 * stride, _mm256_permute2f128_ps(u1, u5, 0x20));
+      _mm256_storeu_ps(out + 2 * stride, _mm256_permute2f128_ps(u2, u6, 0x20));
+      _mm256_storeu_ps(out + 3 * stride, _mm256_permute2f128_ps(u3, u7, 0x20));
+      _mm256_storeu_ps(out + 4 * stride, _mm256_permute2f128_ps(u0, u4, 0x31));
+      _mm256_storeu_ps(out + 5 * stride, _mm256_permute2f128_ps(u1, u5, 0x31));
+      _mm256_storeu_ps(out + 6 * stride, _mm256_permute2f128_ps(u2, u6, 0x31));
+      _mm256_storeu_ps(out + 7 * stride, _mm256_permute2f128_ps(u3, u7, 0x31));
     }
-  };
+  }
+  for (; j < keys; ++j)
+    for (int d = 0; d < CHUNKS * 8; ++d) kt[d * stride + j] = k[j * kv_stride + d];
+}
+
+// The R rows of `rows` against the keys and values of their kv head. `scores` holds R rows of `stride`.
+template <int CHUNKS, int R>
+__attribute__((target("avx2,fma"))) void attend_rows(const Shape& s, const RowSet& rows, const float* k_base,
+                                                     const float* kt, int64_t kt_stride, const float* v_base,
+                                                     float* scores, int64_t stride) {
+  const int64_t kv_stride = s.kv_heads * CHUNKS * 8;
+  int64_t keys = 0;
+  for (int r = 0; r < R; ++r) keys = std::max(keys, rows.keys[r]);
+  if (kt != nullptr) scores_from_transposed<CHUNKS, R>(rows, kt, kt_stride, keys, s.scale, scores, stride);
+  else scores_of<CHUNKS, R>(rows, k_base, kv_stride, keys, s.scale, scores, stride);
+  float inverse[R];
+  for (int r = 0; r < R; ++r) {
+    float* row = scores + r * stride;
+    inverse[r] = softmax_in_place(row, rows.keys[r]);
+    std::fill(row + rows.keys[r], row + keys, 0.0f);  // keys past a row's own weigh nothing in the sum
+  }
+  constexpr int W = R == 1 ? 8 : (R == 2 ? 4 : 2);
+  for (int c = 0; c + W <= CHUNKS; c += W) weighted_sum_pass<R, W>(rows, c, scores, stride, inverse, keys, v_base, kv_stride);
+  if (CHUNKS % W) {
+    constexpr int rest = CHUNKS % W ? CHUNKS % W : W;
+    weighted_sum_pass<R, rest>(rows, CHUNKS - rest, scores, stride, inverse, keys, v_base, kv_stride);
+  }
+}
+
+// Runs task(t) for t in 0 .. tasks on the pool, each thread taking the next task not yet taken: a pool
+// thread can start tens of microseconds after the call (woken from sleep), and a fixed share of the tasks
+// would finish that much later. Even a decode step's few microseconds go through the pool: the stock kernel
+// does, and a pool thread left idle here falls asleep before the next XNNPACK call needs it (20% slower
+// decode inline).
+template <typename Task>
+void for_each_task(int64_t tasks, const Task& task) {
   const int64_t threads = tasks < 2 ? 1 : std::min<int64_t>(executorch::extension::get_thread_count(), tasks);
   if (threads <= 1) {
-    run(0, 1);
+    for (int64_t t = 0; t < tasks; ++t) task(t);
     return;
   }
-  // Even a decode step's few microseconds go through the pool: the stock kernel does, and a pool thread left
-  // idle here falls asleep before the next XNNPACK call needs it (20% slower decode when run inline).
-  // parallel_for hands each thread one contiguous range, and causal rows grow in cost, so each thread takes
-  // every threads-th task instead, which spreads early and late rows evenly.
-  executorch::extension::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t first = begin; first < end; ++first) run(first, threads);
+  std::atomic<int64_t> next{0};
+  executorch::extension::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < tasks;
+         t = next.fetch_add(1, std::memory_order_relaxed))
+      task(t);
+  });
+}
+
+// A task is a block of positions of one kv head: its rows, position by position and within a position the
+// kv head's query heads, go four at a time through attend_rows. Causal blocks cost more the later they
+// sit, so the last go first. A prefill first transposes each kv head's keys, once for all its rows.
+template <int CHUNKS>
+void attend(const Shape& s) {
+  constexpr int64_t D = CHUNKS * 8;
+  const int64_t blocks = (s.seq + kPositionsPerTask - 1) / kPositionsPerTask;
+  const int64_t total_keys = s.start + s.seq;
+  const int64_t stride = (total_keys + 15) / 16 * 16;
+  const int64_t kv_stride = s.kv_heads * D;
+  // The calling thread's buffer: the tasks read it through `kt` while this call runs.
+  thread_local std::vector<float> transposed_buffer;
+  float* transposed = nullptr;
+  if (s.seq >= kTransposeFromPositions) {
+    const size_t needed = static_cast<size_t>(s.batch * s.kv_heads * D * stride);
+    if (transposed_buffer.size() < needed) transposed_buffer.resize(needed);
+    transposed = transposed_buffer.data();
+    for (int64_t bg = 0; bg < s.batch * s.kv_heads; ++bg) {
+      const float* k_base = s.k + ((bg / s.kv_heads) * s.max_seq * s.kv_heads + bg % s.kv_heads) * D;
+      float* kt = transposed + bg * D * stride;
+      transpose_keys<CHUNKS>(k_base, kv_stride, total_keys, kt, stride);
+      for (int64_t d = 0; d < D; ++d) std::fill(kt + d * stride + total_keys, kt + (d + 1) * stride, 0.0f);
+    }
+  }
+  for_each_task(s.batch * s.kv_heads * blocks, [&](int64_t t) {
+    thread_local std::vector<float> buffer;
+    const size_t needed = static_cast<size_t>(kMaxRows * stride);
+    if (buffer.size() < needed) buffer.resize(std::max<size_t>(needed, 4 * 4096));
+    float* scores = buffer.data();
+    const int64_t block = blocks - 1 - t / (s.batch * s.kv_heads);
+    const int64_t b = (t / s.kv_heads) % s.batch;
+    const int64_t kv_head = t % s.kv_heads;
+    const float* k_base = s.k + (b * s.max_seq * s.kv_heads + kv_head) * D;
+    const float* v_base = s.v + (b * s.max_seq * s.kv_heads + kv_head) * D;
+    const float* kt = transposed == nullptr ? nullptr : transposed + (b * s.kv_heads + kv_head) * D * stride;
+    const int64_t first_position = block * kPositionsPerTask;
+    const int64_t count = (std::min(s.seq, first_position + kPositionsPerTask) - first_position) * s.group;
+    for (int64_t n = 0; n < count; n += kMaxRows) {
+      RowSet rows;
+      const int r_count = static_cast<int>(std::min<int64_t>(kMaxRows, count - n));
+      for (int r = 0; r < r_count; ++r) {
+        const int64_t i = first_position + (n + r) / s.group;
+        const int64_t head = kv_head * s.group + (n + r) % s.group;
+        const int64_t offset = ((b * s.seq + i) * s.heads + head) * D;
+        rows.q[r] = s.q + offset;
+        rows.out[r] = s.out + offset;
+        rows.keys[r] = s.causal ? s.start + i + 1 : total_keys;
+      }
+      switch (r_count) {
+        case 1: attend_rows<CHUNKS, 1>(s, rows, k_base, kt, stride, v_base, scores, stride); break;
+        case 2: attend_rows<CHUNKS, 2>(s, rows, k_base, kt, stride, v_base, scores, stride); break;
+        case 3: attend_rows<CHUNKS, 3>(s, rows, k_base, kt, stride, v_base, scores, stride); break;
+        default: attend_rows<CHUNKS, 4>(s, rows, k_base, kt, stride, v_base, scores, stride); break;
+      }
+    }
   });
 }
 
