@@ -43,10 +43,10 @@ apt_install = if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null;
 sshd:
 	@test -x /usr/sbin/sshd || { $(call apt_install,openssh-server,the ssh device tests); }
 
-# edgec's attention kernel for ExecuTorch on x86-64 (runtimes/executorch_attention.py) is compiled on first
-# use by g++; without it the stock kernel runs.
+# edgec's kernels for ExecuTorch on x86-64 (runtimes/executorch_kernels.py) are compiled on first use by
+# g++; without it the stock kernels run.
 cxx:
-	@command -v g++ >/dev/null || { $(call apt_install,g++,the attention kernel tests); }
+	@command -v g++ >/dev/null || { $(call apt_install,g++,the ExecuTorch kernel tests); }
 
 # The emulated aarch64 device (edgec emulator, tests/test_emulator.py) needs qemu-user-static, binfmt-support,
 # debootstrap and zstd, and root to mount binfmt_misc and chroot.

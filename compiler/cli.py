@@ -339,9 +339,9 @@ def bench_table(result: dict) -> str:
     spec = result["spec"]
     device = result["device"]
     runtime = result["runtime"]
-    attention = f", attention: {runtime['attention_kernel']}" if runtime.get("attention_kernel") else ""
+    kernels = f", kernels: {runtime['executorch_kernels']}" if runtime.get("executorch_kernels") else ""
     rows = [
-        ("runtime", f"{runtime['name']} {runtime['version']}, {runtime['threads']} threads{attention}"),
+        ("runtime", f"{runtime['name']} {runtime['version']}, {runtime['threads']} threads{kernels}"),
         ("device", f"{device['name']} ({device['arch']}, {device['cpu_count']} CPUs)"),
         ("load", f"{result['load_s'] * 1000:.0f} ms"),
     ]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtimes import executorch_attention
+from runtimes import executorch_kernels
 from runtimes.base import ADAPTER_DIR, Runtime, bench_agent_main, bundle_adapter_file
 
 # Runtime LoRA: the all-zero adapter's name; the program needs some adapter's data, and this one is the base.
@@ -38,11 +38,11 @@ logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 def load_op_libraries() -> None:
     """A program with the LLM custom ops or quantized kernels loads only after these registered them. Once a
     process: the custom ops also bring torch's MKL into ExecuTorch's threads (below). On x86-64, edgec's
-    attention kernel registers ahead of the stock one (runtimes/executorch_attention.py)."""
+    attention and copy kernels register ahead of the stock ones (runtimes/executorch_kernels.py)."""
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401
     import executorch.kernels.quantized  # noqa: F401
 
-    executorch_attention.load()
+    executorch_kernels.load()
     _keep_mkl_out_of_executorch_threads()
 
 
@@ -216,7 +216,7 @@ class ExecutorchRuntime(Runtime):
 
     def runtime_facts(self) -> dict:
         return {**super().runtime_facts(), "kv_cache": f"in-program, {self.max_seq_len} positions",
-                "attention_kernel": executorch_attention.status()}
+                "executorch_kernels": executorch_kernels.status()}
 
 
 def main(argv: list[str] | None = None) -> int:

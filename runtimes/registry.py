@@ -28,7 +28,7 @@ class RuntimeEntry:
 RUNTIMES = {
     "onnx": RuntimeEntry("onnx", "onnxruntime", "ort", "OrtRuntime", ("onnxruntime", "numpy")),
     "pte": RuntimeEntry("pte", "executorch", "executorch", "ExecutorchRuntime", ("executorch", "torch", "numpy"),
-                        ("executorch_attention.py", "executorch_attention.cpp")),
+                        ("executorch_kernels.py", "executorch_kernels.cpp")),
 }
 # What every bench agent needs beside its runtime's module, pushed to a device as the `runtimes` package.
 AGENT_MODULES = ("__init__", "base", "registry", "validation", "agent")

@@ -1,13 +1,14 @@
-"""edgec's attention kernel for ExecuTorch on x86-64 (executorch_attention.cpp), built once per machine.
+"""edgec's kernels for ExecuTorch on x86-64 (executorch_kernels.cpp), built once per machine.
 
 The x86 executorch wheel's `llama::custom_sdpa` is compiled for baseline x86-64 and computes its softmax's
-exp one lane at a time; edgec's kernel (AVX2 and FMA) registers for float programs ahead of it, so a
-`.pte` run by edgec's runtime on an x86 host gets it. The program is unchanged: a phone or any other
-ExecuTorch runtime runs the stock kernel. Compiled with the host's g++ against the wheel's own headers
-into the edgec cache, keyed by the source, the executorch version, the compiler and its flags; where
-anything is missing (not x86-64 Linux, no compiler, no AVX2) the stock kernel runs and `status()` says why.
+exp one lane at a time; edgec's attention (AVX2 and FMA) registers for float programs ahead of it, as do
+edgec's slice_copy and update_cache (the copies around it, on the thread pool), so a `.pte` run by edgec's
+runtime on an x86 host gets them. The program is unchanged: a phone or any other ExecuTorch runtime runs
+the stock kernels. Compiled with the host's g++ against the wheel's own headers into the edgec cache,
+keyed by the source, the executorch version, the compiler and its flags; where anything is missing (not
+x86-64 Linux, no compiler, no AVX2) the stock kernels run and `status()` says why.
 
-EDGEC_EXECUTORCH_ATTENTION=stock turns it off (to compare, or where a build misbehaves).
+EDGEC_EXECUTORCH_KERNELS=stock turns them off (to compare, or where a build misbehaves).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from runtimes.base import cpu_facts
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("executorch_attention.cpp")
-OFF_SWITCH = "EDGEC_EXECUTORCH_ATTENTION"
+SOURCE = Path(__file__).with_name("executorch_kernels.cpp")
+OFF_SWITCH = "EDGEC_EXECUTORCH_KERNELS"
 
 _library: ctypes.CDLL | None = None
 _status: str | None = None
@@ -56,7 +57,7 @@ def _build(compiler: str, include: Path, lib: Path) -> Path:
     key_parts = [SOURCE.read_bytes(), getattr(et_version, "__version__", "").encode(), compiler_version.encode(),
                  "\0".join(flags).encode()]
     key = hashlib.sha256(b"\0".join(key_parts)).hexdigest()[:16]
-    target = cache_dir() / f"executorch-attention-{key}.so"
+    target = cache_dir() / f"executorch-kernels-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -76,8 +77,8 @@ def _build(compiler: str, include: Path, lib: Path) -> Path:
 
 
 def load() -> str:
-    """Registers the kernel in this process (once; after the stock custom ops are loaded) and returns
-    `status()`. Never raises: any failure leaves the stock kernel in place."""
+    """Registers the kernels in this process (once; after the stock custom ops are loaded) and returns
+    `status()`. Never raises: any failure leaves the stock kernels in place."""
     global _library, _status
     if _status is not None:
         return _status
@@ -85,21 +86,22 @@ def load() -> str:
     if os.environ.get(OFF_SWITCH, "").lower() == "stock":
         _status = f"stock ({OFF_SWITCH}=stock)"
     elif platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        _status = "stock (edgec's kernel is for x86-64 Linux)"
+        _status = "stock (edgec's kernels are for x86-64 Linux)"
     elif not {"avx2", "fma"} <= set(cpu_facts()["cpu_features"]):
         _status = "stock (no AVX2/FMA)"
     elif not SOURCE.exists():
-        _status = "stock (kernel source not shipped)"
+        _status = "stock (kernels' source not shipped)"
     elif compiler is None:
         _status = "stock (no C++ compiler: install g++)"
     else:
         include, lib = _executorch_dirs()
         try:
             _library = ctypes.CDLL(str(_build(compiler, include, lib)), mode=ctypes.RTLD_GLOBAL)
-            _library.edgec_attention_calls_served.restype = ctypes.c_int64
+            _library.edgec_calls_served.restype = ctypes.c_int64
+            _library.edgec_calls_served.argtypes = [ctypes.c_int]
             _status = "edgec avx2"
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-            log.warning("edgec's attention kernel did not build (%s): ExecuTorch's stock kernel runs", err)
+            log.warning("edgec's ExecuTorch kernels did not build (%s): the stock kernels run", err)
             _status = f"stock (build failed: {err})"
     return _status
 
@@ -109,7 +111,10 @@ def status() -> str | None:
     return _status
 
 
-def calls_served() -> int:
-    """custom_sdpa calls edgec's kernel computed in this process (0 without it): the others went to the stock
-    kernel (a mask, other dtypes or head sizes)."""
-    return int(_library.edgec_attention_calls_served()) if _library is not None else 0
+KERNELS = ("attention", "slice_copy", "update_cache")
+
+
+def calls_served(kernel: str = "attention") -> int:
+    """Calls of this op that edgec's kernel computed in this process (0 without it): the others went to the
+    stock kernel (for attention: a mask, other dtypes or head sizes)."""
+    return int(_library.edgec_calls_served(KERNELS.index(kernel))) if _library is not None else 0

@@ -1,10 +1,14 @@
-// llama::custom_sdpa.out for float32 on x86-64 with AVX2 and FMA, registered as a kernel specialized for
-// float tensors in contiguous order, so ExecuTorch picks it over the stock (fallback) kernel. The stock
-// kernel in the x86 executorch wheel is built for baseline x86-64: its exp runs one lane at a time, and
-// that made it most of a prefill's attention time. Anything this kernel does not cover (a mask, other
-// dtypes or layouts, head sizes without an instantiation, a CPU without AVX2) goes to the stock kernel.
+// edgec's kernels for ExecuTorch's LLM programs on x86-64, each registered under a kernel key (the dtype and
+// dim order of its tensors), so ExecuTorch picks it over the stock (fallback) kernel, which still takes
+// whatever a kernel here does not cover:
+// - llama::custom_sdpa.out for float32 with AVX2 and FMA. The stock kernel in the x86 executorch wheel is
+//   built for baseline x86-64: its exp runs one lane at a time, and that made it most of a prefill's
+//   attention time. A mask, other dtypes or layouts, head sizes without an instantiation or a CPU without
+//   AVX2 go to the stock kernel.
+// - aten::slice_copy.Tensor_out (4-D, step 1) and llama::update_cache.out: the copies between a layer's
+//   projections and its attention, on the pool when large (see copy_rows).
 //
-// Semantics as the stock kernel: q [batch, seq, heads, head_dim]; k and v the cache [batch, max_seq,
+// custom_sdpa's semantics are the stock kernel's: q [batch, seq, heads, head_dim]; k and v the cache [batch, max_seq,
 // kv_heads, head_dim]; query i sits at position start_pos + i and, causal, sees keys 0 .. start_pos + i;
 // not causal, keys 0 .. start_pos + seq - 1. Heads share kv heads in groups (grouped-query attention).
 
@@ -14,6 +18,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include <executorch/runtime/core/event_tracer_hooks.h>
@@ -35,7 +40,8 @@ constexpr const char* kOpName = "llama::custom_sdpa.out";
 constexpr int64_t kPositionsPerTask = 16;
 constexpr int64_t kTransposeFromPositions = 8;  // fewer query positions: the transpose costs more than it saves
 
-std::atomic<int64_t> calls_served{0};
+// Calls each kernel computed itself, by kernel: attention, slice_copy, update_cache.
+std::atomic<int64_t> calls_served[3] = {{0}, {0}, {0}};
 
 __attribute__((target("avx2,fma"))) inline float horizontal_sum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -411,11 +417,98 @@ void custom_sdpa_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
     }
   }
   if (served) {
-    calls_served.fetch_add(1, std::memory_order_relaxed);
+    calls_served[0].fetch_add(1, std::memory_order_relaxed);
     return;
   }
   OpFunction stock = stock_kernel();
   ET_KERNEL_CHECK_MSG(ctx, stock != nullptr, NotFound, , "the stock %s kernel is not registered", kOpName);
+  stock(ctx, stack);
+}
+
+// Copies rows of row_bytes each, source rows src_stride bytes apart, destination rows dst_stride apart; on the
+// pool when large. Keeping the pool's worker busy through these copies also keeps it awake for the attention
+// that follows them (the worker sleeps after a short idle spin, and waking it cost ~27 us here).
+void copy_rows(char* dst, const char* src, int64_t rows, int64_t row_bytes, int64_t src_stride, int64_t dst_stride) {
+  constexpr int64_t kParallelBytes = 32 * 1024;
+  const int64_t parts = rows * row_bytes < kParallelBytes ? 1 : std::min<int64_t>(executorch::extension::get_thread_count(), 8);
+  if (rows >= parts) {
+    for_each_task(parts, [&](int64_t t) {
+      for (int64_t r = rows * t / parts; r < rows * (t + 1) / parts; ++r)
+        std::memcpy(dst + r * dst_stride, src + r * src_stride, row_bytes);
+    });
+  } else {
+    for (int64_t r = 0; r < rows; ++r)
+      for_each_task(parts, [&](int64_t t) {
+        const int64_t begin = row_bytes * t / parts, end = row_bytes * (t + 1) / parts;
+        std::memcpy(dst + r * dst_stride + begin, src + r * src_stride + begin, end - begin);
+      });
+  }
+}
+
+constexpr const char* kSliceName = "aten::slice_copy.Tensor_out";
+
+void slice_copy_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  static const OpFunction stock = [] {
+    auto found = executorch::runtime::get_op_function_from_registry(kSliceName);
+    return found.ok() ? found.get() : nullptr;
+  }();
+  if (stack.size() >= 6 && stack[0]->isTensor() && stack[4]->toInt() == 1) {
+    const Tensor& in = stack[0]->toTensor();
+    Tensor& out = stack[5]->toTensor();
+    int64_t dim = stack[1]->toInt();
+    const int64_t rank = in.dim();
+    if (dim < 0) dim += rank;
+    if (dim >= 0 && dim < rank && in.scalar_type() == out.scalar_type()) {
+      const int64_t size = in.size(dim);
+      int64_t start = stack[2]->isNone() ? 0 : stack[2]->toInt();
+      int64_t end = stack[3]->isNone() ? size : stack[3]->toInt();
+      if (start < 0) start += size;
+      if (end < 0) end += size;
+      start = std::min(std::max<int64_t>(start, 0), size);
+      end = std::min(std::max(end, start), size);
+      executorch::aten::SizesType sizes[16];
+      for (int64_t d = 0; d < rank; ++d) sizes[d] = static_cast<executorch::aten::SizesType>(in.size(d));
+      sizes[dim] = static_cast<executorch::aten::SizesType>(end - start);
+      if (rank <= 16 && executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(rank)}) ==
+                            executorch::runtime::Error::Ok) {
+        int64_t outer = 1, inner = in.element_size();
+        for (int64_t d = 0; d < dim; ++d) outer *= in.size(d);
+        for (int64_t d = dim + 1; d < rank; ++d) inner *= in.size(d);
+        executorch::runtime::internal::EventTracerProfileOpScope profile(ctx.internal_event_tracer(), kSliceName);
+        copy_rows(static_cast<char*>(out.mutable_data_ptr()), static_cast<const char*>(in.const_data_ptr()) + start * inner,
+                  outer, (end - start) * inner, size * inner, (end - start) * inner);
+        calls_served[1].fetch_add(1, std::memory_order_relaxed);
+        return;
+      }
+    }
+  }
+  ET_KERNEL_CHECK_MSG(ctx, stock != nullptr, NotFound, , "the stock %s kernel is not registered", kSliceName);
+  stock(ctx, stack);
+}
+
+constexpr const char* kUpdateCacheName = "llama::update_cache.out";
+
+void update_cache_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  static const OpFunction stock = [] {
+    auto found = executorch::runtime::get_op_function_from_registry(kUpdateCacheName);
+    return found.ok() ? found.get() : nullptr;
+  }();
+  if (stack.size() >= 4 && stack[0]->isTensor() && stack[1]->isTensor()) {
+    const Tensor& value = stack[0]->toTensor();
+    Tensor& cache = stack[1]->toTensor();
+    const int64_t start = stack[2]->toInt();
+    if (value.dim() == 4 && cache.dim() == 4 && value.scalar_type() == cache.scalar_type() &&
+        value.size(0) == cache.size(0) && value.size(2) == cache.size(2) && value.size(3) == cache.size(3) &&
+        start >= 0 && start + value.size(1) <= cache.size(1)) {
+      const int64_t row = value.size(2) * value.size(3) * value.element_size();
+      executorch::runtime::internal::EventTracerProfileOpScope profile(ctx.internal_event_tracer(), kUpdateCacheName);
+      copy_rows(static_cast<char*>(cache.mutable_data_ptr()) + start * row, static_cast<const char*>(value.const_data_ptr()),
+                value.size(0), value.size(1) * row, value.size(1) * row, cache.size(1) * row);
+      calls_served[2].fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
+  }
+  ET_KERNEL_CHECK_MSG(ctx, stock != nullptr, NotFound, , "the stock %s kernel is not registered", kUpdateCacheName);
   stock(ctx, stack);
 }
 
@@ -425,10 +518,14 @@ constexpr const char* kFloatContiguousKey = "v1/6;0,1,2,3|6;0,1,2,3|6;0,1,2,3|6;
 
 const auto registration = executorch::runtime::register_kernel(
     executorch::runtime::Kernel(kOpName, executorch::runtime::KernelKey(kFloatContiguousKey), custom_sdpa_out));
+const auto slice_registration = executorch::runtime::register_kernel(executorch::runtime::Kernel(
+    kSliceName, executorch::runtime::KernelKey("v1/6;0,1,2,3|6;0,1,2,3|6;0,1,2,3"), slice_copy_out));
+const auto update_cache_registration = executorch::runtime::register_kernel(executorch::runtime::Kernel(
+    kUpdateCacheName, executorch::runtime::KernelKey("v1/6;0,1,2,3|6;0,1,2,3|6;0|6;0"), update_cache_out));
 
 }  // namespace
 
-extern "C" int64_t edgec_attention_calls_served() {
-  return calls_served.load(std::memory_order_relaxed);
+extern "C" int64_t edgec_calls_served(int kernel) {
+  return kernel >= 0 && kernel < 3 ? calls_served[kernel].load(std::memory_order_relaxed) : -1;
 }
 

@@ -1,8 +1,9 @@
-"""edgec's attention kernel for ExecuTorch (runtimes/executorch_attention.cpp) against attention computed in
-float64 by torch, through real one-operator ExecuTorch programs of `llama::custom_sdpa`: the shapes a
+"""edgec's kernels for ExecuTorch (runtimes/executorch_kernels.cpp) through real one-operator ExecuTorch
+programs: attention (`llama::custom_sdpa`) against attention computed in float64 by torch, on the shapes a
 decoder gives it (prefill, a chunk after earlier tokens, decode, grouped-query heads, head sizes 64, 96 and
-128, key counts off the kernel's blocks of 4 and 8), the calls it leaves to the stock kernel, and the switch
-that turns it off."""
+128, key counts off the kernel's blocks), the calls it leaves to the stock kernel; the copies
+(`slice_copy`, `update_cache`) against torch's, small and large enough for the thread pool; the switch
+that turns them off."""
 
 import json
 import os
@@ -13,14 +14,14 @@ import sys
 import pytest
 import torch
 
-from runtimes import executorch_attention
+from runtimes import executorch_kernels
 from runtimes.executorch import load_op_libraries
 
 load_op_libraries()
-STATUS = executorch_attention.status()
+STATUS = executorch_kernels.status()
 pytestmark = pytest.mark.skipif(
     not STATUS.startswith("edgec"),
-    reason=f"edgec's attention kernel is not in use here: {STATUS}")
+    reason=f"edgec's ExecuTorch kernels are not in use here: {STATUS}")
 
 
 def reference(q, k, v, start, causal, mask=None):
@@ -81,7 +82,7 @@ def one_op_program(max_seq, heads, kv_heads, head_dim, causal, with_mask=False, 
 def test_kernel_matches_float64_attention(heads, kv_heads, head_dim, causal):
     module, method = one_op_program(160, heads, kv_heads, head_dim, causal)
     torch.manual_seed(0)
-    served_before = executorch_attention.calls_served()
+    served_before = executorch_kernels.calls_served()
     # Prefill and chunks (keys transposed from 8 positions on), decode; rows left over in sets of 1 to 3.
     cases = [(128, 0), (7, 100), (1, 0), (1, 131), (33, 17), (5, 150), (18, 3), (8, 60)]
     for seq, start in cases:
@@ -90,7 +91,7 @@ def test_kernel_matches_float64_attention(heads, kv_heads, head_dim, causal):
         want = reference(q, module.k, module.v, start, causal)
         assert got.shape == want.shape
         assert (got - want).abs().max().item() < 2e-5, (seq, start)
-    assert executorch_attention.calls_served() - served_before == len(cases)
+    assert executorch_kernels.calls_served() - served_before == len(cases)
 
 
 def test_a_masked_call_goes_to_the_stock_kernel():
@@ -98,9 +99,9 @@ def test_a_masked_call_goes_to_the_stock_kernel():
     q = torch.randn(1, 6, 4, 64)
     mask = torch.zeros(6, 64)
     mask[:, 3] = float("-inf")
-    served_before = executorch_attention.calls_served()
+    served_before = executorch_kernels.calls_served()
     got = method.forward((q, torch.tensor([10]), mask))[0]
-    assert executorch_attention.calls_served() == served_before
+    assert executorch_kernels.calls_served() == served_before
     assert (got - reference(q, module.k, module.v, 10, False, mask)).abs().max().item() < 2e-5
 
 
@@ -110,10 +111,10 @@ def test_an_etdump_names_the_kernels_calls(tmp_path):
     from executorch.devtools import Inspector
 
     module, method = one_op_program(64, 4, 2, 64, causal=True, etdump=True)
-    served_before = executorch_attention.calls_served()
+    served_before = executorch_kernels.calls_served()
     for _ in range(3):
         method.forward((torch.randn(1, 8, 4, 64), torch.tensor([0])))
-    assert executorch_attention.calls_served() - served_before == 3
+    assert executorch_kernels.calls_served() - served_before == 3
     method.write_etdump_result_to_file(str(tmp_path / "run.etdp"))
     del method, module
     names = {event.name for block in Inspector(etdump_path=str(tmp_path / "run.etdp")).event_blocks
@@ -123,23 +124,83 @@ def test_an_etdump_names_the_kernels_calls(tmp_path):
 
 def test_the_switch_leaves_the_stock_kernel_and_says_so():
     probe = ("import json; from runtimes.executorch import load_op_libraries; from runtimes import "
-             "executorch_attention as a; load_op_libraries(); print(json.dumps([a.status(), a.calls_served()]))")
-    env = dict(os.environ, EDGEC_EXECUTORCH_ATTENTION="stock")
+             "executorch_kernels as a; load_op_libraries(); print(json.dumps([a.status(), a.calls_served()]))")
+    env = dict(os.environ, EDGEC_EXECUTORCH_KERNELS="stock")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, env=env)
     status, served = json.loads(out.stdout.strip().splitlines()[-1])
-    assert status == "stock (EDGEC_EXECUTORCH_ATTENTION=stock)" and served == 0
+    assert status == "stock (EDGEC_EXECUTORCH_KERNELS=stock)" and served == 0
 
 
 def test_the_build_is_cached_by_source_and_toolchain(tmp_path, monkeypatch):
     """A second build of the same source, executorch and compiler is the first one's file, not compiled
     again; another source is another file; nothing half-written is left."""
     monkeypatch.setenv("EDGEC_CACHE", str(tmp_path))
-    include, lib = executorch_attention._executorch_dirs()
-    first = executorch_attention._build("g++", include, lib)
+    include, lib = executorch_kernels._executorch_dirs()
+    first = executorch_kernels._build("g++", include, lib)
     built_at = first.stat().st_mtime_ns
-    assert executorch_attention._build("g++", include, lib) == first and first.stat().st_mtime_ns == built_at
-    changed = tmp_path / "executorch_attention.cpp"
-    changed.write_text(executorch_attention.SOURCE.read_text() + "\n// another revision\n")
-    monkeypatch.setattr(executorch_attention, "SOURCE", changed)
-    assert executorch_attention._build("g++", include, lib) != first
+    assert executorch_kernels._build("g++", include, lib) == first and first.stat().st_mtime_ns == built_at
+    changed = tmp_path / "executorch_kernels.cpp"
+    changed.write_text(executorch_kernels.SOURCE.read_text() + "\n// another revision\n")
+    monkeypatch.setattr(executorch_kernels, "SOURCE", changed)
+    assert executorch_kernels._build("g++", include, lib) != first
     assert platform.machine() == "x86_64" and not list((tmp_path / "kernels").glob("*.partial"))
+
+
+def lowered(module, args, shapes):
+    """(module, loaded method) of a program of `module`; the module keeps the program's bytes alive."""
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+    from executorch.extension.pybindings.portable_lib import _load_for_executorch_from_buffer
+
+    program = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+    buffer = to_edge_transform_and_lower(program, compile_config=EdgeCompileConfig(_check_ir_validity=False)) \
+        .to_executorch().buffer
+    module.program_bytes = buffer
+    return module, _load_for_executorch_from_buffer(buffer)
+
+
+@pytest.mark.parametrize("dim,start,end,step,served", [
+    (2, 0, 9, 1, True),  # q of packed q/k/v heads
+    (2, 12, None, 1, True),  # v: to the end
+    (1, 3, -2, 1, True),  # along positions, a negative end
+    (3, 8, 40, 1, True),  # within each row
+    (2, 1, 13, 2, False),  # a step: the stock kernel's
+])
+def test_slice_copy_matches_torch(dim, start, end, step, served):
+    class Slice(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.aten.slice_copy.Tensor(x, dim, start, end, step)
+
+    seq = torch.export.Dim("seq", min=8, max=512)
+    module, method = lowered(Slice(), (torch.randn(1, 8, 15, 64),), {"x": {1: seq}})
+    for positions in (8, 300):  # 300 positions: a copy large enough for the pool
+        x = torch.randn(1, positions, 15, 64)
+        before = executorch_kernels.calls_served("slice_copy")
+        got = method.forward((x,))[0]
+        assert torch.equal(got, torch.ops.aten.slice_copy.Tensor(x, dim, start, end, step))
+        assert executorch_kernels.calls_served("slice_copy") - before == int(served)
+
+
+def test_update_cache_writes_the_chunk_at_its_position():
+    class Cache(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("cache", torch.zeros(1, 400, 3, 64))
+
+        def forward(self, value, pos):
+            start = pos[0].item()
+            torch._check_is_size(start)
+            torch._check(start + value.shape[1] <= 400)
+            torch.ops.llama.update_cache(value, self.cache, start)
+            return self.cache + 0.0
+
+    seq = torch.export.Dim("seq", min=1, max=399)
+    module, method = lowered(Cache(), (torch.randn(1, 4, 3, 64), torch.tensor([0])),
+                             {"value": {1: seq}, "pos": None})
+    want = torch.zeros(1, 400, 3, 64)
+    before = executorch_kernels.calls_served("update_cache")
+    for start, positions in ((0, 200), (200, 1), (201, 7), (392, 8)):  # 200 positions: on the pool
+        value = torch.randn(1, positions, 3, 64)
+        want[:, start:start + positions] = value
+        assert torch.equal(method.forward((value, torch.tensor([start])))[0], want), (start, positions)
+    assert executorch_kernels.calls_served("update_cache") - before == 4
+
