@@ -53,7 +53,7 @@ __attribute__((target("avx2,fma"))) inline float horizontal_sum(__m256 v) {
 // exp for x <= 0 (scores less their row's maximum): 2^n by the exponent bits times a degree-6 polynomial
 // on the remainder, about 1 ulp on float.
 __attribute__((target("avx2,fma"))) inline __m256 exp_nonpositive(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);  // in this order a NaN passes (maxps returns its second operand)
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -371,7 +371,7 @@ OpFunction stock_kernel() {
 }
 
 void custom_sdpa_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
-  // runtimes/executorch_attention.py loads this library only where the CPU has both; checked once here too.
+  // runtimes/executorch_kernels.py loads this library only where the CPU has both; checked once here too.
   static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   bool served = false;
   if (has_avx2 && stack.size() >= 9 && stack[4]->isNone() && stack[0]->isTensor()) {
@@ -458,7 +458,7 @@ void slice_copy_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
     int64_t dim = stack[1]->toInt();
     const int64_t rank = in.dim();
     if (dim < 0) dim += rank;
-    if (dim >= 0 && dim < rank && in.scalar_type() == out.scalar_type()) {
+    if (dim >= 0 && dim < rank && rank <= 16 && in.scalar_type() == out.scalar_type()) {
       const int64_t size = in.size(dim);
       int64_t start = stack[2]->isNone() ? 0 : stack[2]->toInt();
       int64_t end = stack[3]->isNone() ? size : stack[3]->toInt();
@@ -469,8 +469,7 @@ void slice_copy_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
       executorch::aten::SizesType sizes[16];
       for (int64_t d = 0; d < rank; ++d) sizes[d] = static_cast<executorch::aten::SizesType>(in.size(d));
       sizes[dim] = static_cast<executorch::aten::SizesType>(end - start);
-      if (rank <= 16 && executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(rank)}) ==
-                            executorch::runtime::Error::Ok) {
+      if (executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(rank)}) == executorch::runtime::Error::Ok) {
         int64_t outer = 1, inner = in.element_size();
         for (int64_t d = 0; d < dim; ++d) outer *= in.size(d);
         for (int64_t d = dim + 1; d < rank; ++d) inner *= in.size(d);
@@ -499,7 +498,7 @@ void update_cache_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
     const int64_t start = stack[2]->toInt();
     if (value.dim() == 4 && cache.dim() == 4 && value.scalar_type() == cache.scalar_type() &&
         value.size(0) == cache.size(0) && value.size(2) == cache.size(2) && value.size(3) == cache.size(3) &&
-        start >= 0 && start + value.size(1) <= cache.size(1)) {
+        start >= 0 && start < cache.size(1) && start + value.size(1) <= cache.size(1)) {
       const int64_t row = value.size(2) * value.size(3) * value.element_size();
       executorch::runtime::internal::EventTracerProfileOpScope profile(ctx.internal_event_tracer(), kUpdateCacheName);
       copy_rows(static_cast<char*>(cache.mutable_data_ptr()) + start * row, static_cast<const char*>(value.const_data_ptr()),

@@ -42,7 +42,7 @@ def reference(q, k, v, start, causal, mask=None):
     return (scores.softmax(-1) @ vh).transpose(1, 2).float()
 
 
-def one_op_program(max_seq, heads, kv_heads, head_dim, causal, with_mask=False, etdump=False):
+def one_op_program(max_seq, heads, kv_heads, head_dim, causal, with_mask=False, etdump=False, batch=1):
     """(the module with its cache, the loaded method). The method reads the program from bytes the module
     holds: keep the module while the method runs."""
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
@@ -51,8 +51,8 @@ def one_op_program(max_seq, heads, kv_heads, head_dim, causal, with_mask=False, 
     class Attention(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.register_buffer("k", torch.randn(1, max_seq, kv_heads, head_dim))
-            self.register_buffer("v", torch.randn(1, max_seq, kv_heads, head_dim))
+            self.register_buffer("k", torch.randn(batch, max_seq, kv_heads, head_dim))
+            self.register_buffer("v", torch.randn(batch, max_seq, kv_heads, head_dim))
 
         def forward(self, q, pos, mask=None):
             start = pos[0].item()
@@ -62,7 +62,7 @@ def one_op_program(max_seq, heads, kv_heads, head_dim, causal, with_mask=False, 
 
     module = Attention()
     seq = torch.export.Dim("seq", min=1, max=max_seq - 1)
-    args = (torch.randn(1, 4, heads, head_dim), torch.tensor([0]))
+    args = (torch.randn(batch, 4, heads, head_dim), torch.tensor([0]))
     shapes = {"q": {1: seq}, "pos": None}
     if with_mask:
         args, shapes = args + (torch.zeros(4, max_seq),), dict(shapes, mask={0: seq})
@@ -92,6 +92,28 @@ def test_kernel_matches_float64_attention(heads, kv_heads, head_dim, causal):
         assert got.shape == want.shape
         assert (got - want).abs().max().item() < 2e-5, (seq, start)
     assert executorch_kernels.calls_served() - served_before == len(cases)
+
+
+def test_batches_and_the_largest_head_size():
+    module, method = one_op_program(96, 8, 2, 256, causal=True, batch=2)
+    served_before = executorch_kernels.calls_served()
+    for seq, start in [(40, 0), (1, 50), (9, 60)]:
+        q = torch.randn(2, seq, 8, 256)
+        got = method.forward((q, torch.tensor([start])))[0]
+        assert (got - reference(q, module.k, module.v, start, True)).abs().max().item() < 2e-5, (seq, start)
+    assert executorch_kernels.calls_served() - served_before == 3
+
+
+def test_a_nan_in_a_query_makes_its_row_nan_as_in_the_stock_kernel():
+    module, method = one_op_program(64, 4, 2, 64, causal=True)
+    q = torch.randn(1, 14, 4, 64)
+    q[0, 12, 1, 7] = float("nan")  # position 15: sixteen keys, none in a scalar tail
+    got = method.forward((q, torch.tensor([3])))[0]
+    assert got[0, 12, 1].isnan().all()
+    got[0, 12, 1] = 0
+    want = reference(q.nan_to_num(), module.k, module.v, 3, True)
+    want[0, 12, 1] = 0
+    assert (got - want).abs().max().item() < 2e-5
 
 
 def test_a_masked_call_goes_to_the_stock_kernel():
@@ -164,6 +186,10 @@ def lowered(module, args, shapes):
     (1, 3, -2, 1, True),  # along positions, a negative end
     (3, 8, 40, 1, True),  # within each row
     (2, 1, 13, 2, False),  # a step: the stock kernel's
+    (2, -4, None, 1, True),  # a negative start
+    (2, None, 2**63 - 1, 1, True),  # no start, the largest end
+    (2, 10, 4, 1, True),  # end before start: empty
+    (0, 0, 1, 1, True),  # the batch dim
 ])
 def test_slice_copy_matches_torch(dim, start, end, step, served):
     class Slice(torch.nn.Module):
