@@ -8,8 +8,8 @@
 // - aten::slice_copy.Tensor_out (4-D, step 1) and llama::update_cache.out: the copies between a layer's
 //   projections and its attention, on the pool when large (see copy_rows).
 //
-// custom_sdpa's semantics are the stock kernel's: q [batch, seq, heads, head_dim]; k and v the cache [batch, max_seq,
-// kv_heads, head_dim]; query i sits at position start_pos + i and, causal, sees keys 0 .. start_pos + i;
+// custom_sdpa's semantics are the stock kernel's: q [batch, seq, heads, head_dim]; k and v the cache [batch,
+// max_seq, kv_heads, head_dim]; query i sits at position start_pos + i and, causal, sees keys 0 .. start_pos + i;
 // not causal, keys 0 .. start_pos + seq - 1. Heads share kv heads in groups (grouped-query attention).
 
 #include <immintrin.h>
@@ -36,12 +36,15 @@ using executorch::runtime::KernelRuntimeContext;
 using executorch::runtime::OpFunction;
 using executorch::runtime::Span;
 
-constexpr const char* kOpName = "llama::custom_sdpa.out";
+constexpr const char* kSdpaName = "llama::custom_sdpa.out";
+constexpr const char* kSliceName = "aten::slice_copy.Tensor_out";
+constexpr const char* kUpdateCacheName = "llama::update_cache.out";
 constexpr int64_t kPositionsPerTask = 16;
 constexpr int64_t kTransposeFromPositions = 8;  // fewer query positions: the transpose costs more than it saves
 
-// Calls each kernel computed itself, by kernel: attention, slice_copy, update_cache.
-std::atomic<int64_t> calls_served[3] = {{0}, {0}, {0}};
+// Calls each kernel computed itself (edgec_calls_served's argument; runtimes/executorch_kernels.py KERNELS).
+enum Kernel { kAttention, kSliceCopy, kUpdateCache, kKernelCount };
+std::atomic<int64_t> calls_served[kKernelCount] = {};
 
 __attribute__((target("avx2,fma"))) inline float horizontal_sum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -212,7 +215,8 @@ __attribute__((target("avx2,fma"))) void weighted_sum_pass(const RowSet& rows, i
     for (int r = 0; r < R; ++r) {
       const __m256 weight = _mm256_set1_ps(weights[r * stride + j]);
       #pragma GCC unroll 8
-      for (int w = 0; w < W; ++w) acc[r * W + w] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(v_row + 8 * w), acc[r * W + w]);
+      for (int w = 0; w < W; ++w)
+        acc[r * W + w] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(v_row + 8 * w), acc[r * W + w]);
     }
   }
   #pragma GCC unroll 4
@@ -273,7 +277,8 @@ __attribute__((target("avx2,fma"))) void attend_rows(const Shape& s, const RowSe
     std::fill(row + rows.keys[r], row + keys, 0.0f);  // keys past a row's own weigh nothing in the sum
   }
   constexpr int W = R == 1 ? 8 : (R == 2 ? 4 : 2);
-  for (int c = 0; c + W <= CHUNKS; c += W) weighted_sum_pass<R, W>(rows, c, scores, stride, inverse, keys, v_base, kv_stride);
+  for (int c = 0; c + W <= CHUNKS; c += W)
+    weighted_sum_pass<R, W>(rows, c, scores, stride, inverse, keys, v_base, kv_stride);
   if (CHUNKS % W) {
     constexpr int rest = CHUNKS % W ? CHUNKS % W : W;
     weighted_sum_pass<R, rest>(rows, CHUNKS - rest, scores, stride, inverse, keys, v_base, kv_stride);
@@ -362,12 +367,15 @@ bool is_contiguous(const Tensor& t) {
   return executorch::runtime::is_contiguous_dim_order(t.dim_order().data(), t.dim());
 }
 
-OpFunction stock_kernel() {
-  static OpFunction stock = [] {
-    auto found = executorch::runtime::get_op_function_from_registry(kOpName);
-    return found.ok() ? found.get() : nullptr;
-  }();
-  return stock;
+// The kernel ExecuTorch registered for `name` without a key: what takes the calls a kernel here does not.
+OpFunction stock_kernel(const char* name) {
+  auto found = executorch::runtime::get_op_function_from_registry(name);
+  return found.ok() ? found.get() : nullptr;
+}
+
+void call_stock(OpFunction stock, const char* name, KernelRuntimeContext& ctx, Span<EValue*> stack) {
+  ET_KERNEL_CHECK_MSG(ctx, stock != nullptr, NotFound, , "the stock %s kernel is not registered", name);
+  stock(ctx, stack);
 }
 
 void custom_sdpa_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
@@ -408,7 +416,7 @@ void custom_sdpa_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
       s.v = v.const_data_ptr<float>();
       s.out = out.mutable_data_ptr<float>();
       // Named in an ETDump as the stock kernel is (its boxed wrapper opens the same scope).
-      executorch::runtime::internal::EventTracerProfileOpScope profile(ctx.internal_event_tracer(), kOpName);
+      executorch::runtime::internal::EventTracerProfileOpScope profile(ctx.internal_event_tracer(), kSdpaName);
       if (head_dim == 64) attend<8>(s);
       else if (head_dim == 96) attend<12>(s);
       else if (head_dim == 128) attend<16>(s);
@@ -417,20 +425,20 @@ void custom_sdpa_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
     }
   }
   if (served) {
-    calls_served[0].fetch_add(1, std::memory_order_relaxed);
+    calls_served[kAttention].fetch_add(1, std::memory_order_relaxed);
     return;
   }
-  OpFunction stock = stock_kernel();
-  ET_KERNEL_CHECK_MSG(ctx, stock != nullptr, NotFound, , "the stock %s kernel is not registered", kOpName);
-  stock(ctx, stack);
+  static const OpFunction stock = stock_kernel(kSdpaName);
+  call_stock(stock, kSdpaName, ctx, stack);
 }
 
 // Copies rows of row_bytes each, source rows src_stride bytes apart, destination rows dst_stride apart; on the
 // pool when large. Keeping the pool's worker busy through these copies also keeps it awake for the attention
 // that follows them (the worker sleeps after a short idle spin, and waking it cost ~27 us here).
-void copy_rows(char* dst, const char* src, int64_t rows, int64_t row_bytes, int64_t src_stride, int64_t dst_stride) {
+void copy_rows(char* dst, const char* src, int64_t rows, int64_t row_bytes, int64_t src_stride,
+               int64_t dst_stride) {
   constexpr int64_t kParallelBytes = 32 * 1024;
-  const int64_t parts = rows * row_bytes < kParallelBytes ? 1 : std::min<int64_t>(executorch::extension::get_thread_count(), 8);
+  const int64_t parts = rows * row_bytes < kParallelBytes ? 1 : executorch::extension::get_thread_count();
   if (rows >= parts) {
     for_each_task(parts, [&](int64_t t) {
       for (int64_t r = rows * t / parts; r < rows * (t + 1) / parts; ++r)
@@ -445,13 +453,7 @@ void copy_rows(char* dst, const char* src, int64_t rows, int64_t row_bytes, int6
   }
 }
 
-constexpr const char* kSliceName = "aten::slice_copy.Tensor_out";
-
 void slice_copy_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
-  static const OpFunction stock = [] {
-    auto found = executorch::runtime::get_op_function_from_registry(kSliceName);
-    return found.ok() ? found.get() : nullptr;
-  }();
   if (stack.size() >= 6 && stack[0]->isTensor() && stack[4]->toInt() == 1) {
     const Tensor& in = stack[0]->toTensor();
     Tensor& out = stack[5]->toTensor();
@@ -469,29 +471,25 @@ void slice_copy_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
       executorch::aten::SizesType sizes[16];
       for (int64_t d = 0; d < rank; ++d) sizes[d] = static_cast<executorch::aten::SizesType>(in.size(d));
       sizes[dim] = static_cast<executorch::aten::SizesType>(end - start);
-      if (executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(rank)}) == executorch::runtime::Error::Ok) {
+      if (executorch::runtime::resize_tensor(out, {sizes, static_cast<size_t>(rank)}) ==
+          executorch::runtime::Error::Ok) {
         int64_t outer = 1, inner = in.element_size();
         for (int64_t d = 0; d < dim; ++d) outer *= in.size(d);
         for (int64_t d = dim + 1; d < rank; ++d) inner *= in.size(d);
         executorch::runtime::internal::EventTracerProfileOpScope profile(ctx.internal_event_tracer(), kSliceName);
-        copy_rows(static_cast<char*>(out.mutable_data_ptr()), static_cast<const char*>(in.const_data_ptr()) + start * inner,
-                  outer, (end - start) * inner, size * inner, (end - start) * inner);
-        calls_served[1].fetch_add(1, std::memory_order_relaxed);
+        copy_rows(static_cast<char*>(out.mutable_data_ptr()),
+                  static_cast<const char*>(in.const_data_ptr()) + start * inner, outer, (end - start) * inner,
+                  size * inner, (end - start) * inner);
+        calls_served[kSliceCopy].fetch_add(1, std::memory_order_relaxed);
         return;
       }
     }
   }
-  ET_KERNEL_CHECK_MSG(ctx, stock != nullptr, NotFound, , "the stock %s kernel is not registered", kSliceName);
-  stock(ctx, stack);
+  static const OpFunction stock = stock_kernel(kSliceName);
+  call_stock(stock, kSliceName, ctx, stack);
 }
 
-constexpr const char* kUpdateCacheName = "llama::update_cache.out";
-
 void update_cache_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
-  static const OpFunction stock = [] {
-    auto found = executorch::runtime::get_op_function_from_registry(kUpdateCacheName);
-    return found.ok() ? found.get() : nullptr;
-  }();
   if (stack.size() >= 4 && stack[0]->isTensor() && stack[1]->isTensor()) {
     const Tensor& value = stack[0]->toTensor();
     Tensor& cache = stack[1]->toTensor();
@@ -500,23 +498,25 @@ void update_cache_out(KernelRuntimeContext& ctx, Span<EValue*> stack) {
         value.size(0) == cache.size(0) && value.size(2) == cache.size(2) && value.size(3) == cache.size(3) &&
         start >= 0 && start < cache.size(1) && start + value.size(1) <= cache.size(1)) {
       const int64_t row = value.size(2) * value.size(3) * value.element_size();
-      executorch::runtime::internal::EventTracerProfileOpScope profile(ctx.internal_event_tracer(), kUpdateCacheName);
-      copy_rows(static_cast<char*>(cache.mutable_data_ptr()) + start * row, static_cast<const char*>(value.const_data_ptr()),
-                value.size(0), value.size(1) * row, value.size(1) * row, cache.size(1) * row);
-      calls_served[2].fetch_add(1, std::memory_order_relaxed);
+      executorch::runtime::internal::EventTracerProfileOpScope profile(ctx.internal_event_tracer(),
+                                                                       kUpdateCacheName);
+      copy_rows(static_cast<char*>(cache.mutable_data_ptr()) + start * row,
+                static_cast<const char*>(value.const_data_ptr()), value.size(0), value.size(1) * row,
+                value.size(1) * row, cache.size(1) * row);
+      calls_served[kUpdateCache].fetch_add(1, std::memory_order_relaxed);
       return;
     }
   }
-  ET_KERNEL_CHECK_MSG(ctx, stock != nullptr, NotFound, , "the stock %s kernel is not registered", kUpdateCacheName);
-  stock(ctx, stack);
+  static const OpFunction stock = stock_kernel(kUpdateCacheName);
+  call_stock(stock, kUpdateCacheName, ctx, stack);
 }
 
-// What ExecuTorch matches a call against: the dtype and dim order of each tensor among the call's
-// arguments, here query, key, value, out and the returned out again, all float in contiguous order.
-constexpr const char* kFloatContiguousKey = "v1/6;0,1,2,3|6;0,1,2,3|6;0,1,2,3|6;0,1,2,3|6;0,1,2,3";
-
-const auto registration = executorch::runtime::register_kernel(
-    executorch::runtime::Kernel(kOpName, executorch::runtime::KernelKey(kFloatContiguousKey), custom_sdpa_out));
+// What ExecuTorch matches a call against: the dtype (6: float) and dim order of each tensor among the call's
+// arguments, the returned out included. custom_sdpa: query, key, value, out, returned, all 4-D contiguous;
+// slice_copy: self, out, returned; update_cache: value, cache and its 1-element out, returned.
+const auto sdpa_registration = executorch::runtime::register_kernel(executorch::runtime::Kernel(
+    kSdpaName, executorch::runtime::KernelKey("v1/6;0,1,2,3|6;0,1,2,3|6;0,1,2,3|6;0,1,2,3|6;0,1,2,3"),
+    custom_sdpa_out));
 const auto slice_registration = executorch::runtime::register_kernel(executorch::runtime::Kernel(
     kSliceName, executorch::runtime::KernelKey("v1/6;0,1,2,3|6;0,1,2,3|6;0,1,2,3"), slice_copy_out));
 const auto update_cache_registration = executorch::runtime::register_kernel(executorch::runtime::Kernel(
@@ -525,6 +525,6 @@ const auto update_cache_registration = executorch::runtime::register_kernel(exec
 }  // namespace
 
 extern "C" int64_t edgec_calls_served(int kernel) {
-  return kernel >= 0 && kernel < 3 ? calls_served[kernel].load(std::memory_order_relaxed) : -1;
+  return kernel >= 0 && kernel < kKernelCount ? calls_served[kernel].load(std::memory_order_relaxed) : -1;
 }
 
