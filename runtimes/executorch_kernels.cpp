@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include <executorch/runtime/core/event_tracer_hooks.h>
@@ -318,18 +319,29 @@ void attend(const Shape& s) {
   // The calling thread's buffer: the tasks read it through `kt` while this call runs.
   thread_local std::vector<float> transposed_buffer;
   float* transposed = nullptr;
+  const int64_t kv_count = s.batch * s.kv_heads;
+  int64_t transposes = 0;
+  std::unique_ptr<std::atomic<int>[]> transposed_ready;
   if (s.seq >= kTransposeFromPositions) {
-    const size_t needed = static_cast<size_t>(s.batch * s.kv_heads * D * stride);
+    const size_t needed = static_cast<size_t>(kv_count * D * stride);
     if (transposed_buffer.size() < needed) transposed_buffer.resize(needed);
     transposed = transposed_buffer.data();
-    for (int64_t bg = 0; bg < s.batch * s.kv_heads; ++bg) {
-      const float* k_base = s.k + ((bg / s.kv_heads) * s.max_seq * s.kv_heads + bg % s.kv_heads) * D;
-      float* kt = transposed + bg * D * stride;
+    transposes = kv_count;
+    transposed_ready.reset(new std::atomic<int>[kv_count]);
+    for (int64_t bg = 0; bg < kv_count; ++bg) transposed_ready[bg].store(0, std::memory_order_relaxed);
+  }
+  // The transposes are the first tasks, so the pool's threads (woken by the call) share them; tasks are taken
+  // in order, so an attention task that finds its kv head's keys not yet transposed waits only on a running one.
+  for_each_task(transposes + kv_count * blocks, [&](int64_t task) {
+    if (task < transposes) {
+      const float* k_base = s.k + ((task / s.kv_heads) * s.max_seq * s.kv_heads + task % s.kv_heads) * D;
+      float* kt = transposed + task * D * stride;
       transpose_keys<CHUNKS>(k_base, kv_stride, total_keys, kt, stride);
       for (int64_t d = 0; d < D; ++d) std::fill(kt + d * stride + total_keys, kt + (d + 1) * stride, 0.0f);
+      transposed_ready[task].store(1, std::memory_order_release);
+      return;
     }
-  }
-  for_each_task(s.batch * s.kv_heads * blocks, [&](int64_t t) {
+    const int64_t t = task - transposes;
     thread_local std::vector<float> buffer;
     const size_t needed = static_cast<size_t>(kMaxRows * stride);
     if (buffer.size() < needed) buffer.resize(std::max<size_t>(needed, 4 * 4096));
@@ -339,7 +351,11 @@ void attend(const Shape& s) {
     const int64_t kv_head = t % s.kv_heads;
     const float* k_base = s.k + (b * s.max_seq * s.kv_heads + kv_head) * D;
     const float* v_base = s.v + (b * s.max_seq * s.kv_heads + kv_head) * D;
-    const float* kt = transposed == nullptr ? nullptr : transposed + (b * s.kv_heads + kv_head) * D * stride;
+    const float* kt = nullptr;
+    if (transposed != nullptr) {
+      while (transposed_ready[b * s.kv_heads + kv_head].load(std::memory_order_acquire) == 0) _mm_pause();
+      kt = transposed + (b * s.kv_heads + kv_head) * D * stride;
+    }
     const int64_t first_position = block * kPositionsPerTask;
     const int64_t count = (std::min(s.seq, first_position + kPositionsPerTask) - first_position) * s.group;
     for (int64_t n = 0; n < count; n += kMaxRows) {
