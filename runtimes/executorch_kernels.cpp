@@ -41,7 +41,8 @@ constexpr const char* kSdpaName = "llama::custom_sdpa.out";
 constexpr const char* kSliceName = "aten::slice_copy.Tensor_out";
 constexpr const char* kUpdateCacheName = "llama::update_cache.out";
 constexpr int64_t kPositionsPerTask = 16;
-constexpr int64_t kTransposeFromPositions = 8;  // fewer query positions: the transpose costs more than it saves
+constexpr int64_t kTransposeFromPositions = 8;
+constexpr int64_t kMinKeysPerRange = 64;  // decode's key ranges (attend_key_ranges): fewer keys, fewer ranges  // fewer query positions: the transpose costs more than it saves
 
 // Calls each kernel computed itself (edgec_calls_served's argument; runtimes/executorch_kernels.py KERNELS).
 enum Kernel { kAttention, kSliceCopy, kUpdateCache, kKernelCount };
@@ -91,6 +92,7 @@ struct RowSet {
   const float* q[kMaxRows];
   float* out[kMaxRows];
   int64_t keys[kMaxRows];  // how many keys each row sees
+  float* softmax_of[kMaxRows] = {};  // where given: the row's score maximum and its sum of exps go there
 };
 
 // The horizontal sums of eight vectors, in their order, as one vector.
@@ -176,7 +178,7 @@ __attribute__((target("avx2,fma"))) void scores_from_transposed(const RowSet& ro
 }
 
 // row[0 .. keys) becomes exp(row - its max); returns 1 / their sum.
-__attribute__((target("avx2,fma"))) float softmax_in_place(float* row, int64_t keys) {
+__attribute__((target("avx2,fma"))) float softmax_in_place(float* row, int64_t keys, float* top_out) {
   __m256 top8 = _mm256_set1_ps(row[0]);
   int64_t m = 0;
   for (; m + 8 <= keys; m += 8) top8 = _mm256_max_ps(top8, _mm256_loadu_ps(row + m));
@@ -198,6 +200,7 @@ __attribute__((target("avx2,fma"))) float softmax_in_place(float* row, int64_t k
     row[j] = std::exp(row[j] - top);
     sum += row[j];
   }
+  *top_out = top;
   return 1.0f / sum;
 }
 
@@ -274,7 +277,12 @@ __attribute__((target("avx2,fma"))) void attend_rows(const Shape& s, const RowSe
   float inverse[R];
   for (int r = 0; r < R; ++r) {
     float* row = scores + r * stride;
-    inverse[r] = softmax_in_place(row, rows.keys[r]);
+    float top;
+    inverse[r] = softmax_in_place(row, rows.keys[r], &top);
+    if (rows.softmax_of[r] != nullptr) {
+      rows.softmax_of[r][0] = top;
+      rows.softmax_of[r][1] = 1.0f / inverse[r];
+    }
     std::fill(row + rows.keys[r], row + keys, 0.0f);  // keys past a row's own weigh nothing in the sum
   }
   constexpr int W = R == 1 ? 8 : (R == 2 ? 4 : 2);
@@ -306,12 +314,85 @@ void for_each_task(int64_t tasks, const Task& task) {
   });
 }
 
+// Decode: a single position gives one task per kv head, too few to share out evenly (three kv heads on two
+// threads: one thread does two). Each kv head's keys go in `splits` ranges, one task each, every range's
+// rows attended on their own (normalized output, score maximum, sum of exps), and the ranges merged after:
+// out = sum over ranges of sum_r exp(max_r - max) out_r / sum over ranges of sum_r exp(max_r - max).
+template <int CHUNKS>
+void attend_key_ranges(const Shape& s, int64_t splits) {
+  constexpr int64_t D = CHUNKS * 8;
+  constexpr int64_t kPartial = D + 2;  // a range's output for a row, then its score maximum and sum of exps
+  const int64_t kv_count = s.batch * s.kv_heads;
+  const int64_t total_keys = s.start + 1;
+  const int64_t kv_stride = s.kv_heads * D;
+  thread_local std::vector<float> partial_buffer;
+  const size_t needed = static_cast<size_t>(kv_count * splits * s.group * kPartial);
+  if (partial_buffer.size() < needed) partial_buffer.resize(needed);
+  float* partials = partial_buffer.data();  // [kv head][range][row of the group][kPartial]
+  for_each_task(kv_count * splits, [&](int64_t task) {
+    thread_local std::vector<float> buffer;
+    const int64_t stride = (total_keys + 15) / 16 * 16;
+    if (buffer.size() < static_cast<size_t>(kMaxRows * stride)) buffer.resize(kMaxRows * stride);
+    const int64_t bg = task / splits, range = task % splits;
+    const int64_t b = bg / s.kv_heads, kv_head = bg % s.kv_heads;
+    const int64_t first_key = total_keys * range / splits, end_key = total_keys * (range + 1) / splits;
+    const float* k_base = s.k + ((b * s.max_seq + first_key) * s.kv_heads + kv_head) * D;
+    const float* v_base = s.v + ((b * s.max_seq + first_key) * s.kv_heads + kv_head) * D;
+    for (int64_t n = 0; n < s.group; n += kMaxRows) {
+      RowSet rows;
+      const int r_count = static_cast<int>(std::min<int64_t>(kMaxRows, s.group - n));
+      for (int r = 0; r < r_count; ++r) {
+        const int64_t head = kv_head * s.group + n + r;
+        float* partial = partials + ((bg * splits + range) * s.group + n + r) * kPartial;
+        rows.q[r] = s.q + (b * s.heads + head) * D;
+        rows.out[r] = partial;
+        rows.keys[r] = end_key - first_key;
+        rows.softmax_of[r] = partial + D;
+      }
+      switch (r_count) {
+        case 1: attend_rows<CHUNKS, 1>(s, rows, k_base, nullptr, 0, v_base, buffer.data(), stride); break;
+        case 2: attend_rows<CHUNKS, 2>(s, rows, k_base, nullptr, 0, v_base, buffer.data(), stride); break;
+        case 3: attend_rows<CHUNKS, 3>(s, rows, k_base, nullptr, 0, v_base, buffer.data(), stride); break;
+        default: attend_rows<CHUNKS, 4>(s, rows, k_base, nullptr, 0, v_base, buffer.data(), stride); break;
+      }
+    }
+  });
+  for (int64_t bg = 0; bg < kv_count; ++bg) {
+    const int64_t b = bg / s.kv_heads, kv_head = bg % s.kv_heads;
+    for (int64_t g = 0; g < s.group; ++g) {
+      const float* first = partials + (bg * splits * s.group + g) * kPartial;
+      float top = first[D];
+      for (int64_t range = 1; range < splits; ++range) top = std::max(top, first[range * s.group * kPartial + D]);
+      float* out = s.out + (b * s.heads + kv_head * s.group + g) * D;
+      std::fill(out, out + D, 0.0f);
+      float total = 0.0f;
+      for (int64_t range = 0; range < splits; ++range) {
+        const float* partial = first + range * s.group * kPartial;
+        const float weight = partial[D + 1] * std::exp(partial[D] - top);
+        total += weight;
+        for (int64_t d = 0; d < D; ++d) out[d] += weight * partial[d];
+      }
+      for (int64_t d = 0; d < D; ++d) out[d] /= total;
+    }
+  }
+}
+
 // A task is a block of positions of one kv head: its rows, position by position and within a position the
 // kv head's query heads, go four at a time through attend_rows. Causal blocks cost more the later they
 // sit, so the last go first. A prefill first transposes each kv head's keys, once for all its rows.
 template <int CHUNKS>
 void attend(const Shape& s) {
   constexpr int64_t D = CHUNKS * 8;
+  if (s.seq == 1) {
+    // As many ranges as make two tasks a thread, each of at least kMinKeysPerRange keys.
+    const int64_t threads = executorch::extension::get_thread_count();
+    const int64_t wanted = (2 * threads + s.batch * s.kv_heads - 1) / (s.batch * s.kv_heads);
+    const int64_t splits = std::min(wanted, (s.start + 1) / kMinKeysPerRange);
+    if (splits > 1) {
+      attend_key_ranges<CHUNKS>(s, splits);
+      return;
+    }
+  }
   const int64_t blocks = (s.seq + kPositionsPerTask - 1) / kPositionsPerTask;
   const int64_t total_keys = s.start + s.seq;
   const int64_t stride = (total_keys + 15) / 16 * 16;

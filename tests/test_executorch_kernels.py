@@ -94,6 +94,18 @@ def test_kernel_matches_float64_attention(heads, kv_heads, head_dim, causal):
     assert executorch_kernels.calls_served() - served_before == len(cases)
 
 
+def test_decode_over_key_ranges_merges_to_whole_attention():
+    """A decode step with few kv heads splits each one's keys in ranges (up to four here, one kv head, two
+    threads) and merges their softmax partials; short contexts stay whole."""
+    module, method = one_op_program(1100, 4, 1, 64, causal=True)
+    served_before = executorch_kernels.calls_served()
+    for start in (0, 63, 127, 128, 300, 1050):
+        q = torch.randn(1, 1, 4, 64) * 3  # peaky scores: the ranges' maxima differ
+        got = method.forward((q, torch.tensor([start])))[0]
+        assert (got - reference(q, module.k, module.v, start, True)).abs().max().item() < 2e-5, start
+    assert executorch_kernels.calls_served() - served_before == 6
+
+
 def test_batches_and_the_largest_head_size():
     module, method = one_op_program(96, 8, 2, 256, causal=True, batch=2)
     served_before = executorch_kernels.calls_served()
