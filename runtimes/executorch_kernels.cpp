@@ -41,8 +41,8 @@ constexpr const char* kSdpaName = "llama::custom_sdpa.out";
 constexpr const char* kSliceName = "aten::slice_copy.Tensor_out";
 constexpr const char* kUpdateCacheName = "llama::update_cache.out";
 constexpr int64_t kPositionsPerTask = 16;
-constexpr int64_t kTransposeFromPositions = 8;
-constexpr int64_t kMinKeysPerRange = 64;  // decode's key ranges (attend_key_ranges): fewer keys, fewer ranges  // fewer query positions: the transpose costs more than it saves
+constexpr int64_t kTransposeFromPositions = 8;  // fewer query positions: the transpose costs more than it saves
+constexpr int64_t kMinKeysPerRange = 64;  // decode's key ranges (attend_key_ranges): fewer keys, fewer ranges
 
 // Calls each kernel computed itself (edgec_calls_served's argument; runtimes/executorch_kernels.py KERNELS).
 enum Kernel { kAttention, kSliceCopy, kUpdateCache, kKernelCount };
@@ -89,6 +89,7 @@ struct Shape {
 constexpr int kMaxRows = 4;
 
 struct RowSet {
+  int count = 0;  // 1 .. kMaxRows
   const float* q[kMaxRows];
   float* out[kMaxRows];
   int64_t keys[kMaxRows];  // how many keys each row sees
@@ -177,7 +178,7 @@ __attribute__((target("avx2,fma"))) void scores_from_transposed(const RowSet& ro
   }
 }
 
-// row[0 .. keys) becomes exp(row - its max); returns 1 / their sum.
+// row[0 .. keys) becomes exp(row - its max), the max going to *top_out; returns 1 / their sum.
 __attribute__((target("avx2,fma"))) float softmax_in_place(float* row, int64_t keys, float* top_out) {
   __m256 top8 = _mm256_set1_ps(row[0]);
   int64_t m = 0;
@@ -294,6 +295,21 @@ __attribute__((target("avx2,fma"))) void attend_rows(const Shape& s, const RowSe
   }
 }
 
+// attend_rows for a set of 1 to kMaxRows rows, scoring in this thread's buffer of kMaxRows rows of `stride`.
+template <int CHUNKS>
+void attend_row_set(const Shape& s, const RowSet& rows, const float* k_base, const float* kt, int64_t kt_stride,
+                    const float* v_base, int64_t stride) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < static_cast<size_t>(kMaxRows * stride)) buffer.resize(kMaxRows * stride);
+  float* scores = buffer.data();
+  switch (rows.count) {
+    case 1: attend_rows<CHUNKS, 1>(s, rows, k_base, kt, kt_stride, v_base, scores, stride); break;
+    case 2: attend_rows<CHUNKS, 2>(s, rows, k_base, kt, kt_stride, v_base, scores, stride); break;
+    case 3: attend_rows<CHUNKS, 3>(s, rows, k_base, kt, kt_stride, v_base, scores, stride); break;
+    default: attend_rows<CHUNKS, 4>(s, rows, k_base, kt, kt_stride, v_base, scores, stride); break;
+  }
+}
+
 // Runs task(t) for t in 0 .. tasks on the pool, each thread taking the next task not yet taken: a pool
 // thread can start tens of microseconds after the call (woken from sleep), and a fixed share of the tasks
 // would finish that much later. Even a decode step's few microseconds go through the pool: the stock kernel
@@ -329,10 +345,8 @@ void attend_key_ranges(const Shape& s, int64_t splits) {
   const size_t needed = static_cast<size_t>(kv_count * splits * s.group * kPartial);
   if (partial_buffer.size() < needed) partial_buffer.resize(needed);
   float* partials = partial_buffer.data();  // [kv head][range][row of the group][kPartial]
+  const int64_t stride = (total_keys + 15) / 16 * 16;
   for_each_task(kv_count * splits, [&](int64_t task) {
-    thread_local std::vector<float> buffer;
-    const int64_t stride = (total_keys + 15) / 16 * 16;
-    if (buffer.size() < static_cast<size_t>(kMaxRows * stride)) buffer.resize(kMaxRows * stride);
     const int64_t bg = task / splits, range = task % splits;
     const int64_t b = bg / s.kv_heads, kv_head = bg % s.kv_heads;
     const int64_t first_key = total_keys * range / splits, end_key = total_keys * (range + 1) / splits;
@@ -340,8 +354,8 @@ void attend_key_ranges(const Shape& s, int64_t splits) {
     const float* v_base = s.v + ((b * s.max_seq + first_key) * s.kv_heads + kv_head) * D;
     for (int64_t n = 0; n < s.group; n += kMaxRows) {
       RowSet rows;
-      const int r_count = static_cast<int>(std::min<int64_t>(kMaxRows, s.group - n));
-      for (int r = 0; r < r_count; ++r) {
+      rows.count = static_cast<int>(std::min<int64_t>(kMaxRows, s.group - n));
+      for (int r = 0; r < rows.count; ++r) {
         const int64_t head = kv_head * s.group + n + r;
         float* partial = partials + ((bg * splits + range) * s.group + n + r) * kPartial;
         rows.q[r] = s.q + (b * s.heads + head) * D;
@@ -349,12 +363,7 @@ void attend_key_ranges(const Shape& s, int64_t splits) {
         rows.keys[r] = end_key - first_key;
         rows.softmax_of[r] = partial + D;
       }
-      switch (r_count) {
-        case 1: attend_rows<CHUNKS, 1>(s, rows, k_base, nullptr, 0, v_base, buffer.data(), stride); break;
-        case 2: attend_rows<CHUNKS, 2>(s, rows, k_base, nullptr, 0, v_base, buffer.data(), stride); break;
-        case 3: attend_rows<CHUNKS, 3>(s, rows, k_base, nullptr, 0, v_base, buffer.data(), stride); break;
-        default: attend_rows<CHUNKS, 4>(s, rows, k_base, nullptr, 0, v_base, buffer.data(), stride); break;
-      }
+      attend_row_set<CHUNKS>(s, rows, k_base, nullptr, 0, v_base, stride);
     }
   });
   for (int64_t bg = 0; bg < kv_count; ++bg) {
@@ -423,10 +432,6 @@ void attend(const Shape& s) {
       return;
     }
     const int64_t t = task - transposes;
-    thread_local std::vector<float> buffer;
-    const size_t needed = static_cast<size_t>(kMaxRows * stride);
-    if (buffer.size() < needed) buffer.resize(std::max<size_t>(needed, 4 * 4096));
-    float* scores = buffer.data();
     const int64_t block = blocks - 1 - t / (s.batch * s.kv_heads);
     const int64_t b = (t / s.kv_heads) % s.batch;
     const int64_t kv_head = t % s.kv_heads;
@@ -441,8 +446,8 @@ void attend(const Shape& s) {
     const int64_t count = (std::min(s.seq, first_position + kPositionsPerTask) - first_position) * s.group;
     for (int64_t n = 0; n < count; n += kMaxRows) {
       RowSet rows;
-      const int r_count = static_cast<int>(std::min<int64_t>(kMaxRows, count - n));
-      for (int r = 0; r < r_count; ++r) {
+      rows.count = static_cast<int>(std::min<int64_t>(kMaxRows, count - n));
+      for (int r = 0; r < rows.count; ++r) {
         const int64_t i = first_position + (n + r) / s.group;
         const int64_t head = kv_head * s.group + (n + r) % s.group;
         const int64_t offset = ((b * s.seq + i) * s.heads + head) * D;
@@ -450,12 +455,7 @@ void attend(const Shape& s) {
         rows.out[r] = s.out + offset;
         rows.keys[r] = s.causal ? s.start + i + 1 : total_keys;
       }
-      switch (r_count) {
-        case 1: attend_rows<CHUNKS, 1>(s, rows, k_base, kt, stride, v_base, scores, stride); break;
-        case 2: attend_rows<CHUNKS, 2>(s, rows, k_base, kt, stride, v_base, scores, stride); break;
-        case 3: attend_rows<CHUNKS, 3>(s, rows, k_base, kt, stride, v_base, scores, stride); break;
-        default: attend_rows<CHUNKS, 4>(s, rows, k_base, kt, stride, v_base, scores, stride); break;
-      }
+      attend_row_set<CHUNKS>(s, rows, k_base, kt, stride, v_base, stride);
     }
   });
 }
