@@ -455,16 +455,35 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
         if ahead is not None:  # the child's memory is its own, beside the build's peak RSS
             report.export["trace_ahead"] = {"waited_s": round(ahead.waited_s, 2), "peak_rss_mb": ahead.peak_rss_mb}
         del onnx_model
+        prompt = _write_prompt_graph(writer.staging, quant, report)
         writer.write_json("genai_config.json", genai_config(model.cfg, MODEL_FILE, shares_buffer,
-                                                               config.export.threads))
+                                                               config.export.threads, prompt))
     io = io_for(model, config.export.last_position_logits).describe(shares_buffer)
     artifact = {"format": "onnx", "path": MODEL_FILE, "precision": config.export.precision, "pipeline": pipeline,
                 "quant": quant.to_dict() if quant else None, "io": io}
+    if prompt:
+        artifact["prompt_graph"] = {"path": prompt["file"], "accuracy_level": quant.prompt_accuracy_level,
+                                    "quantized_matmuls": prompt["quantized_matmuls"]}
     if reference.slots is not None:
         artifact["lora"] = _write_onnx_adapters(writer.staging, reference, report)
     if config.validation.enabled:
         artifact["validation"] = _validate_artifact(writer.staging, artifact, reference, config, report)
     return artifact
+
+
+def _write_prompt_graph(staging: Path, quant, report: BuildReport) -> dict | None:
+    """--prompt-accuracy-level: model_prompt.onnx beside model.onnx, for genai_config.json's pipeline."""
+    from compiler.onnx.prompt_graph import PROMPT_FILE, write_prompt_graph
+
+    level = quant.prompt_accuracy_level if quant else None
+    if level is None:
+        return None
+    written = write_prompt_graph(staging / MODEL_FILE, staging / PROMPT_FILE, level)
+    if not written["quantized_matmuls"]:
+        report.warn(f"--prompt-accuracy-level {level}: the graph has no MatMulNBits (every linear kept fp32), "
+                    "so no prompt graph was written")
+        return None
+    return {"file": PROMPT_FILE, **written}
 
 
 def _write_onnx_adapters(staging: Path, reference: Reference, report: BuildReport) -> dict:

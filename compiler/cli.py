@@ -112,6 +112,10 @@ def _parse_adapters(values: tuple[str, ...]):
 @click.option("--asymmetric", is_flag=True, help="Blocks with zero points (default: symmetric).")
 @click.option("--accuracy-level", type=click.IntRange(0, 4), default=4, show_default=True,
               help="onnxruntime MatMulNBits compute: 4 = int8 activations, 1 = fp32.")
+@click.option("--prompt-accuracy-level", type=click.IntRange(0, 4),
+              help="onnx int4: also write model_prompt.onnx, the graph at this level, which onnxruntime-genai and "
+                   "edgec run on prompts (1 = fp32: faster prompts on x86, one more packed copy of the weights "
+                   "in memory).")
 @click.option("--embedding-bits", type=click.Choice(["0", "4", "8"]), default="4", show_default=True, help="0 keeps fp32.")
 @click.option("--lm-head-bits", type=click.Choice(["0", "4", "8"]), default="4", show_default=True, help="0 keeps fp32.")
 @click.option("--keep-fp32", multiple=True, metavar="REGEX", help="Modules kept fp32, e.g. 'layers\\.0\\.'.")
@@ -130,7 +134,7 @@ def _parse_adapters(values: tuple[str, ...]):
 @click.option("--force", is_flag=True, help="Move a non-bundle --out directory aside instead of refusing.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 def build(model_dir, adapters, lora_mode, lora_dtype, lora_max_rank, lora_targets, out, formats, optimize, dump_dir,
-          quant, max_kl, block_size, algo, asymmetric, accuracy_level,
+          quant, max_kl, block_size, algo, asymmetric, accuracy_level, prompt_accuracy_level,
           embedding_bits, lm_head_bits, keep_fp32, keep_int8, calibration, smoothing, max_seq_len, logits, threads, gates, new_tokens,
           no_validate, memory_budget, force, quiet):
     """Build a bundle: load, merge LoRA, export, validate."""
@@ -144,6 +148,9 @@ def build(model_dir, adapters, lora_mode, lora_dtype, lora_max_rank, lora_target
     quant_config = None
     if max_kl is not None and quant != "auto":
         raise UsageError(f"--max-kl {max_kl}: only with --quant auto (add it, or drop --max-kl)")
+    if prompt_accuracy_level is not None and quant not in ("int4", "auto"):
+        raise UsageError(f"--prompt-accuracy-level {prompt_accuracy_level}: only with --quant int4|auto, whose "
+                         "MatMulNBits it sets (add one, or drop it)")
     explicit_smoothing = click.get_current_context().get_parameter_source("smoothing") != ParameterSource.DEFAULT
     if explicit_smoothing and smoothing and (quant not in ("int4", "auto") or algo != "gptq"):
         # It comes with GPTQ's calibration pass; silently ignoring an asked-for alpha would mislead.
@@ -153,7 +160,7 @@ def build(model_dir, adapters, lora_mode, lora_dtype, lora_max_rank, lora_target
                                    int(lm_head_bits), tuple(keep_fp32), tuple(keep_int8),
                                    str(calibration) if calibration else None,
                                    (0.1 if max_kl is None else max_kl) if quant == "auto" else None,
-                                   smoothing=smoothing)
+                                   smoothing=smoothing, prompt_accuracy_level=prompt_accuracy_level)
 
     config = BuildConfig(
         model=ModelConfig(model_dir),
@@ -491,6 +498,10 @@ def inspect(bundle, as_json):
         lines.append(f"artifact: {artifact['path']} ({artifact['format']}, {artifact['precision']}{detail}; {kv_mode})")
         lines.append("  inputs: input_ids, attention_mask, position_ids, " f"{kv['past_key']} / {kv['past_value']} x {kv['num_layers']}")
         lines.append(f"  outputs: logits, {kv['present_key']} / {kv['present_value']}; KV {kv['layout']} {kv['dtype']}")
+        prompt = artifact.get("prompt_graph")
+        if prompt:
+            lines.append(f"  prompts run on: {prompt['path']} (the same graph and weights, accuracy level "
+                         f"{prompt['accuracy_level']})")
     lines.append("files:")
     lines += [f"  {name:28s} {f['bytes']:>12,d}  {f['sha256'][:16]}" for name, f in manifest["files"].items()]
     validation = manifest.get("validation")

@@ -78,6 +78,7 @@ class QuantConfig:
     max_kl: float | None = None  # --quant auto: the KL to fp32 on calibration text the plan must meet
     plan: tuple[tuple[str, int, int], ...] = ()  # --quant auto's choice: (module path, bits, block), bits 0 = fp32
     smoothing: float = 0.5  # gptq: alpha of the channel smoothing (compiler/quant/smooth.py); 0 = none
+    prompt_accuracy_level: int | None = None  # onnx: a second graph for prompts at this level (prompt_graph.py)
 
     def __post_init__(self):
         if self.block_size < 16 or self.block_size > 256 or self.block_size & (self.block_size - 1):
@@ -93,6 +94,11 @@ class QuantConfig:
             raise UsageError(f"--max-kl {self.max_kl}: must be a KL divergence above 0, e.g. 0.1")
         if not 0 <= self.smoothing <= 1:
             raise UsageError(f"--smoothing {self.smoothing}: must be from 0 (none) to 1")
+        if self.prompt_accuracy_level is not None and self.prompt_accuracy_level not in range(5):
+            raise UsageError(f"--prompt-accuracy-level {self.prompt_accuracy_level}: must be 0 to 4 (1: fp32)")
+        if self.prompt_accuracy_level == self.accuracy_level:
+            raise UsageError(f"--prompt-accuracy-level {self.prompt_accuracy_level}: the same as --accuracy-level, "
+                             "so the prompt graph would be the model's; drop it or pick another level (1: fp32)")
         if self.max_kl is not None and not self.symmetric:
             raise UsageError("--quant auto plans symmetric blocks only; drop --asymmetric")
         for path, bits, block in self.plan:
@@ -204,6 +210,14 @@ class BuildConfig:
     force: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     memory_budget_mb: float | None = None  # --memory-budget: the build plans to fit it or refuses at the start
+
+    def __post_init__(self):
+        level = self.export.quant.prompt_accuracy_level if self.export.quant else None
+        if level is not None and "onnx" not in self.export.formats:
+            raise UsageError(f"--prompt-accuracy-level {level}: an ONNX graph option; add --format onnx or drop it")
+        if level is not None and self.lora.mode == "runtime":
+            raise UsageError(f"--prompt-accuracy-level {level}: not with --lora runtime yet (onnxruntime-genai's "
+                             "adapters and its graph pipeline are untested together); drop one of them")
 
     def to_dict(self) -> dict:
         return {

@@ -90,9 +90,11 @@ def _artifact(manifest: dict, bundle: Path, fmt: str | None = None) -> dict:
 
 
 def memory_estimate_mb(manifest: dict, artifact: dict, spec: BenchSpec) -> dict:
-    """A floor on the run's resident memory: the weights (onnxruntime holds them in memory), the KV cache
-    at the longest sequence, the largest logits block, and the runtime itself."""
+    """A floor on the run's resident memory: the weights (onnxruntime holds them in memory, once a session),
+    the KV cache at the longest sequence, the largest logits block, and the runtime itself."""
     weights = sum(f["bytes"] for name, f in manifest["files"].items() if name.startswith(artifact["path"]))
+    if artifact.get("prompt_graph"):  # its session packs its own copy of the weights
+        weights *= 2
     kv = artifact["io"]["kv_cache"]
     per_token = 2 * kv["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * 4  # float32 keys and values
     copies = 1 if kv.get("shares_buffer") or kv.get("in_program") else 2  # else past and present live together

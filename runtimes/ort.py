@@ -24,6 +24,20 @@ def _artifact(manifest: dict, fmt: str = "onnx") -> dict:
     raise ValueError(f"bundle has no {fmt} artifact")
 
 
+def prompt_graph_path(model_path: Path) -> Path | None:
+    """The graph genai_config.json's pipeline runs on prompts while model_path runs on generated tokens
+    (an edgec build's --prompt-accuracy-level), or None."""
+    config_path = model_path.parent / "genai_config.json"
+    if not config_path.exists():
+        return None
+    stages = [stage for entry in json.loads(config_path.read_text())["model"]["decoder"].get("pipeline", [])
+              for stage in entry.values()]
+    if not any(s["filename"] == model_path.name and not s.get("run_on_prompt", True) for s in stages):
+        return None
+    return next((model_path.parent / s["filename"] for s in stages
+                 if s.get("run_on_prompt", True) and not s.get("run_on_token_gen", True)), None)
+
+
 class OrtRuntime(Runtime):
     """An onnxruntime session over a bundle's decoder, driven by the I/O description in the manifest."""
 
@@ -43,8 +57,15 @@ class OrtRuntime(Runtime):
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        self.prompt_path = prompt_graph_path(self.model_path)
+        if self.prompt_path is not None:
+            # Two sessions, two thread pools: one's threads spinning on past its run would hold the cores
+            # the other's next run needs.
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         started = time.perf_counter()
         self.session = ort.InferenceSession(str(self.model_path), options, providers=["CPUExecutionProvider"])
+        self.prompt_session = self.session if self.prompt_path is None else ort.InferenceSession(
+            str(self.prompt_path), options, providers=["CPUExecutionProvider"])
         self.load_s = time.perf_counter() - started
         self.version = ort.__version__
         self.threads = threads
@@ -112,7 +133,8 @@ class OrtRuntime(Runtime):
         feeds = self._position_feeds(input_ids, past_len)
         for value, tensor in zip(self.past_inputs, past):
             feeds[value.name] = tensor
-        outputs = self.session.run(self.output_names, {**feeds, **self.adapter_feeds})
+        session = self.session if input_ids.shape[1] == 1 else self.prompt_session
+        outputs = session.run(self.output_names, {**feeds, **self.adapter_feeds})
         return outputs[0], outputs[1:]
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
@@ -150,9 +172,11 @@ class OrtRuntime(Runtime):
         buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, heads, total, head_dim), np.float32))
                    for _ in self.past_inputs]
         presents = [name for name in self.output_names if name.startswith("present.")]
-        binding = self.session.io_binding()
+        bindings = {session: session.io_binding() for session in (self.session, self.prompt_session)}
 
         def step(ids: np.ndarray, past_len: int) -> np.ndarray:
+            session = self.session if ids.shape[1] == 1 else self.prompt_session
+            binding = bindings[session]
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
             for name, array in self._position_feeds(ids, past_len).items():
@@ -164,7 +188,7 @@ class OrtRuntime(Runtime):
             binding.bind_output("logits")  # first: get_outputs() follows the binding order
             for name, buffer in zip(presents, buffers):
                 binding.bind_ortvalue_output(name, buffer)
-            self.session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
             return binding.get_outputs()[0].numpy()[0, -1]
 
         return step
@@ -175,8 +199,11 @@ class OrtRuntime(Runtime):
         return self._shared_buffer_step(total_tokens) if shared else self._copying_step()
 
     def runtime_facts(self) -> dict:
-        return {**super().runtime_facts(),
-                "kv_cache": "shared buffer" if self.shares_buffer else "past/present copies"}
+        facts = {**super().runtime_facts(),
+                 "kv_cache": "shared buffer" if self.shares_buffer else "past/present copies"}
+        if self.prompt_path is not None:
+            facts["prompt_graph"] = self.prompt_path.name
+        return facts
 
 
 def main(argv: list[str] | None = None) -> int:

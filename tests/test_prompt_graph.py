@@ -1,0 +1,102 @@
+"""--prompt-accuracy-level: a second ONNX graph for prompts, run by onnxruntime-genai's pipeline and by edgec's
+own runner, on the one weights file and one KV cache."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from compiler.cli import main
+from runtimes.ort import OrtRuntime
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def accuracy_levels(path) -> set[int]:
+    model = onnx.load(str(path), load_external_data=False)
+    return {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+            if a.name == "accuracy_level"}
+
+
+@pytest.fixture(scope="module")
+def bundle(trained_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prompt-graph") / "bundle"
+    result = run("build", "--model", trained_dir, "--out", out, "--quiet", "--quant", "int4", "--algo", "rtn",
+                 "--prompt-accuracy-level", "1", "--new-tokens", "8")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_bundle_carries_both_graphs_on_one_weights_file(bundle):
+    assert accuracy_levels(bundle / "model.onnx") == {4}
+    assert accuracy_levels(bundle / "model_prompt.onnx") == {1}
+    assert sorted(p.name for p in bundle.glob("*.data")) == ["model.onnx.data"]
+    prompt_graph = onnx.load(str(bundle / "model_prompt.onnx"), load_external_data=False)
+    locations = {entry.value for tensor in prompt_graph.graph.initializer for entry in tensor.external_data
+                 if entry.key == "location"}
+    assert locations == {"model.onnx.data"}
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    artifact = manifest["artifacts"][0]
+    assert artifact["prompt_graph"] == {"path": "model_prompt.onnx", "accuracy_level": 1, "quantized_matmuls": 5 * 2 + 1}
+    assert "model_prompt.onnx" in manifest["files"]
+    assert artifact["validation"]["passed"]
+
+    config = json.loads((bundle / "genai_config.json").read_text())["model"]
+    assert config["type"] == "decoder-pipeline"
+    stages = [(name, stage) for entry in config["decoder"]["pipeline"] for name, stage in entry.items()]
+    assert [(name, s["filename"], s["run_on_prompt"], s["run_on_token_gen"]) for name, s in stages] == [
+        ("prompt", "model_prompt.onnx", True, False), ("tokens", "model.onnx", False, True)]
+
+
+def test_runner_runs_prompts_on_the_prompt_graph_and_tokens_on_the_model(bundle):
+    runner = OrtRuntime(bundle)
+    assert runner.runtime_facts()["prompt_graph"] == "model_prompt.onnx"
+    ids = np.array([[1, 17, 40, 23, 9, 31, 12]])
+    feeds = runner._position_feeds(ids, 0)
+    for value, tensor in zip(runner.past_inputs, runner.empty_cache()):
+        feeds[value.name] = tensor
+
+    def logits_of(graph):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        return ort.InferenceSession(str(bundle / graph), options).run(["logits"], feeds)[0]
+
+    prompt_logits, model_logits = logits_of("model_prompt.onnx"), logits_of("model.onnx")
+    assert not np.array_equal(prompt_logits, model_logits)  # the two kernels round differently
+    got, _ = runner._run(ids, runner.empty_cache(), 0)
+    assert np.array_equal(got, prompt_logits)
+    one, _ = runner._run(ids[:, :1], runner.empty_cache(), 0)
+    feeds = runner._position_feeds(ids[:, :1], 0) | {v.name: t for v, t in zip(runner.past_inputs, runner.empty_cache())}
+    assert np.array_equal(one, runner.session.run(["logits"], feeds)[0])
+
+
+def test_onnxruntime_genai_runs_the_pipeline_as_edgec_does(bundle):
+    pytest.importorskip("onnxruntime_genai")
+    from runtimes.genai import GenaiRuntime
+
+    genai = GenaiRuntime(bundle, threads=2)
+    prompt = genai.encode("The quick brown fox")
+    assert len(prompt) > 1  # a prompt of one token would run on the token graph
+    tokens = genai.generate(prompt, 12)
+    assert tokens == OrtRuntime(bundle, threads=2).generate(prompt, 12, eos_ids=(2,)) and tokens
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["--prompt-accuracy-level", "1"], ["--prompt-accuracy-level 1", "--quant int4"]),
+    (["--quant", "int4", "--prompt-accuracy-level", "4"], ["--prompt-accuracy-level 4", "--accuracy-level"]),
+    (["--quant", "int4", "--format", "pte", "--prompt-accuracy-level", "1"], ["--prompt-accuracy-level 1", "--format onnx"]),
+    (["--quant", "int4", "--lora", "runtime", "--prompt-accuracy-level", "1"], ["--prompt-accuracy-level 1", "--lora runtime"]),
+])
+def test_bad_combinations_are_one_line_errors(trained_dir, tmp_path, extra, fragments):
+    result = run("build", "--model", trained_dir, "--out", tmp_path / "out", "--quiet", *extra)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert all(f in lines[0] for f in fragments), lines[0]
+    assert not (tmp_path / "out").exists()
