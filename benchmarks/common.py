@@ -123,13 +123,15 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence]) -> None:
 
 def print_artifacts(artifacts: dict[str, dict]) -> None:
     """The comparisons' table: speed (medians, decode's spread), size and export cost per artifact."""
+    run_rss = all("rss_mb" in a for a in artifacts.values())  # scripts whose runs are their own processes
     rows = []
     for name, a in artifacts.items():
         lo, hi = a["decode_spread"]
         rows.append([name, f"{a['prefill_ms']:.1f}", f"{a['decode_tps']:.1f} [{lo:.1f}-{hi:.1f}]",
+                     *([f"{a['rss_mb']:.0f}"] if run_rss else []),
                      f"{a['size_mb']:.1f}", f"{a['export_s']:.1f}", f"{a['export_rss_mb']:.0f}"])
-    print_table(["artifact", f"prefill {PROMPT_TOKENS} tok (ms)", "decode (tok/s) [min-max]", "size (MB)", "export (s)",
-                 "export peak RSS (MB)"], rows)
+    print_table(["artifact", f"prefill {PROMPT_TOKENS} tok (ms)", "decode (tok/s) [min-max]",
+                 *(["run peak RSS (MB)"] if run_rss else []), "size (MB)", "export (s)", "export peak RSS (MB)"], rows)
 
 
 RATIOS = {"decode_tps": "decode tokens/s", "prefill_ms": "prefill time", "size_mb": "size",

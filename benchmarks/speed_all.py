@@ -1,5 +1,5 @@
-"""Every artifact an app might run, side by side: edgec's ONNX int4 bundle (in onnxruntime-genai and in edgec's
-own onnxruntime loop) and `.pte`, the GenAI builder's int4 build, optimum-executorch's `.pte` and llama.cpp Q4_0,
+"""Every artifact an app might run, side by side: edgec's ONNX int4 bundle (in onnxruntime-genai, also built with
+an fp32 prompt graph, and in edgec's own onnxruntime loop) and `.pte`, the GenAI builder's int4 build, optimum-executorch's `.pte` and llama.cpp Q4_0,
 on the SmolLM2-135M-shaped Llama + rank-16 LoRA (merged), with the ratios of issue 20's goals:
 
     python -m benchmarks.speed_all [--work DIR] [--rounds N] [--only-measure]
@@ -21,8 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import (BIN, NEW_TOKENS, PROMPT_TOKENS, SMOLLM2_WORK, argument_parser, print_artifacts,
-                               print_ratios, rotations, smollm2_with_adapter)
+from benchmarks.common import (BIN, EDGEC, NEW_TOKENS, PROMPT_TOKENS, SMOLLM2_WORK, argument_parser, print_artifacts,
+                               print_ratios, rotations, smollm2_with_adapter, timed)
 from runtimes.agent import with_huge_page_malloc
 
 # name -> how a child runs it: a runner kind and the key of the build it runs
@@ -33,7 +33,9 @@ ARTIFACTS = {
     "edgec ONNX int4 (edgec's onnxruntime loop)": ("ort", "edgec int4"),
     "edgec ONNX int4 (onnxruntime-genai)": ("genai", "edgec int4"),
     "builder int4, PEFT-merged (onnxruntime-genai)": ("genai", "builder int4 (PEFT-merged)"),
+    "edgec ONNX int4 + fp32 prompt graph (onnxruntime-genai)": ("genai", "edgec int4, fp32 prompt graph"),
 }
+PROMPT_GRAPH = "edgec ONNX int4 + fp32 prompt graph (onnxruntime-genai)"
 
 
 def prompt_ids(vocab: int = 49152) -> list[int]:
@@ -83,7 +85,16 @@ def decode_bound(size_mb: float) -> str:
 
 
 def child(kind: str, path: str) -> dict:
-    """One run in this process: {prefill_ms, decode_tps}."""
+    """One run in this process: {prefill_ms, decode_tps, rss_mb}, rss_mb the peak of this process and of
+    llama-bench's."""
+    import resource
+
+    result = run_once(kind, path)
+    peaks = (resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return {**result, "rss_mb": max(peaks) / 1024}
+
+
+def run_once(kind: str, path: str) -> dict:
     if kind == "bandwidth":
         return {"read_gb_s": read_bandwidth_gb_s()}
     if kind == "llama":
@@ -122,8 +133,23 @@ def builds(work: Path) -> dict[str, dict]:
     built = vs_genai_builder.builds(work, model, adapter, [])
     built.update(vs_optimum_executorch.builds(work, model, adapter))
     built.update(vs_genai_builder.llama_cpp_ggufs(work, work / "peft-merged", ("Q4_0",)))
+    built.update(prompt_graph_build(work, model, adapter))
+    return entries(built, list(ARTIFACTS))
+
+
+def prompt_graph_build(work: Path, model: Path, adapter: Path) -> dict[str, dict]:
+    """edgec's int4 bundle with --prompt-accuracy-level 1, the same options as vs_genai_builder's otherwise."""
+    out = work / "edgec-int4-prompt-fp32"
+    wall, rss = timed([EDGEC, "build", "--model", str(model), "--adapter", str(adapter), "--out",
+                       str(out), "--quant", "int4", "--prompt-accuracy-level", "1", "--force",
+                       "--quiet", "--no-validate"])
+    return {"edgec int4, fp32 prompt graph": {"dir": out, "export_s": wall, "export_rss_mb": rss}}
+
+
+def entries(built: dict[str, dict], names: list[str]) -> dict[str, dict]:
     out = {}
-    for name, (kind, key) in ARTIFACTS.items():
+    for name in names:
+        kind, key = ARTIFACTS[name]
         b = built[key]
         path = b.get("pte") or b["dir"]
         size = Path(path).stat().st_size if Path(path).is_file() else \
@@ -147,6 +173,7 @@ def measure(artifacts: dict[str, dict], rounds: int) -> None:
         a["prefill_ms"] = statistics.median(s["prefill_ms"] for s in samples[name])
         rates = [s["decode_tps"] for s in samples[name]]
         a["decode_tps"], a["decode_spread"] = statistics.median(rates), (min(rates), max(rates))
+        a["rss_mb"] = statistics.median(s["rss_mb"] for s in samples[name])
 
 
 def main() -> None:
@@ -161,6 +188,11 @@ def main() -> None:
         return
     record = args.work / "speed_all.json"
     artifacts = json.loads(record.read_text()) if args.only_measure and record.exists() else builds(args.work)
+    missing = [name for name in ARTIFACTS if name not in artifacts]
+    if missing == [PROMPT_GRAPH]:  # a record from before the prompt graph: build just that
+        artifacts.update(entries(prompt_graph_build(args.work, *smollm2_with_adapter(args.work)), missing))
+    elif missing:
+        parser.error(f"{record} lacks {', '.join(missing)}: run once without --only-measure")
     measure(artifacts, args.rounds)
     record.write_text(json.dumps(artifacts, indent=2))
     print(f"\nSmolLM2-135M-shaped Llama + rank-16 LoRA merged, prompt {PROMPT_TOKENS}, {NEW_TOKENS} new tokens, greedy, "
@@ -169,6 +201,9 @@ def main() -> None:
     genai, q4 = artifacts["edgec ONNX int4 (onnxruntime-genai)"], artifacts["llama.cpp Q4_0 (llama-bench)"]
     print("\n1. edgec's ONNX bundle in onnxruntime-genai vs llama.cpp Q4_0:")
     print_ratios(genai, q4, {"decode_tps": ">= 1.00x", "prefill_ms": "<= 1.00x"})
+    print("   with the fp32 prompt graph (--prompt-accuracy-level 1):")
+    print_ratios(artifacts[PROMPT_GRAPH], q4, {"decode_tps": ">= 1.00x", "prefill_ms": "<= 1.00x"})
+    print(f"   its run's peak RSS: {artifacts[PROMPT_GRAPH]['rss_mb']:.0f} MB against {genai['rss_mb']:.0f} MB")
     best = max((a for n, a in artifacts.items() if n.startswith("edgec")), key=lambda a: a["decode_tps"])
     best_name = next(n for n, a in artifacts.items() if a is best)
     print(f"\n2. best edgec artifact, {best_name}: decode {best['decode_tps']:.0f} tokens/s (goal >= 250), "
