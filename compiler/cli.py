@@ -347,8 +347,9 @@ def bench_table(result: dict) -> str:
     device = result["device"]
     runtime = result["runtime"]
     kernels = f", kernels: {runtime['executorch_kernels']}" if runtime.get("executorch_kernels") else ""
+    prompt_graph = f", prompts on {runtime['prompt_graph']}" if runtime.get("prompt_graph") else ""
     rows = [
-        ("runtime", f"{runtime['name']} {runtime['version']}, {runtime['threads']} threads{kernels}"),
+        ("runtime", f"{runtime['name']} {runtime['version']}, {runtime['threads']} threads{kernels}{prompt_graph}"),
         ("device", f"{device['name']} ({device['arch']}, {device['cpu_count']} CPUs)"),
         ("load", f"{result['load_s'] * 1000:.0f} ms"),
     ]

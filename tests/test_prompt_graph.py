@@ -100,3 +100,16 @@ def test_bad_combinations_are_one_line_errors(trained_dir, tmp_path, extra, frag
     assert len(lines) == 1 and "Traceback" not in result.output, result.output
     assert all(f in lines[0] for f in fragments), lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_bench_names_the_prompt_graph_and_counts_its_weights(bundle):
+    table = run("bench", bundle, "--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "1")
+    assert table.exit_code == 0, table.output
+    assert "prompts on model_prompt.onnx" in table.output
+    from devices.bench import memory_estimate_mb
+    from runtimes.base import BenchSpec
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    artifact = manifest["artifacts"][0]
+    weights = sum(f["bytes"] for name, f in manifest["files"].items() if name.startswith("model.onnx"))
+    assert memory_estimate_mb(manifest, artifact, BenchSpec())["weights_mb"] == 2 * weights / 2**20
