@@ -135,7 +135,7 @@ def print_artifacts(artifacts: dict[str, dict]) -> None:
 
 
 RATIOS = {"decode_tps": "decode tokens/s", "prefill_ms": "prefill time", "size_mb": "size",
-          "export_s": "export wall time", "export_rss_mb": "export peak RSS"}
+          "export_s": "export wall time", "export_rss_mb": "export peak RSS", "rss_mb": "run peak RSS"}
 
 
 def print_ratios(ours: dict, ref: dict, targets: dict[str, str | None]) -> None:

@@ -73,16 +73,19 @@ def test_bench_on_the_emulator_reports_aarch64_and_its_features(emulator, tiny_b
 
 @pytest.fixture(scope="module")
 def validated_bundles(validated_bundle, trained_dir, tmp_path_factory):
-    """An fp32 and a default int4 (GPTQ) bundle, each carrying its reference's golden data (copies: device
-    validation records its verdicts in the manifest)."""
+    """An fp32 and a default int4 (GPTQ) bundle, and one with an fp32 prompt graph, each carrying its reference's
+    golden data (copies: device validation records its verdicts in the manifest)."""
     fp32 = Path(shutil.copytree(validated_bundle, tmp_path_factory.mktemp("emulated-fp32") / "bundle"))
-    int4 = tmp_path_factory.mktemp("emulated-int4") / "bundle"
-    result = run("build", "--model", trained_dir, "--out", int4, "--quiet", "--new-tokens", "6", "--quant", "int4")
-    assert result.exit_code == 0, result.output
-    return {"fp32": fp32, "int4": int4}
+    bundles = {"fp32": fp32}
+    for name, extra in (("int4", []), ("int4-prompt-graph", ["--prompt-accuracy-level", "1"])):
+        bundles[name] = tmp_path_factory.mktemp(f"emulated-{name}") / "bundle"
+        result = run("build", "--model", trained_dir, "--out", bundles[name], "--quiet", "--new-tokens", "6",
+                     "--quant", "int4", *extra)
+        assert result.exit_code == 0, result.output
+    return bundles
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int4"])
+@pytest.mark.parametrize("precision", ["fp32", "int4", "int4-prompt-graph"])
 def test_bundles_pass_their_gates_on_the_emulated_cpu(emulator, validated_bundles, precision):
     """The build's gates, run in aarch64 onnxruntime on that CPU (on a Cortex-A72, int4 MatMulNBits computes in
     fp32, unlike x86 and the A76), and the verdict recorded in the manifest with the device's features."""
