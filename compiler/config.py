@@ -216,8 +216,9 @@ class BuildConfig:
         if level is not None and "onnx" not in self.export.formats:
             raise UsageError(f"--prompt-accuracy-level {level}: an ONNX graph option; add --format onnx or drop it")
         if level is not None and self.lora.mode == "runtime":
-            raise UsageError(f"--prompt-accuracy-level {level}: not with --lora runtime yet (onnxruntime-genai's "
-                             "adapters and its graph pipeline are untested together); drop one of them")
+            # genai activates an adapter on the generator's run options, which a pipeline's stages do not use.
+            raise UsageError(f"--prompt-accuracy-level {level}: not with --lora runtime (onnxruntime-genai would run "
+                             "a two-graph bundle without the active adapter); drop one of them")
 
     def to_dict(self) -> dict:
         return {
