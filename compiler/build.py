@@ -456,6 +456,9 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
             report.export["trace_ahead"] = {"waited_s": round(ahead.waited_s, 2), "peak_rss_mb": ahead.peak_rss_mb}
         del onnx_model
         prompt = _write_prompt_graph(writer.staging, quant, report)
+        if prompt:
+            report.export["prompt_graph"] = (f"{prompt['file']}: {prompt['quantized_matmuls']} MatMulNBits at accuracy "
+                                             f"level {quant.prompt_accuracy_level}, run on prompts")
         writer.write_json("genai_config.json", genai_config(model.cfg, MODEL_FILE, shares_buffer,
                                                                config.export.threads, prompt))
     io = io_for(model, config.export.last_position_logits).describe(shares_buffer)

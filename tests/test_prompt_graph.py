@@ -46,6 +46,7 @@ def test_bundle_carries_both_graphs_on_one_weights_file(bundle):
     assert artifact["prompt_graph"] == {"path": "model_prompt.onnx", "accuracy_level": 1, "quantized_matmuls": 5 * 2 + 1}
     assert "model_prompt.onnx" in manifest["files"]
     assert artifact["validation"]["passed"]
+    assert "model_prompt.onnx: 11 MatMulNBits at accuracy level 1" in (bundle / "report.md").read_text()
 
     config = json.loads((bundle / "genai_config.json").read_text())["model"]
     assert config["type"] == "decoder-pipeline"
