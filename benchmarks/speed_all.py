@@ -21,8 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import (BIN, EDGEC, NEW_TOKENS, PROMPT_TOKENS, SMOLLM2_WORK, argument_parser, print_artifacts,
-                               print_ratios, rotations, smollm2_with_adapter, timed)
+from benchmarks.common import (BIN, NEW_TOKENS, PROMPT_TOKENS, SMOLLM2_WORK, argument_parser, print_artifacts,
+                               print_ratios, rotations, smollm2_with_adapter)
 from runtimes.agent import with_huge_page_malloc
 
 # name -> how a child runs it: a runner kind and the key of the build it runs
@@ -85,13 +85,13 @@ def decode_bound(size_mb: float) -> str:
 
 
 def child(kind: str, path: str) -> dict:
-    """One run in this process: {prefill_ms, decode_tps, rss_mb}, rss_mb the peak of this process and of
-    llama-bench's."""
+    """One run in this process: {prefill_ms, decode_tps, rss_mb}, rss_mb the peak of this process, or of
+    llama-bench's (this process imports torch to drive it)."""
     import resource
 
     result = run_once(kind, path)
-    peaks = (resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    return {**result, "rss_mb": max(peaks) / 1024}
+    who = resource.RUSAGE_CHILDREN if kind == "llama" else resource.RUSAGE_SELF
+    return {**result, "rss_mb": resource.getrusage(who).ru_maxrss / 1024}
 
 
 def run_once(kind: str, path: str) -> dict:
@@ -138,12 +138,11 @@ def builds(work: Path) -> dict[str, dict]:
 
 
 def prompt_graph_build(work: Path, model: Path, adapter: Path) -> dict[str, dict]:
-    """edgec's int4 bundle with --prompt-accuracy-level 1, the same options as vs_genai_builder's otherwise."""
-    out = work / "edgec-int4-prompt-fp32"
-    wall, rss = timed([EDGEC, "build", "--model", str(model), "--adapter", str(adapter), "--out",
-                       str(out), "--quant", "int4", "--prompt-accuracy-level", "1", "--force",
-                       "--quiet", "--no-validate"])
-    return {"edgec int4, fp32 prompt graph": {"dir": out, "export_s": wall, "export_rss_mb": rss}}
+    """edgec's int4 bundle with --prompt-accuracy-level 1, as vs_genai_builder builds the default one."""
+    from benchmarks.vs_genai_builder import edgec_int4
+
+    built = edgec_int4(model, adapter, work / "edgec-int4-prompt-fp32", ["--prompt-accuracy-level", "1"])
+    return {"edgec int4, fp32 prompt graph": built}
 
 
 def entries(built: dict[str, dict], names: list[str]) -> dict[str, dict]:

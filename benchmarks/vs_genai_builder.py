@@ -27,12 +27,8 @@ def builds(work: Path, model: Path, adapter: Path, edgec_args: list[str]) -> dic
     it: with the adapter through its `adapter_path` option (LoRA kept as extra MatMuls), and on the model
     merged first with PEFT's `merge_and_unload`. Each export is its own child process."""
     python = str(BIN / "python")
-    results = {}
-    out = work / "edgec-int4"
-    wall, rss = timed([EDGEC, "build", "--model", str(model), "--adapter", str(adapter), "--out", str(out),
-                       "--quant", "int4", "--force", "--quiet", "--no-validate", *edgec_args])
-    results["edgec int4" + (f" ({' '.join(edgec_args)})" if edgec_args else "")] = {
-        "dir": out, "export_s": wall, "export_rss_mb": rss}
+    results = {"edgec int4" + (f" ({' '.join(edgec_args)})" if edgec_args else ""):
+               edgec_int4(model, adapter, work / "edgec-int4", edgec_args)}
 
     out = work / "builder-int4-adapter"
     shutil.rmtree(out, ignore_errors=True)
@@ -49,6 +45,13 @@ def builds(work: Path, model: Path, adapter: Path, edgec_args: list[str]) -> dic
     results["builder int4 (PEFT-merged)"] = {"dir": out, "export_s": wall + merge_wall,
                                              "export_rss_mb": max(rss, merge_rss)}
     return results
+
+
+def edgec_int4(model: Path, adapter: Path, out: Path, edgec_args: list[str]) -> dict:
+    """edgec's int4 bundle of the model with the adapter merged, unvalidated (the builder validates nothing)."""
+    wall, rss = timed([EDGEC, "build", "--model", str(model), "--adapter", str(adapter), "--out", str(out),
+                       "--quant", "int4", "--force", "--quiet", "--no-validate", *edgec_args])
+    return {"dir": out, "export_s": wall, "export_rss_mb": rss}
 
 
 def size_mb(directory: Path) -> float:

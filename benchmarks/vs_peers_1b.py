@@ -123,7 +123,7 @@ def main() -> None:
         if unknown := [n for n in names if n not in BUILDS]:
             parser.error(f"--rebuild: no build named {unknown[0]!r} (names: {', '.join(BUILDS)})")
     else:
-        names, last = [n for n in BUILDS if not (args.no_gptq and n.endswith("gptq"))], {}
+        names, last = [n for n in BUILDS if not (args.no_gptq and "gptq" in n)], {}
     artifacts = builds(make(args.work), args.work, names, last, args.export_rounds)
     record.write_text(json.dumps(artifacts, indent=2))
     if not args.rounds:

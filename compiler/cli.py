@@ -114,8 +114,8 @@ def _parse_adapters(values: tuple[str, ...]):
               help="onnxruntime MatMulNBits compute: 4 = int8 activations, 1 = fp32.")
 @click.option("--prompt-accuracy-level", type=click.IntRange(0, 4),
               help="onnx int4: also write model_prompt.onnx, the graph at this level, which onnxruntime-genai and "
-                   "edgec run on prompts (1 = fp32: faster prompts on x86, one more packed copy of the weights "
-                   "in memory).")
+                   "edgec run on prompts (1 = fp32: faster prompts on x86 for small models; measure), at one more "
+                   "packed copy of the weights in memory.")
 @click.option("--embedding-bits", type=click.Choice(["0", "4", "8"]), default="4", show_default=True, help="0 keeps fp32.")
 @click.option("--lm-head-bits", type=click.Choice(["0", "4", "8"]), default="4", show_default=True, help="0 keeps fp32.")
 @click.option("--keep-fp32", multiple=True, metavar="REGEX", help="Modules kept fp32, e.g. 'layers\\.0\\.'.")

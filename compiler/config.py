@@ -96,9 +96,11 @@ class QuantConfig:
             raise UsageError(f"--smoothing {self.smoothing}: must be from 0 (none) to 1")
         if self.prompt_accuracy_level is not None and self.prompt_accuracy_level not in range(5):
             raise UsageError(f"--prompt-accuracy-level {self.prompt_accuracy_level}: must be 0 to 4 (1: fp32)")
-        if self.prompt_accuracy_level == self.accuracy_level:
-            raise UsageError(f"--prompt-accuracy-level {self.prompt_accuracy_level}: the same as --accuracy-level, "
-                             "so the prompt graph would be the model's; drop it or pick another level (1: fp32)")
+        # onnxruntime computes an fp32 graph's MatMulNBits with int8 activations at level 4, in fp32 at any other.
+        if self.prompt_accuracy_level is not None and (self.prompt_accuracy_level == 4) == (self.accuracy_level == 4):
+            raise UsageError(f"--prompt-accuracy-level {self.prompt_accuracy_level}: computes as --accuracy-level "
+                             f"{self.accuracy_level} does (level 4: int8 activations, any other: fp32), so the prompt "
+                             "graph would only cost memory; use 4 for one of the two and 1 for the other")
         if self.max_kl is not None and not self.symmetric:
             raise UsageError("--quant auto plans symmetric blocks only; drop --asymmetric")
         for path, bits, block in self.plan:

@@ -128,13 +128,16 @@ class OrtRuntime(Runtime):
         logits, present = self._run(input_ids, past, past_len)
         return np.concatenate([*rows, logits], axis=1), present
 
+    def _session_for(self, input_ids: np.ndarray):
+        """The prompt graph's session for a run of several new tokens, as onnxruntime-genai picks it for batch 1."""
+        return self.session if input_ids.shape[1] == 1 else self.prompt_session
+
     def _run(self, input_ids: np.ndarray, past: list[np.ndarray], past_len: int):
         """One session run over `input_ids` [batch, seq]; returns (logits, present)."""
         feeds = self._position_feeds(input_ids, past_len)
         for value, tensor in zip(self.past_inputs, past):
             feeds[value.name] = tensor
-        session = self.session if input_ids.shape[1] == 1 else self.prompt_session
-        outputs = session.run(self.output_names, {**feeds, **self.adapter_feeds})
+        outputs = self._session_for(input_ids).run(self.output_names, {**feeds, **self.adapter_feeds})
         return outputs[0], outputs[1:]
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
@@ -175,7 +178,7 @@ class OrtRuntime(Runtime):
         bindings = {session: session.io_binding() for session in (self.session, self.prompt_session)}
 
         def step(ids: np.ndarray, past_len: int) -> np.ndarray:
-            session = self.session if ids.shape[1] == 1 else self.prompt_session
+            session = self._session_for(ids)
             binding = bindings[session]
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()

@@ -95,6 +95,7 @@ def test_bundles_pass_their_gates_on_the_emulated_cpu(emulator, validated_bundle
     [verdict] = json.loads(result.stdout)
     assert verdict["passed"] and verdict["device"]["arch"] == "aarch64" and verdict["device"]["kind"] == "emulator"
     assert ("asimddp" in verdict["device"]["cpu_features"]) == (emulator == "cortex-a76")
+    assert verdict["runtime"].get("prompt_graph") == ("model_prompt.onnx" if precision == "int4-prompt-graph" else None)
     recorded = json.loads((bundle / "manifest.json").read_text())["device_validation"]
     assert any(v["device"]["arch"] == "aarch64" and v["passed"] for v in recorded)
 

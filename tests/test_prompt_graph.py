@@ -77,20 +77,53 @@ def test_runner_runs_prompts_on_the_prompt_graph_and_tokens_on_the_model(bundle)
     assert np.array_equal(one, runner.session.run(["logits"], feeds)[0])
 
 
-def test_onnxruntime_genai_runs_the_pipeline_as_edgec_does(bundle):
+def test_onnxruntime_genai_runs_prompts_and_later_turns_on_the_prompt_graph(bundle):
+    """genai's logits after each multi-token append (a prompt, then a second turn) are the prompt graph's, as
+    edgec's runner computes them, and not model.onnx's (the two kernels round differently)."""
+    og = pytest.importorskip("onnxruntime_genai")
+    config = og.Config(str(bundle))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": 2}}}}))
+    model = og.Model(config)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=64)
+    generator = og.Generator(model, params)
+    turns = [[1, 17, 40, 23, 9, 31, 12], [44, 45, 46]]
+    genai = []
+    for turn in turns:
+        generator.append_tokens(np.asarray(turn, dtype=np.int32))
+        genai.append(np.asarray(generator.get_logits()).reshape(-1))
+
+    def runner_logits(runner):
+        step, done, out = runner.start_sequence(64), 0, []
+        for turn in turns:
+            out.append(step(np.asarray([turn]), done))
+            done += len(turn)
+        return out
+
+    runner = OrtRuntime(bundle, threads=2)
+    ours = runner_logits(runner)
+    runner.prompt_session = runner.session  # the same runs on model.onnx alone
+    tokens_graph = runner_logits(runner)
+    for got, prompt_graph, model_graph in zip(genai, ours, tokens_graph):
+        apart = np.abs(prompt_graph - model_graph).max()
+        assert apart > 1e-3 and np.abs(got - prompt_graph).max() < 0.1 * apart
+
+
+def test_onnxruntime_genai_generates_as_edgec_does(bundle):
     pytest.importorskip("onnxruntime_genai")
     from runtimes.genai import GenaiRuntime
 
     genai = GenaiRuntime(bundle, threads=2)
     prompt = genai.encode("The quick brown fox")
-    assert len(prompt) > 1  # a prompt of one token would run on the token graph
     tokens = genai.generate(prompt, 12)
     assert tokens == OrtRuntime(bundle, threads=2).generate(prompt, 12, eos_ids=(2,)) and tokens
 
 
 @pytest.mark.parametrize("extra, fragments", [
     (["--prompt-accuracy-level", "1"], ["--prompt-accuracy-level 1", "--quant int4"]),
-    (["--quant", "int4", "--prompt-accuracy-level", "4"], ["--prompt-accuracy-level 4", "--accuracy-level"]),
+    (["--quant", "int4", "--prompt-accuracy-level", "4"], ["--prompt-accuracy-level 4", "--accuracy-level 4"]),
+    (["--quant", "int4", "--accuracy-level", "1", "--prompt-accuracy-level", "0"],
+     ["--prompt-accuracy-level 0", "--accuracy-level 1", "fp32"]),
     (["--quant", "int4", "--format", "pte", "--prompt-accuracy-level", "1"], ["--prompt-accuracy-level 1", "--format onnx"]),
     (["--quant", "int4", "--lora", "runtime", "--prompt-accuracy-level", "1"], ["--prompt-accuracy-level 1", "--lora runtime"]),
 ])

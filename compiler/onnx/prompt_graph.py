@@ -1,8 +1,8 @@
 """model_prompt.onnx: the decoder graph again, its quantized MatMuls at another accuracy level, run on prompts.
 
-onnxruntime fixes a MatMulNBits node's kernel by its accuracy_level when the session is made. On x86 with
-AVX-512, the int8-activation kernel (level 4) is the faster one for one token at a time and the fp32 kernel
-(level 1) the faster one for a prompt's many rows. onnxruntime-genai runs a pipeline of graphs, one on
+onnxruntime fixes a MatMulNBits node's kernel by its accuracy_level when the session is made, and the kernel
+fastest for one token at a time (int8 activations, level 4) need not be the fastest for a prompt's many rows
+(fp32, level 1, on x86 for small models: docs/build.md). onnxruntime-genai runs a pipeline of graphs, one on
 prompts and one on generated tokens (decoder.pipeline in genai_config.json), so a bundle can carry both.
 The second graph reads the first one's weights file; each session packs its own copy of the weights.
 """
