@@ -207,7 +207,8 @@ def main() -> None:
     best_name = next(n for n, a in artifacts.items() if a is best)
     print(f"\n2. best edgec artifact, {best_name}: decode {best['decode_tps']:.0f} tokens/s (goal >= 250), "
           f"{decode_bound(best['size_mb'])}; prefill {best['prefill_ms']:.0f} ms (goal <= 60)")
-    print("\n3. edgec's default ONNX int4 export vs the GenAI builder's (PEFT-merged, merge included):")
+    print("\n3. edgec's default ONNX int4 export vs the GenAI builder's (PEFT-merged, merge included), as the builds "
+          f"were timed{' (reused: benchmarks.export_time times this goal alternating)' if args.only_measure else ''}:")
     print_ratios(genai, artifacts["builder int4, PEFT-merged (onnxruntime-genai)"], {"export_s": "<= 1.00x"})
 
 
