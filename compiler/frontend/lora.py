@@ -18,7 +18,7 @@ import torch
 
 from compiler.errors import UsageError
 from compiler.frontend.load import PICKLE_SUFFIXES, Checkpoint, _read_json, read_safetensors, sha256_file
-from compiler.memory import release_pages
+from compiler.memory import populate_for_write
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -257,13 +257,11 @@ def merge_lora(checkpoint: Checkpoint, adapters: list[AdapterSpec], after_each=N
             delta = b @ a
             if parts["embedding"]:
                 delta = delta.T
-            # Into a new tensor, then the base's pages (read from the mapped safetensors file) handed back: the
-            # memory of adding in place without a copy-on-write fault per page of the file's map, which is
-            # most of an in-place merge's time (docs/measurements.md). The file is never written (tested).
-            base = state[key]
-            state[key] = torch.add(base, delta, alpha=scale * spec.weight)
-            release_pages(base)
-            del base
+            # In place: checkpoint tensors are private copy-on-write maps of the safetensors file, so
+            # only the pages merged into are copied (the file itself is never written; a test checks),
+            # all of a tensor's in one call rather than a fault each.
+            populate_for_write(state[key])
+            state[key].add_(delta, alpha=scale * spec.weight)
             record.modules.append({"module": module, "rank": rank, "scale": scale * spec.weight})
             done += 1
             progress(done, total)
