@@ -25,6 +25,7 @@ from benchmarks.common import (BIN, NEW_TOKENS, PROMPT_TOKENS, SMOLLM2_WORK, arg
                                print_ratios, rotations, smollm2_with_adapter)
 from runtimes.agent import with_huge_page_malloc
 
+PROMPT_GRAPH = "edgec ONNX int4 + fp32 prompt graph (onnxruntime-genai)"
 # name -> how a child runs it: a runner kind and the key of the build it runs
 ARTIFACTS = {
     "edgec .pte (ExecuTorch)": ("executorch", "edgec pte (8da4w, embedding 8w)"),
@@ -33,9 +34,8 @@ ARTIFACTS = {
     "edgec ONNX int4 (edgec's onnxruntime loop)": ("ort", "edgec int4"),
     "edgec ONNX int4 (onnxruntime-genai)": ("genai", "edgec int4"),
     "builder int4, PEFT-merged (onnxruntime-genai)": ("genai", "builder int4 (PEFT-merged)"),
-    "edgec ONNX int4 + fp32 prompt graph (onnxruntime-genai)": ("genai", "edgec int4, fp32 prompt graph"),
+    PROMPT_GRAPH: ("genai", "edgec int4, fp32 prompt graph"),
 }
-PROMPT_GRAPH = "edgec ONNX int4 + fp32 prompt graph (onnxruntime-genai)"
 
 
 def prompt_ids(vocab: int = 49152) -> list[int]:

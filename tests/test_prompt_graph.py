@@ -59,22 +59,22 @@ def test_runner_runs_prompts_on_the_prompt_graph_and_tokens_on_the_model(bundle)
     runner = OrtRuntime(bundle)
     assert runner.runtime_facts()["prompt_graph"] == "model_prompt.onnx"
     ids = np.array([[1, 17, 40, 23, 9, 31, 12]])
-    feeds = runner._position_feeds(ids, 0)
-    for value, tensor in zip(runner.past_inputs, runner.empty_cache()):
-        feeds[value.name] = tensor
 
-    def logits_of(graph):
+    def feeds(tokens):
+        empty = {value.name: tensor for value, tensor in zip(runner.past_inputs, runner.empty_cache())}
+        return runner._position_feeds(tokens, 0) | empty
+
+    def logits_of(graph, tokens):
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        return ort.InferenceSession(str(bundle / graph), options).run(["logits"], feeds)[0]
+        return ort.InferenceSession(str(bundle / graph), options).run(["logits"], feeds(tokens))[0]
 
-    prompt_logits, model_logits = logits_of("model_prompt.onnx"), logits_of("model.onnx")
-    assert not np.array_equal(prompt_logits, model_logits)  # the two kernels round differently
-    got, _ = runner._run(ids, runner.empty_cache(), 0)
-    assert np.array_equal(got, prompt_logits)
-    one, _ = runner._run(ids[:, :1], runner.empty_cache(), 0)
-    feeds = runner._position_feeds(ids[:, :1], 0) | {v.name: t for v, t in zip(runner.past_inputs, runner.empty_cache())}
-    assert np.array_equal(one, runner.session.run(["logits"], feeds)[0])
+    # The two graphs' kernels round differently; each run must land on its own graph's side of that gap.
+    for tokens, graph, other in ((ids, "model_prompt.onnx", "model.onnx"), (ids[:, :1], "model.onnx", "model_prompt.onnx")):
+        expected, apart = logits_of(graph, tokens), logits_of(other, tokens)
+        got, _ = runner._run(tokens, runner.empty_cache(), 0)
+        gap = np.abs(expected - apart).max()
+        assert gap > 1e-3 and np.abs(got - expected).max() < 0.1 * gap
 
 
 def test_onnxruntime_genai_runs_prompts_and_later_turns_on_the_prompt_graph(bundle):
