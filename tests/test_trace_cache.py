@@ -16,6 +16,12 @@ from compiler.onnx.export import export_onnx, one_layer_view, save_onnx
 from compiler.tiny_models import make_model
 
 
+@pytest.fixture(autouse=True)
+def traced_layers(monkeypatch):
+    """These tests are of the trace: the export and the child trace the layer that layer_graph.py would write."""
+    monkeypatch.setenv("EDGEC_WRITE_LAYER", "0")
+
+
 @pytest.fixture(scope="module")
 def two_models(tmp_path_factory):
     """Two tied Llamas of one configuration, different weights (seeds 0 and 1)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import onnx_ir as ir
 import torch
 
 from compiler.models.decoder import CanonicalDecoder
+from compiler.onnx.layer_graph import write_one_layer
 from compiler.onnx.layer_template import TemplateMismatch, stamp_layers
 from compiler.onnx.trace_ahead import TraceAhead
 
@@ -133,12 +135,15 @@ def one_layer_view(model: CanonicalDecoder) -> CanonicalDecoder:
 
 
 def export_onnx(model: CanonicalDecoder, layer_template: bool = True, last_position_logits: bool = False,
-                trace_cache: Path | None = None, ahead: TraceAhead | None = None) -> ir.Model:
+                trace_cache: Path | None = None, ahead: TraceAhead | None = None,
+                write_layer: bool | None = None) -> ir.Model:
     """Trace to ONNX; with layer_template, trace one layer and stamp it (see layer_template.py);
     last_position_logits: logits of the last position only; trace_cache: a directory where the one-layer
     trace is kept for the next build of this architecture (trace_cache.py); ahead: that trace, being made
-    by a child process (trace_ahead.py). The model's meta "edgec.trace" says how the graph was made:
-    "cached", "one layer, traced ahead", "one layer" or "every layer"."""
+    by a child process (trace_ahead.py); write_layer: write the one-layer graph without tracing where
+    layer_graph.py covers the configuration (None: unless EDGEC_WRITE_LAYER=0). The model's meta
+    "edgec.trace" says how the graph was made: "one layer, written", "cached", "one layer, traced ahead",
+    "one layer" or "every layer"."""
     if layer_template and len(set(model.cfg.layer_rope)) > 1:
         # Layer 0's copies would rotate every layer as layer 0 does (the rope tables are not layer weights,
         # so stamping's checks cannot see it): layers of SmolLM3 (no rope) or Gemma 3 (local/global) differ.
@@ -146,7 +151,14 @@ def export_onnx(model: CanonicalDecoder, layer_template: bool = True, last_posit
                                         ", ".join(sorted(set(model.cfg.layer_rope))))
         layer_template = False
     if layer_template and model.cfg.num_layers > 1:
-        onnx_model = _template_trace(one_layer_view(model), last_position_logits, trace_cache, ahead)
+        view = one_layer_view(model)
+        onnx_model = write_one_layer(view, last_position_logits) if writes_layer(write_layer) else None
+        if onnx_model is None:
+            onnx_model = _template_trace(view, last_position_logits, trace_cache, ahead)
+        else:
+            onnx_model.meta["edgec.trace"] = "one layer, written"
+            if ahead is not None:
+                ahead.close()
         try:
             stamp_layers(onnx_model, model)
             return onnx_model
@@ -155,6 +167,14 @@ def export_onnx(model: CanonicalDecoder, layer_template: bool = True, last_posit
     onnx_model = _trace(model, last_position_logits)
     onnx_model.meta["edgec.trace"] = "every layer"
     return onnx_model
+
+
+def writes_layer(write_layer: bool | None = None) -> bool:
+    """Whether the one-layer graph is written (layer_graph.py) where it can be: EDGEC_WRITE_LAYER=0 traces it,
+    as edgec did before, to compare or to work around a difference."""
+    if write_layer is not None:
+        return write_layer
+    return os.environ.get("EDGEC_WRITE_LAYER", "1").strip().lower() not in ("0", "off", "no", "false")
 
 
 def trace_options(last_position_logits: bool) -> dict:

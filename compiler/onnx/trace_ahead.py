@@ -105,11 +105,16 @@ def spare_cpu() -> bool:
 
 def start(cfg, options: dict, cache_dir: Path | None, memory_headroom_mb: float | None) -> TraceAhead | None:
     """Start tracing cfg's one-layer view in a child process, or None: no cache, a trace already stored,
-    layers that are not stamped from one, no spare CPU, or a view too large to hold beside the build
-    (memory_headroom_mb: what the build's memory budget leaves, None without a budget)."""
+    layers that are not stamped from one, a graph the export writes without tracing (layer_graph.py), no
+    spare CPU, or a view too large to hold beside the build (memory_headroom_mb: what the build's memory
+    budget leaves, None without a budget)."""
+    from compiler.onnx.export import one_layer_config, writes_layer
+    from compiler.onnx.layer_graph import unsupported
     from compiler.onnx.trace_cache import trace_key
 
     if cache_dir is None or cfg.num_layers < 2 or len(set(cfg.layer_rope)) > 1:
+        return None
+    if writes_layer() and unsupported(one_layer_config(cfg)) is None:
         return None
     setting = os.environ.get("EDGEC_TRACE_AHEAD", "auto").lower()
     if setting in ("0", "off", "no", "false") or (setting == "auto" and not spare_cpu()):
