@@ -557,7 +557,7 @@ def test_gptq_batched_across_layers_equals_one_matrix_at_a_time(trained_dir, mon
         assert_same_quantization(batched[name], single[name], name)
 
 
-def test_default_int4_builds_are_byte_identical(trained_dir, tmp_path, monkeypatch):
+def test_default_int4_builds_are_byte_identical(trained_dir, tmp_path):
     """GPTQ's Hessians, factors and batched column loop, and the written one-layer graph
     (compiler/onnx/layer_graph.py), give the same bytes build after build."""
     import hashlib
