@@ -1,6 +1,7 @@
-"""Export wall time and peak RSS: edgec's default int4 ONNX build, with and without the one-layer trace cached
-by an earlier build, against the ONNX Runtime GenAI builder's default int4 CPU build. Alternating rounds, each
-export its own process, medians.
+"""Export wall time and peak RSS: edgec's default int4 ONNX build from an empty trace cache (its one-layer graph
+written by compiler/onnx/layer_graph.py where it covers the model) and the same build with that layer traced
+(EDGEC_WRITE_LAYER=0), against the ONNX Runtime GenAI builder's default int4 CPU build. Alternating rounds
+after one warm-up round, each export its own process, medians.
 
     python -m benchmarks.export_time [--rounds N] [--model DIR]   # default: SmolLM2-135M shape + rank-16 LoRA
 
@@ -20,17 +21,20 @@ from benchmarks.common import (BIN, EDGEC, SMOLLM2_WORK, argument_parser, print_
                                smollm2_with_adapter, timed, timed_peft_merge)
 
 
-def edgec_build(model: Path, adapter: Path | None, out: Path, traces: Path) -> tuple[float, float]:
-    before = os.environ.get("EDGEC_TRACE_CACHE")
-    os.environ["EDGEC_TRACE_CACHE"] = str(traces)  # the child inherits it
+def edgec_build(model: Path, adapter: Path | None, out: Path, traces: Path,
+                write_layer: bool = True) -> tuple[float, float]:
+    settings = {"EDGEC_TRACE_CACHE": str(traces), "EDGEC_WRITE_LAYER": "1" if write_layer else "0"}
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)  # the child inherits them
     try:
         return timed([EDGEC, "build", "--model", model, *(["--adapter", adapter] if adapter else []), "--out", out,
                       "--quant", "int4", "--force", "--quiet", "--no-validate"])
     finally:
-        if before is None:
-            del os.environ["EDGEC_TRACE_CACHE"]
-        else:
-            os.environ["EDGEC_TRACE_CACHE"] = before
+        for name, value in before.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 def builder(model: Path, out: Path, work: Path, *extra: str) -> tuple[float, float]:
@@ -43,21 +47,18 @@ def main() -> None:
     parser = argument_parser(__doc__, __spec__.name)
     parser.add_argument("--work", type=Path, default=SMOLLM2_WORK)
     parser.add_argument("--model", type=Path, help="A model directory to export as it is (no adapter).")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
     work = args.work / "export-time"
     work.mkdir(parents=True, exist_ok=True)
     model, adapter = (args.model, None) if args.model else smollm2_with_adapter(args.work)
-    warm = work / "traces-warm"
-    shutil.rmtree(warm, ignore_errors=True)
-    edgec_build(model, adapter, work / "edgec", warm)  # stores the trace that the "cached" rows load
 
-    def edgec_cold():
+    def edgec_cold(write_layer: bool):
         with tempfile.TemporaryDirectory(dir=work) as empty:
-            return edgec_build(model, adapter, work / "edgec", Path(empty))
+            return edgec_build(model, adapter, work / "edgec", Path(empty), write_layer)
 
-    runs = {"edgec int4, first build (traces)": edgec_cold,
-            "edgec int4, trace cached": lambda: edgec_build(model, adapter, work / "edgec", warm)}
+    runs = {"edgec int4, first build": lambda: edgec_cold(True),
+            "edgec int4, first build, layer traced": lambda: edgec_cold(False)}
     if adapter is None:
         runs["builder int4"] = lambda: builder(model, work / "builder", work)
     else:
@@ -80,7 +81,7 @@ def main() -> None:
                for name, s in samples.items()}
     reference = next(name for name in runs if name.startswith("builder"))
     print(f"\n{'model ' + str(model) if adapter is None else 'SmolLM2-135M shape + rank-16 LoRA'}, "
-          f"{os.cpu_count()} CPUs, medians of {args.rounds} alternating rounds\n")
+          f"{os.cpu_count()} CPUs, medians of {args.rounds - 1} alternating rounds after a warm-up round\n")
     print_table(["export", "wall (s)", "peak RSS (MB)", f"wall / {reference}"],
                 [[name, f"{wall:.1f}", f"{rss:.0f}", f"{wall / medians[reference][0]:.2f}x"]
                  for name, (wall, rss) in medians.items()])

@@ -56,6 +56,11 @@ def _weight_sources(nodes: list[ir.Node], params: dict[str, torch.Tensor]) -> di
 def _check_sources(sources: dict[ir.Value, tuple[str, bool]], params: dict[str, torch.Tensor]) -> None:
     for value, (name, transposed) in sources.items():
         expected = params[name].detach().numpy()
+        if transposed and isinstance(value.const_value, TransposedRows):
+            # A written layer's weight (layer_graph.py): its rows are compared, not a transposed copy made.
+            if not np.array_equal(value.const_value.rows, expected):
+                raise TemplateMismatch(f"template weight {value.name} does not hold {name}")
+            continue
         expected = expected.T if transposed else expected
         if not np.array_equal(value.const_value.numpy(), expected):
             raise TemplateMismatch(f"template weight {value.name} does not hold {name}")
