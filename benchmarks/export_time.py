@@ -47,7 +47,7 @@ def main() -> None:
     parser = argument_parser(__doc__, __spec__.name)
     parser.add_argument("--work", type=Path, default=SMOLLM2_WORK)
     parser.add_argument("--model", type=Path, help="A model directory to export as it is (no adapter).")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     work = args.work / "export-time"
     work.mkdir(parents=True, exist_ok=True)
@@ -81,7 +81,7 @@ def main() -> None:
                for name, s in samples.items()}
     reference = next(name for name in runs if name.startswith("builder"))
     print(f"\n{'model ' + str(model) if adapter is None else 'SmolLM2-135M shape + rank-16 LoRA'}, "
-          f"{os.cpu_count()} CPUs, medians of {args.rounds - 1} alternating rounds after a warm-up round\n")
+          f"{os.cpu_count()} CPUs, medians of {args.rounds} alternating rounds after a warm-up round\n")
     print_table(["export", "wall (s)", "peak RSS (MB)", f"wall / {reference}"],
                 [[name, f"{wall:.1f}", f"{rss:.0f}", f"{wall / medians[reference][0]:.2f}x"]
                  for name, (wall, rss) in medians.items()])
