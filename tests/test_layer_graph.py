@@ -4,6 +4,7 @@ wiring, over every configuration it accepts; the bundles built from either are t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
@@ -15,7 +16,7 @@ from click.testing import CliRunner
 from compiler.cli import main
 from compiler.frontend.load import build_decoder, read_checkpoint
 from compiler.onnx.export import _trace, export_onnx, one_layer_view, save_onnx
-from compiler.onnx.layer_graph import write_one_layer
+from compiler.onnx.layer_graph import write_decoder
 from compiler.onnx.scopes import scopes
 from compiler.tiny_models import make_model
 
@@ -31,43 +32,53 @@ def _shape(value: ir.Value):
     return tuple(d if isinstance(d, int) else d.value if d.value in SIZE_NAMES else "symbol" for d in value.shape)
 
 
-def canonical(model: ir.Model):
-    """The graph with names left out: inputs, outputs and each node in order (op, attributes, module path,
-    where each input comes from: a graph input, an earlier node's output or a constant by its bytes, and
-    the output types and shapes)."""
-    graph = model.graph
-    origin: dict[ir.Value, tuple] = {v: ("input", v.name) for v in graph.inputs}
+def structure(model: ir.Model) -> tuple[list, list]:
+    """Each value as a digest of how it is computed, names left out: a node output's digest covers its op,
+    attributes, module path, output type and shape and its inputs' digests; a constant's, its bytes; a
+    graph input's, its name. A Shape of a graph input is the sizes it reads (the exporter takes the batch
+    or past length from whichever input it bound the symbol to first). Returns the graph outputs' (name,
+    digest) and the sorted digests of every node output."""
+    digests: dict[ir.Value, str] = {}
 
-    def source(value):
+    def digest(value) -> str:
         if value is None:
-            return None
-        if value in origin:
-            return origin[value]
-        if value.const_value is not None:
-            array = np.ascontiguousarray(value.const_value.numpy())
-            return "constant", array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest()
-        return "unknown", value.name
+            return "absent"
+        if value not in digests:  # a graph input or a constant
+            if value.const_value is not None:
+                array = np.ascontiguousarray(value.const_value.numpy())
+                described = ("constant", array.dtype.str, array.shape, hashlib.sha256(array.tobytes()).hexdigest())
+            else:
+                described = ("input", value.name, value.dtype, _shape(value))
+            digests[value] = hashlib.sha256(repr(described).encode()).hexdigest()
+        return digests[value]
 
-    nodes = []
-    for index, node in enumerate(graph):
+    for node in model.graph:  # in topological order
         attributes = tuple(sorted((a.name, repr(a.value)) for a in node.attributes.values()))
-        nodes.append((node.domain, node.op_type, attributes, tuple(scopes(node)[:-1]),
-                      tuple(source(v) for v in node.inputs), tuple((o.dtype, _shape(o)) for o in node.outputs)))
-        origin.update({output: ("node", index, k) for k, output in enumerate(node.outputs)})
-    inputs = [(v.name, v.dtype, _shape(v)) for v in graph.inputs]
-    outputs = [(v.name, v.dtype, _shape(v), source(v)) for v in graph.outputs]
-    return inputs, outputs, nodes
+        source = node.inputs[0] if node.inputs else None
+        if node.op_type == "Shape" and source is not None and source.producer() is None and source.const_value is None:
+            start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", len(source.shape))
+            inputs = ("sizes", _shape(source)[start:end])
+        else:
+            inputs = tuple(digest(v) for v in node.inputs)
+        for index, output in enumerate(node.outputs):
+            described = (node.domain, node.op_type, attributes, tuple(scopes(node)[:-1]), inputs, index,
+                         output.dtype, _shape(output))
+            digests[output] = hashlib.sha256(repr(described).encode()).hexdigest()
+    outputs = [(v.name, digest(v)) for v in model.graph.outputs]
+    return outputs, sorted(digests[o] for node in model.graph for o in node.outputs)
 
 
-def first_difference(written: ir.Model, traced: ir.Model):
-    a, b = canonical(written), canonical(traced)
-    for part, x, y in zip(("inputs", "outputs"), a[:2], b[:2]):
-        if x != y:
-            return part, x, y
-    for index, (x, y) in enumerate(zip(a[2], b[2])):
-        if x != y:
-            return index, x, y
-    return None if len(a[2]) == len(b[2]) else ("node count", len(a[2]), len(b[2]))
+def differences(written: ir.Model, traced: ir.Model) -> list[str]:
+    """What differs between the two graphs' structures: [] when they compute alike, node for node."""
+    (outputs_a, nodes_a), (outputs_b, nodes_b) = structure(written), structure(traced)
+    found = [f"output {a[0]} / {b[0]}" for a, b in zip(outputs_a, outputs_b) if a != b]
+    if len(outputs_a) != len(outputs_b):
+        found.append(f"{len(outputs_a)} outputs against {len(outputs_b)}")
+    if nodes_a != nodes_b:
+        ops_a = sorted(n.op_type for n in written.graph)
+        ops_b = sorted(n.op_type for n in traced.graph)
+        found.append(f"{len(nodes_a)} node outputs against {len(nodes_b)}; ops {'equal' if ops_a == ops_b else 'differ'}")
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -79,34 +90,43 @@ def biased_grouped_llama(tmp_path_factory):
 
 
 # (model variant, logits of the last position only): tied and untied heads, llama3 rope, Qwen2's q/k/v
-# biases, Qwen3's per-head q/k norms, Phi-3's fused projections (split on load), every bias with groups of one.
+# biases, Qwen3's per-head q/k norms, Phi-3's fused projections (split on load), Phi-4-mini's partial rotary
+# and scaled longrope tables, every bias with groups of one.
 CASES = [("llama", False), ("llama3_tied", True), ("qwen2", True), ("qwen3", False), ("phi3", True),
-         ("biased", True)]
+         ("phi4_longrope", True), ("biased", True)]
 
 
 @pytest.mark.parametrize("variant, last_position_logits", CASES)
 def test_the_written_graph_is_the_traced_graph(variant, last_position_logits, model_dir, biased_grouped_llama):
     directory = biased_grouped_llama if variant == "biased" else model_dir(variant)
     view = one_layer_view(build_decoder(read_checkpoint(directory)))
-    written = write_one_layer(view, last_position_logits)
+    written = write_decoder(view, last_position_logits)
     assert written is not None
-    assert first_difference(written, _trace(view, last_position_logits)) is None
+    traced = _trace(view, last_position_logits)
+    assert differences(written, traced) == []
+    assert differences(write_decoder(view, not last_position_logits), traced) != []  # (the check can fail)
 
 
-@pytest.mark.parametrize("variant, why", [("phi3_partial_rotary", "partial rotary"),
-                                          ("gemma3", "Gemma-style norms, activation or embedding scale"),
-                                          ("phi4_longrope", "partial rotary")])
-def test_other_configurations_are_traced(variant, why, model_dir):
+@pytest.mark.parametrize("variant", ["smollm3", "gemma3"])
+def test_layers_that_rotate_differently_are_written_one_by_one(variant, model_dir):
+    """SmolLM3's layers without rope (angle 0) beside layers with it; Gemma 3's local and global rope tables,
+    sandwich norms, GELU and scaled embeddings: no template to stamp, every layer written."""
+    decoder = build_decoder(read_checkpoint(model_dir(variant)))
+    assert len(set(decoder.cfg.layer_rope)) == 2
+    written = export_onnx(decoder, last_position_logits=True)
+    assert written.meta["edgec.trace"] == "every layer, written"
+    assert differences(written, _trace(decoder, True)) == []
+
+
+def test_what_is_not_written_is_traced(model_dir, monkeypatch):
     from compiler.onnx.layer_graph import unsupported
 
-    decoder = build_decoder(read_checkpoint(model_dir(variant)))
-    if len(set(decoder.cfg.layer_rope)) <= 1:
-        assert unsupported(one_layer_view(decoder).cfg) == why
-        assert write_one_layer(one_layer_view(decoder), True) is None
-    else:  # Gemma 3's local and global layers: every layer is traced
-        assert unsupported(one_layer_view(decoder).cfg) is not None
-    assert export_onnx(decoder, last_position_logits=True).meta["edgec.trace"] in ("one layer", "cached",
-                                                                                   "every layer")
+    decoder = build_decoder(read_checkpoint(model_dir("llama3_tied")))
+    assert unsupported(decoder.cfg) is None
+    assert unsupported(dataclasses.replace(decoder.cfg, rotary_dim=7)) == "rotary_dim 7"
+    assert unsupported(dataclasses.replace(decoder.cfg, hidden_act="relu")) == "activation relu"
+    monkeypatch.setenv("EDGEC_WRITE_LAYER", "0")
+    assert export_onnx(decoder, last_position_logits=True).meta["edgec.trace"] in ("one layer", "cached")
 
 
 def test_the_stamped_model_is_the_stamped_trace_with_the_same_weights(model_dir, tmp_path):
@@ -115,7 +135,7 @@ def test_the_stamped_model_is_the_stamped_trace_with_the_same_weights(model_dir,
     traced = export_onnx(decoder, last_position_logits=True, write_layer=False)
     assert written.meta["edgec.trace"] == "one layer, written"
     assert traced.meta["edgec.trace"] in ("one layer", "cached")
-    assert first_difference(written, traced) is None
+    assert differences(written, traced) == []
     data = []
     for name, model in (("written", written), ("traced", traced)):
         (tmp_path / name).mkdir()
@@ -136,6 +156,6 @@ def test_an_int4_build_writes_the_bundle_a_traced_build_writes(trained_dir, tmp_
         assert report["validation"]["passed"]
         models[name] = (report["export"]["trace"], ir.load(str(tmp_path / name / "model.onnx")))
     assert models["written"][0] == "one layer, written" and models["traced"][0] in ("one layer", "cached")
-    assert first_difference(models["written"][1], models["traced"][1]) is None
+    assert differences(models["written"][1], models["traced"][1]) == []
     assert ((tmp_path / "written" / "model.onnx.data").read_bytes()
             == (tmp_path / "traced" / "model.onnx.data").read_bytes())

@@ -18,7 +18,7 @@ import onnx_ir as ir
 import torch
 
 from compiler.models.decoder import CanonicalDecoder
-from compiler.onnx.layer_graph import write_one_layer
+from compiler.onnx.layer_graph import write_decoder
 from compiler.onnx.layer_template import TemplateMismatch, stamp_layers
 from compiler.onnx.trace_ahead import TraceAhead
 
@@ -137,22 +137,25 @@ def one_layer_view(model: CanonicalDecoder) -> CanonicalDecoder:
 def export_onnx(model: CanonicalDecoder, layer_template: bool = True, last_position_logits: bool = False,
                 trace_cache: Path | None = None, ahead: TraceAhead | None = None,
                 write_layer: bool | None = None) -> ir.Model:
-    """Trace to ONNX; with layer_template, trace one layer and stamp it (see layer_template.py);
+    """The decoder as ONNX. With layer_template, one layer's graph is made and stamped for every layer (see
+    layer_template.py). The graph is written without tracing (layer_graph.py) where that covers the
+    configuration and write_layer allows (None: unless EDGEC_WRITE_LAYER=0); otherwise it is traced.
     last_position_logits: logits of the last position only; trace_cache: a directory where the one-layer
     trace is kept for the next build of this architecture (trace_cache.py); ahead: that trace, being made
-    by a child process (trace_ahead.py); write_layer: write the one-layer graph without tracing where
-    layer_graph.py covers the configuration (None: unless EDGEC_WRITE_LAYER=0). The model's meta
-    "edgec.trace" says how the graph was made: "one layer, written", "cached", "one layer, traced ahead",
-    "one layer" or "every layer"."""
+    by a child process (trace_ahead.py). The model's meta "edgec.trace" says how the graph was made:
+    "one layer, written", "cached", "one layer, traced ahead", "one layer", "every layer, written" or
+    "every layer"."""
+    log = logging.getLogger("edgec")
+    write = writes_layer(write_layer)
     if layer_template and len(set(model.cfg.layer_rope)) > 1:
         # Layer 0's copies would rotate every layer as layer 0 does (the rope tables are not layer weights,
         # so stamping's checks cannot see it): layers of SmolLM3 (no rope) or Gemma 3 (local/global) differ.
-        logging.getLogger("edgec").info("tracing every layer: layers use different rope (%s)",
-                                        ", ".join(sorted(set(model.cfg.layer_rope))))
+        log.info("every layer made apart: layers use different rope (%s)",
+                 ", ".join(sorted(set(model.cfg.layer_rope))))
         layer_template = False
     if layer_template and model.cfg.num_layers > 1:
         view = one_layer_view(model)
-        onnx_model = write_one_layer(view, last_position_logits) if writes_layer(write_layer) else None
+        onnx_model = write_decoder(view, last_position_logits) if write else None
         if onnx_model is None:
             onnx_model = _template_trace(view, last_position_logits, trace_cache, ahead)
         else:
@@ -163,7 +166,11 @@ def export_onnx(model: CanonicalDecoder, layer_template: bool = True, last_posit
             stamp_layers(onnx_model, model)
             return onnx_model
         except TemplateMismatch as e:
-            logging.getLogger("edgec").warning("tracing every layer: %s", e)
+            log.warning("every layer made apart: %s", e)
+    onnx_model = write_decoder(model, last_position_logits) if write else None
+    if onnx_model is not None:
+        onnx_model.meta["edgec.trace"] = "every layer, written"
+        return onnx_model
     onnx_model = _trace(model, last_position_logits)
     onnx_model.meta["edgec.trace"] = "every layer"
     return onnx_model

@@ -1,17 +1,15 @@
-"""The one-layer decoder graph written node by node, as the dynamo exporter writes it, without tracing.
+"""The decoder's ONNX graph written node by node, as the dynamo exporter writes it, without tracing.
 
-The trace that layer_template.py stamps costs about 5 s of a 135M build (torch.export, its decompositions,
-the ONNX translation and optimizer), a third of a first build. For decoders of the plain Llama shape
-(optionally with q/k/v, o and MLP biases and Qwen3's per-head q/k norms) the traced graph is always the same
-sequence of ONNX nodes, differing only in sizes and constants. This module writes that sequence directly:
-the same ops, attributes, constants (shared by value, as the exporter's optimizer leaves them), value types
-and shapes, graph inputs and outputs, the module paths in `pkg.torch.onnx.name_scopes` that the template
-stamping and the passes read, and the parameters' initializers (layer weights as transposed views, as the
-exporter folds them). Node and value names are its own.
-
-Anything else (partial rotary, scaled rope tables, Gemma 3's sandwich norms, GELU, embedding scale, weights
-that are not fp32) returns None from `write_one_layer` and is traced. tests/test_layer_graph.py checks
-that what this writes equals the trace, node for node, over every configuration it accepts.
+Tracing one layer for layer_template.py to stamp costs about 5 s of a 135M build (torch.export, its
+decompositions, the ONNX translation and optimizer), a third of a first build; the models whose layers
+rotate differently (SmolLM3, Gemma 3) were traced whole, in time that grew with depth. The traced graph of
+CanonicalDecoder is always the same sequence of ONNX nodes for a configuration, differing only in sizes and
+constants, so this module writes that sequence directly: the same ops, attributes, constants (one per value,
+as the exporter's optimizer leaves them), value types and shapes, graph inputs and outputs, the module
+paths in `pkg.torch.onnx.name_scopes` that the stamping and the passes read, and the parameters'
+initializers (Linear weights as lazy transposes, as the exporter folds them). Node and value names are its
+own. It covers every family edgec loads; `unsupported` names what it does not (then the graph is traced).
+tests/test_layer_graph.py checks that it equals the trace, node for node, on each family and option.
 """
 
 from __future__ import annotations
@@ -34,17 +32,12 @@ FLOAT_MIN = float(np.finfo(np.float32).min)
 
 def unsupported(cfg: DecoderConfig) -> str | None:
     """Why the graph of this configuration is traced rather than written here; None when it is written."""
-    if cfg.num_layers != 1:
-        return "not a one-layer view"
-    if set(cfg.layer_rope) - {"global"}:
-        return "layers without rope or with a local rope table"
-    if cfg.rotary_dim != cfg.head_dim:
-        return "partial rotary"
-    if cfg.rope_attention_scaling != 1.0:
-        return "scaled rope tables"
-    if cfg.sandwich_norms or cfg.hidden_act != "silu" or cfg.embed_scale != 1.0:
-        return "Gemma-style norms, activation or embedding scale"
-    if not cfg.rope_inv_freq or len(cfg.rope_inv_freq) * 2 != cfg.rotary_dim:
+    if cfg.rotary_dim % 2 or not 0 < cfg.rotary_dim <= cfg.head_dim:
+        return f"rotary_dim {cfg.rotary_dim}"
+    if cfg.hidden_act not in ("silu", "gelu_pytorch_tanh"):
+        return f"activation {cfg.hidden_act}"
+    tables = [cfg.rope_inv_freq] + ([cfg.local_rope_inv_freq] if "local" in cfg.layer_rope else [])
+    if any(len(table) * 2 != cfg.rotary_dim for table in tables):
         return "no rope table of rotary_dim / 2 frequencies"
     return None
 
@@ -107,10 +100,12 @@ class _Writer:
 F, I64, BOOL = ir.DataType.FLOAT, ir.DataType.INT64, ir.DataType.BOOL
 
 
-def write_one_layer(view: CanonicalDecoder, last_position_logits: bool) -> ir.Model | None:
-    """The one-layer view's graph, equal to what export._trace makes of it; None when `unsupported`."""
-    cfg = view.cfg
-    params = dict(view.state_dict())
+def write_decoder(model: CanonicalDecoder, last_position_logits: bool) -> ir.Model | None:
+    """The decoder's graph, equal to what export._trace makes of it (node for node, names aside); None when
+    `unsupported`. The export writes a one-layer view and stamps it, or, where layers rotate differently
+    (SmolLM3's layers without rope), every layer."""
+    cfg = model.cfg
+    params = dict(model.state_dict())
     if unsupported(cfg) or any(t.dtype != torch.float32 for t in params.values()):
         return None
     H, V, nh, nkv, hd = cfg.hidden_size, cfg.vocab_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -119,10 +114,10 @@ def write_one_layer(view: CanonicalDecoder, last_position_logits: bool) -> ir.Mo
     kv_in = [B, nkv, P, hd]
     inputs = [ir.Value(name="input_ids", type=ir.TensorType(I64), shape=ir.Shape([B, S])),
               ir.Value(name="attention_mask", type=ir.TensorType(I64), shape=ir.Shape([B, ir.SymbolicDim(TOTAL)])),
-              ir.Value(name="position_ids", type=ir.TensorType(I64), shape=ir.Shape([B, S])),
-              ir.Value(name="past_key_values.0.key", type=ir.TensorType(F), shape=ir.Shape(kv_in)),
-              ir.Value(name="past_key_values.0.value", type=ir.TensorType(F), shape=ir.Shape(kv_in))]
-    ids, mask, positions, past_key, past_value = inputs
+              ir.Value(name="position_ids", type=ir.TensorType(I64), shape=ir.Shape([B, S]))]
+    inputs += [ir.Value(name=f"past_key_values.{i}.{kind}", type=ir.TensorType(F), shape=ir.Shape(kv_in))
+               for i in range(cfg.num_layers) for kind in ("key", "value")]
+    ids, mask, positions = inputs[:3]
     graph = ir.Graph(inputs, [], nodes=[], opset_imports={"": OPSET}, name="main_graph")
     w = _Writer(graph)
     top = ""
@@ -132,28 +127,46 @@ def write_one_layer(view: CanonicalDecoder, last_position_logits: bool) -> ir.Mo
     seq_1d = w.op("Shape", [ids], [1], I64, [size_scope, "sym_size_int"], start=1, end=2)
     seq = w.op("Squeeze", [seq_1d], [], I64, [size_scope, "sym_size_int"])
     batch_1d = w.op("Shape", [mask], [1], I64, [size_scope, "sym_size_int"], start=0, end=1)
-    past_1d = w.op("Shape", [past_key], [1], I64, [size_scope, "sym_size_int"], start=2, end=3)
+    past_1d = w.op("Shape", [inputs[3]], [1], I64, [size_scope, "sym_size_int"], start=2, end=3)
     past = w.op("Squeeze", [past_1d], [], I64, [size_scope, "sym_size_int"])
     total = w.op("Add", [past, seq], [], I64, [size_scope, "add"])
 
     embed_name = "lm_head.weight" if cfg.tie_word_embeddings else "model.embed_tokens.weight"
     embed_weight = w.parameter(embed_name, params[embed_name], transposed=False)
     x = w.op("Gather", [embed_weight, ids], [B, S, H], F, [top, "model.embed_tokens", "embedding"], axis=0)
+    if cfg.embed_scale != 1.0:
+        x = w.op("Mul", [x, w.float_scalar(cfg.embed_scale)], [B, S, H], F, [top, "model.embed_tokens", "mul"])
 
-    # Rope: cos and sin [batch, 1, seq, rotary_dim] of position_ids times the inverse frequencies.
-    inv_freq = w.constant(np.asarray(cfg.rope_inv_freq, dtype=np.float32).reshape(1, half, 1), np.float32)
     one = w.ints(1)
-    freqs_shape = w.op("Concat", [batch_1d, one, one], [3], I64, [top, "expand"], axis=0)
-    freqs = w.op("Expand", [inv_freq, freqs_shape], [B, half, 1], F, [top, "expand"])
-    pos = w.op("Unsqueeze", [positions, one], [B, 1, S], I64, [top, "unsqueeze"])
-    pos = w.op("Cast", [pos], [B, 1, S], F, [top, "_to_copy"], to=int(F))
-    angles = w.op("MatMul", [freqs, pos], [B, half, S], F, [top, "matmul"])
-    angles = w.op("Transpose", [angles], [B, S, half], F, [top, "transpose"], perm=[0, 2, 1])
-    angles = w.op("Concat", [angles, angles], [B, S, 2 * half], F, [top, "cat"], axis=-1)
-    cos = w.op("Cos", [angles], [B, S, 2 * half], F, [top, "cos"])
-    sin = w.op("Sin", [angles], [B, S, 2 * half], F, [top, "sin"])
-    cos = w.op("Unsqueeze", [cos, one], [B, 1, S, 2 * half], F, [top, "unsqueeze"])
-    sin = w.op("Unsqueeze", [sin, one], [B, 1, S, 2 * half], F, [top, "unsqueeze"])
+
+    def rope_tables(inv_freq: np.ndarray, scaling: float):
+        """cos and sin [batch, 1, seq, rotary_dim] of position_ids times the inverse frequencies (times
+        the attention scaling of yarn and longrope tables)."""
+        inv_freq = w.constant(inv_freq.astype(np.float32).reshape(1, half, 1), np.float32)
+        freqs_shape = w.op("Concat", [batch_1d, one, one], [3], I64, [top, "expand"], axis=0)
+        freqs = w.op("Expand", [inv_freq, freqs_shape], [B, half, 1], F, [top, "expand"])
+        pos = w.op("Unsqueeze", [positions, one], [B, 1, S], I64, [top, "unsqueeze"])
+        pos = w.op("Cast", [pos], [B, 1, S], F, [top, "_to_copy"], to=int(F))
+        angles = w.op("MatMul", [freqs, pos], [B, half, S], F, [top, "matmul"])
+        angles = w.op("Transpose", [angles], [B, S, half], F, [top, "transpose"], perm=[0, 2, 1])
+        angles = w.op("Concat", [angles, angles], [B, S, 2 * half], F, [top, "cat"], axis=-1)
+        cos = w.op("Cos", [angles], [B, S, 2 * half], F, [top, "cos"])
+        sin = w.op("Sin", [angles], [B, S, 2 * half], F, [top, "sin"])
+        if scaling != 1.0:
+            cos = w.op("Mul", [cos, w.float_scalar(scaling)], [B, S, 2 * half], F, [top, "mul"])
+            sin = w.op("Mul", [sin, w.float_scalar(scaling)], [B, S, 2 * half], F, [top, "mul"])
+        return (w.op("Unsqueeze", [cos, one], [B, 1, S, 2 * half], F, [top, "unsqueeze"]),
+                w.op("Unsqueeze", [sin, one], [B, 1, S, 2 * half], F, [top, "unsqueeze"]))
+
+    # In CanonicalDecoder.layer_inputs' order; a layer without rope rotates by angle 0 (none_rope_as_identity).
+    kinds = set(cfg.layer_rope or ("global",))
+    ropes = {}
+    if "none" in kinds:
+        ropes["none"] = rope_tables(np.zeros(half), 1.0)
+    if "global" in kinds:
+        ropes["global"] = rope_tables(np.asarray(cfg.rope_inv_freq), cfg.rope_attention_scaling)
+    if "local" in kinds:
+        ropes["local"] = rope_tables(np.asarray(cfg.local_rope_inv_freq), cfg.local_rope_attention_scaling)
 
     # The additive mask [batch, 1, seq, past + seq]: causal over absolute positions, then the padding.
     query_pos = w.op("Range", [past, total, w.int_scalar(1)], [S], I64, [top, "arange"])
@@ -199,8 +212,38 @@ def write_one_layer(view: CanonicalDecoder, last_position_logits: bool) -> ir.Mo
             return y
         return w.op("Add", [y, w.parameter(f"{module}.bias", bias, transposed=False)], [B, S, outputs], F, scopes)
 
-    layer = "model.layers.0"
-    in_layer = [top, layer]
+    presents = []
+    for index in range(cfg.num_layers):
+        x, key, value = _layer(w, index, x, ropes[cfg.rope_of(index)], inputs[3 + 2 * index: 5 + 2 * index],
+                               additive_mask, (batch_1d, seq_1d, total_1d), rms_norm, linear, cfg)
+        presents += [key, value]
+
+    x = rms_norm(x, "model.norm", [B, S, H], [top])
+    rows = 1 if last_position_logits else S
+    if last_position_logits:
+        x = w.op("Slice", [x, w.ints(-1), w.ints(INT64_MAX), w.ints(1), w.ints(1)], [B, 1, H], F, [top, "slice"])
+    head_scopes = [top, "lm_head", "linear"]
+    if cfg.tie_word_embeddings:
+        # One tensor read by the Gather and the head: the exporter transposes it in the graph, not as a copy.
+        head = w.op("Transpose", [embed_weight], [H, V], F, head_scopes, perm=[1, 0])
+    else:
+        head = w.parameter("lm_head.weight", params["lm_head.weight"], transposed=True)
+    logits = w.op("MatMul", [x, head], [B, rows, V], F, head_scopes)
+    logits.name = "logits"
+    graph.outputs.extend([logits, *presents])
+    return ir.Model(graph, ir_version=10, producer_name="edgec")
+
+
+def _layer(w: _Writer, index: int, x: ir.Value, rope: tuple[ir.Value, ir.Value], past: list[ir.Value],
+           additive_mask: ir.Value, sizes: tuple[ir.Value, ir.Value, ir.Value], rms_norm, linear,
+           cfg: DecoderConfig) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """Layer `index`'s nodes: (its output, present key, present value)."""
+    H, nh, nkv, hd, half = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim // 2
+    B, S, T = (ir.SymbolicDim(n) for n in (BATCH, SEQUENCE, PAST_PLUS_SEQ))
+    batch_1d, seq_1d, total_1d = sizes
+    cos, sin = rope
+    layer = f"model.layers.{index}"
+    in_layer = ["", layer]
     attn = f"{layer}.self_attn"
     in_attn = [*in_layer, attn]
 
@@ -213,13 +256,21 @@ def write_one_layer(view: CanonicalDecoder, last_position_logits: bool) -> ir.Mo
     def rotate(x, count: int):
         full, halved = [B, count, S, 2 * half], [B, count, S, half]
         axis, step = w.ints(3), w.ints(1)
+        kept = None
+        if 2 * half != hd:  # partial rotary: the dimensions past rotary_dim pass unrotated
+            x, kept = (w.op("Slice", [x, w.ints(0), w.ints(2 * half), axis, step], full, F, [*in_attn, "slice"]),
+                       w.op("Slice", [x, w.ints(2 * half), w.ints(INT64_MAX), axis, step], [B, count, S, hd - 2 * half],
+                            F, [*in_attn, "slice"]))
         turned = w.op("Mul", [x, cos], full, F, [*in_attn, "mul"])
         upper = w.op("Slice", [x, w.ints(half), w.ints(INT64_MAX), axis, step], halved, F, [*in_attn, "slice"])
         upper = w.op("Neg", [upper], halved, F, [*in_attn, "neg"])
         lower = w.op("Slice", [x, w.ints(0), w.ints(half), axis, step], halved, F, [*in_attn, "slice"])
         rotated = w.op("Concat", [upper, lower], full, F, [*in_attn, "cat"], axis=-1)
         rotated = w.op("Mul", [rotated, sin], full, F, [*in_attn, "mul"])
-        return w.op("Add", [turned, rotated], full, F, [*in_attn, "add"])
+        rotated = w.op("Add", [turned, rotated], full, F, [*in_attn, "add"])
+        if kept is None:
+            return rotated
+        return w.op("Concat", [rotated, kept], [B, count, S, hd], F, [*in_attn, "cat"], axis=-1)
 
     normed = rms_norm(x, f"{layer}.input_layernorm", [B, S, H], in_layer)
     q, k, v = heads(normed, "q_proj", nh), heads(normed, "k_proj", nkv), heads(normed, "v_proj", nkv)
@@ -228,9 +279,9 @@ def write_one_layer(view: CanonicalDecoder, last_position_logits: bool) -> ir.Mo
         k = rms_norm(k, f"{attn}.k_norm", [B, nkv, S, hd], in_attn)
     q, k = rotate(q, nh), rotate(k, nkv)
     present = [B, nkv, ir.SymbolicDim(TOTAL), hd]
-    present_key = w.op("Concat", [past_key, k], present, F, [*in_attn, "cat"], axis=-2)
-    present_value = w.op("Concat", [past_value, v], present, F, [*in_attn, "cat"], axis=-2)
-    present_key.name, present_value.name = "present.0.key", "present.0.value"
+    present_key = w.op("Concat", [past[0], k], present, F, [*in_attn, "cat"], axis=-2)
+    present_value = w.op("Concat", [past[1], v], present, F, [*in_attn, "cat"], axis=-2)
+    present_key.name, present_value.name = f"present.{index}.key", f"present.{index}.value"
 
     # Grouped-query attention written out: each KV head serves num_heads / num_kv_heads query heads.
     groups = nh // nkv
@@ -258,33 +309,23 @@ def write_one_layer(view: CanonicalDecoder, last_position_logits: bool) -> ir.Mo
     merged_shape = w.op("Concat", [batch_1d, seq_1d, w.ints(nh * hd)], [3], I64, [*in_attn, "_unsafe_view"], axis=0)
     out = w.op("Reshape", [out, merged_shape], [B, S, nh * hd], F, [*in_attn, "_unsafe_view"], allowzero=1)
     out = linear(out, f"{attn}.o_proj", H, in_attn)
+    if cfg.sandwich_norms:
+        out = rms_norm(out, f"{layer}.attention_output_norm", [B, S, H], in_layer)
     x = w.op("Add", [x, out], [B, S, H], F, [*in_layer, "add"])
 
     mlp = f"{layer}.mlp"
     in_mlp = [*in_layer, mlp]
     normed = rms_norm(x, f"{layer}.post_attention_layernorm", [B, S, H], in_layer)
-    I = cfg.intermediate_size
-    gate = linear(normed, f"{mlp}.gate_proj", I, in_mlp)
-    gated = w.op("Sigmoid", [gate], [B, S, I], F, [*in_mlp, f"{mlp}.act", "silu"])
-    gate = w.op("Mul", [gate, gated], [B, S, I], F, [*in_mlp, f"{mlp}.act", "silu"])
-    up = linear(normed, f"{mlp}.up_proj", I, in_mlp)
-    y = w.op("Mul", [gate, up], [B, S, I], F, [*in_mlp, "mul"])
+    inner = cfg.intermediate_size
+    gate = linear(normed, f"{mlp}.gate_proj", inner, in_mlp)
+    if cfg.hidden_act == "silu":
+        gated = w.op("Sigmoid", [gate], [B, S, inner], F, [*in_mlp, f"{mlp}.act", "silu"])
+        gate = w.op("Mul", [gate, gated], [B, S, inner], F, [*in_mlp, f"{mlp}.act", "silu"])
+    else:  # gelu_pytorch_tanh
+        gate = w.op("Gelu", [gate], [B, S, inner], F, [*in_mlp, f"{mlp}.act", "gelu"], approximate="tanh")
+    up = linear(normed, f"{mlp}.up_proj", inner, in_mlp)
+    y = w.op("Mul", [gate, up], [B, S, inner], F, [*in_mlp, "mul"])
     y = linear(y, f"{mlp}.down_proj", H, in_mlp)
-    x = w.op("Add", [x, y], [B, S, H], F, [*in_layer, "add"])
-
-    x = rms_norm(x, "model.norm", [B, S, H], [top])
-    rows = 1 if last_position_logits else S
-    if last_position_logits:
-        x = w.op("Slice", [x, w.ints(-1), w.ints(INT64_MAX), w.ints(1), w.ints(1)], [B, 1, H], F, [top, "slice"])
-    head_scopes = [top, "lm_head", "linear"]
-    if cfg.tie_word_embeddings:
-        # One tensor read by the Gather and the head: the exporter transposes it in the graph, not as a copy.
-        head = w.op("Transpose", [embed_weight], [H, V], F, head_scopes, perm=[1, 0])
-    else:
-        head = w.parameter("lm_head.weight", params["lm_head.weight"], transposed=True)
-    logits = w.op("MatMul", [x, head], [B, rows, V], F, head_scopes)
-    logits.name = "logits"
-    present_key.shape = present_value.shape = ir.Shape(present)
-    graph.outputs.extend([logits, present_key, present_value])
-    model = ir.Model(graph, ir_version=10, producer_name="edgec")
-    return model
+    if cfg.sandwich_norms:
+        y = rms_norm(y, f"{layer}.mlp_output_norm", [B, S, H], in_layer)
+    return w.op("Add", [x, y], [B, S, H], F, [*in_layer, "add"]), present_key, present_value
