@@ -37,7 +37,7 @@ def unsupported(cfg: DecoderConfig) -> str | None:
     if cfg.hidden_act not in ("silu", "gelu_pytorch_tanh"):
         return f"activation {cfg.hidden_act}"
     tables = [cfg.rope_inv_freq] + ([cfg.local_rope_inv_freq] if "local" in cfg.layer_rope else [])
-    if any(len(table) * 2 != cfg.rotary_dim for table in tables):
+    if any(len(table) * 2 != cfg.rotary_dim for table in tables):  # (the module's buffers are made from these)
         return "no rope table of rotary_dim / 2 frequencies"
     return None
 
@@ -131,7 +131,9 @@ def write_decoder(model: CanonicalDecoder, last_position_logits: bool) -> ir.Mod
     past = w.op("Squeeze", [past_1d], [], I64, [size_scope, "sym_size_int"])
     total = w.op("Add", [past, seq], [], I64, [size_scope, "add"])
 
-    embed_name = "lm_head.weight" if cfg.tie_word_embeddings else "model.embed_tokens.weight"
+    # Tied as the module's tensors are (the trace sees those, whatever the configuration says).
+    tied = model.lm_head.weight is model.model.embed_tokens.weight
+    embed_name = "lm_head.weight" if tied else "model.embed_tokens.weight"
     embed_weight = w.parameter(embed_name, params[embed_name], transposed=False)
     x = w.op("Gather", [embed_weight, ids], [B, S, H], F, [top, "model.embed_tokens", "embedding"], axis=0)
     if cfg.embed_scale != 1.0:
@@ -163,10 +165,10 @@ def write_decoder(model: CanonicalDecoder, last_position_logits: bool) -> ir.Mod
     ropes = {}
     if "none" in kinds:
         ropes["none"] = rope_tables(np.zeros(half), 1.0)
-    if "global" in kinds:
-        ropes["global"] = rope_tables(np.asarray(cfg.rope_inv_freq), cfg.rope_attention_scaling)
+    if "global" in kinds:  # the tables the module holds, as the trace reads them
+        ropes["global"] = rope_tables(model.rope_inv_freq.numpy(), cfg.rope_attention_scaling)
     if "local" in kinds:
-        ropes["local"] = rope_tables(np.asarray(cfg.local_rope_inv_freq), cfg.local_rope_attention_scaling)
+        ropes["local"] = rope_tables(model.local_rope_inv_freq.numpy(), cfg.local_rope_attention_scaling)
 
     # The additive mask [batch, 1, seq, past + seq]: causal over absolute positions, then the padding.
     query_pos = w.op("Range", [past, total, w.int_scalar(1)], [S], I64, [top, "arange"])
@@ -223,7 +225,7 @@ def write_decoder(model: CanonicalDecoder, last_position_logits: bool) -> ir.Mod
     if last_position_logits:
         x = w.op("Slice", [x, w.ints(-1), w.ints(INT64_MAX), w.ints(1), w.ints(1)], [B, 1, H], F, [top, "slice"])
     head_scopes = [top, "lm_head", "linear"]
-    if cfg.tie_word_embeddings:
+    if tied:
         # One tensor read by the Gather and the head: the exporter transposes it in the graph, not as a copy.
         head = w.op("Transpose", [embed_weight], [H, V], F, head_scopes, perm=[1, 0])
     else:
