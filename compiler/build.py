@@ -422,7 +422,7 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
 
     model = reference.model
     quant = config.export.quant
-    with report.stage("export_onnx", f"{model.cfg.num_layers} layers, torch.export + dynamo exporter"):
+    with report.stage("export_onnx", f"{model.cfg.num_layers} layers, the dynamo exporter's graph"):
         onnx_model = export_onnx(model, last_position_logits=config.export.last_position_logits,
                                  trace_cache=trace_cache.default_dir(), ahead=ahead)
         release_module_pages(model)  # the template's checks read layer 0 and the tables
@@ -442,9 +442,11 @@ def _build_onnx(config: BuildConfig, reference: Reference, writer: BundleWriter,
         save_onnx(onnx_model, writer.staging / MODEL_FILE)
         release_module_pages(model)  # the fp32 initializers (views of the weights) were read to be written
         report.export = {
-            "exporter": "torch.onnx.export(dynamo=True)",
-            # "one layer" (then stamped), "one layer, traced ahead" (by a child process during the earlier
-            # stages), "cached" (that trace, from an earlier build) or "every layer"
+            "exporter": ("written as torch.onnx.export(dynamo=True) traces it (compiler/onnx/layer_graph.py)"
+                         if traced and traced.endswith("written") else "torch.onnx.export(dynamo=True)"),
+            # "one layer, written" (layer_graph.py, then stamped), "every layer, written", or where traced
+            # "one layer", "one layer, traced ahead" (by a child process during the earlier stages),
+            # "cached" (that trace, from an earlier build) or "every layer"
             "trace": traced,
             "pipeline": pipeline,
             "nodes_traced": traced_nodes,
