@@ -77,7 +77,8 @@ def differences(written: ir.Model, traced: ir.Model) -> list[str]:
     if nodes_a != nodes_b:
         ops_a = sorted(n.op_type for n in written.graph)
         ops_b = sorted(n.op_type for n in traced.graph)
-        found.append(f"{len(nodes_a)} node outputs against {len(nodes_b)}; ops {'equal' if ops_a == ops_b else 'differ'}")
+        found.append(f"{len(nodes_a)} node outputs against {len(nodes_b)}; "
+                     f"ops {'equal' if ops_a == ops_b else 'differ'}")
     return found
 
 
