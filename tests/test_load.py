@@ -128,3 +128,59 @@ def test_bf16_checkpoint_is_upcast(llama_dir, tmp_path):
     model = build_decoder(read_checkpoint(bf16))
     assert model.model.embed_tokens.weight.dtype == torch.float32
     assert torch.equal(model.model.embed_tokens.weight, state["model.embed_tokens.weight"].to(torch.bfloat16).float())
+
+
+# SmolLM2-135M-Instruct's config.json as transformers 4 wrote it on the hub (rope_theta and rope_scaling; no
+# head_dim), beside the tiny models' transformers 5 files (rope_parameters).
+SMOLLM2_HUB_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1,
+    "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 576, "initializer_range": 0.041666666666666664,
+    "intermediate_size": 1536, "is_llama_config": True, "max_position_embeddings": 8192, "mlp_bias": False,
+    "model_type": "llama", "num_attention_heads": 9, "num_hidden_layers": 30, "num_key_value_heads": 3,
+    "pad_token_id": 2, "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_interleaved": False,
+    "rope_scaling": None, "rope_theta": 100000, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "transformers_version": "4.42.3", "use_cache": True, "vocab_size": 49152,
+}
+
+
+@pytest.mark.parametrize("variant", ["llama", "mistral", "qwen2", "qwen3", "smollm2-hub"])
+def test_a_plain_config_is_read_as_transformers_reads_it(variant, model_dir, tmp_path):
+    """compiler/frontend/plain_config.py: the same DecoderConfig as through AutoConfig, without transformers."""
+    from transformers import AutoConfig
+
+    from compiler.frontend.plain_config import plain_config
+    from compiler.models.families import decoder_config
+
+    if variant == "smollm2-hub":
+        directory = tmp_path
+        (directory / "config.json").write_text(json.dumps(SMOLLM2_HUB_CONFIG))
+    else:
+        directory = model_dir(variant)
+    raw = json.loads((directory / "config.json").read_text())
+    family = raw["model_type"]
+    plain = plain_config(raw, family)
+    assert plain is not None
+    assert decoder_config(plain, family, "x") == decoder_config(AutoConfig.from_pretrained(directory), family, "x")
+
+
+@pytest.mark.parametrize("variant", ["llama3_tied", "phi3", "smollm3", "gemma3"])
+def test_other_configs_are_read_through_transformers(variant, model_dir):
+    from compiler.frontend.plain_config import plain_config
+
+    raw = json.loads((model_dir(variant) / "config.json").read_text())
+    assert plain_config(raw, raw["model_type"]) is None  # scaled rope, or a family whose class derives values
+    llama = json.loads((model_dir("llama") / "config.json").read_text())
+    del llama["bos_token_id"]  # LlamaConfig's default (1) is not every family's
+    assert plain_config(llama, "llama") is None
+    assert plain_config({**llama, "bos_token_id": 1, "hidden_size": "576"}, "llama") is None
+
+
+def test_reading_a_plain_model_does_not_import_transformers(llama_dir):
+    import subprocess
+    import sys
+
+    script = ("import sys; from compiler.frontend.load import read_model_files; "
+              f"files = read_model_files({str(llama_dir)!r}); "
+              "print(files.config.num_layers, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout.split()
+    assert out == [str(read_checkpoint(llama_dir).config.num_layers), "False"]

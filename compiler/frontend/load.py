@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from compiler.errors import UsageError
+from compiler.frontend.plain_config import plain_config
 from compiler.models.decoder import CanonicalDecoder, DecoderConfig
 from compiler.models.families import (
     MODEL_TYPE_FAMILY,
@@ -230,12 +231,14 @@ def read_model_files(directory: str | Path, hash_sources: bool = False) -> Model
     tokenizer_files = [directory / n for n in TOKENIZER_FILES if (directory / n).exists()]
     pending = PendingHashes(source_files(directory, weight_files, tokenizer_files, gen_path)) if hash_sources else None
 
-    from transformers import AutoConfig
+    hf_config = plain_config(raw, family)
+    if hf_config is None:
+        from transformers import AutoConfig
 
-    try:
-        hf_config = AutoConfig.from_pretrained(str(directory))
-    except Exception as e:  # transformers raises many types for a malformed config
-        raise UsageError(f"{config_path}: transformers cannot read it ({str(e).splitlines()[0]})") from None
+        try:
+            hf_config = AutoConfig.from_pretrained(str(directory))
+        except Exception as e:  # transformers raises many types for a malformed config
+            raise UsageError(f"{config_path}: transformers cannot read it ({str(e).splitlines()[0]})") from None
     gen = _read_json(gen_path) if gen_path else None
     config = decoder_config(hf_config, family, str(config_path), gen)
     return ModelFiles(directory, hf_config, config, weight_files, tokenizer_files, gen_path, pending)
