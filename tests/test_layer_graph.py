@@ -11,6 +11,7 @@ import json
 import numpy as np
 import onnx_ir as ir
 import pytest
+import torch
 from click.testing import CliRunner
 
 from compiler.cli import main
@@ -71,7 +72,14 @@ def structure(model: ir.Model) -> tuple[list, list]:
 def differences(written: ir.Model, traced: ir.Model) -> list[str]:
     """What differs between the two graphs' structures: [] when they compute alike, node for node."""
     (outputs_a, nodes_a), (outputs_b, nodes_b) = structure(written), structure(traced)
-    found = [f"output {a[0]} / {b[0]}" for a, b in zip(outputs_a, outputs_b) if a != b]
+    found = [f"{what}: {a} / {b}" for what, a, b in (
+        ("inputs", [(v.name, v.dtype, _shape(v)) for v in written.graph.inputs],
+         [(v.name, v.dtype, _shape(v)) for v in traced.graph.inputs]),
+        ("opsets", written.opset_imports, traced.opset_imports),
+        ("IR version", written.ir_version, traced.ir_version),
+        ("unused initializers", sum(not v.uses() for v in written.graph.initializers.values()),
+         sum(not v.uses() for v in traced.graph.initializers.values()))) if a != b]
+    found += [f"output {a[0]} / {b[0]}" for a, b in zip(outputs_a, outputs_b) if a != b]
     if len(outputs_a) != len(outputs_b):
         found.append(f"{len(outputs_a)} outputs against {len(outputs_b)}")
     if nodes_a != nodes_b:
@@ -120,14 +128,48 @@ def test_layers_that_rotate_differently_are_written_one_by_one(variant, model_di
 
 
 def test_what_is_not_written_is_traced(model_dir, monkeypatch):
-    from compiler.onnx.layer_graph import unsupported
+    from compiler.onnx import layer_graph
 
     decoder = build_decoder(read_checkpoint(model_dir("llama3_tied")))
-    assert unsupported(decoder.cfg) is None
-    assert unsupported(dataclasses.replace(decoder.cfg, rotary_dim=7)) == "rotary_dim 7"
-    assert unsupported(dataclasses.replace(decoder.cfg, hidden_act="relu")) == "activation relu"
+    assert layer_graph.unsupported(decoder.cfg) is None
+    assert layer_graph.unsupported(dataclasses.replace(decoder.cfg, rotary_dim=7)) == "rotary_dim 7"
+    assert layer_graph.unsupported(dataclasses.replace(decoder.cfg, hidden_act="relu")) == "activation relu"
+    assert layer_graph.unsupported(dataclasses.replace(decoder.cfg, rope_inv_freq=(1.0,))) is not None
+    assert write_decoder(decoder.to(torch.float64), True) is None  # weights that are not fp32
+    decoder.to(torch.float32)
+    monkeypatch.setattr(layer_graph, "unsupported", lambda cfg: "a configuration the writer does not cover")
+    assert export_onnx(decoder, last_position_logits=True).meta["edgec.trace"] == "one layer"
+    monkeypatch.undo()
     monkeypatch.setenv("EDGEC_WRITE_LAYER", "0")
-    assert export_onnx(decoder, last_position_logits=True).meta["edgec.trace"] in ("one layer", "cached")
+    assert export_onnx(decoder, last_position_logits=True).meta["edgec.trace"] == "one layer"
+
+
+def test_no_child_traces_ahead_for_a_graph_that_is_written(model_dir, tmp_path, monkeypatch):
+    from compiler.onnx import trace_ahead
+
+    monkeypatch.setenv("EDGEC_TRACE_AHEAD", "1")  # also where no CPU is spare
+    cfg = build_decoder(read_checkpoint(model_dir("llama"))).cfg
+    assert trace_ahead.start(cfg, {"last_position_logits": True}, tmp_path, None) is None
+    monkeypatch.setenv("EDGEC_WRITE_LAYER", "0")
+    ahead = trace_ahead.start(cfg, {"last_position_logits": True}, tmp_path, None)
+    assert ahead is not None
+    ahead.close()
+
+
+# Every DecoderConfig field that CanonicalDecoder.forward reads is one that layer_graph.py writes (or that
+# `unsupported` refuses); the others say nothing about the graph. A new field fails here until the writer
+# (and this list) take it in.
+WRITTEN_FIELDS = {"vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                  "head_dim", "rms_norm_eps", "tie_word_embeddings", "qkv_bias", "qk_norm", "o_bias", "mlp_bias",
+                  "rotary_dim", "rope_inv_freq", "rope_attention_scaling", "layer_rope", "local_rope_inv_freq",
+                  "local_rope_attention_scaling", "attention_scale", "sandwich_norms", "hidden_act", "embed_scale"}
+NOT_IN_THE_GRAPH = {"family", "rope_type", "max_sequence_length", "bos_token_id", "eos_token_ids", "pad_token_id"}
+
+
+def test_every_decoder_field_is_written_or_says_nothing_about_the_graph():
+    from compiler.models.decoder import DecoderConfig
+
+    assert {f.name for f in dataclasses.fields(DecoderConfig)} == WRITTEN_FIELDS | NOT_IN_THE_GRAPH
 
 
 def test_the_stamped_model_is_the_stamped_trace_with_the_same_weights(model_dir, tmp_path):

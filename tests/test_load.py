@@ -170,9 +170,15 @@ def test_other_configs_are_read_through_transformers(variant, model_dir):
     raw = json.loads((model_dir(variant) / "config.json").read_text())
     assert plain_config(raw, raw["model_type"]) is None  # scaled rope, or a family whose class derives values
     llama = json.loads((model_dir("llama") / "config.json").read_text())
-    del llama["bos_token_id"]  # LlamaConfig's default (1) is not every family's
-    assert plain_config(llama, "llama") is None
-    assert plain_config({**llama, "bos_token_id": 1, "hidden_size": "576"}, "llama") is None
+    assert plain_config(llama, "llama") is not None
+    missing = dict(llama)
+    del missing["bos_token_id"]  # LlamaConfig's default (1) is not every family's
+    # AutoConfig picks MistralConfig by model_type (its window 4096) whatever the architecture says; it
+    # refuses a string size, an integer eps, an unscaled rope without a base.
+    for other in (missing, {**llama, "model_type": "mistral"}, {**llama, "hidden_size": "64"},
+                  {**llama, "rms_norm_eps": 1}, {**llama, "rope_parameters": {"rope_type": "default", "rope_theta": None}},
+                  {**llama, "num_attention_heads": 3}):
+        assert plain_config(other, "llama") is None, other
 
 
 def test_reading_a_plain_model_does_not_import_transformers(llama_dir):

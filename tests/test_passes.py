@@ -102,7 +102,7 @@ def test_cleanup_folds_constant_subgraphs_and_identities():
 def test_fusion_pipeline_leaves_nothing_for_onnxscripts_optimizer(model_dir, monkeypatch, variant, attention):
     """The pipeline's cleanups skip onnxscript's optimizer (seconds on a 30-layer graph) unless a node is
     foldable: the optimizer, run after them, must find nothing to change. phi4_longrope's rotary fusion leaves
-    a function call to inline; gemma3 is traced whole; with GroupQueryAttention's rules off, attention becomes
+    a function call to inline; gemma3 is written whole; with GroupQueryAttention's rules off, attention becomes
     MultiHeadAttention wrapped in transposes that cancel the exporter's. foldable == 0 is what keeps the
     optimizer from running: a speed check, which a harmless foldable node from a newer exporter would trip."""
     from onnxscript.optimizer import optimize
@@ -231,8 +231,9 @@ def test_pack_qkv_packs_projections_and_biases(traced):
 def test_layer_template_export_equals_full_trace(model_dir):
     """One traced layer stamped N times computes exactly what tracing every layer computes."""
     decoder = build_decoder(read_checkpoint(model_dir("qwen2")))
-    stamped = export_onnx(decoder, layer_template=True)
-    full = export_onnx(decoder, layer_template=False)
+    stamped = export_onnx(decoder, layer_template=True, write_layer=False)
+    full = export_onnx(decoder, layer_template=False, write_layer=False)
+    assert stamped.meta["edgec.trace"] == "one layer" and full.meta["edgec.trace"] == "every layer"
     assert [v.name for v in stamped.graph.inputs] == [v.name for v in full.graph.inputs]
     assert [v.name for v in stamped.graph.outputs] == [v.name for v in full.graph.outputs]
     feeds = decoder_feeds(decoder, batch=2)

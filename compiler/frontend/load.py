@@ -114,7 +114,7 @@ def _identity(path: Path) -> str:
 
 class PendingHashes:
     """hash_files in a background thread. hashlib lets go of the GIL while it hashes, so this runs beside
-    what a build does first (importing transformers, reading the config: 2-3 s holding the GIL); the
+    what a build does first (imports, reading the config: 1-3 s holding the GIL); the
     sha256 of a 135M model's weights takes about 0.9 s, of a 1B model's 7 s. A daemon thread: a build that
     fails before it needs the hashes does not wait for them (in a longer-lived process the thread reads on
     to the end in the background)."""

@@ -1,7 +1,8 @@
 """The canonical decoder: one export-friendly torch definition of the Llama, Mistral, Qwen2, Qwen3, Phi-3,
 SmolLM3 and Gemma 3 (text) families.
 
-It is what edgec traces for every format. Parameter names follow the Hugging Face Llama layout
+It is what edgec exports for every format (for ONNX, layer_graph.py writes what tracing it gives; a change
+here needs the same change there, which tests/test_layer_graph.py checks). Parameter names follow the Hugging Face Llama layout
 (`model.layers.N.self_attn.q_proj.weight`, ...) so that most checkpoints load by name; family
 differences (biases, per-head q/k norms, fused projections, partial rotary, layers without rope or with a
 second rope table, norms after attention and MLP, the MLP's activation) are settled by

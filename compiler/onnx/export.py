@@ -1,4 +1,5 @@
-"""Canonical decoder -> ONNX (torch.export through the dynamo ONNX exporter), KV cache as explicit I/O.
+"""Canonical decoder -> ONNX (the graph the dynamo ONNX exporter traces, written by layer_graph.py or traced),
+KV cache as explicit I/O.
 
 Inputs: input_ids, attention_mask, position_ids, past_key_values.N.key/value;
 outputs: logits (every position's, or with last_position_logits the last one's), present.N.key/value.
@@ -150,7 +151,7 @@ def export_onnx(model: CanonicalDecoder, layer_template: bool = True, last_posit
     if layer_template and len(set(model.cfg.layer_rope)) > 1:
         # Layer 0's copies would rotate every layer as layer 0 does (the rope tables are not layer weights,
         # so stamping's checks cannot see it): layers of SmolLM3 (no rope) or Gemma 3 (local/global) differ.
-        log.info("every layer made apart: layers use different rope (%s)",
+        log.info("not stamping one layer: layers use different rope (%s)",
                  ", ".join(sorted(set(model.cfg.layer_rope))))
         layer_template = False
     if layer_template and model.cfg.num_layers > 1:
@@ -166,7 +167,7 @@ def export_onnx(model: CanonicalDecoder, layer_template: bool = True, last_posit
             stamp_layers(onnx_model, model)
             return onnx_model
         except TemplateMismatch as e:
-            log.warning("every layer made apart: %s", e)
+            log.warning("not stamping one layer (%s): making every layer's graph", e)
     onnx_model = write_decoder(model, last_position_logits) if write else None
     if onnx_model is not None:
         onnx_model.meta["edgec.trace"] = "every layer, written"
@@ -177,8 +178,8 @@ def export_onnx(model: CanonicalDecoder, layer_template: bool = True, last_posit
 
 
 def writes_layer(write_layer: bool | None = None) -> bool:
-    """Whether the one-layer graph is written (layer_graph.py) where it can be: EDGEC_WRITE_LAYER=0 traces it,
-    as edgec did before, to compare or to work around a difference."""
+    """Whether the decoder's graph (one layer to stamp, or every layer) is written (layer_graph.py) where it can
+    be: EDGEC_WRITE_LAYER=0 traces it, as edgec did before, to compare or to work around a difference."""
     if write_layer is not None:
         return write_layer
     return os.environ.get("EDGEC_WRITE_LAYER", "1").strip().lower() not in ("0", "off", "no", "false")

@@ -25,7 +25,8 @@ from compiler.onnx.scopes import NAME_SCOPES
 BATCH, SEQUENCE, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
 # The exporter's name for past + seq inside the graph (graph outputs name it TOTAL).
 PAST_PLUS_SEQ = "past_sequence_length + sequence_length"
-OPSET = 20
+OPSET = 20  # the exporter's default opset and IR version (torch 2.13), which the graph must carry alike
+IR_VERSION = 10
 INT64_MAX = np.iinfo(np.int64).max
 FLOAT_MIN = float(np.finfo(np.float32).min)
 
@@ -97,6 +98,8 @@ class _Writer:
         return node.outputs[0]
 
 
+# Short names, as the shapes below are written: element types, and the batch, sequence, past and past + seq
+# dimensions.
 F, I64, BOOL = ir.DataType.FLOAT, ir.DataType.INT64, ir.DataType.BOOL
 B, S, P, T = (ir.SymbolicDim(n) for n in (BATCH, SEQUENCE, PAST, PAST_PLUS_SEQ))
 SIZE_SCOPE = "_empty_nn_module_stack_from_metadata_hook"  # the exporter's scope for its size nodes
@@ -113,7 +116,8 @@ def write_decoder(model: CanonicalDecoder, last_position_logits: bool) -> ir.Mod
 
 
 class _DecoderWriter(_Writer):
-    """CanonicalDecoder.forward's nodes, in the order and form the exporter leaves them."""
+    """CanonicalDecoder.forward's nodes, in the order and form the exporter leaves them; one graph per writer.
+    `write` keeps the sizes the layers' shapes read (seq_1d, batch_1d, total_1d) and the additive mask."""
 
     def __init__(self, model: CanonicalDecoder, params: dict[str, torch.Tensor]):
         cfg = self.cfg = model.cfg
@@ -181,7 +185,7 @@ class _DecoderWriter(_Writer):
         logits = self.op("MatMul", [x, head], [B, rows, cfg.vocab_size], F, head_scopes)
         logits.name = "logits"
         self.graph.outputs.extend([logits, *presents])
-        return ir.Model(self.graph, ir_version=10, producer_name="edgec")
+        return ir.Model(self.graph, ir_version=IR_VERSION, producer_name="edgec")
 
     def rope_tables(self, positions: ir.Value, inv_freq: np.ndarray, scaling: float) -> tuple[ir.Value, ir.Value]:
         """cos and sin [batch, 1, seq, rotary_dim] of position_ids times the inverse frequencies (times

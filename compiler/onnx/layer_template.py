@@ -1,13 +1,14 @@
-"""Trace one decoder layer, stamp it N times: export time that does not grow with the layer count.
+"""One decoder layer's graph stamped N times: export time that does not grow with the layer count.
 
-torch.export spends most of its time in symbolic-shape machinery per traced op, so a 30-layer decoder
-takes ~15x as long to trace as a 1-layer one. Every layer has the same graph and only different weights,
-so edgec traces a 1-layer decoder that shares the real model's embedding, norm and head, then copies the
-layer's nodes for layers 1..N-1 in onnx_ir, each copy reading that layer's own weights and KV inputs and
-writing its own present outputs. Layer-0 nodes are the ones the exporter tags with the module path
-`model.layers.0` (its name-scope metadata). Each weight of the template is matched to the parameter
-it came from (the exporter names some and folds the transpose of others) and checked to hold exactly that
-parameter's data before anything is stamped; if a check fails, the caller traces the whole model instead.
+Every layer has the same graph and only different weights, so edgec makes the graph of a 1-layer decoder
+that shares the real model's embedding, norm and head (written by layer_graph.py, or traced: torch.export
+spends most of its time in symbolic-shape machinery per traced op, so a 30-layer decoder takes ~15x as long
+to trace as a 1-layer one), then copies the layer's nodes for layers 1..N-1 in onnx_ir, each copy reading
+that layer's own weights and KV inputs and writing its own present outputs. Layer-0 nodes are the ones
+tagged with the module path `model.layers.0` (the exporter's name-scope metadata). Each weight of the
+template is matched to the parameter it came from (the exporter names some and folds the transpose of
+others) and checked to hold exactly that parameter's data before anything is stamped; if a check fails, the
+caller makes the whole model's graph instead.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ LAYER0 = "model.layers.0"
 
 
 class TemplateMismatch(Exception):
-    """The traced layer is not in the shape this module expects; trace the full model instead."""
+    """The template layer is not in the shape this module expects; make the full model's graph instead."""
 
 
 def _weight_sources(nodes: list[ir.Node], params: dict[str, torch.Tensor]) -> dict[ir.Value, tuple[str, bool]]:
@@ -57,13 +58,20 @@ def _check_sources(sources: dict[ir.Value, tuple[str, bool]], params: dict[str, 
     for value, (name, transposed) in sources.items():
         expected = params[name].detach().numpy()
         if transposed and isinstance(value.const_value, TransposedRows):
-            # A written layer's weight (layer_graph.py): its rows are compared, not a transposed copy made.
-            if not np.array_equal(value.const_value.rows, expected):
+            # A written layer's weight (layer_graph.py): its rows are the parameter itself, or are compared
+            # as they are (no transposed copy made).
+            rows = value.const_value.rows
+            if not _same_memory(rows, expected) and not np.array_equal(rows, expected):
                 raise TemplateMismatch(f"template weight {value.name} does not hold {name}")
             continue
         expected = expected.T if transposed else expected
         if not np.array_equal(value.const_value.numpy(), expected):
             raise TemplateMismatch(f"template weight {value.name} does not hold {name}")
+
+
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.shape == b.shape
+            and a.strides == b.strides and a.dtype == b.dtype)
 
 
 def _layer_tensor(params: dict[str, torch.Tensor], name: str, layer: int, transposed: bool) -> ir.TensorProtocol:
