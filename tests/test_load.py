@@ -143,7 +143,19 @@ SMOLLM2_HUB_CONFIG = {
 }
 
 
-@pytest.mark.parametrize("variant", ["llama", "mistral", "qwen2", "qwen3", "smollm2-hub"])
+# Qwen2.5-0.5B-Instruct's, as the hub has it (transformers 4's form, no pad_token_id).
+QWEN25_HUB_CONFIG = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
+    "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02, "intermediate_size": 4864,
+    "max_position_embeddings": 32768, "max_window_layers": 21, "model_type": "qwen2", "num_attention_heads": 14,
+    "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.43.1",
+    "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+}
+HUB_CONFIGS = {"smollm2-hub": SMOLLM2_HUB_CONFIG, "qwen25-hub": QWEN25_HUB_CONFIG}
+
+
+@pytest.mark.parametrize("variant", ["llama", "mistral", "qwen2", "qwen3", *HUB_CONFIGS])
 def test_a_plain_config_is_read_as_transformers_reads_it(variant, model_dir, tmp_path):
     """compiler/frontend/plain_config.py: the same DecoderConfig as through AutoConfig, without transformers."""
     from transformers import AutoConfig
@@ -151,9 +163,9 @@ def test_a_plain_config_is_read_as_transformers_reads_it(variant, model_dir, tmp
     from compiler.frontend.plain_config import plain_config
     from compiler.models.families import decoder_config
 
-    if variant == "smollm2-hub":
+    if variant in HUB_CONFIGS:
         directory = tmp_path
-        (directory / "config.json").write_text(json.dumps(SMOLLM2_HUB_CONFIG))
+        (directory / "config.json").write_text(json.dumps(HUB_CONFIGS[variant]))
     else:
         directory = model_dir(variant)
     raw = json.loads((directory / "config.json").read_text())
@@ -171,6 +183,8 @@ def test_other_configs_are_read_through_transformers(variant, model_dir):
     assert plain_config(raw, raw["model_type"]) is None  # scaled rope, or a family whose class derives values
     llama = json.loads((model_dir("llama") / "config.json").read_text())
     assert plain_config(llama, "llama") is not None
+    without_pad = {k: v for k, v in llama.items() if k != "pad_token_id"}  # as Qwen2.5's, say: None in every class
+    assert plain_config(without_pad, "llama").pad_token_id is None
     missing = dict(llama)
     del missing["bos_token_id"]  # LlamaConfig's default (1) is not every family's
     # AutoConfig picks MistralConfig by model_type (its window 4096) whatever the architecture says; it

@@ -19,12 +19,12 @@ PLAIN_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 # and eos 2, Mistral's window 4096, Qwen3's head_dim 128, ...).
 SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
          "max_position_embeddings")
-REQUIRED = (*SIZES, "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id",
-            "pad_token_id", "hidden_act")
+REQUIRED = (*SIZES, "num_key_value_heads", "bos_token_id", "eos_token_id")
 FAMILY_REQUIRED = {"mistral": ("sliding_window", "head_dim"), "qwen2": ("sliding_window", "use_sliding_window"),
                    "qwen3": ("sliding_window", "use_sliding_window", "head_dim")}
-# Keys read with the same default in every plain family's class.
-DEFAULTS = {"attention_bias": False, "mlp_bias": False, "head_dim": None}
+# Keys read with the same default in every plain family's class (Qwen2.5's config.json has no pad_token_id).
+DEFAULTS = {"attention_bias": False, "mlp_bias": False, "head_dim": None, "pad_token_id": None, "hidden_act": "silu",
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False}
 
 
 def plain_config(raw: dict, family: str):
@@ -32,12 +32,13 @@ def plain_config(raw: dict, family: str):
     # AutoConfig picks the class by model_type; the family comes from the architecture.
     if family not in PLAIN_FAMILIES or raw.get("model_type") != family:
         return None
-    if any(key not in raw for key in REQUIRED + FAMILY_REQUIRED.get(family, ())) or not _plain_values(raw):
+    values = {**DEFAULTS, **raw}
+    if any(key not in raw for key in REQUIRED + FAMILY_REQUIRED.get(family, ())) or not _plain_values(values):
         return None
     theta = _default_rope_theta(raw)
     if theta is None:
         return None
-    values = {**DEFAULTS, **raw, "rope_parameters": {"rope_type": "default", "rope_theta": theta}}
+    values["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
     values.pop("rope_scaling", None)
     return SimpleNamespace(**values)
 
