@@ -17,14 +17,13 @@ from click.testing import CliRunner
 from compiler.cli import main
 from compiler.frontend.load import build_decoder, read_checkpoint
 from compiler.onnx.export import _trace, export_onnx, one_layer_view, save_onnx
-from compiler.onnx.layer_graph import write_decoder
+from compiler.onnx.layer_graph import BATCH, PAST, PAST_PLUS_SEQ, SEQUENCE, TOTAL, write_decoder
 from compiler.onnx.scopes import scopes
 from compiler.tiny_models import make_model
 
 # The exporter's graph-wide size names; any other symbol (its own, say for the mask's length) is compared
 # as "some symbol".
-SIZE_NAMES = {"batch_size", "sequence_length", "past_sequence_length", "total_sequence_length",
-              "past_sequence_length + sequence_length"}
+SIZE_NAMES = {BATCH, SEQUENCE, PAST, TOTAL, PAST_PLUS_SEQ}
 
 
 def _shape(value: ir.Value):

@@ -19,11 +19,9 @@ import onnx_ir as ir
 import torch
 
 from compiler.models.decoder import CanonicalDecoder
-from compiler.onnx.layer_graph import write_decoder
+from compiler.onnx.layer_graph import BATCH, PAST, SEQUENCE, TOTAL, write_decoder
 from compiler.onnx.layer_template import TemplateMismatch, stamp_layers
 from compiler.onnx.trace_ahead import TraceAhead
-
-BATCH, SEQUENCE, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from compiler.models.decoder import CanonicalDecoder, DecoderConfig
 from compiler.onnx.layer_template import parameter_tensor
 from compiler.onnx.scopes import NAME_SCOPES
 
+# The dimension names of the graph's inputs and outputs (onnxruntime-genai's models use the same).
 BATCH, SEQUENCE, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
 # The exporter's name for past + seq inside the graph (graph outputs name it TOTAL).
 PAST_PLUS_SEQ = "past_sequence_length + sequence_length"
