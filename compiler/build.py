@@ -9,7 +9,7 @@ from compiler.bundle import BundleWriter, build_machine, read_manifest, write_ma
 from compiler.config import BuildConfig
 from compiler.errors import CheckFailed, UsageError
 from compiler.frontend.load import Checkpoint, ModelFiles, build_decoder, read_checkpoint, read_model_files
-from compiler.frontend.lora import AdapterSpec, MergeRecord, merge_lora
+from compiler.frontend.lora import AdapterSpec, MergeRecord, merge_lora, merged_tensors
 from compiler.memory import MemoryEstimate, WeightFacts, plan, release_module_pages, reused_heap
 from compiler.models.decoder import CanonicalDecoder
 from compiler.models.families import SWITCHED_ROPE_TYPES
@@ -208,8 +208,9 @@ def build(config: BuildConfig, report: BuildReport) -> tuple[Path, dict]:
 
         check_pte_quant(config.export.quant)  # before the ONNX build of --format onnx,pte spends its time
     files = read_model_files(config.model.path, hash_sources=True)
-    memory = plan(WeightFacts.of(files.config, files.weight_files), config)  # refuses before a weight is read
     runtime_lora = config.lora.mode == "runtime"
+    merged = merged_tensors(config.adapters) if not runtime_lora else set()
+    memory = plan(WeightFacts.of(files.config, files.weight_files, merged), config)  # before a weight is read
     writer = BundleWriter(config.out, config.force)
     ahead = None
     try:

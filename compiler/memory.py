@@ -13,6 +13,7 @@ estimate beside the measured peaks (report.json, manifest.json), so it can be ch
 from __future__ import annotations
 
 import json
+import math
 import struct
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -68,9 +69,13 @@ class WeightFacts:
     max_positions: int
     vocab_size: int
     stored_fp32: bool  # the safetensors hold fp32: the build maps them instead of copying
+    # The checkpoint's fp32 weights that merged adapters write to: the merge copies their mapped pages, and the
+    # copies stay to the end of the build (release_pages hands back unmodified pages only).
+    merged_mb: float = 0.0
 
     @classmethod
-    def of(cls, cfg, weight_files: list[Path]) -> WeightFacts:
+    def of(cls, cfg, weight_files: list[Path], merged_tensors: set[str] = frozenset()) -> WeightFacts:
+        """merged_tensors: the checkpoint tensors (Hugging Face names) that adapters merge into or replace."""
         from compiler.models.decoder import CanonicalDecoder
 
         with torch.device("meta"):
@@ -87,7 +92,8 @@ class WeightFacts:
                    sum(m.weight.numel() for m in linears), model.model.embed_tokens.weight.numel(),
                    cfg.tie_word_embeddings, max(m.in_features for m in linears), hessians, cfg.num_layers,
                    qkv * cfg.num_layers, 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4,
-                   cfg.max_sequence_length, cfg.vocab_size, _stored_fp32(weight_files))
+                   cfg.max_sequence_length, cfg.vocab_size, _stored_fp32(weight_files),
+                   _elements(weight_files, merged_tensors) * 4 / MB)
 
     @property
     def int4_elements(self) -> int:
@@ -95,22 +101,37 @@ class WeightFacts:
         return self.linear_elements + (0 if self.tied else self.embedding_elements)
 
 
+def safetensors_header(path: Path) -> dict | None:
+    """A safetensors file's JSON header ({name: {"dtype", "shape", ...}}), read without its tensors; None when
+    the file is unreadable or malformed (the loading code names what is wrong)."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > path.stat().st_size:
+                return None
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, struct.error):
+        return None
+    return header if isinstance(header, dict) else None
+
+
 def _stored_fp32(weight_files: list[Path]) -> bool:
-    """Whether every tensor of the safetensors files is F32 (from each file's JSON header): else the build
-    holds fp32 copies, not the mapped file."""
-    for path in weight_files:
-        try:
-            with open(path, "rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                if length > path.stat().st_size:
-                    return False
-                header = json.loads(f.read(length))
-        except (OSError, ValueError, struct.error):
-            return False  # read_checkpoint names the bad file; the estimate assumes copies
-        if not isinstance(header, dict) or any(not isinstance(v, dict) or v.get("dtype") != "F32"
-                                               for k, v in header.items() if k != "__metadata__"):
-            return False
-    return True
+    """Whether every tensor of the safetensors files is F32 (from each file's header): else the build holds
+    fp32 copies, not the mapped file."""
+    headers = [safetensors_header(path) for path in weight_files]
+    return all(header is not None and all(isinstance(v, dict) and v.get("dtype") == "F32"
+                                          for k, v in header.items() if k != "__metadata__")
+               for header in headers)
+
+
+def _elements(weight_files: list[Path], names: set[str]) -> int:
+    """Elements of the named tensors, from the files' headers (names not found count nothing)."""
+    total = 0
+    for path in weight_files if names else []:
+        for name, entry in (safetensors_header(path) or {}).items():
+            if name in names and isinstance(entry, dict) and isinstance(entry.get("shape"), list):
+                total += math.prod(entry["shape"])
+    return total
 
 
 @dataclass
@@ -151,7 +172,8 @@ def estimate(facts: WeightFacts, formats: tuple[str, ...], quant, validate: bool
     from compiler.quant.gptq import BATCH_ELEMENTS, HESSIAN_BUDGET_BYTES
 
     weights = facts.fp32_mb
-    held = 0.0 if facts.stored_fp32 else weights  # copies stay; mapped pages go back after each stage
+    # Copies stay; mapped pages go back after each stage, except those a merged adapter wrote to.
+    held = facts.merged_mb if facts.stored_fp32 else weights
     stages = {"load": BASE_MB + (0.0 if facts.stored_fp32 else 1.5 * weights)}
     golden = facts.vocab_size * 4 * GOLDEN_POSITIONS / MB if validate else 0.0
     base = BASE_MB + golden

@@ -118,6 +118,32 @@ def test_a_tight_budget_takes_gptq_windows_of_fewer_layers():
         plan(facts, config)  # even GPTQ windows of one layer do not fit: refused, saying what would
 
 
+def test_the_estimate_holds_the_tensors_merged_adapters_write(llama_dir, tmp_path):
+    # The merge writes into the mapped checkpoint's private pages, which then stay resident to the build's end:
+    # the estimate counts every tensor an adapter merges into (q_proj, embed_tokens) or replaces (lm_head).
+    from compiler.frontend.load import read_model_files
+    from compiler.frontend.lora import AdapterSpec, merged_tensors
+    from compiler.tiny_models import make_adapter
+
+    adapter = make_adapter(llama_dir, tmp_path / "lora", target_modules=["q_proj", "embed_tokens"],
+                           modules_to_save=["lm_head"])
+    files = read_model_files(llama_dir)
+    layers = files.config.num_layers
+    written = merged_tensors([AdapterSpec(adapter)])
+    assert written == {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(layers)} | {
+        "model.embed_tokens.weight", "lm_head.weight"}
+    with safe_open(str(llama_dir / "model.safetensors"), framework="pt") as f:
+        written_mb = sum(f.get_tensor(name).numel() for name in written) * 4 / 2**20
+    plain, merged = WeightFacts.of(files.config, files.weight_files), WeightFacts.of(files.config, files.weight_files, written)
+    assert plain.stored_fp32 and plain.merged_mb == 0 and merged.merged_mb == pytest.approx(written_mb)
+    from compiler.config import QuantConfig
+
+    without, with_adapter = (estimate(facts, ("onnx", "pte"), QuantConfig(), True).stages for facts in (plain, merged))
+    for stage in ("calibrate_gptq", "export_onnx", "onnx_passes", "validate", "quantize_pte", "export_pte"):
+        assert with_adapter[stage] == pytest.approx(without[stage] + written_mb), stage
+    assert merged_tensors([AdapterSpec(tmp_path / "missing")]) == set()  # the merge names what is wrong
+
+
 def test_the_build_records_its_estimate_beside_the_measured_peak(llama_dir, tmp_path):
     # A process of its own: the peak measured is the build's, not this test session's. It traces: the
     # estimate is the tracing build's; one that writes its layer graph (layer_graph.py) or finds its trace

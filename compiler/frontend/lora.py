@@ -18,7 +18,7 @@ import torch
 
 from compiler.errors import UsageError
 from compiler.frontend.load import PICKLE_SUFFIXES, Checkpoint, _read_json, read_safetensors, sha256_file
-from compiler.memory import populate_for_write
+from compiler.memory import populate_for_write, safetensors_header
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -154,30 +154,56 @@ def _read_adapter(spec: AdapterSpec) -> tuple[dict, dict[str, torch.Tensor], dic
     return config, tensors, hashes
 
 
+LORA_KEYS = (
+    (".lora_A.weight", "A", False),
+    (".lora_B.weight", "B", False),
+    (".lora_embedding_A", "A", True),
+    (".lora_embedding_B", "B", True),
+)
+
+
+def _lora_part(key: str) -> tuple[str, str, bool] | None:
+    """(module, "A" or "B", embedding) of a LoRA pair's tensor key, or None for any other key."""
+    name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+    for suffix, part, embedding in LORA_KEYS:
+        if name.endswith(suffix):
+            return name[: -len(suffix)], part, embedding
+    return None
+
+
+def _replaced_name(key: str) -> str:
+    """The base tensor a modules_to_save or saved embedding layer's tensor replaces outright."""
+    name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+    return name.replace(".modules_to_save.default", "").replace(".base_layer", "")
+
+
+def merged_tensors(adapters: list[AdapterSpec]) -> set[str]:
+    """The checkpoint tensors these adapters merge into or replace, from their files' headers alone (for the
+    memory estimate; an unreadable adapter counts nothing here, and merge_lora names what is wrong)."""
+    names = set()
+    for spec in adapters:
+        for key in safetensors_header(spec.path / ADAPTER_WEIGHTS) or {}:
+            if key == "__metadata__":
+                continue
+            lora = _lora_part(key)
+            names.add(lora[0] + ".weight" if lora else _replaced_name(key))
+    return names
+
+
 def _group(tensors: dict[str, torch.Tensor], where: Path):
     """Split adapter tensors into LoRA pairs {module: {"A", "B", "embedding"}} and full replacements."""
     pairs: dict[str, dict] = {}
     replacements: dict[str, torch.Tensor] = {}
-    lora_keys = (
-        (".lora_A.weight", "A", False),
-        (".lora_B.weight", "B", False),
-        (".lora_embedding_A", "A", True),
-        (".lora_embedding_B", "B", True),
-    )
     for key, tensor in tensors.items():
-        name = key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
-        for suffix, part, embedding in lora_keys:
-            if name.endswith(suffix):
-                module = name[: -len(suffix)]
-                pairs.setdefault(module, {})[part] = tensor
-                pairs[module]["embedding"] = embedding
-                break
+        lora = _lora_part(key)
+        if lora:
+            module, part, embedding = lora
+            pairs.setdefault(module, {})[part] = tensor
+            pairs[module]["embedding"] = embedding
+        elif ".lora_" in key or "lora_magnitude" in key:
+            raise UsageError(f"{where}: adapter tensor '{key}' is of a kind edgec does not merge")
         else:
-            if ".lora_" in name or "lora_magnitude" in name:
-                raise UsageError(f"{where}: adapter tensor '{key}' is of a kind edgec does not merge")
-            # modules_to_save and saved embedding layers replace the base tensor outright.
-            name = name.replace(".modules_to_save.default", "").replace(".base_layer", "")
-            replacements[name] = tensor
+            replacements[_replaced_name(key)] = tensor
     for module, parts in pairs.items():
         if "A" not in parts or "B" not in parts:
             raise UsageError(f"{where}: module '{module}' has only lora_{'A' if 'A' in parts else 'B'}; the adapter file is incomplete")
