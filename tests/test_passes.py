@@ -241,3 +241,26 @@ def test_layer_template_export_equals_full_trace(model_dir):
         np.testing.assert_allclose(a, b, atol=1e-6)
     scopes = {n.metadata_props.get("pkg.torch.onnx.name_scopes", "") for n in stamped.graph if n.op_type == "MatMul"}
     assert any("model.layers.1.mlp.down_proj" in s for s in scopes)  # per-layer overrides still see layer paths
+
+
+def test_layer_template_gives_each_layer_its_own_norms_when_layer_0s_are_equal(model_dir):
+    """The exporter gives equal initializers one value: with layer 0's two norms equal, the trace has one
+    weight for both, which stamping must not hand to every layer's two norms."""
+    decoder = build_decoder(read_checkpoint(model_dir("llama")))
+    layers = decoder.model.layers
+    with torch.no_grad():
+        shared = torch.linspace(0.5, 1.5, decoder.cfg.hidden_size)
+        layers[0].input_layernorm.weight.copy_(shared)
+        layers[0].post_attention_layernorm.weight.copy_(shared)
+        for layer in layers[1:]:
+            layer.input_layernorm.weight.copy_(shared.flip(0))
+            layer.post_attention_layernorm.weight.copy_(shared * 0.25)
+    traced = export_onnx(decoder, layer_template=True, write_layer=False)
+    assert traced.meta["edgec.trace"] == "every layer"  # the one-layer template refused
+    written = export_onnx(decoder, layer_template=True, write_layer=True)  # no initializer shared: stamped
+    assert written.meta["edgec.trace"] == "one layer, written"
+    feeds = decoder_feeds(decoder)
+    with torch.no_grad():
+        expected = decoder(*(torch.from_numpy(array) for array in feeds.values()))  # ids, mask, positions, past
+    for model in (traced, written):
+        np.testing.assert_allclose(run(model, feeds)[0], expected[0].numpy(), atol=1e-5)

@@ -69,13 +69,33 @@ def _check_sources(sources: dict[ir.Value, tuple[str, bool]], params: dict[str, 
             raise TemplateMismatch(f"template weight {value.name} does not hold {name}")
 
 
+def _check_shared(sources: dict[ir.Value, tuple[str, bool]], params: dict[str, torch.Tensor], num_layers: int) -> None:
+    """The exporter keeps one initializer for parameters of equal data, so a layer-0 parameter can have no
+    template weight of its own and read an equal one's (an untrained model's norms): stamped, every layer
+    would read that one's counterpart. Right only where the two are equal in every layer."""
+    covered = {name for name, _ in sources.values()}
+    for name, param in params.items():
+        if not name.startswith(LAYER0 + ".") or name in covered:
+            continue
+        for twin in covered:
+            if params[twin].shape != param.shape or not torch.equal(params[twin], param):
+                continue
+            for layer in range(1, num_layers):
+                if not torch.equal(params[_in_layer(name, layer)], params[_in_layer(twin, layer)]):
+                    raise TemplateMismatch(f"the template reads {twin} for {name}, equal in layer 0, not in layer {layer}")
+
+
+def _in_layer(name: str, layer: int) -> str:
+    return name.replace(LAYER0 + ".", f"model.layers.{layer}.", 1)
+
+
 def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
     return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.shape == b.shape
             and a.strides == b.strides and a.dtype == b.dtype)
 
 
 def _layer_tensor(params: dict[str, torch.Tensor], name: str, layer: int, transposed: bool) -> ir.TensorProtocol:
-    layer_name = name.replace(LAYER0 + ".", f"model.layers.{layer}.", 1)
+    layer_name = _in_layer(name, layer)
     return parameter_tensor(params[layer_name], f"{layer_name}.T" if transposed else layer_name, transposed)
 
 
@@ -114,6 +134,7 @@ def stamp_layers(model: ir.Model, decoder: CanonicalDecoder) -> None:
     hidden_in, hidden_out = hidden_in[0], exits[0]
     sources = _weight_sources(layer_nodes, params)
     _check_sources(sources, params)
+    _check_shared(sources, params, cfg.num_layers)
     kv_names = {f"past_key_values.0.{kind}": kind for kind in ("key", "value")}
     present_names = {f"present.0.{kind}": kind for kind in ("key", "value")}
     if set(kv_names) - set(graph_inputs) or set(present_names) - set(graph_outputs):
