@@ -274,3 +274,14 @@ def test_shared_kv_buffer_decoding_equals_the_copying_loop(bundle):
     assert runner.shares_buffer
     prompt = [1, 17, 230, 45, 99, 310, 7]
     assert runner.generate(prompt, 12, shared_buffer=True) == runner.generate(prompt, 12, shared_buffer=False)
+    # Step by step, logits too: the shared loop keeps its bindings (and a decode step's logits buffer) across
+    # steps, so a step reading the last step's inputs or logits would show here.
+    shared, copying = runner.start_sequence(32, shared_buffer=True), runner.start_sequence(32, shared_buffer=False)
+    steps = [np.asarray([prompt])] + [np.asarray([[token]]) for token in (5, 300, 5, 77)]
+    position, seen = 0, []
+    for ids in steps:
+        logits = shared(ids, position)
+        np.testing.assert_allclose(logits, copying(ids, position), atol=1e-5, rtol=0)
+        seen.append(logits)
+        position += ids.shape[1]
+    assert not np.allclose(seen[1], seen[3])  # the same token at another position: other logits, kept apart
