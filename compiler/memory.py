@@ -41,7 +41,11 @@ GPTQ_BATCH_COPIES = 4  # BATCH_ELEMENTS-sized tensors of one batched column loop
 # The lm_head's rows in flight, in table-sized fp32 units: its row jobs' results and their concatenation into
 # codes, and what the allocator keeps from the layers' windows (fitted on the 1B shape's GPTQ).
 GPTQ_HEAD_COPIES = 1.55
-GPTQ_MB = 110.0  # the calibration forward's activations and what the allocator keeps
+# The calibration forward's activations and what the allocator keeps: 110 as first fitted on 135M and 1B builds;
+# raised so that validated 135M GPTQ builds, with and without a merged adapter, stay under the estimate
+# (they peaked 5-7% above with 110, and a run-to-run spread of ~70 MB; the 1B GPTQ build is then estimated
+# ~17% above its peak).
+GPTQ_MB = 300.0
 ORT_MB = 146.0  # an onnxruntime session's own memory (fitted on the tiny and 135M builds only)
 ORT_INT4_COPIES = 4.6  # onnxruntime's memory per byte of int4 weights (file data, prepacked blocks, arenas)
 PTE_INT8_BYTES = 1.0  # torchao's 8da4w weight: int8 codes, a byte per weight until lowering packs them
