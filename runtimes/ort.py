@@ -169,53 +169,54 @@ class OrtRuntime(Runtime):
     def _shared_buffer_step(self, total: int):
         """step(ids, past_len) -> last-position logits, with past and present bound to one preallocated
         buffer per layer (I/O binding), as onnxruntime-genai runs these models: each step writes one position.
-        What stays the same from step to step (the buffers, a decode step's logits, the adapter's parameters)
-        is bound once: binding is a call per name, 120 and more a step, a few percent of a decode step."""
+        What stays the same from step to step (the KV buffers, the adapter's parameters) is bound once, and a
+        one-position run's logits go to one buffer: binding is a call per name, 120 and more a step at 30
+        layers, a few percent of a decode step."""
         import onnxruntime as ort
 
         heads, head_dim = self._kv_dims()
         buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((1, heads, total, head_dim), np.float32))
                    for _ in self.past_inputs]
         presents = [name for name in self.output_names if name.startswith("present.")]
-        last_logits = np.zeros((1, 1, self.vocab_size), np.float32)  # a one-position run's logits land here
+        # A one-position run's logits land in one buffer (a vocabulary the graph fixes); others are allocated.
+        fixed_vocab = isinstance(self.session.get_outputs()[0].shape[-1], int)
+        last_logits = np.zeros((1, 1, self.vocab_size), np.float32)
         last_logits_value = ort.OrtValue.ortvalue_from_numpy(last_logits)
         bindings = {}
-        bound = {}  # per binding: the adapter parameters and the logits binding it holds
+        bound_adapter = {}  # per binding: the adapter parameters it holds
 
-        def binding_for(session, one_position: bool):
+        def binding_for(session):
             binding = bindings.get(session)
             if binding is None:
                 binding = bindings[session] = session.io_binding()
                 binding.bind_output("logits")  # first: get_outputs() follows the binding order
                 for name, buffer in zip(presents, buffers):
                     binding.bind_ortvalue_output(name, buffer)
-                bound[session] = {"adapter": None, "logits": None}
-            state = bound[session]
-            if state["adapter"] is not self.adapter_feeds:  # a new sequence's adapter, or none now
+                bound_adapter[session] = None
+            if bound_adapter[session] is not self.adapter_feeds:  # a new sequence's adapter, or none now
                 binding.clear_binding_inputs()
                 for value, buffer in zip(self.past_inputs, buffers):
                     binding.bind_ortvalue_input(value.name, buffer)
                 for name, value in self.adapter_feeds.items():
                     binding.bind_ortvalue_input(name, value)
-                state["adapter"] = self.adapter_feeds
-            if state["logits"] != one_position:
-                if one_position:
-                    binding.bind_ortvalue_output("logits", last_logits_value)
-                else:
-                    binding.bind_output("logits")  # every position's: onnxruntime allocates them
-                state["logits"] = one_position
+                bound_adapter[session] = self.adapter_feeds
             return binding
 
         def step(ids: np.ndarray, past_len: int) -> np.ndarray:
             session = self._session_for(ids)
-            one_position = ids.shape[1] == 1 or self.last_position_logits
-            binding = binding_for(session, one_position)
+            binding = binding_for(session)
+            in_buffer = fixed_vocab and (ids.shape[1] == 1 or self.last_position_logits)
+            if in_buffer:
+                binding.bind_ortvalue_output("logits", last_logits_value)
+            else:
+                # Anew each run: an output onnxruntime allocated stays bound as a buffer of its shape.
+                binding.bind_output("logits")
             for name, array in self._position_feeds(ids, past_len).items():
                 binding.bind_cpu_input(name, np.ascontiguousarray(array))  # replaces the last step's
             session.run_with_iobinding(binding)
-            if one_position:
+            if in_buffer:
                 return last_logits[0, -1].copy()
-            return binding.get_outputs()[0].numpy()[0, -1]
+            return binding.get_outputs()[0].numpy()[0, -1].copy()
 
         return step
 

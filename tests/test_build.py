@@ -222,6 +222,16 @@ def test_last_position_logits_match_a_build_with_all_positions(bundle, llama_dir
     assert logits.shape == (1, 1, 512)
     np.testing.assert_allclose(last.logits(ids), every.logits(ids), atol=1e-4, rtol=0)
     assert last.generate(ids[0].tolist(), 8, eos_ids=()) == every.generate(ids[0].tolist(), 8, eos_ids=())
+    # Every position's logits in the shared-buffer loop: chunks of other lengths (a context filled in chunks,
+    # then the prompt), then single steps, as the copying loop computes them.
+    shared, copying = every.start_sequence(32, shared_buffer=True), every.start_sequence(32, shared_buffer=False)
+    position, returned = 0, []
+    for chunk in ([1, 40, 41, 42, 43], [44, 45, 46], [47, 48], [49], [50]):
+        ids = np.asarray([chunk])
+        returned.append(shared(ids, position))
+        np.testing.assert_allclose(returned[-1], copying(ids, position), atol=1e-5, rtol=0)
+        position += len(chunk)
+    assert not np.allclose(returned[0], returned[1]) and not np.allclose(returned[3], returned[4])
 
 
 def test_threads_option_goes_into_genai_config(bundle, llama_dir, tmp_path):

@@ -142,6 +142,26 @@ def test_the_estimate_holds_the_tensors_merged_adapters_write(llama_dir, tmp_pat
     for stage in ("calibrate_gptq", "export_onnx", "onnx_passes", "validate", "quantize_pte", "export_pte"):
         assert with_adapter[stage] == pytest.approx(without[stage] + written_mb), stage
     assert merged_tensors([AdapterSpec(tmp_path / "missing")]) == set()  # the merge names what is wrong
+    (tmp_path / "corrupt").mkdir()
+    (tmp_path / "corrupt" / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00" + b"[" * 16)
+    assert merged_tensors([AdapterSpec(tmp_path / "corrupt")]) == set()
+
+
+def test_the_estimate_unties_a_model_whose_lm_head_an_adapter_saves(model_dir, tmp_path):
+    # merge_lora gives a tied model a new fp32 head of its own, quantized apart from the table.
+    from compiler.frontend.load import read_model_files
+    from compiler.frontend.lora import AdapterSpec, merged_tensors
+    from compiler.tiny_models import make_adapter
+
+    base = model_dir("llama3_tied")
+    adapter = make_adapter(base, tmp_path / "lora", target_modules=["q_proj"], modules_to_save=["lm_head"])
+    files = read_model_files(base)
+    written = merged_tensors([AdapterSpec(adapter)])
+    assert "lm_head.weight" in written
+    plain, merged = WeightFacts.of(files.config, files.weight_files), WeightFacts.of(files.config, files.weight_files, written)
+    table_mb = plain.embedding_elements * 4 / 2**20
+    assert plain.tied and not merged.tied and merged.int4_elements == plain.int4_elements + plain.embedding_elements
+    assert merged.fp32_mb == pytest.approx(plain.fp32_mb + table_mb) and merged.merged_mb > table_mb
 
 
 def test_the_build_records_its_estimate_beside_the_measured_peak(llama_dir, tmp_path):
