@@ -93,7 +93,8 @@ class WeightFacts:
                   if name.endswith(("q_proj", "k_proj", "v_proj", "qkv_proj")))
         weights = sum(p.numel() for p in distinct.values())
         embedding = model.model.embed_tokens.weight.numel()
-        merged, tied = _elements(weight_files, merged_tensors), cfg.tie_word_embeddings
+        headers = [safetensors_header(path) for path in weight_files]  # each file's header read once
+        merged, tied = _elements(headers, merged_tensors), cfg.tie_word_embeddings
         if tied and "lm_head.weight" in merged_tensors:
             # An adapter's saved lm_head unties the model (merge_lora): a new fp32 head beside the table.
             weights, merged, tied = weights + embedding, merged + embedding, False
@@ -101,7 +102,7 @@ class WeightFacts:
                    sum(m.weight.numel() for m in linears), embedding, tied, max(m.in_features for m in linears),
                    hessians, cfg.num_layers, qkv * cfg.num_layers,
                    2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4, cfg.max_sequence_length,
-                   cfg.vocab_size, _stored_fp32(weight_files), merged * 4 / MB)
+                   cfg.vocab_size, _stored_fp32(headers), merged * 4 / MB)
 
     @property
     def int4_elements(self) -> int:
@@ -123,20 +124,19 @@ def safetensors_header(path: Path) -> dict | None:
     return header if isinstance(header, dict) else None
 
 
-def _stored_fp32(weight_files: list[Path]) -> bool:
-    """Whether every tensor of the safetensors files is F32 (from each file's header): else the build holds
-    fp32 copies, not the mapped file."""
-    headers = [safetensors_header(path) for path in weight_files]
+def _stored_fp32(headers: list[dict | None]) -> bool:
+    """Whether every tensor of the safetensors files is F32 (from their headers; None: unreadable): else the
+    build holds fp32 copies, not the mapped file."""
     return all(header is not None and all(isinstance(v, dict) and v.get("dtype") == "F32"
                                           for k, v in header.items() if k != "__metadata__")
                for header in headers)
 
 
-def _elements(weight_files: list[Path], names: set[str]) -> int:
+def _elements(headers: list[dict | None], names: set[str]) -> int:
     """Elements of the named tensors, from the files' headers (names not found count nothing)."""
     total = 0
-    for path in weight_files if names else []:
-        for name, entry in (safetensors_header(path) or {}).items():
+    for header in headers:
+        for name, entry in (header or {}).items():
             shape = entry.get("shape") if isinstance(entry, dict) else None
             if name in names and isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape):
                 total += math.prod(shape)

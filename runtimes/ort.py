@@ -73,7 +73,8 @@ class OrtRuntime(Runtime):
         self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.output_names = [o.name for o in self.session.get_outputs()]
         logits_shape = self.session.get_outputs()[0].shape
-        self.vocab_size = logits_shape[-1] if isinstance(logits_shape[-1], int) else 1000
+        self.fixed_vocab = isinstance(logits_shape[-1], int)
+        self.vocab_size = logits_shape[-1] if self.fixed_vocab else 1000
         self.last_position_logits = logits_shape[1] == 1  # the build's --logits last
         self.adapter_feeds = {}  # the active runtime LoRA adapter's parameters by input name
         self._loaded_adapters = {}
@@ -179,33 +180,31 @@ class OrtRuntime(Runtime):
                    for _ in self.past_inputs]
         presents = [name for name in self.output_names if name.startswith("present.")]
         # A one-position run's logits land in one buffer (a vocabulary the graph fixes); others are allocated.
-        fixed_vocab = isinstance(self.session.get_outputs()[0].shape[-1], int)
         last_logits = np.zeros((1, 1, self.vocab_size), np.float32)
         last_logits_value = ort.OrtValue.ortvalue_from_numpy(last_logits)
-        bindings = {}
-        bound_adapter = {}  # per binding: the adapter parameters it holds
+        bindings = {}  # session -> [its binding, the adapter parameters bound there]
 
         def binding_for(session):
-            binding = bindings.get(session)
-            if binding is None:
-                binding = bindings[session] = session.io_binding()
+            if session not in bindings:
+                binding = session.io_binding()
                 binding.bind_output("logits")  # first: get_outputs() follows the binding order
                 for name, buffer in zip(presents, buffers):
                     binding.bind_ortvalue_output(name, buffer)
-                bound_adapter[session] = None
-            if bound_adapter[session] is not self.adapter_feeds:  # a new sequence's adapter, or none now
+                bindings[session] = [binding, None]
+            binding, adapter = bindings[session]
+            if adapter is not self.adapter_feeds:  # a new sequence's adapter, or none now
                 binding.clear_binding_inputs()
                 for value, buffer in zip(self.past_inputs, buffers):
                     binding.bind_ortvalue_input(value.name, buffer)
                 for name, value in self.adapter_feeds.items():
                     binding.bind_ortvalue_input(name, value)
-                bound_adapter[session] = self.adapter_feeds
+                bindings[session][1] = self.adapter_feeds
             return binding
 
         def step(ids: np.ndarray, past_len: int) -> np.ndarray:
             session = self._session_for(ids)
             binding = binding_for(session)
-            in_buffer = fixed_vocab and (ids.shape[1] == 1 or self.last_position_logits)
+            in_buffer = self.fixed_vocab and (ids.shape[1] == 1 or self.last_position_logits)
             if in_buffer:
                 binding.bind_ortvalue_output("logits", last_logits_value)
             else:
